@@ -1,0 +1,373 @@
+// Fused CPU kernels of hdaf::delta_attention_forward / _backward.
+//
+// Flash-attention-style: query tiles × key tiles with an online softmax; the delta bias
+// bias_ij = P[j, r(i,j)] - P[i, r(i,j)] is gathered from rows of P = x·w inside the tile
+// loop, so nothing of size T×T is ever allocated. Only key tiles inside the band of the
+// window (and causal) constraint are visited: a sliding window costs O(T·window).
+// Tile matmuls go to BLAS (the sgemm_/dgemm_ that torch's x86-64 wheels export, with a
+// plain loop if the symbol is absent); the index math is csrc/include/hdaf/delta_common.h,
+// shared with the CUDA kernels. Spec and backward formulas: docs/delta_attention.md.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/sum.h>
+#include <ATen/ops/zeros.h>
+#include <ATen/ops/zeros_like.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <limits>
+#include <vector>
+
+#include "hdaf/delta_common.h"
+
+extern "C" {
+// Fortran BLAS, exported by the MKL inside torch's x86-64 wheels. Weak: where a torch
+// build lacks them, the pointers are null and gemm() below uses its loop instead.
+void sgemm_(const char*, const char*, const int*, const int*, const int*, const float*,
+            const float*, const int*, const float*, const int*, const float*, float*,
+            const int*) __attribute__((weak));
+void dgemm_(const char*, const char*, const int*, const int*, const int*, const double*,
+            const double*, const int*, const double*, const int*, const double*, double*,
+            const int*) __attribute__((weak));
+}
+
+namespace hdaf {
+namespace {
+
+constexpr int64_t kBlockQ = 64;   // query rows per tile
+constexpr int64_t kBlockK = 128;  // key rows per tile
+
+// Row-major C[M,N] = alpha * op(A) * op(B) + beta * C. Column-major BLAS sees each row-major
+// matrix transposed, so it computes Cᵀ = op(B)ᵀ op(A)ᵀ with the same transpose flags.
+template <typename T>
+void gemm_loop(bool ta, bool tb, int M, int N, int K, T alpha, const T* A, int lda, const T* B,
+               int ldb, T beta, T* C, int ldc) {
+  for (int m = 0; m < M; ++m) {
+    for (int n = 0; n < N; ++n) {
+      T s = 0;
+      for (int kk = 0; kk < K; ++kk) {
+        const T a = ta ? A[kk * lda + m] : A[m * lda + kk];
+        const T b = tb ? B[n * ldb + kk] : B[kk * ldb + n];
+        s += a * b;
+      }
+      C[m * ldc + n] = alpha * s + (beta == T(0) ? T(0) : beta * C[m * ldc + n]);
+    }
+  }
+}
+
+template <typename T>
+void gemm(bool ta, bool tb, int M, int N, int K, T alpha, const T* A, int lda, const T* B,
+          int ldb, T beta, T* C, int ldc) {
+  if (M == 0 || N == 0) return;
+  const char fa = ta ? 'T' : 'N', fb = tb ? 'T' : 'N';
+  lda = std::max(lda, 1);
+  ldb = std::max(ldb, 1);
+  ldc = std::max(ldc, 1);
+  if constexpr (std::is_same_v<T, float>) {
+    if (sgemm_ != nullptr) {
+      sgemm_(&fb, &fa, &N, &M, &K, &alpha, B, &ldb, A, &lda, &beta, C, &ldc);
+      return;
+    }
+  } else {
+    if (dgemm_ != nullptr) {
+      dgemm_(&fb, &fa, &N, &M, &K, &alpha, B, &ldb, A, &lda, &beta, C, &ldc);
+      return;
+    }
+  }
+  gemm_loop(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+}
+
+struct Problem {
+  int64_t B, H, T, Dk, Dv, Hp, R, L, U;
+  Band band;
+  double scale;
+  const bool* mask;  // [B,T] or nullptr
+};
+
+// Scores of one tile: S[ii, jj] = scale * (q_i·k_j + P[j,r] - P[i,r]) where visible, -inf
+// elsewhere; returns whether any entry is visible. S already holds q_i·k_j on entry.
+template <typename T>
+bool tile_logits(const Problem& p, T* S, const T* Pbh, const bool* mask_b, int64_t i0,
+                 int64_t bq, int64_t j0, int64_t bk) {
+  const T scale = static_cast<T>(p.scale);
+  const T neg_inf = -std::numeric_limits<T>::infinity();
+  const int64_t R = p.R;
+  // Tiles entirely inside the band and the unclipped bucket range take the branch-free path.
+  const int64_t dmin = j0 - (i0 + bq - 1), dmax = (j0 + bk - 1) - i0;
+  const bool all_in_band = dmin >= p.band.lo && dmax <= p.band.hi;
+  bool any = false;
+  for (int64_t ii = 0; ii < bq; ++ii) {
+    const int64_t i = i0 + ii;
+    const T* Pi = Pbh + i * R;
+    T* Srow = S + ii * bk;
+    if (all_in_band && mask_b == nullptr) {
+      for (int64_t jj = 0; jj < bk; ++jj) {
+        const int64_t j = j0 + jj;
+        const int64_t r = bucket(i, j, p.L, p.U);
+        Srow[jj] = scale * (Srow[jj] + Pbh[j * R + r] - Pi[r]);
+      }
+      any = true;
+      continue;
+    }
+    for (int64_t jj = 0; jj < bk; ++jj) {
+      const int64_t j = j0 + jj;
+      const bool vis = in_band(i, j, p.band) && !(mask_b != nullptr && mask_b[j]);
+      if (vis) {
+        const int64_t r = bucket(i, j, p.L, p.U);
+        Srow[jj] = scale * (Srow[jj] + Pbh[j * R + r] - Pi[r]);
+        any = true;
+      } else {
+        Srow[jj] = neg_inf;
+      }
+    }
+  }
+  return any;
+}
+
+template <typename T>
+void forward_kernel(const Problem& p, const T* q, const T* k, const T* v, const T* P, T* out,
+                    T* lse) {
+  const int64_t nqb = (p.T + kBlockQ - 1) / kBlockQ;
+  const int64_t T_ = p.T, Dk = p.Dk, Dv = p.Dv, R = p.R;
+  at::parallel_for(0, p.B * p.H * nqb, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> S(kBlockQ * kBlockK), acc(kBlockQ * std::max<int64_t>(Dv, 1));
+    std::vector<SoftmaxState<T>> st(kBlockQ);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / (p.H * nqb), h = (task / nqb) % p.H, qb = task % nqb;
+      const int64_t bh = b * p.H + h;
+      const int64_t i0 = qb * kBlockQ, i1 = std::min(T_, i0 + kBlockQ), bq = i1 - i0;
+      const T* Qb = q + (bh * T_ + i0) * Dk;
+      const T* Kbh = k + bh * T_ * Dk;
+      const T* Vbh = v + bh * T_ * Dv;
+      const T* Pbh = P + (b * p.Hp + (p.Hp == 1 ? 0 : h)) * T_ * R;
+      const bool* mask_b = p.mask ? p.mask + b * T_ : nullptr;
+      std::fill(acc.begin(), acc.begin() + bq * Dv, T(0));
+      for (int64_t ii = 0; ii < bq; ++ii) st[ii] = softmax_init<T>();
+      const int64_t jb = band_key_begin(i0, p.band), je = band_key_end(i1, T_, p.band);
+      for (int64_t j0 = jb; j0 < je; j0 += kBlockK) {
+        const int64_t bk = std::min(je, j0 + kBlockK) - j0;
+        gemm<T>(false, true, bq, bk, Dk, T(1), Qb, Dk, Kbh + j0 * Dk, Dk, T(0), S.data(), bk);
+        if (!tile_logits(p, S.data(), Pbh, mask_b, i0, bq, j0, bk)) continue;
+        for (int64_t ii = 0; ii < bq; ++ii) {
+          T* Srow = S.data() + ii * bk;
+          T bmax = -std::numeric_limits<T>::infinity();
+          for (int64_t jj = 0; jj < bk; ++jj) bmax = std::max(bmax, Srow[jj]);
+          const T alpha = softmax_rescale(st[ii], bmax);
+          if (st[ii].m == -std::numeric_limits<T>::infinity()) {
+            std::fill(Srow, Srow + bk, T(0));  // nothing visible yet in this row
+            continue;
+          }
+          T sum = 0;
+          for (int64_t jj = 0; jj < bk; ++jj) {
+            const T e = std::exp(Srow[jj] - st[ii].m);  // exp(-inf) = 0 for masked keys
+            Srow[jj] = e;
+            sum += e;
+          }
+          st[ii].l += sum;
+          if (alpha != T(1)) {
+            T* arow = acc.data() + ii * Dv;
+            for (int64_t d = 0; d < Dv; ++d) arow[d] *= alpha;
+          }
+        }
+        gemm<T>(false, false, bq, Dv, bk, T(1), S.data(), bk, Vbh + j0 * Dv, Dv, T(1),
+                acc.data(), Dv);
+      }
+      T* Ob = out + (bh * T_ + i0) * Dv;
+      for (int64_t ii = 0; ii < bq; ++ii) {
+        const T inv = softmax_inv_sum(st[ii]);
+        for (int64_t d = 0; d < Dv; ++d) Ob[ii * Dv + d] = acc[ii * Dv + d] * inv;
+        lse[bh * T_ + i0 + ii] = softmax_lse(st[ii]);
+      }
+    }
+  });
+}
+
+// One task per (batch, head): it owns every row of dk, dv and dP of that head, so the
+// bias gradient needs neither atomics nor a reduction across threads, and the result is
+// bitwise reproducible for a given thread count (and independent of it).
+template <typename T>
+void backward_kernel(const Problem& p, const T* dout, const T* q, const T* k, const T* v,
+                     const T* P, const T* out, const T* lse, T* dq, T* dk, T* dv, T* dPh) {
+  const int64_t T_ = p.T, Dk = p.Dk, Dv = p.Dv, R = p.R;
+  const T scale = static_cast<T>(p.scale);
+  at::parallel_for(0, p.B * p.H, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> S(kBlockQ * kBlockK), dS(kBlockQ * kBlockK), Di(kBlockQ);
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / p.H, h = bh % p.H;
+      const T* Qbh = q + bh * T_ * Dk;
+      const T* Kbh = k + bh * T_ * Dk;
+      const T* Vbh = v + bh * T_ * Dv;
+      const T* dObh = dout + bh * T_ * Dv;
+      const T* Obh = out + bh * T_ * Dv;
+      const T* Lbh = lse + bh * T_;
+      const T* Pbh = P + (b * p.Hp + (p.Hp == 1 ? 0 : h)) * T_ * R;
+      T* dQbh = dq + bh * T_ * Dk;
+      T* dKbh = dk + bh * T_ * Dk;
+      T* dVbh = dv + bh * T_ * Dv;
+      T* dPbh = dPh + bh * T_ * R;
+      const bool* mask_b = p.mask ? p.mask + b * T_ : nullptr;
+      for (int64_t i0 = 0; i0 < T_; i0 += kBlockQ) {
+        const int64_t i1 = std::min(T_, i0 + kBlockQ), bq = i1 - i0;
+        for (int64_t ii = 0; ii < bq; ++ii) {
+          T s = 0;
+          for (int64_t d = 0; d < Dv; ++d) s += dObh[(i0 + ii) * Dv + d] * Obh[(i0 + ii) * Dv + d];
+          Di[ii] = s;
+        }
+        const int64_t jb = band_key_begin(i0, p.band), je = band_key_end(i1, T_, p.band);
+        for (int64_t j0 = jb; j0 < je; j0 += kBlockK) {
+          const int64_t bk = std::min(je, j0 + kBlockK) - j0;
+          gemm<T>(false, true, bq, bk, Dk, T(1), Qbh + i0 * Dk, Dk, Kbh + j0 * Dk, Dk, T(0),
+                  S.data(), bk);
+          if (!tile_logits(p, S.data(), Pbh, mask_b, i0, bq, j0, bk)) continue;
+          for (int64_t ii = 0; ii < bq; ++ii) {  // probabilities from the saved lse
+            const T l = Lbh[i0 + ii];
+            T* Srow = S.data() + ii * bk;
+            if (l == -std::numeric_limits<T>::infinity()) {
+              std::fill(Srow, Srow + bk, T(0));
+            } else {
+              for (int64_t jj = 0; jj < bk; ++jj) Srow[jj] = std::exp(Srow[jj] - l);
+            }
+          }
+          // dv_j += Σ_i p_ij dout_i ; dp_ij = dout_i·v_j
+          gemm<T>(true, false, bk, Dv, bq, T(1), S.data(), bk, dObh + i0 * Dv, Dv, T(1),
+                  dVbh + j0 * Dv, Dv);
+          gemm<T>(false, true, bq, bk, Dv, T(1), dObh + i0 * Dv, Dv, Vbh + j0 * Dv, Dv, T(0),
+                  dS.data(), bk);
+          for (int64_t ii = 0; ii < bq; ++ii) {
+            const int64_t i = i0 + ii;
+            T* dSrow = dS.data() + ii * bk;
+            const T* Srow = S.data() + ii * bk;
+            T* dPi = dPbh + i * R;
+            for (int64_t jj = 0; jj < bk; ++jj) {
+              const T g = scale * Srow[jj] * (dSrow[jj] - Di[ii]);  // scale · dS_ij
+              dSrow[jj] = g;
+              if (g != T(0)) {
+                const int64_t j = j0 + jj;
+                const int64_t r = bucket(i, j, p.L, p.U);
+                dPbh[j * R + r] += g;
+                dPi[r] -= g;
+              }
+            }
+          }
+          gemm<T>(false, false, bq, Dk, bk, T(1), dS.data(), bk, Kbh + j0 * Dk, Dk, T(1),
+                  dQbh + i0 * Dk, Dk);
+          gemm<T>(true, false, bk, Dk, bq, T(1), dS.data(), bk, Qbh + i0 * Dk, Dk, T(1),
+                  dKbh + j0 * Dk, Dk);
+        }
+      }
+    }
+  });
+}
+
+void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                  const at::Tensor& P, const std::optional<at::Tensor>& mask, int64_t L,
+                  int64_t U, int64_t wl, int64_t wr) {
+  TORCH_CHECK(q.dim() == 4, "q must be [B,H,T,Dk], got ", q.sizes());
+  TORCH_CHECK(k.sizes() == q.sizes(), "k must have q's shape ", q.sizes(), ", got ", k.sizes());
+  TORCH_CHECK(v.dim() == 4 && v.sizes().slice(0, 3) == q.sizes().slice(0, 3),
+              "v must be [B,H,T,Dv] with [B,H,T]=", q.sizes().slice(0, 3), ", got ", v.sizes());
+  TORCH_CHECK(P.dim() == 4 && P.size(0) == q.size(0) && (P.size(1) == 1 || P.size(1) == q.size(1)) &&
+                  P.size(2) == q.size(2),
+              "P must be [B,1 or H,T,R] with B=", q.size(0), ", H=", q.size(1), ", T=", q.size(2),
+              ", got ", P.sizes());
+  TORCH_CHECK(L >= 0 && U >= 0 && P.size(3) == L + U + 1, "P has R=", P.size(3),
+              " buckets but L=", L, ", U=", U, " need R = L+U+1 = ", L + U + 1);
+  TORCH_CHECK(wl >= -1 && wr >= -1, "window_left/window_right must be >= -1 (-1: unbounded), got ",
+              wl, ", ", wr);
+  for (const auto* t : {&k, &v, &P}) {
+    TORCH_CHECK(t->scalar_type() == q.scalar_type(), "all of q, k, v, P must share a dtype; q is ",
+                q.scalar_type(), ", got ", t->scalar_type());
+    TORCH_CHECK(t->device() == q.device(), "all inputs must be on one device; q is on ", q.device(),
+                ", got ", t->device());
+  }
+  if (mask.has_value()) {
+    TORCH_CHECK(mask->scalar_type() == at::kBool, "key_padding_mask must be bool, got ",
+                mask->scalar_type());
+    TORCH_CHECK(mask->dim() == 2 && mask->size(0) == q.size(0) && mask->size(1) == q.size(2),
+                "key_padding_mask must be [B,T]=[", q.size(0), ", ", q.size(2), "], got ",
+                mask->sizes());
+  }
+}
+
+Problem make_problem(const at::Tensor& q, const at::Tensor& v, const at::Tensor& P,
+                     const bool* mask, int64_t L, int64_t U, int64_t wl, int64_t wr,
+                     double scale) {
+  Problem p;
+  p.B = q.size(0), p.H = q.size(1), p.T = q.size(2), p.Dk = q.size(3), p.Dv = v.size(3);
+  p.Hp = P.size(1), p.R = P.size(3), p.L = L, p.U = U;
+  p.band = make_band(p.T, wl, wr);
+  p.scale = scale;
+  p.mask = mask;
+  return p;
+}
+
+// Reduced precision (bfloat16, float16) computes in float32: inputs are widened once and the
+// results narrowed once, so every tile matmul and the softmax accumulate in float32.
+at::ScalarType compute_type(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& q_, const at::Tensor& k_,
+                                               const at::Tensor& v_, const at::Tensor& P_,
+                                               const std::optional<at::Tensor>& mask_, int64_t L,
+                                               int64_t U, int64_t wl, int64_t wr, double scale) {
+  check_inputs(q_, k_, v_, P_, mask_, L, U, wl, wr);
+  const auto ct = compute_type(q_.scalar_type());
+  auto q = q_.to(ct).contiguous(), k = k_.to(ct).contiguous(), v = v_.to(ct).contiguous();
+  auto P = P_.to(ct).contiguous();
+  at::Tensor mask = mask_.has_value() ? mask_->contiguous() : at::Tensor();
+  const Problem p = make_problem(q, v, P, mask.defined() ? mask.data_ptr<bool>() : nullptr, L, U,
+                                 wl, wr, scale);
+  auto out = at::empty({p.B, p.H, p.T, p.Dv}, q.options());
+  auto lse = at::empty({p.B, p.H, p.T}, q.options());
+  AT_DISPATCH_FLOATING_TYPES(ct, "hdaf_delta_attention_forward_cpu", [&] {
+    forward_kernel<scalar_t>(p, q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(),
+                             v.data_ptr<scalar_t>(), P.data_ptr<scalar_t>(),
+                             out.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>());
+  });
+  return {out.to(q_.scalar_type()), lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
+    const at::Tensor& dout_, const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_,
+    const at::Tensor& P_, const std::optional<at::Tensor>& mask_, const at::Tensor& out_,
+    const at::Tensor& lse_, int64_t L, int64_t U, int64_t wl, int64_t wr, double scale) {
+  check_inputs(q_, k_, v_, P_, mask_, L, U, wl, wr);
+  TORCH_CHECK(dout_.sizes() == out_.sizes() && out_.dim() == 4 && out_.size(3) == v_.size(3) &&
+                  out_.sizes().slice(0, 3) == q_.sizes().slice(0, 3),
+              "grad_out and out must be [B,H,T,Dv] like v ", v_.sizes(), ", got ", dout_.sizes(),
+              " and ", out_.sizes());
+  TORCH_CHECK(lse_.dim() == 3 && lse_.sizes() == q_.sizes().slice(0, 3),
+              "lse must be [B,H,T]=", q_.sizes().slice(0, 3), ", got ", lse_.sizes());
+  const auto ct = compute_type(q_.scalar_type());
+  auto q = q_.to(ct).contiguous(), k = k_.to(ct).contiguous(), v = v_.to(ct).contiguous();
+  auto P = P_.to(ct).contiguous(), dout = dout_.to(ct).contiguous();
+  auto out = out_.to(ct).contiguous(), lse = lse_.to(ct).contiguous();
+  at::Tensor mask = mask_.has_value() ? mask_->contiguous() : at::Tensor();
+  const Problem p = make_problem(q, v, P, mask.defined() ? mask.data_ptr<bool>() : nullptr, L, U,
+                                 wl, wr, scale);
+  auto dq = at::zeros_like(q), dk = at::zeros_like(k), dv = at::zeros_like(v);
+  auto dPh = at::zeros({p.B, p.H, p.T, p.R}, q.options());  // per head; summed below if shared
+  AT_DISPATCH_FLOATING_TYPES(ct, "hdaf_delta_attention_backward_cpu", [&] {
+    backward_kernel<scalar_t>(p, dout.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(),
+                              k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
+                              P.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
+                              lse.data_ptr<scalar_t>(), dq.data_ptr<scalar_t>(),
+                              dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>(),
+                              dPh.data_ptr<scalar_t>());
+  });
+  auto dP = p.Hp == 1 ? dPh.sum(1, /*keepdim=*/true) : dPh;
+  const auto t = q_.scalar_type();
+  return {dq.to(t), dk.to(t), dv.to(t), dP.to(t)};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(hdaf, CPU, m) {
+  m.impl("delta_attention_forward", &forward_cpu);
+  m.impl("delta_attention_backward", &backward_cpu);
+}
+
+}  // namespace hdaf
