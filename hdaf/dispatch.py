@@ -13,6 +13,7 @@ BACKENDS = ("auto", "naive", "gather", "cpu", "triton", "cuda")
 _FORWARD_OP = "hdaf::delta_attention_forward"
 
 
+@torch._dynamo.assume_constant_result  # registration is fixed at import: fold it under compile
 def _has_kernel(dispatch_key: str) -> bool:
     if ops._C is None:
         return False
