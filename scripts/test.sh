@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Set up (venv, dependencies, compiled kernels) and run the whole test suite.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# shellcheck disable=SC1091
+. "$ROOT/scripts/setup_env.sh"
+cd "$ROOT"
+python -m pytest -q -ra "$@"
