@@ -17,6 +17,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -86,44 +87,145 @@ struct Problem {
   const bool* mask;  // [B,T] or nullptr
 };
 
+// ---- Row primitives of a tile. float32 gets versions compiled for AVX2+FMA as well as the
+// baseline (GCC function multiversioning picks one at load time), with a polynomial exp that
+// vectorizes; float64 keeps std::exp, which its tolerance needs.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define HDAF_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define HDAF_CLONES
+#endif
+
+// S[jj] = scale * (S[jj] + P[j, r(i,j)] - P[i, r(i,j)]) for the keys j = j0 + jj.
+#define HDAF_INLINE inline __attribute__((always_inline))
+
+// S[jj] = scale * (S[jj] + P[j, r(i,j)] - P[i, r(i,j)]) for the keys j = j0 + jj, jj < bk.
+// Split into the three runs of r (clipped low, diagonal, clipped high) so that each loop has
+// invariant strides and vectorizes: on the diagonal run r = j - i + L, hence
+// P[j, r] = P[j*(R+1) + L - i] and P[i, r] = P[i*R + j - i + L].
+template <typename T>
+HDAF_INLINE void bias_row_runs(T* __restrict S, const T* __restrict Pbh, int64_t i, int64_t j0,
+                               int64_t bk, int64_t L, int64_t U, int64_t R, T scale) {
+  const T* Pi = Pbh + i * R;
+  const int64_t lo_end = i - L - j0, hi_begin = i + U + 1 - j0;
+  const int64_t a = lo_end < 0 ? 0 : (lo_end > bk ? bk : lo_end);
+  const int64_t b = hi_begin < a ? a : (hi_begin > bk ? bk : hi_begin);
+  const T p_first = Pi[0], p_last = Pi[R - 1];
+  const T* Pj = Pbh + j0 * R;
+  for (int64_t jj = 0; jj < a; ++jj) S[jj] = scale * (S[jj] + Pj[jj * R] - p_first);
+  if (b > a) {
+    const T* Pdiag = Pbh + j0 * (R + 1) + L - i;  // indexed from jj = 0; read from jj = a
+    const T* Prow = Pi + j0 - i + L;
+    for (int64_t jj = a; jj < b; ++jj) S[jj] = scale * (S[jj] + Pdiag[jj * (R + 1)] - Prow[jj]);
+  }
+  for (int64_t jj = b; jj < bk; ++jj) S[jj] = scale * (S[jj] + Pj[jj * R + R - 1] - p_last);
+}
+
+HDAF_CLONES void bias_row_f32(float* S, const float* Pbh, int64_t i, int64_t j0, int64_t bk,
+                              int64_t L, int64_t U, int64_t R, float scale) {
+  bias_row_runs<float>(S, Pbh, i, j0, bk, L, U, R, scale);
+}
+
+// exp for x <= ~0 (the softmax only exponentiates score - max); exactly 0 below the float
+// range, so -inf (a masked key) gives 0. Cephes' expf polynomial, about 1 ulp. Builtins and
+// ternaries only: library calls would not inline into the AVX2 clone, and the loop would
+// stay scalar.
+HDAF_INLINE float exp_poly(float x) {
+  const float lo = -87.33654475f;
+  const float xc = x < lo ? lo : (x > 88.0f ? 88.0f : x);
+  const float n = __builtin_floorf(xc * 1.44269504088896341f + 0.5f);
+  float r = xc - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const float y = p * r * r + r + 1.0f;
+  const float pow2n = __builtin_bit_cast(float, (static_cast<int32_t>(n) + 127) << 23);
+  return x < lo ? 0.0f : y * pow2n;
+}
+
+// Sum with 8 fixed partial sums: vectorizes without -ffast-math, and the order (hence the
+// result) depends only on n, never on threads.
+template <typename T>
+HDAF_INLINE T sum_row(const T* __restrict S, int64_t n) {
+  T acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t jj = 0;
+  for (; jj + 8 <= n; jj += 8)
+    for (int l = 0; l < 8; ++l) acc[l] += S[jj + l];
+  T sum = 0;
+  for (; jj < n; ++jj) sum += S[jj];
+  for (int l = 0; l < 8; ++l) sum += acc[l];
+  return sum;
+}
+
+// S[jj] = exp(S[jj] - m); returns the sum.
+HDAF_CLONES float exp_row_f32(float* __restrict S, int64_t n, float m) {
+  for (int64_t jj = 0; jj < n; ++jj) S[jj] = exp_poly(S[jj] - m);
+  return sum_row(S, n);
+}
+
+HDAF_CLONES float max_row_f32(const float* __restrict S, int64_t n) {
+  float m = -std::numeric_limits<float>::infinity();
+#pragma omp simd reduction(max : m)
+  for (int64_t jj = 0; jj < n; ++jj) m = S[jj] > m ? S[jj] : m;
+  return m;
+}
+
+inline void bias_row(float* S, const float* Pbh, int64_t i, int64_t j0, int64_t bk, int64_t L,
+                     int64_t U, int64_t R, float scale) {
+  bias_row_f32(S, Pbh, i, j0, bk, L, U, R, scale);
+}
+inline void bias_row(double* S, const double* Pbh, int64_t i, int64_t j0, int64_t bk, int64_t L,
+                     int64_t U, int64_t R, double scale) {
+  bias_row_runs<double>(S, Pbh, i, j0, bk, L, U, R, scale);
+}
+inline float exp_row(float* S, int64_t n, float m) { return exp_row_f32(S, n, m); }
+inline double exp_row(double* S, int64_t n, double m) {
+  for (int64_t jj = 0; jj < n; ++jj) S[jj] = std::exp(S[jj] - m);  // exp(-inf) = 0: masked
+  return sum_row(S, n);
+}
+inline float max_row(const float* S, int64_t n) { return max_row_f32(S, n); }
+inline double max_row(const double* S, int64_t n) {
+  double m = -std::numeric_limits<double>::infinity();
+  for (int64_t jj = 0; jj < n; ++jj) m = S[jj] > m ? S[jj] : m;
+  return m;
+}
+
 // Scores of one tile: S[ii, jj] = scale * (q_i·k_j + P[j,r] - P[i,r]) where visible, -inf
-// elsewhere; returns whether any entry is visible. S already holds q_i·k_j on entry.
+// elsewhere. S holds q_i·k_j on entry. Returns false when nothing in the tile is visible.
+// Per row, the band leaves one contiguous run of keys [jlo, jhi) (edge tiles of a window or
+// of causal masking cut it), then padding keys are set to -inf.
 template <typename T>
 bool tile_logits(const Problem& p, T* S, const T* Pbh, const bool* mask_b, int64_t i0,
                  int64_t bq, int64_t j0, int64_t bk) {
   const T scale = static_cast<T>(p.scale);
   const T neg_inf = -std::numeric_limits<T>::infinity();
-  const int64_t R = p.R;
-  // Tiles entirely inside the band and the unclipped bucket range take the branch-free path.
-  const int64_t dmin = j0 - (i0 + bq - 1), dmax = (j0 + bk - 1) - i0;
-  const bool all_in_band = dmin >= p.band.lo && dmax <= p.band.hi;
-  bool any = false;
+  bool any_row = false;
   for (int64_t ii = 0; ii < bq; ++ii) {
     const int64_t i = i0 + ii;
-    const T* Pi = Pbh + i * R;
     T* Srow = S + ii * bk;
-    if (all_in_band && mask_b == nullptr) {
-      for (int64_t jj = 0; jj < bk; ++jj) {
-        const int64_t j = j0 + jj;
-        const int64_t r = bucket(i, j, p.L, p.U);
-        Srow[jj] = scale * (Srow[jj] + Pbh[j * R + r] - Pi[r]);
-      }
-      any = true;
-      continue;
-    }
-    for (int64_t jj = 0; jj < bk; ++jj) {
-      const int64_t j = j0 + jj;
-      const bool vis = in_band(i, j, p.band) && !(mask_b != nullptr && mask_b[j]);
-      if (vis) {
-        const int64_t r = bucket(i, j, p.L, p.U);
-        Srow[jj] = scale * (Srow[jj] + Pbh[j * R + r] - Pi[r]);
-        any = true;
-      } else {
-        Srow[jj] = neg_inf;
-      }
+    int64_t jlo = i + p.band.lo - j0, jhi = i + p.band.hi + 1 - j0;
+    jlo = jlo < 0 ? 0 : (jlo > bk ? bk : jlo);
+    jhi = jhi < jlo ? jlo : (jhi > bk ? bk : jhi);
+    std::fill(Srow, Srow + jlo, neg_inf);
+    std::fill(Srow + jhi, Srow + bk, neg_inf);
+    if (jhi > jlo) {
+      bias_row(Srow + jlo, Pbh, i, j0 + jlo, jhi - jlo, p.L, p.U, p.R, scale);
+      any_row = true;
     }
   }
-  return any;
+  if (mask_b == nullptr || !any_row) return any_row;
+  bool any_key = false;
+  for (int64_t jj = 0; jj < bk; ++jj) any_key |= !mask_b[j0 + jj];
+  if (!any_key) return false;
+  for (int64_t ii = 0; ii < bq; ++ii) {
+    T* Srow = S + ii * bk;
+    for (int64_t jj = 0; jj < bk; ++jj) Srow[jj] = mask_b[j0 + jj] ? neg_inf : Srow[jj];
+  }
+  return true;
 }
 
 template <typename T>
@@ -152,20 +254,13 @@ void forward_kernel(const Problem& p, const T* q, const T* k, const T* v, const 
         if (!tile_logits(p, S.data(), Pbh, mask_b, i0, bq, j0, bk)) continue;
         for (int64_t ii = 0; ii < bq; ++ii) {
           T* Srow = S.data() + ii * bk;
-          T bmax = -std::numeric_limits<T>::infinity();
-          for (int64_t jj = 0; jj < bk; ++jj) bmax = std::max(bmax, Srow[jj]);
+          const T bmax = max_row(Srow, bk);
           const T alpha = softmax_rescale(st[ii], bmax);
           if (st[ii].m == -std::numeric_limits<T>::infinity()) {
             std::fill(Srow, Srow + bk, T(0));  // nothing visible yet in this row
             continue;
           }
-          T sum = 0;
-          for (int64_t jj = 0; jj < bk; ++jj) {
-            const T e = std::exp(Srow[jj] - st[ii].m);  // exp(-inf) = 0 for masked keys
-            Srow[jj] = e;
-            sum += e;
-          }
-          st[ii].l += sum;
+          st[ii].l += exp_row(Srow, bk, st[ii].m);
           if (alpha != T(1)) {
             T* arow = acc.data() + ii * Dv;
             for (int64_t d = 0; d < Dv; ++d) arow[d] *= alpha;
@@ -227,7 +322,7 @@ void backward_kernel(const Problem& p, const T* dout, const T* q, const T* k, co
             if (l == -std::numeric_limits<T>::infinity()) {
               std::fill(Srow, Srow + bk, T(0));
             } else {
-              for (int64_t jj = 0; jj < bk; ++jj) Srow[jj] = std::exp(Srow[jj] - l);
+              exp_row(Srow, bk, l);
             }
           }
           // dv_j += Σ_i p_ij dout_i ; dp_ij = dout_i·v_j

@@ -13,7 +13,7 @@
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define HDAF_HD __host__ __device__ __forceinline__
 #else
-#define HDAF_HD inline
+#define HDAF_HD inline __attribute__((always_inline))
 #endif
 
 namespace hdaf {

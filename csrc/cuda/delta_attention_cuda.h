@@ -1,0 +1,65 @@
+// Interface between the torch-facing dispatcher (delta_attention_cuda.cu) and the
+// per-dtype kernel translation units (fwd_*.cu, bwd_*.cu). Torch-free on purpose:
+// the kernel files include only CUDA headers and compile in seconds, in parallel.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include <cuda_runtime_api.h>
+
+namespace hdaf {
+namespace cuda {
+
+// Largest head dimension (Dk and Dv each) the kernels support.
+constexpr int64_t kMaxHeadDim = 128;
+
+// All tensors contiguous; q,k [B,H,T,Dk], v,out,grad_out [B,H,T,Dv], P [B,Hp,T,R],
+// mask [B,T] (bool bytes, nullptr when absent). lse, D [B,H,T] and dP_heads [B,H,T,R]
+// (per-head partial dP, zero-initialised by the caller) are in the accumulation type:
+// float64 for float64 inputs, float32 otherwise.
+struct FwdParams {
+  const void* q;
+  const void* k;
+  const void* v;
+  const void* P;
+  const bool* mask;
+  void* out;
+  void* lse;
+  int64_t B, H, Hp, T, Dk, Dv, R, L, U, window_left, window_right;
+  double scale;  // cast to the accumulation type in the kernels
+};
+
+struct BwdParams {
+  const void* grad_out;
+  const void* q;
+  const void* k;
+  const void* v;
+  const void* P;
+  const bool* mask;
+  const void* out;
+  const void* lse;
+  void* D;          // [B,H,T] workspace: D_i = dout_i . out_i
+  void* grad_q;
+  void* grad_k;
+  void* grad_v;
+  void* dP_heads;   // [B,H,T,R], zero on entry
+  int64_t B, H, Hp, T, Dk, Dv, R, L, U, window_left, window_right;
+  double scale;  // cast to the accumulation type in the kernels
+};
+
+// scalar_t is double, float, __half or __nv_bfloat16. The *_smem_bytes functions return the
+// dynamic shared memory one block needs, which the dispatcher checks against the
+// device's opt-in limit before launching. The launchers return the first CUDA error.
+template <typename scalar_t>
+size_t delta_fwd_smem_bytes(int64_t Dk, int64_t Dv);
+template <typename scalar_t>
+cudaError_t delta_fwd_launch(const FwdParams& p, cudaStream_t stream);
+
+template <typename scalar_t>
+size_t delta_bwd_smem_bytes(int64_t Dk, int64_t Dv);
+template <typename scalar_t>
+cudaError_t delta_bwd_launch(const BwdParams& p, cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace hdaf
