@@ -58,6 +58,15 @@ def register_delta_autograd(forward_op: str, backward_op: str) -> None:
 
     torch.library.register_autograd(forward_op, backward_fn, setup_context=setup_context)
 
+    def double_backward(ctx, *grads):
+        raise NotImplementedError(f"{backward_op} is not differentiable: hdaf.delta_attention "
+                                  "supports first-order gradients only (no double backward)")
+
+    def no_context(ctx, inputs, output):
+        pass
+
+    torch.library.register_autograd(backward_op, double_backward, setup_context=no_context)
+
 
 if _C is not None:
     torch.library.register_fake("hdaf::delta_attention_forward")(fake_forward)

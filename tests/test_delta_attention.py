@@ -109,7 +109,9 @@ def test_opcheck_forward_and_backward():
         args = (q, k, v, P, mask, 3, 3, -1, 1, 0.5)
         torch.library.opcheck(torch.ops.hdaf.delta_attention_forward, args)
         out, lse = torch.ops.hdaf.delta_attention_forward(*args)
-        bargs = (torch.randn_like(out), q, k, v, P, mask, out.detach(), lse, 3, 3, -1, 1, 0.5)
+        # The backward op runs on saved (non-differentiable) tensors.
+        q, k, v, P, out = (t.detach() for t in (q, k, v, P, out))
+        bargs = (torch.randn_like(out), q, k, v, P, mask, out, lse, 3, 3, -1, 1, 0.5)
         torch.library.opcheck(torch.ops.hdaf.delta_attention_backward, bargs)
 
 
@@ -241,3 +243,11 @@ def test_paper_preset_is_upper_triangular_with_unclipped_offsets():
     b = hdaf.delta_attention(q, k, v2, x, w, backend="cpu", **preset)
     assert torch.equal(a[:, :, 0], b[:, :, 0])
     assert not torch.equal(a[:, :, 1], b[:, :, 1])
+
+
+def test_double_backward_raises_a_clear_error():
+    q, k, v, x, w, _ = make_inputs(T=5)
+    out = hdaf.delta_attention(q, k, v, x, w, backend="cpu")
+    (dq,) = torch.autograd.grad(out.sum(), q, create_graph=True)
+    with pytest.raises(NotImplementedError, match="first-order gradients only"):
+        dq.sum().backward()
