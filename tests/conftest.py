@@ -1,12 +1,19 @@
 """Shared test helpers: inputs for the operator, dtype-tied tolerances, one device helper."""
 from __future__ import annotations
 
-import math
+import os
 
-import pytest
 import torch
 
-import hdaf
+# Triton's interpreter must be switched on before triton.language is first imported, and
+# `import hdaf` imports it (through torch._dynamo): without a GPU, the Triton tests run the
+# kernels on CPU tensors under the interpreter.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import hdaf  # noqa: E402,F401
 
 # Tolerances tied to dtype (absolute and relative), for outputs and gradients of O(1) size.
 TOL = {

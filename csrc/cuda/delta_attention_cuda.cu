@@ -114,27 +114,33 @@ void check_grid(const Shape& s) {
               ")");
 }
 
-void check_smem(size_t bytes, const at::Tensor& q, const Shape& s, const char* what) {
+int max_smem_per_block(const at::Tensor& q) {
   int optin = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin,
                                         q.device().index()));
+  return optin;
+}
+
+void check_smem(size_t bytes, int optin, const at::Tensor& q, const Shape& s, const char* what) {
   TORCH_CHECK(bytes <= static_cast<size_t>(optin), "hdaf delta_attention (CUDA): the ", what,
               " kernel needs ", bytes, " bytes of shared memory per block for ", q.scalar_type(),
               " with Dk=", s.Dk, ", Dv=", s.Dv, ", but the device allows ", optin,
-              " (sm_80 or newer is expected)");
+              " (use smaller head dims, or a device with more shared memory)");
 }
 
 template <typename scalar_t>
 void run_forward(const FwdParams& p, const at::Tensor& q, const Shape& s) {
-  check_smem(delta_fwd_smem_bytes<scalar_t>(s.Dk, s.Dv), q, s, "forward");
-  C10_CUDA_CHECK(delta_fwd_launch<scalar_t>(p, c10::cuda::getCurrentCUDAStream()));
+  const int optin = max_smem_per_block(q);
+  check_smem(delta_fwd_smem_bytes<scalar_t>(s.Dk, s.Dv, optin), optin, q, s, "forward");
+  C10_CUDA_CHECK(delta_fwd_launch<scalar_t>(p, optin, c10::cuda::getCurrentCUDAStream()));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename scalar_t>
 void run_backward(const BwdParams& p, const at::Tensor& q, const Shape& s) {
-  check_smem(delta_bwd_smem_bytes<scalar_t>(s.Dk, s.Dv), q, s, "backward");
-  C10_CUDA_CHECK(delta_bwd_launch<scalar_t>(p, c10::cuda::getCurrentCUDAStream()));
+  const int optin = max_smem_per_block(q);
+  check_smem(delta_bwd_smem_bytes<scalar_t>(s.Dk, s.Dv, optin), optin, q, s, "backward");
+  C10_CUDA_CHECK(delta_bwd_launch<scalar_t>(p, optin, c10::cuda::getCurrentCUDAStream()));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -48,18 +48,20 @@ struct BwdParams {
   double scale;  // cast to the accumulation type in the kernels
 };
 
-// scalar_t is double, float, __half or __nv_bfloat16. The *_smem_bytes functions return the
-// dynamic shared memory one block needs, which the dispatcher checks against the
-// device's opt-in limit before launching. The launchers return the first CUDA error.
+// scalar_t is double, float, __half or __nv_bfloat16. Each launcher takes the tile
+// configuration that fits in max_smem (the device's opt-in shared memory per block): the
+// large tiles on sm_80 / sm_90, smaller ones on devices with less shared memory.
+// *_smem_bytes return what the chosen configuration needs, which the dispatcher checks
+// against max_smem before launching. The launchers return the first CUDA error.
 template <typename scalar_t>
-size_t delta_fwd_smem_bytes(int64_t Dk, int64_t Dv);
+size_t delta_fwd_smem_bytes(int64_t Dk, int64_t Dv, int max_smem);
 template <typename scalar_t>
-cudaError_t delta_fwd_launch(const FwdParams& p, cudaStream_t stream);
+cudaError_t delta_fwd_launch(const FwdParams& p, int max_smem, cudaStream_t stream);
 
 template <typename scalar_t>
-size_t delta_bwd_smem_bytes(int64_t Dk, int64_t Dv);
+size_t delta_bwd_smem_bytes(int64_t Dk, int64_t Dv, int max_smem);
 template <typename scalar_t>
-cudaError_t delta_bwd_launch(const BwdParams& p, cudaStream_t stream);
+cudaError_t delta_bwd_launch(const BwdParams& p, int max_smem, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace hdaf

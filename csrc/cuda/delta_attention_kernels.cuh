@@ -1,7 +1,7 @@
 // CUDA kernel templates of hdaf::delta_attention (spec: docs/delta_attention.md).
 //
 // Included only by the per-dtype translation units fwd_*.cu / bwd_*.cu, which
-// instantiate one launcher each, so the six of them compile in parallel and none
+// instantiate one launcher each (4 dtypes x 2 directions), so the eight compile in parallel and none
 // of them includes a torch header.
 //
 // Design (one CTA per (batch*head, block of rows); all tiles in shared memory):
@@ -21,6 +21,11 @@
 // Matmuls: wmma m16n16k16 tensor-core tiles (fp16/bf16 operands, fp32 accumulators)
 // on sm_80+; a plain FMA loop for float32/float64 operands (no tf32: float32 keeps
 // full float32 products) and for fp16/bf16 on older architectures.
+// Tiles: a large configuration for sm_80 / sm_90 (<= 163 KB of shared memory per block
+// at head dim 128) and a small one taken when the device allows less (sm_86 / sm_89).
+// Accumulation: float32 (float64 for float64 inputs, whose lse is float64 as the spec asks).
+// tests/test_cuda.py also runs these templates on the CPU through host_emulation/
+// (threads for CUDA threads, an emulated wmma), so the logic is tested without a GPU.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -35,6 +40,12 @@
 
 #include "delta_attention_cuda.h"
 #include "hdaf/delta_common.h"
+
+// Kernel launch; csrc/cuda/host_emulation/ redefines it to run the kernels on the CPU.
+#ifndef HDAF_LAUNCH
+#define HDAF_LAUNCH(kernel, grid, block, smem, stream, ...) \
+  kernel<<<(grid), (block), (smem), (stream)>>>(__VA_ARGS__)
+#endif
 
 namespace hdaf {
 namespace cuda {
@@ -206,17 +217,20 @@ __device__ __forceinline__ acc_type<T> delta_logit(acc_type<T> qk, const T* __re
 // Forward
 // ---------------------------------------------------------------------------
 
-template <typename T>
+// Tile shapes (BM query rows x BN key rows, NT threads). Large: sized for sm_80 / sm_90
+// (<= 163 KB of shared memory at head dim 128); Small: for devices with ~99 KB per block
+// (sm_86 / sm_89), taken when the large one does not fit.
+template <typename T, bool kSmall = false>
 struct FwdCfg {  // __half, __nv_bfloat16
-  static constexpr int BM = 64, BN = 64, NT = 128;
+  static constexpr int BM = kSmall ? 32 : 64, BN = 64, NT = 128;
 };
-template <>
-struct FwdCfg<float> {
-  static constexpr int BM = 64, BN = 32, NT = 128;
+template <bool kSmall>
+struct FwdCfg<float, kSmall> {
+  static constexpr int BM = kSmall ? 32 : 64, BN = 32, NT = 128;
 };
-template <>
-struct FwdCfg<double> {
-  static constexpr int BM = 16, BN = 32, NT = 128;
+template <bool kSmall>
+struct FwdCfg<double, kSmall> {
+  static constexpr int BM = 16, BN = kSmall ? 16 : 32, NT = 128;
 };
 
 template <typename T, int BM, int BN>
@@ -391,41 +405,59 @@ __global__ void __launch_bounds__(NT) delta_fwd_kernel(const FwdParams p) {
   }
 }
 
-template <typename T>
-size_t fwd_smem_bytes(int64_t Dk, int64_t Dv) {
-  using C = FwdCfg<T>;
+template <typename T, bool kSmall>
+size_t fwd_smem_bytes_cfg(int64_t Dk, int64_t Dv) {
+  using C = FwdCfg<T, kSmall>;
   return FwdLayout<T, C::BM, C::BN>(Dk, Dv).bytes;
 }
 
+// Whether the large tiles fit in max_smem bytes; otherwise the small ones are used.
 template <typename T>
-cudaError_t fwd_launch(const FwdParams& p, cudaStream_t stream) {
-  using C = FwdCfg<T>;
+bool fwd_use_large(int64_t Dk, int64_t Dv, int max_smem) {
+  return fwd_smem_bytes_cfg<T, false>(Dk, Dv) <= static_cast<size_t>(max_smem);
+}
+
+template <typename T>
+size_t fwd_smem_bytes(int64_t Dk, int64_t Dv, int max_smem) {
+  return fwd_use_large<T>(Dk, Dv, max_smem) ? fwd_smem_bytes_cfg<T, false>(Dk, Dv)
+                                           : fwd_smem_bytes_cfg<T, true>(Dk, Dv);
+}
+
+template <typename T, bool kSmall>
+cudaError_t fwd_launch_cfg(const FwdParams& p, cudaStream_t stream) {
+  using C = FwdCfg<T, kSmall>;
   const int64_t nqb = (p.T + C::BM - 1) / C::BM;
   const int64_t grid = nqb * p.B * p.H;
   if (grid == 0) return cudaSuccess;
-  const size_t bytes = fwd_smem_bytes<T>(p.Dk, p.Dv);
+  const size_t bytes = fwd_smem_bytes_cfg<T, kSmall>(p.Dk, p.Dv);
   auto kernel = delta_fwd_kernel<T, C::BM, C::BN, C::NT>;
   cudaError_t err =
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
   if (err != cudaSuccess) return err;
-  kernel<<<static_cast<unsigned int>(grid), C::NT, bytes, stream>>>(p);
+  HDAF_LAUNCH(kernel, static_cast<unsigned int>(grid), C::NT, bytes, stream, p);
   return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t fwd_launch(const FwdParams& p, int max_smem, cudaStream_t stream) {
+  return fwd_use_large<T>(p.Dk, p.Dv, max_smem) ? fwd_launch_cfg<T, false>(p, stream)
+                                               : fwd_launch_cfg<T, true>(p, stream);
 }
 
 // ---------------------------------------------------------------------------
 // Backward
 // ---------------------------------------------------------------------------
 
-template <typename T>
+template <typename T, bool kSmall = false>
 struct BwdCfg {  // __half, __nv_bfloat16
-  static constexpr int BM = 32, BN = 64, NT = 128;
+  static constexpr int BM = kSmall ? 16 : 32, BN = kSmall ? 32 : 64, NT = 128;
 };
-template <>
-struct BwdCfg<float> {
-  static constexpr int BM = 32, BN = 32, NT = 128;
+template <bool kSmall>
+struct BwdCfg<float, kSmall> {
+  static constexpr int BM = kSmall ? 16 : 32, BN = kSmall ? 16 : 32, NT = 128;
 };
-template <>
-struct BwdCfg<double> {
+template <bool kSmall>
+struct BwdCfg<double, kSmall> {  // float64 at head dim 128 needs ~110 KB either way
   static constexpr int BM = 16, BN = 16, NT = 128;
 };
 
@@ -753,24 +785,35 @@ __global__ void __launch_bounds__(NT) delta_bwd_dq_kernel(const BwdParams p) {
   }
 }
 
-template <typename T>
-size_t bwd_smem_bytes(int64_t Dk, int64_t Dv) {
-  using C = BwdCfg<T>;
+template <typename T, bool kSmall>
+size_t bwd_smem_bytes_cfg(int64_t Dk, int64_t Dv) {
+  using C = BwdCfg<T, kSmall>;
   const size_t a = BwdLayout<T, C::BM, C::BN, true>(Dk, Dv).bytes;
   const size_t b = BwdLayout<T, C::BM, C::BN, false>(Dk, Dv).bytes;
   return a > b ? a : b;
 }
 
 template <typename T>
-cudaError_t bwd_launch(const BwdParams& p, cudaStream_t stream) {
-  using C = BwdCfg<T>;
+bool bwd_use_large(int64_t Dk, int64_t Dv, int max_smem) {
+  return bwd_smem_bytes_cfg<T, false>(Dk, Dv) <= static_cast<size_t>(max_smem);
+}
+
+template <typename T>
+size_t bwd_smem_bytes(int64_t Dk, int64_t Dv, int max_smem) {
+  return bwd_use_large<T>(Dk, Dv, max_smem) ? bwd_smem_bytes_cfg<T, false>(Dk, Dv)
+                                           : bwd_smem_bytes_cfg<T, true>(Dk, Dv);
+}
+
+template <typename T, bool kSmall>
+cudaError_t bwd_launch_cfg(const BwdParams& p, cudaStream_t stream) {
+  using C = BwdCfg<T, kSmall>;
   const int64_t rows = p.B * p.H * p.T;
   if (rows == 0) return cudaSuccess;
   {
     constexpr int kThreads = 256;
     constexpr int kRowsPerBlock = kThreads / 32;
     const int64_t blocks = (rows + kRowsPerBlock - 1) / kRowsPerBlock;
-    delta_bwd_dot_kernel<T><<<static_cast<unsigned int>(blocks), kThreads, 0, stream>>>(
+    HDAF_LAUNCH(delta_bwd_dot_kernel<T>, static_cast<unsigned int>(blocks), kThreads, 0, stream,
         static_cast<const T*>(p.grad_out), static_cast<const T*>(p.out),
         static_cast<acc_type<T>*>(p.D), rows, p.Dv);
     cudaError_t err = cudaGetLastError();
@@ -783,7 +826,7 @@ cudaError_t bwd_launch(const BwdParams& p, cudaStream_t stream) {
                                            static_cast<int>(bytes));
     if (err != cudaSuccess) return err;
     const int64_t grid = (p.T + C::BN - 1) / C::BN * p.B * p.H;
-    kernel<<<static_cast<unsigned int>(grid), C::NT, bytes, stream>>>(p);
+    HDAF_LAUNCH(kernel, static_cast<unsigned int>(grid), C::NT, bytes, stream, p);
     err = cudaGetLastError();
     if (err != cudaSuccess) return err;
   }
@@ -794,11 +837,21 @@ cudaError_t bwd_launch(const BwdParams& p, cudaStream_t stream) {
                                            static_cast<int>(bytes));
     if (err != cudaSuccess) return err;
     const int64_t grid = (p.T + C::BM - 1) / C::BM * p.B * p.H;
-    kernel<<<static_cast<unsigned int>(grid), C::NT, bytes, stream>>>(p);
+    HDAF_LAUNCH(kernel, static_cast<unsigned int>(grid), C::NT, bytes, stream, p);
     err = cudaGetLastError();
     if (err != cudaSuccess) return err;
   }
   return cudaSuccess;
+}
+
+template <typename T>
+cudaError_t bwd_launch(const BwdParams& p, int max_smem, cudaStream_t stream) {
+  if constexpr (std::is_same<T, double>::value) {
+    return bwd_launch_cfg<T, false>(p, stream);  // one configuration for float64
+  } else {
+    return bwd_use_large<T>(p.Dk, p.Dv, max_smem) ? bwd_launch_cfg<T, false>(p, stream)
+                                                 : bwd_launch_cfg<T, true>(p, stream);
+  }
 }
 
 }  // namespace detail
@@ -806,22 +859,22 @@ cudaError_t bwd_launch(const BwdParams& p, cudaStream_t stream) {
 // Explicit specialisations of the launchers for one dtype (used by fwd_*.cu / bwd_*.cu).
 #define HDAF_CUDA_DEFINE_FWD(T)                                                      \
   template <>                                                                        \
-  size_t delta_fwd_smem_bytes<T>(int64_t Dk, int64_t Dv) {                           \
-    return detail::fwd_smem_bytes<T>(Dk, Dv);                                        \
+  size_t delta_fwd_smem_bytes<T>(int64_t Dk, int64_t Dv, int max_smem) {             \
+    return detail::fwd_smem_bytes<T>(Dk, Dv, max_smem);                              \
   }                                                                                  \
   template <>                                                                        \
-  cudaError_t delta_fwd_launch<T>(const FwdParams& p, cudaStream_t stream) {         \
-    return detail::fwd_launch<T>(p, stream);                                         \
+  cudaError_t delta_fwd_launch<T>(const FwdParams& p, int max_smem, cudaStream_t stream) { \
+    return detail::fwd_launch<T>(p, max_smem, stream);                               \
   }
 
 #define HDAF_CUDA_DEFINE_BWD(T)                                                      \
   template <>                                                                        \
-  size_t delta_bwd_smem_bytes<T>(int64_t Dk, int64_t Dv) {                           \
-    return detail::bwd_smem_bytes<T>(Dk, Dv);                                        \
+  size_t delta_bwd_smem_bytes<T>(int64_t Dk, int64_t Dv, int max_smem) {             \
+    return detail::bwd_smem_bytes<T>(Dk, Dv, max_smem);                              \
   }                                                                                  \
   template <>                                                                        \
-  cudaError_t delta_bwd_launch<T>(const BwdParams& p, cudaStream_t stream) {         \
-    return detail::bwd_launch<T>(p, stream);                                         \
+  cudaError_t delta_bwd_launch<T>(const BwdParams& p, int max_smem, cudaStream_t stream) { \
+    return detail::bwd_launch<T>(p, max_smem, stream);                               \
   }
 
 }  // namespace cuda

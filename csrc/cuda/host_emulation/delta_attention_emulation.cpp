@@ -1,0 +1,339 @@
+// Runs the CUDA kernel templates of delta_attention_kernels.cuh on the CPU, for tests on
+// machines without a GPU (tests/test_cuda.py builds it with torch.utils.cpp_extension.load).
+// Not part of the hdaf._C build (setup.py compiles csrc/cuda/*.cu only).
+//
+// Emulation: one std::thread per CUDA thread of a block, blocks one after another; a
+// std::barrier per block for __syncthreads / __syncthreads_or and one per warp for
+// __syncwarp and __shfl_xor_sync; the dynamic shared memory is one buffer filled with NaN
+// bytes before each block, so reads of unwritten shared memory show up. wmma is emulated
+// with its documented semantics (each lane holds the whole 16x16 tile, loads check the
+// 32-byte pointer and ldm alignment the hardware requires), and __CUDA_ARCH__ is set to 800
+// while the kernels are compiled, so fp16/bf16 take the tensor-core path exactly as the
+// sm_80 / sm_90 builds do; float32 / float64 take the FMA path, as on the GPU.
+// Registered ops (CPU tensors, contiguous):
+//   hdaf_cuda_emulation::forward(q, k, v, P, mask, L, U, wl, wr, scale, max_smem) -> (out, lse)
+//   hdaf_cuda_emulation::backward(grad_out, q, k, v, P, mask, out, lse, L, U, wl, wr, scale,
+//                                  max_smem) -> (dq, dk, dv, dP)
+// max_smem selects the tile configuration as the device's shared-memory limit would.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <mma.h>
+
+#include <barrier>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <limits>
+#include <cstring>
+#include <memory>
+#include <stdexcept>
+#include <thread>
+#include <type_traits>
+#include <vector>
+
+#undef __global__
+#undef __device__
+#undef __host__
+#undef __forceinline__
+#undef __shared__
+#undef __launch_bounds__
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __shared__
+#define __launch_bounds__(x)
+
+namespace hdaf_emu {
+struct Dim3 {
+  unsigned x = 0, y = 0, z = 0;
+};
+thread_local Dim3 thread_idx, block_idx, block_dim;
+std::barrier<>* block_barrier = nullptr;
+std::vector<std::unique_ptr<std::barrier<>>> warp_barriers;
+int or_flag = 0;
+double shuffle_buffer[1024];
+constexpr size_t kSmemBytes = size_t(1) << 18;
+extern unsigned char* const shared_memory;  // the kernels' `smem`, defined below
+
+inline void syncthreads() { block_barrier->arrive_and_wait(); }
+inline int syncthreads_or(int v) {
+  block_barrier->arrive_and_wait();
+  if (thread_idx.x == 0) or_flag = 0;
+  block_barrier->arrive_and_wait();
+  if (v) or_flag = 1;
+  block_barrier->arrive_and_wait();
+  return or_flag;
+}
+inline void syncwarp() { warp_barriers[thread_idx.x / 32]->arrive_and_wait(); }
+template <class V>
+V shfl_xor(unsigned, V v, int lane_mask) {
+  syncwarp();
+  shuffle_buffer[thread_idx.x] = static_cast<double>(v);
+  syncwarp();
+  const unsigned src = (thread_idx.x & ~31u) | ((thread_idx.x & 31u) ^ unsigned(lane_mask));
+  return static_cast<V>(shuffle_buffer[src]);
+}
+
+template <class Kernel, class... Args>
+void launch(Kernel kernel, unsigned grid, int threads, size_t smem_bytes, cudaStream_t,
+            Args... args) {
+  if (smem_bytes > kSmemBytes) throw std::runtime_error("emulation: shared memory too large");
+  if (threads > 1024 || threads % 32 != 0) throw std::runtime_error("emulation: block size");
+  // One pool of `threads` threads runs the blocks one after another.
+  std::barrier<> bar(threads);
+  block_barrier = &bar;
+  warp_barriers.clear();
+  for (int w = 0; w < threads / 32; ++w) warp_barriers.emplace_back(new std::barrier<>(32));
+  std::vector<std::thread> pool;
+  pool.reserve(threads);
+  for (int t = 0; t < threads; ++t) {
+    pool.emplace_back([=, &bar] {
+      thread_idx.x = t;
+      block_dim.x = threads;
+      for (unsigned b = 0; b < grid; ++b) {
+        block_idx.x = b;
+        bar.arrive_and_wait();  // the previous block is done
+        if (t == 0) std::memset(shared_memory, 0xFF, smem_bytes);
+        bar.arrive_and_wait();
+        kernel(args...);
+      }
+    });
+  }
+  for (auto& th : pool) th.join();
+}
+}  // namespace hdaf_emu
+
+#define threadIdx (hdaf_emu::thread_idx)
+#define blockIdx (hdaf_emu::block_idx)
+#define blockDim (hdaf_emu::block_dim)
+#define __syncthreads() hdaf_emu::syncthreads()
+#define __syncthreads_or(v) hdaf_emu::syncthreads_or(v)
+#define __syncwarp() hdaf_emu::syncwarp()
+#define __shfl_xor_sync(m, v, o) hdaf_emu::shfl_xor(m, v, o)
+#define cudaFuncSetAttribute(...) cudaSuccess
+#define cudaGetLastError() cudaSuccess
+#define HDAF_LAUNCH(kernel, grid, block, smem, stream, ...) \
+  hdaf_emu::launch(kernel, grid, block, smem, stream, __VA_ARGS__)
+
+// wmma with its documented semantics.
+namespace nvcuda {
+namespace wmma {
+struct row_major {};
+struct col_major {};
+struct accumulator {};
+struct matrix_a {};
+struct matrix_b {};
+enum layout_t { mem_row_major, mem_col_major };
+template <class Use, int M, int N, int K, class T, class Layout = void>
+struct fragment {
+  float x[16][16];
+};
+inline float to_f(__half v) { return __half2float(v); }
+inline float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
+inline void check(const void* p, unsigned ld, unsigned multiple) {
+  if (reinterpret_cast<uintptr_t>(p) % 32 != 0 || ld % multiple != 0)
+    throw std::runtime_error("emulated wmma: pointer not 32-byte aligned or bad ldm");
+}
+template <class Use, class T, class Layout>
+void load_matrix_sync(fragment<Use, 16, 16, 16, T, Layout>& f, const T* p, unsigned ld) {
+  static_assert(std::is_same<T, __half>::value || std::is_same<T, __nv_bfloat16>::value);
+  check(p, ld, 8);
+  for (int r = 0; r < 16; ++r)
+    for (int c = 0; c < 16; ++c)
+      f.x[r][c] = to_f(std::is_same<Layout, col_major>::value ? p[r + c * ld] : p[r * ld + c]);
+}
+inline void load_matrix_sync(fragment<accumulator, 16, 16, 16, float>& f, const float* p,
+                             unsigned ld, layout_t layout) {
+  check(p, ld, 4);
+  if (layout != mem_row_major) throw std::runtime_error("emulated wmma: layout");
+  for (int r = 0; r < 16; ++r)
+    for (int c = 0; c < 16; ++c) f.x[r][c] = p[r * ld + c];
+}
+inline void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, 16, float>& f,
+                              unsigned ld, layout_t layout) {
+  check(p, ld, 4);
+  if (layout != mem_row_major) throw std::runtime_error("emulated wmma: layout");
+  hdaf_emu::syncwarp();  // every lane has loaded before any lane stores
+  for (int r = 0; r < 16; ++r)
+    for (int c = 0; c < 16; ++c) p[r * ld + c] = f.x[r][c];
+}
+inline void fill_fragment(fragment<accumulator, 16, 16, 16, float>& f, float v) {
+  for (int r = 0; r < 16; ++r)
+    for (int c = 0; c < 16; ++c) f.x[r][c] = v;
+}
+template <class T, class LA, class LB>
+void mma_sync(fragment<accumulator, 16, 16, 16, float>& d,
+              const fragment<matrix_a, 16, 16, 16, T, LA>& a,
+              const fragment<matrix_b, 16, 16, 16, T, LB>& b,
+              const fragment<accumulator, 16, 16, 16, float>& c) {
+  float t[16][16];
+  for (int r = 0; r < 16; ++r)
+    for (int n = 0; n < 16; ++n) {
+      float s = c.x[r][n];
+      for (int k = 0; k < 16; ++k) s += a.x[r][k] * b.x[k][n];
+      t[r][n] = s;
+    }
+  std::memcpy(d.x, t, sizeof t);
+}
+}  // namespace wmma
+}  // namespace nvcuda
+
+// Compile the kernels as for sm_80, in a namespace of their own (the CUDA build of the same
+// templates may be loaded in the same process through hdaf._C).
+#define __CUDA_ARCH__ 800
+#define hdaf hdaf_host_emulation
+#include "../delta_attention_kernels.cuh"
+#undef hdaf
+#undef __CUDA_ARCH__
+
+// `extern __shared__ unsigned char smem[]` in a kernel declares this namespace's smem.
+namespace hdaf_host_emulation {
+namespace cuda {
+namespace detail {
+alignas(128) unsigned char smem[hdaf_emu::kSmemBytes];
+}  // namespace detail
+}  // namespace cuda
+}  // namespace hdaf_host_emulation
+unsigned char* const hdaf_emu::shared_memory = hdaf_host_emulation::cuda::detail::smem;
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+namespace {
+
+namespace emu = hdaf_host_emulation::cuda;
+
+at::ScalarType acc_dtype(const at::Tensor& q) {
+  return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+template <class T>
+std::tuple<at::Tensor, at::Tensor> forward_t(const at::Tensor& q, const at::Tensor& k,
+                                             const at::Tensor& v, const at::Tensor& P,
+                                             const std::optional<at::Tensor>& mask, int64_t L,
+                                             int64_t U, int64_t wl, int64_t wr, double scale,
+                                             int64_t max_smem) {
+  auto out = at::empty({q.size(0), q.size(1), q.size(2), v.size(3)}, q.options());
+  auto lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(acc_dtype(q)));
+  emu::FwdParams p;
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  p.P = P.data_ptr();
+  p.mask = mask ? mask->data_ptr<bool>() : nullptr;
+  p.out = out.data_ptr();
+  p.lse = lse.data_ptr();
+  p.B = q.size(0);
+  p.H = q.size(1);
+  p.Hp = P.size(1);
+  p.T = q.size(2);
+  p.Dk = q.size(3);
+  p.Dv = v.size(3);
+  p.R = P.size(3);
+  p.L = L;
+  p.U = U;
+  p.window_left = wl;
+  p.window_right = wr;
+  p.scale = scale;
+  emu::detail::fwd_launch<T>(p, static_cast<int>(max_smem), nullptr);
+  return {out, lse};
+}
+
+template <class T>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_t(
+    const at::Tensor& go, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& P, const std::optional<at::Tensor>& mask, const at::Tensor& out,
+    const at::Tensor& lse, int64_t L, int64_t U, int64_t wl, int64_t wr, double scale,
+    int64_t max_smem) {
+  auto dq = at::empty(q.sizes(), q.options());
+  auto dk = at::empty(k.sizes(), k.options());
+  auto dv = at::empty(v.sizes(), v.options());
+  auto D = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(acc_dtype(q)));
+  auto dPh = at::zeros({q.size(0), q.size(1), q.size(2), P.size(3)}, q.options().dtype(acc_dtype(q)));
+  emu::BwdParams p;
+  p.grad_out = go.data_ptr();
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  p.P = P.data_ptr();
+  p.mask = mask ? mask->data_ptr<bool>() : nullptr;
+  p.out = out.data_ptr();
+  p.lse = lse.data_ptr();
+  p.D = D.data_ptr();
+  p.grad_q = dq.data_ptr();
+  p.grad_k = dk.data_ptr();
+  p.grad_v = dv.data_ptr();
+  p.dP_heads = dPh.data_ptr();
+  p.B = q.size(0);
+  p.H = q.size(1);
+  p.Hp = P.size(1);
+  p.T = q.size(2);
+  p.Dk = q.size(3);
+  p.Dv = v.size(3);
+  p.R = P.size(3);
+  p.L = L;
+  p.U = U;
+  p.window_left = wl;
+  p.window_right = wr;
+  p.scale = scale;
+  emu::detail::bwd_launch<T>(p, static_cast<int>(max_smem), nullptr);
+  at::Tensor dP = P.size(1) == 1 ? dPh.sum(1, /*keepdim=*/true) : dPh;
+  return {dq, dk, dv, dP.to(P.scalar_type())};
+}
+
+std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q, const at::Tensor& k,
+                                           const at::Tensor& v, const at::Tensor& P,
+                                           const std::optional<at::Tensor>& mask, int64_t L,
+                                           int64_t U, int64_t wl, int64_t wr, double scale,
+                                           int64_t max_smem) {
+  TORCH_CHECK(q.is_cpu() && q.is_contiguous() && k.is_contiguous() && v.is_contiguous() &&
+                  P.is_contiguous(),
+              "emulation: contiguous CPU tensors expected");
+  switch (q.scalar_type()) {
+    case at::kFloat: return forward_t<float>(q, k, v, P, mask, L, U, wl, wr, scale, max_smem);
+    case at::kDouble: return forward_t<double>(q, k, v, P, mask, L, U, wl, wr, scale, max_smem);
+    case at::kHalf: return forward_t<__half>(q, k, v, P, mask, L, U, wl, wr, scale, max_smem);
+    case at::kBFloat16:
+      return forward_t<__nv_bfloat16>(q, k, v, P, mask, L, U, wl, wr, scale, max_smem);
+    default: TORCH_CHECK(false, "emulation: unsupported dtype ", q.scalar_type());
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
+    const at::Tensor& go, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& P, const std::optional<at::Tensor>& mask, const at::Tensor& out,
+    const at::Tensor& lse, int64_t L, int64_t U, int64_t wl, int64_t wr, double scale,
+    int64_t max_smem) {
+  TORCH_CHECK(q.is_cpu() && go.is_contiguous() && q.is_contiguous() && k.is_contiguous() &&
+                  v.is_contiguous() && P.is_contiguous() && out.is_contiguous() &&
+                  lse.is_contiguous(),
+              "emulation: contiguous CPU tensors expected");
+  switch (q.scalar_type()) {
+    case at::kFloat:
+      return backward_t<float>(go, q, k, v, P, mask, out, lse, L, U, wl, wr, scale, max_smem);
+    case at::kDouble:
+      return backward_t<double>(go, q, k, v, P, mask, out, lse, L, U, wl, wr, scale, max_smem);
+    case at::kHalf:
+      return backward_t<__half>(go, q, k, v, P, mask, out, lse, L, U, wl, wr, scale, max_smem);
+    case at::kBFloat16:
+      return backward_t<__nv_bfloat16>(go, q, k, v, P, mask, out, lse, L, U, wl, wr, scale,
+                                       max_smem);
+    default: TORCH_CHECK(false, "emulation: unsupported dtype ", q.scalar_type());
+  }
+}
+
+}  // namespace
+
+TORCH_LIBRARY(hdaf_cuda_emulation, m) {
+  m.def("forward(Tensor q, Tensor k, Tensor v, Tensor P, Tensor? key_padding_mask, int L, int U, "
+        "int window_left, int window_right, float scale, int max_smem) -> (Tensor, Tensor)",
+        &forward);
+  m.def("backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor P, "
+        "Tensor? key_padding_mask, Tensor out, Tensor lse, int L, int U, int window_left, "
+        "int window_right, float scale, int max_smem) -> (Tensor, Tensor, Tensor, Tensor)",
+        &backward);
+}

@@ -1,0 +1,444 @@
+"""The Triton kernels (kernels/delta_attention.py) against the float64 "naive" oracle.
+
+Without a CUDA GPU the kernels run on CPU tensors under the Triton interpreter, which must be
+switched on (``TRITON_INTERPRET=1``) before ``triton.language`` is first imported — and
+``import hdaf`` imports it (through ``torch._dynamo``). This module sets the variable at its top;
+when that came too late (conftest.py imported hdaf first), the whole module is re-run in a fresh
+process started with the variable (``test_suite_in_a_fresh_interpreter_process``). Setting
+``TRITON_INTERPRET=1`` at the top of conftest.py, or in the environment, avoids the second
+process. The interpreter is slow, so those tests use small B, H, D, T, mostly float32.
+
+Accuracy rule (per output / gradient): it passes when it is within ``conftest.TOL[dtype]`` of the
+float64 reference, or else — the flash-attention rule — when its max error against the float64
+reference is at most twice the error of the same-dtype PyTorch implementation (the "naive"
+reference run in that dtype) plus the rounding error of storing the exact result in that dtype.
+
+The tests marked ``requires_cuda`` run the compiled kernels on a GPU (float16 / bfloat16 /
+float32, T up to 8192) and are skipped elsewhere.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    # Must happen before the kernels module is imported (@triton.jit reads it at definition).
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import textwrap  # noqa: E402
+
+import pytest  # noqa: E402
+
+pytest.importorskip("triton", reason="triton is not installed (e.g. the CPU build of torch)")
+
+import hdaf  # noqa: E402
+import hdaf.functional  # noqa: E402
+import hdaf.reference  # noqa: E402
+from conftest import TOL, grads, make_inputs, requires_cuda  # noqa: E402
+
+ON_GPU = torch.cuda.is_available()
+DEVICE = "cuda" if ON_GPU else "cpu"
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Without a GPU the interpreter must be on before triton.language is first imported, and
+# `import hdaf` (in conftest.py) already imports it through torch._dynamo. If this module came
+# too late, every test here is run instead in a fresh process that starts with
+# TRITON_INTERPRET=1 (test_suite_in_a_fresh_interpreter_process); setting the variable at the
+# top of conftest.py, or in the environment, avoids that second process.
+KERNELS_ERROR = None
+try:
+    from hdaf.kernels import delta_attention as K  # noqa: E402
+except ImportError as exc:
+    K = None
+    KERNELS_ERROR = f"{type(exc).__name__}: {exc}"
+    if ON_GPU or os.environ.get("HDAF_TRITON_SUBPROCESS") == "1":
+        pytest.fail(f"the Triton kernels failed to import: {KERNELS_ERROR}", pytrace=False)
+else:
+    if not ON_GPU and not K.INTERPRET:
+        KERNELS_ERROR = ("hdaf.kernels.delta_attention was imported before TRITON_INTERPRET=1 "
+                         "was set")
+
+
+@pytest.fixture(autouse=True)
+def _kernels_usable_in_this_process(request):
+    here = request.node.name == "test_suite_in_a_fresh_interpreter_process"
+    if KERNELS_ERROR is not None and not here:
+        pytest.skip(f"run by test_suite_in_a_fresh_interpreter_process ({KERNELS_ERROR})")
+
+
+def test_suite_in_a_fresh_interpreter_process():
+    if KERNELS_ERROR is None:
+        pytest.skip("the Triton kernels run in this process")
+    env = dict(os.environ, TRITON_INTERPRET="1", HDAF_TRITON_SUBPROCESS="1")
+    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                          os.path.abspath(__file__)], env=env, cwd=REPO, capture_output=True,
+                         text=True, timeout=1800)
+    assert res.returncode == 0, res.stdout[-8000:] + res.stderr[-2000:]
+    assert " passed" in res.stdout, res.stdout[-3000:]
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers
+# ----------------------------------------------------------------------------------------------
+
+def check(name, ref64, got, same_dtype_torch, dtype):
+    """TOL[dtype] against the float64 reference, else the flash-attention rule (module doc)."""
+    assert got.shape == ref64.shape, f"{name}: shape {tuple(got.shape)} != {tuple(ref64.shape)}"
+    assert torch.isfinite(got).all(), f"{name}: non-finite values"
+    got64 = got.detach().double()
+    if torch.allclose(got64, ref64, **TOL[dtype]):
+        return
+    err = (got64 - ref64).abs().max().item()
+    torch_err = (same_dtype_torch.detach().double() - ref64).abs().max().item()
+    quant = (ref64.to(dtype).double() - ref64).abs().max().item()
+    assert err <= 2 * torch_err + quant, (
+        f"{name}: max error {err:.3e} vs the float64 reference exceeds TOL[{dtype}] and twice "
+        f"the same-dtype PyTorch error {torch_err:.3e} (+ rounding {quant:.3e})")
+
+
+def run_all(dtype, *, B, H, T, Dk, Dv=None, Dr=3, L=2, U=2, window=None, causal=False,
+            mask=None, pad_lengths=None, per_head_x=False, per_head_w=False, seed=0,
+            reference="naive"):
+    """Forward + all five gradients for triton, the float64 reference and the dtype reference."""
+    R = L + U + 1
+    q, k, v, x, w, m = make_inputs(B=B, H=H, T=T, Dk=Dk, Dv=Dv, Dr=Dr, R=R, per_head_x=per_head_x,
+                                   per_head_w=per_head_w, dtype=torch.float64, device=DEVICE,
+                                   pad_lengths=pad_lengths, seed=seed, requires_grad=False)
+    if isinstance(mask, torch.Tensor):
+        m = mask.to(DEVICE)
+    kw = dict(max_distance=(L, U), window=window, causal=causal, key_padding_mask=m)
+
+    def fwd_bwd(d, backend):
+        inputs = [t.to(d).requires_grad_() for t in (q, k, v, x, w)]
+        out = hdaf.delta_attention(*inputs, backend=backend, **kw)
+        return [out.detach()] + [g.detach() for g in grads(out, inputs, seed=seed + 1)]
+
+    got = fwd_bwd(dtype, "triton")
+    ref64 = fwd_bwd(torch.float64, reference)
+    lo = fwd_bwd(dtype, reference)
+    return got, ref64, lo, m
+
+
+NAMES = ("out", "dq", "dk", "dv", "dx", "dw")
+
+
+def check_all(got, ref64, lo, dtype, tag=""):
+    for name, a, b, c in zip(NAMES, got, ref64, lo):
+        check(f"{tag}{name}", b, a, c, dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# interpreter (or GPU) float32: forward and the five gradients against the naive oracle
+# ----------------------------------------------------------------------------------------------
+
+def _lead_pad(B, T, n):
+    """batch 0: the first n keys are padding; batch 1 (if any): every key is padding."""
+    m = torch.zeros(B, T, dtype=torch.bool)
+    m[0, :n] = True
+    if B > 1:
+        m[1:] = True
+    return m
+
+
+CASES = {
+    # T = 1: every pair in one (clipped) bucket
+    "T1": dict(B=2, H=2, T=1, Dk=8, L=3, U=3),
+    "T7_plain": dict(B=2, H=2, T=7, Dk=8, L=2, U=2),
+    # causal, per-head x, asymmetric buckets, Dk != Dv
+    "T7_causal_phx_asym_dkdv": dict(B=2, H=2, T=7, Dk=4, Dv=12, L=4, U=1, causal=True,
+                                    per_head_x=True),
+    # R = 1 (L = U = 0): both clipped buckets are column 0; per-head w
+    "T7_R1_window_phw": dict(B=1, H=2, T=7, Dk=8, L=0, U=0, window=(2, 1), per_head_w=True),
+    # the paper preset with causal: only j == i visible; padded queries get empty rows
+    "T7_paper_causal_pad": dict(B=2, H=2, T=7, Dk=8, L=0, U=3, window=(0, 3), causal=True,
+                                pad_lengths=[5, 7]),
+    # sliding window, asymmetric buckets, per-head w, a batch element whose every key is padding
+    "T63_window_pad_allpad": dict(B=2, H=1, T=63, Dk=16, Dv=8, L=2, U=6, window=(5, 3),
+                                  per_head_w=True, pad_lengths=[63, 0]),
+    # causal + window + leading padding: queries 0..11 of batch 0 see no key; batch 1 all padding
+    "T63_causal_window_leadpad_phxw": dict(B=2, H=2, T=63, Dk=8, Dv=4, L=4, U=4, window=9,
+                                           causal=True, mask=_lead_pad(2, 63, 12),
+                                           per_head_x=True, per_head_w=True),
+    # unbounded band over 4x4 tiles; tiles whose pairs sit one offset inside the clip limits
+    # (j-i = U-1 or -L+1 at a tile corner, with 16x16 tiles) and fully clipped tiles; padding
+    "T63_full_pad": dict(B=1, H=2, T=63, Dk=8, L=2, U=18, pad_lengths=[50]),
+    # one-sided window (future only) with L = 0
+    "T40_future_window": dict(B=1, H=1, T=40, Dk=8, Dv=16, L=0, U=5, window=(0, 17)),
+    # head dims at the limit, not powers of two
+    "T7_headdim_128_100": dict(B=1, H=1, T=7, Dk=128, Dv=100, L=2, U=2),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_float32_forward_and_grads_match_naive(case):
+    params = dict(CASES[case])
+    got, ref64, lo, mask = run_all(torch.float32, **params)
+    check_all(got, ref64, lo, torch.float32, tag=f"{case}: ")
+
+    # rows with no visible key: output exactly 0 and no gradient to their query
+    T = params["T"]
+    window = hdaf.functional._pair("window", params.get("window"))
+    Wl, Wr = (-1, -1) if window is None else window
+    if params.get("causal"):
+        Wr = 0 if Wr < 0 else min(Wr, 0)
+    lo_, hi_ = (-(T - 1) if Wl < 0 else -Wl), ((T - 1) if Wr < 0 else Wr)
+    vis = hdaf.reference.visibility(T, lo_, hi_, mask, DEVICE)  # [B or 1,1,T,T]
+    empty = ~vis.any(-1)  # [B or 1,1,T]
+    empty = empty.expand(got[0].shape[0], got[0].shape[1], T)
+    if case in ("T7_paper_causal_pad", "T63_window_pad_allpad", "T63_causal_window_leadpad_phxw"):
+        assert empty.any(), f"{case} is meant to have fully masked rows"
+    if empty.any():
+        assert (got[0][empty] == 0).all(), f"{case}: fully masked rows must give 0"
+        assert (got[1][empty] == 0).all(), f"{case}: fully masked rows must give dq = 0"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_smoke(dtype):
+    """float16 / bfloat16 inputs (the interpreter widens bfloat16 tl.dot operands to float32)."""
+    got, ref64, lo, _ = run_all(dtype, B=1, H=2, T=20, Dk=8, L=2, U=2, window=(6, 3),
+                                pad_lengths=[14])
+    check_all(got, ref64, lo, dtype)
+    for t, r in zip(got, ref64):
+        assert t.dtype == dtype
+
+
+def test_layer_with_triton_backend_matches_naive():
+    """hdaf.DeltaAttention(backend="triton"): output, input and parameter gradients."""
+    import copy
+
+    torch.manual_seed(0)
+    layer = hdaf.DeltaAttention(32, 2, max_distance=(3, 2), window=(5, 2), delta_dim=6,
+                                backend="triton").to(DEVICE)
+    x = torch.randn(2, 20, 32, device=DEVICE)
+    mask = torch.arange(20, device=DEVICE)[None, :] >= torch.tensor([20, 13], device=DEVICE)[:, None]
+
+    def run(mod, dtype, backend):
+        mod = copy.deepcopy(mod).to(dtype)
+        mod.backend = backend
+        xi = x.to(dtype).requires_grad_()
+        out = mod(xi, key_padding_mask=mask)
+        params = [xi] + list(mod.parameters())
+        return [out.detach()] + [g.detach() for g in grads(out, params)], mod
+
+    got, mod = run(layer, torch.float32, "triton")
+    assert mod.last_backend == "triton"
+    ref64, _ = run(layer, torch.float64, "naive")
+    lo, _ = run(layer, torch.float32, "naive")
+    names = ["out", "dx"] + [f"d{n}" for n, _ in layer.named_parameters()]
+    for name, a, b, c in zip(names, got, ref64, lo):
+        check(f"layer {name}", b, a, c, torch.float32)
+
+
+def test_op_outputs_lse_and_empty_rows():
+    """The op itself: lse against a float64 logsumexp, -inf (and out = 0) for empty rows."""
+    B, H, T, L, U, scale = 2, 2, 9, 2, 3, 0.37
+    q, k, v, x, w, _ = make_inputs(B=B, H=H, T=T, Dk=8, Dv=6, R=L + U + 1, dtype=torch.float64,
+                                   requires_grad=False)
+    mask = _lead_pad(B, T, 3)
+    P = hdaf.reference.delta_projection(x, w)
+    f32 = [t.float().to(DEVICE) for t in (q, k, v, P)]
+    out, lse = torch.ops.hdaf.triton_delta_attention_forward(*f32, mask.to(DEVICE), L, U, 4, 0,
+                                                             scale)
+    assert out.dtype == torch.float32 and lse.dtype == torch.float32
+    assert out.shape == (B, H, T, 6) and lse.shape == (B, H, T)
+    r = hdaf.reference.relative_buckets(T, L, U, "cpu")
+    idx = r.expand(B, 1, T, T)
+    bias = torch.gather(P.transpose(-1, -2), -2, idx) - torch.gather(P, -1, idx)
+    logits = scale * (q @ k.transpose(-1, -2) + bias)
+    vis = hdaf.reference.visibility(T, -4, 0, mask, "cpu")
+    ref_lse = torch.logsumexp(logits.masked_fill(~vis, float("-inf")), -1)
+    empty = torch.isinf(ref_lse)
+    assert empty[0, :, :3].all() and empty[1].all() and not empty[0, :, 3:].any()
+    lse = lse.cpu().double()
+    assert torch.equal(torch.isinf(lse), empty) and (lse[empty] < 0).all()
+    torch.testing.assert_close(lse[~empty], ref_lse[~empty], **TOL[torch.float32])
+    assert (out.cpu()[empty] == 0).all()
+
+
+def test_non_contiguous_op_inputs_and_shared_P_broadcast():
+    """Strided inputs go to the kernels as they are (no copies needed) and give the same result."""
+    B, H, T, L, U = 1, 2, 10, 2, 2
+    q, k, v, x, w, mask = make_inputs(B=B, H=H, T=T, Dk=8, R=L + U + 1, dtype=torch.float32,
+                                      device=DEVICE, pad_lengths=[8], requires_grad=False)
+    P = hdaf.reference.delta_projection(x, w)  # [B,1,T,R]
+    args = (mask, L, U, -1, 3, 0.3)
+    out, lse = torch.ops.hdaf.triton_delta_attention_forward(q, k, v, P, *args)
+
+    def strided(t):
+        return t.transpose(-1, -2).contiguous().transpose(-1, -2)
+
+    qs, ks, vs, Ps = (strided(t) for t in (q, k, v, P))
+    assert not qs.is_contiguous() and not Ps.is_contiguous()
+    out2, lse2 = torch.ops.hdaf.triton_delta_attention_forward(qs, ks, vs, Ps, *args)
+    torch.testing.assert_close(out2, out, rtol=0, atol=0)
+    torch.testing.assert_close(lse2, lse, rtol=0, atol=0)
+    g = torch.randn_like(out)
+    grads_c = torch.ops.hdaf.triton_delta_attention_backward(g, q, k, v, P, mask, out, lse,
+                                                             L, U, -1, 3, 0.3)
+    grads_s = torch.ops.hdaf.triton_delta_attention_backward(strided(g), qs, ks, vs, Ps, mask,
+                                                             strided(out), lse, L, U, -1, 3, 0.3)
+    for a, b in zip(grads_c, grads_s):
+        torch.testing.assert_close(b, a, rtol=0, atol=0)
+    assert grads_c[3].shape == P.shape
+
+
+def test_triton_kernels_ran_not_a_fallback(monkeypatch):
+    """The launches are counted, and the PyTorch references are made to raise."""
+    def boom(*a, **k):
+        raise AssertionError("a PyTorch reference was called instead of the Triton kernels")
+
+    for mod in (hdaf.functional, hdaf.reference):
+        monkeypatch.setattr(mod, "delta_attention_naive", boom)
+        monkeypatch.setattr(mod, "delta_attention_gather", boom)
+    q, k, v, x, w, mask = make_inputs(B=1, H=2, T=9, Dk=8, R=5, dtype=torch.float32,
+                                      device=DEVICE, pad_lengths=[7])
+    K.launch_counts.clear()
+    out = hdaf.delta_attention(q, k, v, x, w, key_padding_mask=mask, backend="triton")
+    assert dict(K.launch_counts) == {"fwd": 1}
+    out.sum().backward()
+    assert dict(K.launch_counts) == {"fwd": 1, "bwd_preprocess": 1, "bwd_dkdv": 1, "bwd_dq": 1}
+    assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in (q, k, v, x, w))
+    if not ON_GPU:
+        assert type(K._fwd.fn).__name__ == "InterpretedFunction"
+
+
+def test_backends_report_triton_available():
+    assert "triton" in hdaf.backends()["available"][DEVICE]
+
+
+def test_float64_is_rejected_with_a_clear_type_error():
+    q, k, v, x, w, _ = make_inputs(B=1, H=1, T=4, Dk=8, R=5, dtype=torch.float64, device=DEVICE)
+    with pytest.raises(TypeError, match="float64"):
+        hdaf.delta_attention(q, k, v, x, w, backend="triton")
+
+
+def test_launcher_validates_shapes():
+    q, k, v, x, w, _ = make_inputs(B=1, H=1, T=4, Dk=129, R=5, dtype=torch.float32,
+                                   device=DEVICE, requires_grad=False)
+    P = hdaf.reference.delta_projection(x, w)
+    with pytest.raises(ValueError, match="head dims up to 128"):
+        torch.ops.hdaf.triton_delta_attention_forward(q, k, v, P, None, 2, 2, -1, -1, 0.1)
+    q, k, v, x, w, _ = make_inputs(B=1, H=1, T=4, Dk=8, R=5, dtype=torch.float32,
+                                   device=DEVICE, requires_grad=False)
+    P = hdaf.reference.delta_projection(x, w)
+    with pytest.raises(ValueError, match=r"P must be \[B,Hp,T,R\]"):
+        torch.ops.hdaf.triton_delta_attention_forward(q, k, v, P, None, 1, 2, -1, -1, 0.1)
+
+
+def test_cpu_without_interpreter_says_triton_needs_a_gpu():
+    """In a fresh process without TRITON_INTERPRET: the public function and the op both refuse."""
+    code = textwrap.dedent("""
+        import torch, hdaf
+        x = torch.randn(1, 1, 4, 8)
+        try:
+            hdaf.delta_attention(x, x, x, torch.randn(1, 4, 2), torch.randn(2, 3), backend="triton")
+        except RuntimeError as e:
+            print("PUBLIC:", e)
+        from hdaf.kernels import delta_attention as K
+        try:
+            P = torch.randn(1, 1, 4, 3)
+            K.triton_delta_attention_forward(x, x, x, P, None, 1, 1, -1, -1, 1.0)
+        except RuntimeError as e:
+            print("OP:", e)
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    res = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    lines = res.stdout.splitlines()
+    public = [ln for ln in lines if ln.startswith("PUBLIC:")]
+    op = [ln for ln in lines if ln.startswith("OP:")]
+    assert public and "Triton needs a GPU, or the interpreter" in public[0], res.stdout
+    assert op and "Triton needs a GPU, or the interpreter" in op[0], res.stdout
+
+
+def test_opcheck_schema_fake_autograd():
+    """torch.library.opcheck (the parts that run under the interpreter; all of them on a GPU)."""
+    B, H, T, L, U = 1, 2, 9, 2, 2
+    q, k, v, x, w, mask = make_inputs(B=B, H=H, T=T, Dk=8, R=L + U + 1, dtype=torch.float32,
+                                      device=DEVICE, pad_lengths=[6], requires_grad=False)
+    P = hdaf.reference.delta_projection(x, w)
+    args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), P.requires_grad_(), mask,
+            L, U, 3, 0, 0.3)
+    utils = ("test_schema", "test_autograd_registration", "test_faketensor")
+    if ON_GPU:  # the interpreter cannot run the functionalised (torch.compile) path
+        utils = utils + ("test_aot_dispatch_dynamic",)
+    torch.library.opcheck(torch.ops.hdaf.triton_delta_attention_forward.default, args,
+                          test_utils=utils)
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU only: compiled kernels, half precision, long sequences
+# ----------------------------------------------------------------------------------------------
+
+GPU_CASES = {
+    "T128_plain": dict(B=2, H=2, T=128, Dk=64, Dr=8, L=8, U=8),
+    "T1000_causal_pad_phx_dkdv": dict(B=2, H=2, T=1000, Dk=64, Dv=32, Dr=8, L=16, U=4,
+                                      causal=True, pad_lengths=[1000, 777], per_head_x=True),
+    "T1000_window_allpad_phw": dict(B=2, H=2, T=1000, Dk=128, Dv=128, Dr=8, L=32, U=32,
+                                    window=(100, 60), pad_lengths=[900, 0], per_head_w=True),
+    "T1000_paper": dict(B=1, H=4, T=1000, Dk=32, Dr=8, L=0, U=15, window=(0, 15)),
+}
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("case", list(GPU_CASES))
+def test_gpu_matches_naive(case, dtype):
+    got, ref64, lo, _ = run_all(dtype, reference="gather", **GPU_CASES[case])
+    check_all(got, ref64, lo, dtype, tag=f"{case}: ")
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("params", [
+    dict(window=(256, 256)),
+    dict(causal=True, pad_lengths=[7000]),
+], ids=["window256", "causal_pad"])
+def test_gpu_long_sequence_8192(dtype, params):
+    # the "gather" reference: identical math to "naive" without the T×T×Dr tensor
+    got, ref64, lo, _ = run_all(dtype, B=1, H=2, T=8192, Dk=64, Dr=4, L=16, U=16,
+                                reference="gather", **params)
+    check_all(got, ref64, lo, dtype, tag=f"T8192 {params}: ")
+
+
+@requires_cuda
+def test_gpu_small_cases_match_naive_float32():
+    for case in ("T1", "T7_causal_phx_asym_dkdv", "T7_R1_window_phw", "T63_window_pad_allpad",
+                 "T63_causal_window_leadpad_phxw", "T7_headdim_128_100"):
+        got, ref64, lo, _ = run_all(torch.float32, **CASES[case])
+        check_all(got, ref64, lo, torch.float32, tag=f"{case}: ")
+
+
+@requires_cuda
+def test_gpu_backward_is_deterministic():
+    q, k, v, x, w, mask = make_inputs(B=2, H=4, T=1500, Dk=64, Dr=8, R=17, dtype=torch.bfloat16,
+                                      device="cuda", pad_lengths=[1500, 1100])
+    runs = []
+    for _ in range(2):
+        out = hdaf.delta_attention(q, k, v, x, w, window=(300, 100), key_padding_mask=mask,
+                                   backend="triton")
+        runs.append([out] + list(grads(out, (q, k, v, x, w))))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+@requires_cuda
+def test_gpu_torch_compile_matches_eager():
+    q, k, v, x, w, mask = make_inputs(B=2, H=2, T=300, Dk=64, Dr=8, R=9, dtype=torch.float16,
+                                      device="cuda", pad_lengths=[300, 200])
+
+    def f(q, k, v, x, w):
+        return hdaf.delta_attention(q, k, v, x, w, causal=True, key_padding_mask=mask,
+                                    backend="triton")
+
+    eager = [f(q, k, v, x, w)]
+    eager += list(grads(eager[0], (q, k, v, x, w)))
+    comp = [torch.compile(f)(q, k, v, x, w)]
+    comp += list(grads(comp[0], (q, k, v, x, w)))
+    for name, a, b in zip(NAMES, eager, comp):
+        torch.testing.assert_close(b, a, msg=lambda m: f"{name}: {m}", **TOL[torch.float16])
