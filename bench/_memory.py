@@ -2,10 +2,20 @@
 mark (VmHWM, reset through /proc/self/clear_refs) on CPU. Linux only for CPU."""
 from __future__ import annotations
 
+import ctypes
 import gc
 from typing import Callable, Optional
 
 import torch
+
+# glibc serves large blocks from the heap once a freed mmap raised its dynamic threshold, and
+# keeps them resident: the high-water mark of a repeated call would then read ~0. A fixed
+# threshold (which also turns the dynamic one off) makes every block above 64 KiB an mmap that
+# is returned on free, so VmHWM - VmRSS measures the call's own peak.
+try:
+    ctypes.CDLL("libc.so.6").mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD
+except OSError:  # not glibc: the CPU figure may then under-report
+    pass
 
 
 def _status_kib(field: str) -> int:
