@@ -1,0 +1,47 @@
+"""Deep CCA objective: canonical correlation of two views as the trace norm, over three views.
+
+``corr(H1, H2) = || Σ11^-1/2 Σ12 Σ22^-1/2 ||_*`` (the sum of singular values, i.e. the sum of
+all canonical correlations; Andrew et al. 2013, eq. 10). Computed in float64 with ridged
+covariances and eigenvalues clamped before the inverse square root. Popular public DeepCCA
+code takes the Frobenius norm (``sqrt(trace(TᵀT))``) instead, which is not the correlation.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+
+def _inv_sqrt(S: torch.Tensor, eps: float) -> torch.Tensor:
+    vals, vecs = torch.linalg.eigh(S)
+    vals = vals.clamp_min(eps)
+    return vecs @ torch.diag_embed(vals.rsqrt()) @ vecs.transpose(-1, -2)
+
+
+def cca_correlation(H1: torch.Tensor, H2: torch.Tensor, ridge: float = 1e-3,
+                    eps: float = 1e-9) -> torch.Tensor:
+    """Sum of the canonical correlations of the paired samples ``H1 [N,d1]``, ``H2 [N,d2]``."""
+    if H1.dim() != 2 or H2.dim() != 2 or H1.shape[0] != H2.shape[0]:
+        raise ValueError(f"H1, H2 must be [N,d1], [N,d2] with the same N, got {tuple(H1.shape)}, "
+                         f"{tuple(H2.shape)}")
+    n = H1.shape[0]
+    if n < 2:
+        raise ValueError(f"CCA needs at least 2 paired samples, got N={n}")
+    out_dtype = H1.dtype
+    H1, H2 = H1.double(), H2.double()
+    H1 = H1 - H1.mean(0, keepdim=True)
+    H2 = H2 - H2.mean(0, keepdim=True)
+    S11 = H1.T @ H1 / (n - 1) + ridge * torch.eye(H1.shape[1], dtype=H1.dtype, device=H1.device)
+    S22 = H2.T @ H2 / (n - 1) + ridge * torch.eye(H2.shape[1], dtype=H2.dtype, device=H2.device)
+    S12 = H1.T @ H2 / (n - 1)
+    T = _inv_sqrt(S11, eps) @ S12 @ _inv_sqrt(S22, eps)
+    return torch.linalg.svdvals(T).sum().to(out_dtype)
+
+
+def multiview_cca_loss(views: Sequence[torch.Tensor], ridge: float = 1e-3) -> torch.Tensor:
+    """Negative sum of pairwise CCA correlations over the views (each ``[N,d]``, paired by row)."""
+    total = 0.0
+    for a in range(len(views)):
+        for b in range(a + 1, len(views)):
+            total = total + cca_correlation(views[a], views[b], ridge=ridge)
+    return -total
