@@ -186,3 +186,22 @@ def test_pretrained_text_encoder_offline_feeds_the_text_encoder():
     b["audio"], b["audio_mask"] = b["audio"][:, :feats.shape[1]], b["audio_mask"][:, :feats.shape[1]]
     b["vision"], b["vision_mask"] = b["vision"][:, :feats.shape[1]], b["vision_mask"][:, :feats.shape[1]]
     assert model(b)["logits"].shape == (2, 6)
+
+
+def test_inverse_sqrt_gradient_is_finite_and_correct_with_repeated_eigenvalues():
+    from hdaf.nn.cca import _inv_sqrt
+
+    A = torch.randn(5, 3, dtype=torch.float64)
+    S = (A @ A.T + 1e-3 * torch.eye(5, dtype=torch.float64)).requires_grad_()  # eigenvalue 1e-3 twice
+    (g,) = torch.autograd.grad(_inv_sqrt(S, 1e-9).sum(), S)
+    assert torch.isfinite(g).all()
+    X = torch.randn(4, 4, dtype=torch.float64)
+    S2 = (X @ X.T + torch.eye(4, dtype=torch.float64)).requires_grad_()
+    sym = lambda M: _inv_sqrt(0.5 * (M + M.T), 1e-9)  # noqa: E731
+    assert torch.autograd.gradcheck(sym, (S2,))
+    # a dead unit (zero feature) in a view: correlation gradient stays finite
+    H1 = torch.randn(50, 4, dtype=torch.float64)
+    H1[:, 2:] = 0
+    H1.requires_grad_()
+    (g1,) = torch.autograd.grad(cca_correlation(H1, torch.randn(50, 3, dtype=torch.float64)), H1)
+    assert torch.isfinite(g1).all()

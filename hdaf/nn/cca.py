@@ -12,10 +12,40 @@ from typing import Sequence
 import torch
 
 
+class _InvSqrtPSD(torch.autograd.Function):
+    """``S^-1/2`` of a symmetric PSD matrix through ``eigh``, eigenvalues clamped at ``eps``.
+
+    The backward is the Daleckii–Krein formula, ``V (F ∘ sym(Vᵀ G V)) Vᵀ`` with the divided
+    differences ``F_ij = (f(λi) - f(λj)) / (λi - λj)`` (``f'(λi)`` where they coincide). Autograd
+    through ``eigh`` instead forms ``1/(λi - λj)`` for the eigenvectors, which is infinite when
+    eigenvalues repeat (dead units give several equal to the ridge) and turns the weights NaN.
+    """
+
+    @staticmethod
+    def forward(ctx, S: torch.Tensor, eps: float) -> torch.Tensor:
+        vals, vecs = torch.linalg.eigh(S)
+        lam = vals.clamp_min(eps)
+        ctx.save_for_backward(vals, vecs)
+        ctx.eps = eps
+        return vecs @ torch.diag_embed(lam.rsqrt()) @ vecs.transpose(-1, -2)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        vals, vecs = ctx.saved_tensors
+        lam = vals.clamp_min(ctx.eps)
+        f = lam.rsqrt()
+        fprime = torch.where(vals > ctx.eps, -0.5 * lam.pow(-1.5), torch.zeros_like(lam))
+        dl = lam[:, None] - lam[None, :]
+        close = dl.abs() <= 1e-12 * lam.abs().max().clamp_min(1.0)
+        F = torch.where(close, 0.5 * (fprime[:, None] + fprime[None, :]),
+                        (f[:, None] - f[None, :]) / torch.where(close, torch.ones_like(dl), dl))
+        g = vecs.transpose(-1, -2) @ grad @ vecs
+        g = 0.5 * (g + g.transpose(-1, -2))
+        return vecs @ (F * g) @ vecs.transpose(-1, -2), None
+
+
 def _inv_sqrt(S: torch.Tensor, eps: float) -> torch.Tensor:
-    vals, vecs = torch.linalg.eigh(S)
-    vals = vals.clamp_min(eps)
-    return vecs @ torch.diag_embed(vals.rsqrt()) @ vecs.transpose(-1, -2)
+    return _InvSqrtPSD.apply(S, eps)
 
 
 def cca_correlation(H1: torch.Tensor, H2: torch.Tensor, ridge: float = 1e-3,
