@@ -1,0 +1,62 @@
+"""``load_data(config)``: the one entry point training uses (synthetic, ``.csd`` folder, or ``.pkl``)."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Dict, Tuple
+
+import torch
+
+from .dataset import SegmentDataset
+from .mosei import load_csd_folder
+from .pkl import load_pkl
+from .report import DataReport
+from .synthetic import ensure_synthetic
+
+
+def load_data(dcfg: dict, log=print) -> Tuple[Dict[str, SegmentDataset], DataReport]:
+    """``dcfg`` is the ``data`` section of the config (see ``hdaf.training.config.DEFAULTS``).
+
+    ``source``: ``"synthetic"`` generates the synthetic dataset into ``dir`` when missing (seeded),
+    then reads it like real data; ``"csd"`` reads a folder of CMU-MOSEI ``.csd`` files; ``"pkl"``
+    reads MulT-style tensors from ``path``.
+    """
+    source = dcfg.get("source", "synthetic")
+    common = dict(max_segments=dcfg.get("max_segments"))
+    if source == "pkl":
+        samples, rep = load_pkl(dcfg["path"], max_len=dcfg.get("max_len"), **common)
+    elif source in ("synthetic", "csd"):
+        folder = dcfg["dir"]
+        if source == "synthetic":
+            made = ensure_synthetic(folder, **(dcfg.get("synthetic") or {}))
+            log(f"[data] synthetic dataset {'generated in' if made else 'reused from'} {folder}")
+        kw = dict(mode=dcfg.get("mode", "aligned"), aligned_combine=dcfg.get("aligned_combine", "stack"),
+                  max_frames_per_word=dcfg.get("max_frames_per_word", 8), max_len=dcfg.get("max_len"),
+                  split=dcfg.get("split", "auto"), seed=dcfg.get("split_seed", 0),
+                  fractions=tuple(dcfg.get("split_fractions", (0.8, 0.1, 0.1))),
+                  files=dcfg.get("files"), visual=dcfg.get("visual", "facet"),
+                  remove_sp=dcfg.get("remove_sp", True), strict=dcfg.get("strict", False), **common)
+        cache_dir = dcfg.get("cache_dir")
+        cache = None
+        if cache_dir:
+            key = hashlib.sha256(json.dumps([os.path.abspath(folder), kw], sort_keys=True,
+                                            default=str).encode()).hexdigest()[:16]
+            cache = os.path.join(cache_dir, f"segments-{key}.pt")
+        if cache and os.path.exists(cache):
+            blob = torch.load(cache, weights_only=False)
+            samples, rep = blob["samples"], DataReport.from_dict(blob["report"])
+            rep.note(f"segments read from cache {cache}")
+        else:
+            samples, rep = load_csd_folder(folder, **kw)
+            if cache:
+                os.makedirs(cache_dir, exist_ok=True)
+                tmp = cache + ".tmp"
+                torch.save({"samples": samples, "report": rep.to_dict()}, tmp)
+                os.replace(tmp, cache)
+    else:
+        raise ValueError(f"data.source must be 'synthetic', 'csd' or 'pkl', got {source!r}")
+    for s, v in samples.items():
+        if not v:
+            raise ValueError(f"data: split '{s}' is empty after preprocessing; see the report:\n{rep}")
+    return {s: SegmentDataset(v) for s, v in samples.items()}, rep

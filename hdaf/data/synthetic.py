@@ -1,0 +1,178 @@
+"""A seeded, MOSEI-shaped synthetic dataset written as ``.csd`` files.
+
+Files (same names and layout as the released CMU-MOSEI computational sequences)::
+
+    CMU_MOSEI_TimestampedWords.csd        words (bytes, 'sp' pause tokens included)
+    CMU_MOSEI_TimestampedWordVectors.csd  300-d word vectors, one per word ('sp' -> zeros)
+    CMU_MOSEI_COVAREP.csd                 74-d acoustic frames at 20 Hz
+    CMU_MOSEI_VisualFacet42.csd           35-d visual frames at 15 Hz
+    CMU_MOSEI_Labels.csd                  per labelled segment: sentiment + 6 emotions in [0, 3]
+    splits.json                           speaker-disjoint train / valid / test video ids
+    SYNTHETIC.json                        the generator's parameters
+
+The emotion signal lies in *changes over time*: inside each segment, at an onset time, every
+modality's features step by ``gain_m * sum_k y_k D_m[k]`` (``y`` the six intensities, ``D_m[k]``
+fixed unit directions).  Every speaker carries a constant idiosyncratic offset along the same
+emotion directions ("some people always look angry"), of the same size as the signal, so the
+absolute level of a feature says little; its change says a lot.  Splits are speaker-disjoint.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Dict, Optional
+
+import numpy as np
+
+from .csd import default_metadata, write_csd
+from .mosei import DIMS
+
+FILES = {
+    "words": "CMU_MOSEI_TimestampedWords.csd",
+    "text": "CMU_MOSEI_TimestampedWordVectors.csd",
+    "audio": "CMU_MOSEI_COVAREP.csd",
+    "vision": "CMU_MOSEI_VisualFacet42.csd",
+    "labels": "CMU_MOSEI_Labels.csd",
+}
+RATES = {"audio": 20.0, "vision": 15.0}
+ROOTS = {"words": "words", "text": "glove_vectors", "audio": "COVAREP", "vision": "FACET 4.2",
+         "labels": "All Labels"}
+
+DEFAULTS = dict(seed=0, n_speakers=200, videos_per_speaker=1, segments_per_video=4,
+                segment_seconds=(1.5, 2.5), gap_seconds=(0.3, 1.0), word_seconds=(0.2, 0.45),
+                sp_prob=0.1, vocab_size=400, noise=0.5, gains={"text": 0.6, "audio": 0.8, "vision": 1.0},
+                speaker_offset=1.0, no_emotion_prob=0.08, split_fractions=(0.8, 0.1, 0.1),
+                dominant_probs=(0.35, 0.2, 0.15, 0.1, 0.12, 0.08))
+
+
+def _params(**overrides) -> dict:
+    p = json.loads(json.dumps(DEFAULTS))
+    for k, v in overrides.items():
+        if k not in DEFAULTS:
+            raise ValueError(f"unknown synthetic-data parameter {k!r}; known: {sorted(DEFAULTS)}")
+        p[k] = json.loads(json.dumps(v))
+    return p
+
+
+def _labels(rng: np.random.RandomState, p: dict) -> np.ndarray:
+    y = np.zeros(6, np.float64)
+    if rng.rand() < p["no_emotion_prob"]:
+        return y
+    probs = np.asarray(p["dominant_probs"], np.float64)
+    k = rng.choice(6, p=probs / probs.sum())
+    y[k] = rng.randint(3, 10) / 3.0  # 1 .. 3 in steps of 1/3 (3 annotators' mean)
+    for j in range(6):
+        if j != k and rng.rand() < 0.25:
+            y[j] = min(rng.randint(1, 4) / 3.0, y[k] - 1 / 3.0)
+    return np.clip(y, 0, 3)
+
+
+def generate_synthetic(out_dir: str, **overrides) -> Dict[str, str]:
+    """Write the dataset into ``out_dir``; returns ``{role: path}``.  Deterministic in ``seed``."""
+    p = _params(**overrides)
+    rng = np.random.RandomState(p["seed"])
+    dims = dict(DIMS)
+    # unit emotion directions per modality and a vocabulary of word vectors
+    D = {}
+    for m, d in dims.items():
+        q, _ = np.linalg.qr(rng.randn(d, 6))
+        D[m] = q.T  # 6 x d, orthonormal rows
+    vocab = rng.randn(p["vocab_size"], dims["text"]) * 0.3
+    words_vocab = [f"w{i}" for i in range(p["vocab_size"])]
+    data = {r: {} for r in FILES}
+    speakers = [f"spk{s:03d}" for s in range(p["n_speakers"])]
+    videos_of = {}
+    for spk in speakers:
+        # constant idiosyncratic offset along the emotion directions, per modality
+        off_coef = rng.rand(6) * 3.0 * p["speaker_offset"] * (rng.rand(6) < 0.5)
+        offsets = {m: p["gains"][m] * off_coef @ D[m] + 0.3 * rng.randn(dims[m]) for m in dims}
+        videos_of[spk] = []
+        for v in range(p["videos_per_speaker"]):
+            vid = f"{spk}_v{v:02d}"
+            videos_of[spk].append(vid)
+            t = float(rng.uniform(*p["gap_seconds"]))
+            segs, labs = [], []
+            w_feats, w_ivs, w_tok = [], [], []
+            steps = []  # (start, end, onset, signal vectors)
+            for j in range(p["segments_per_video"]):
+                dur = float(rng.uniform(*p["segment_seconds"]))
+                a, b = t, t + dur
+                y = _labels(rng, p)
+                onset = a + dur * float(rng.uniform(0.3, 0.6))
+                sig = {m: p["gains"][m] * (y @ D[m]) for m in dims}
+                steps.append((a, b, onset, sig))
+                segs.append((a, b))
+                sentiment = float(np.clip(y[0] - y[1:].max(initial=0) * 0.5 + rng.randn() * 0.3, -3, 3))
+                labs.append(np.concatenate([[sentiment], y]))
+                # words tiling the segment, with pauses ('sp') and small gaps
+                tw = a + float(rng.uniform(0.0, 0.1))
+                while True:
+                    wd = float(rng.uniform(*p["word_seconds"]))
+                    if tw + wd > b:
+                        break
+                    if rng.rand() < p["sp_prob"]:
+                        w_tok.append("sp")
+                        w_feats.append(np.zeros(dims["text"]))
+                    else:
+                        wi = rng.randint(p["vocab_size"])
+                        w_tok.append(words_vocab[wi])
+                        x = vocab[wi] + offsets["text"] + p["noise"] * rng.randn(dims["text"]) * 0.5
+                        if 0.5 * (2 * tw + wd) >= onset:
+                            x = x + sig["text"]
+                        w_feats.append(x)
+                    w_ivs.append((tw, tw + wd))
+                    tw += wd + float(rng.uniform(0.0, 0.08))
+                t = b + float(rng.uniform(*p["gap_seconds"]))
+            total = t
+            for m, rate in RATES.items():
+                n = int(np.floor(total * rate))
+                ivs = np.stack([np.arange(n) / rate, (np.arange(n) + 1) / rate], 1)
+                mid = ivs.mean(1)
+                x = offsets[m][None, :] + p["noise"] * rng.randn(n, dims[m])
+                for (a, b, onset, sig) in steps:
+                    on = (mid >= onset) & (mid < b)
+                    x[on] += sig[m]
+                data[m][vid] = {"features": x.astype(np.float32), "intervals": ivs}
+            data["text"][vid] = {"features": np.asarray(w_feats, np.float32).reshape(-1, dims["text"]),
+                                 "intervals": np.asarray(w_ivs, np.float64).reshape(-1, 2)}
+            data["words"][vid] = {"features": np.array(w_tok, dtype=object),
+                                  "intervals": np.asarray(w_ivs, np.float64).reshape(-1, 2)}
+            data["labels"][vid] = {"features": np.asarray(labs, np.float32),
+                                   "intervals": np.asarray(segs, np.float64)}
+    os.makedirs(out_dir, exist_ok=True)
+    paths = {}
+    for role, fname in FILES.items():
+        md = default_metadata(ROOTS[role], f"synthetic MOSEI-shaped {role} (hdaf)",
+                              **{"dataset name": "hdaf-synthetic-mosei"})
+        paths[role] = write_csd(os.path.join(out_dir, fname), ROOTS[role], data[role], md)
+    # speaker-disjoint split
+    order = np.random.RandomState(p["seed"] + 1).permutation(len(speakers))
+    n = len(speakers)
+    n_tr = int(round(p["split_fractions"][0] * n))
+    n_va = int(round(p["split_fractions"][1] * n))
+    parts = {"train": order[:n_tr], "valid": order[n_tr:n_tr + n_va], "test": order[n_tr + n_va:]}
+    splits = {s: sorted(v for i in idx for v in videos_of[speakers[i]]) for s, idx in parts.items()}
+    with open(os.path.join(out_dir, "splits.json"), "w") as f:
+        json.dump(splits, f, indent=1)
+    paths["splits"] = os.path.join(out_dir, "splits.json")
+    with open(os.path.join(out_dir, "SYNTHETIC.json"), "w") as f:
+        json.dump(p, f, indent=1)
+    paths["params"] = os.path.join(out_dir, "SYNTHETIC.json")
+    return paths
+
+
+def ensure_synthetic(out_dir: str, **overrides) -> Optional[Dict[str, str]]:
+    """Generate into ``out_dir`` unless a dataset with the same parameters is already there.
+
+    Returns the paths when it generated, ``None`` when it reused the folder.
+    """
+    p = _params(**overrides)
+    stamp = os.path.join(out_dir, "SYNTHETIC.json")
+    if os.path.exists(stamp) and all(os.path.exists(os.path.join(out_dir, f)) for f in FILES.values()):
+        try:
+            with open(stamp) as f:
+                if json.load(f) == p:
+                    return None
+        except ValueError:
+            pass
+    return generate_synthetic(out_dir, **overrides)

@@ -1,0 +1,284 @@
+"""Training and evaluation: metrics on hand-checked cases, config, atomic checkpoints, bitwise
+resume, 2-process DDP on CPU, evaluate / experiment / info commands."""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from hdaf.cli import main
+from hdaf.training import checkpoint as ckpt
+from hdaf.training.config import DEFAULTS, get_config
+from hdaf.training.metrics import compute_metrics
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_DATA = dict(n_speakers=10, videos_per_speaker=1, segments_per_video=3, segment_seconds=[1.5, 2.5])
+
+
+def _have_models() -> bool:
+    try:
+        import hdaf.models  # noqa: F401
+        return hasattr(hdaf.models, "build_model")
+    except Exception:
+        return False
+
+
+def model_section(name: str = "hdaf") -> dict:
+    """The real model with a tiny config when hdaf.models is there, else the stand-in."""
+    if _have_models():
+        import hdaf.models as M
+
+        cls = getattr(M, {"hdaf": "HDAFConfig", "mult": "MulTConfig"}[name], None)
+        known = set(cls().to_dict()) if cls is not None else set()
+        small = {k: v for k, v in TINY_MODEL.get(name, {}).items() if k in known}
+        return {"name": name, "config": small}
+    return {"name": "hdaf.training.tiny:build", "config": {"hidden": 8, "dropout": 0.2}}
+
+
+# Small sizes for the real models; keys the model's config does not know are left out.
+TINY_MODEL = {
+    "hdaf": {"d_model": 16, "hidden": 16, "embed_dim": 16, "d_ch": 16, "num_heads": 2, "heads": 2,
+             "num_layers": 1, "layers": 1, "dropout": 0.1, "dcca_dim": 8, "d_r": 8,
+             "ff_dim": 32, "max_distance": 4},
+    "mult": {"d_model": 16, "hidden": 16, "embed_dim": 16, "num_heads": 2, "heads": 2,
+             "num_layers": 1, "layers": 1, "dropout": 0.1, "ff_dim": 32},
+}
+
+
+def tiny_config(tmp_path, data_dir, **train_over) -> dict:
+    cfg = copy.deepcopy(DEFAULTS)
+    cfg["run_dir"] = str(tmp_path / "run")
+    cfg["device"] = "cpu"
+    cfg["data"].update({"dir": data_dir, "synthetic": TINY_DATA})
+    cfg["model"] = model_section()
+    st = cfg["train"]["stages"]
+    for s, ep in (("unimodal", 2), ("dcca", 1), ("fusion", 2)):
+        st[s].update({"epochs": ep, "batch_size": 4, "lr": 1e-3})
+        st[s].pop("lr_per_modality", None)
+    cfg["train"].update({"progress": False, "eval_batch_size": 16})
+    cfg["train"].update(train_over)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    from hdaf.data.synthetic import ensure_synthetic
+
+    d = str(tmp_path_factory.mktemp("syn"))
+    ensure_synthetic(d, **TINY_DATA)
+    return d
+
+
+def _quiet(*a, **k):
+    pass
+
+
+# ----------------------------------------------------------------------------- metrics
+def test_metrics_softmax_by_hand():
+    labels = np.array([[2, 0, 0, 0, 0, 0],      # dominant happy
+                       [0, 1, 1, 0, 0, 0],      # tie sad/anger -> sad (lowest index)
+                       [0, 0, 0, 0, 0, 0],      # no emotion: excluded from Acc6, counted
+                       [0, 0, 0, 0, 0, 3]], float)  # fear
+    logits = np.zeros((4, 6))
+    logits[0, 0] = logits[1, 2] = logits[2, 1] = logits[3, 5] = 5.0  # softmax p = .967 / .0066
+    m = compute_metrics(logits, labels, head="softmax")
+    assert m["n"] == 4 and m["n_no_emotion"] == 1
+    # predicted classes happy, anger, fear vs true happy, sad, fear on the 3 rows with emotion
+    assert m["acc6"] == pytest.approx(2 / 3)
+    # per-class F1: happy 1, sad 0, fear 1, each support 1 -> weighted (1+0+1)/3
+    assert m["f1_6"] == pytest.approx(2 / 3)
+    assert m["bacc6"] == pytest.approx(2 / 3)          # recalls 1, 0, 1
+    pe = m["per_emotion"]
+    # presence predicted where softmax p > 1/6: happy r0, anger r1, sad r2, fear r3
+    assert pe["happy"]["acc2"] == 1 and pe["happy"]["f1"] == 1
+    # sad: true [0,1,0,0], predicted [0,0,1,0] -> acc 2/4; F1(absent) = 2/3 (support 3),
+    # F1(present) = 0 (support 1) -> weighted 0.5; balanced accuracy (2/3 + 0)/2
+    assert pe["sad"]["acc2"] == pytest.approx(0.5)
+    assert pe["sad"]["f1"] == pytest.approx(0.5)
+    assert pe["sad"]["bacc"] == pytest.approx(1 / 3)
+    assert pe["anger"]["acc2"] == 1 and pe["fear"]["acc2"] == 1
+    assert pe["surprise"]["acc2"] == 1 and np.isnan(pe["surprise"]["bacc"])
+    assert pe["sad"]["positives"] == 1
+
+
+def test_metrics_ties_in_predictions_and_mae():
+    labels = np.array([[0, 0, 0, 0, 0, 0], [3, 0, 0, 0, 0, 0]], float)
+    zeros = np.zeros((2, 6))
+    m = compute_metrics(zeros, labels, head="softmax")
+    assert m["acc6"] == 1.0                     # all-equal logits -> class 0 = happy
+    assert m["mae"] == pytest.approx(8 / 12)    # 3p = 0.5 everywhere: (6*.5 + 2.5 + 5*.5) / 12
+    s = compute_metrics(zeros, labels, head="sigmoid")
+    assert s["mae"] == pytest.approx(1.5)       # 3*sigmoid(0) = 1.5: (6*1.5 + 1.5 + 5*1.5) / 12
+    assert s["per_emotion"]["happy"]["acc2"] == 0.5   # p = 0.5 is not > 0.5: nothing present
+
+
+def test_metrics_sigmoid_presence():
+    labels = np.array([[1, 0, 2, 0, 0, 0], [0, 0, 0, 0, 0, 1], [0, 1, 0, 0, 0, 0]], float)
+    logits = np.full((3, 6), -4.0)
+    logits[0, 0], logits[0, 2] = 1.0, 2.0       # happy and anger present; argmax anger
+    logits[1, 5] = 3.0
+    logits[2, 3] = 0.5                          # predicts surprise, true sad
+    m = compute_metrics(logits, labels, head="sigmoid")
+    # dominant: anger, fear, sad; predicted: anger, fear, surprise
+    assert m["acc6"] == pytest.approx(2 / 3)
+    pe = m["per_emotion"]
+    assert pe["happy"]["acc2"] == 1 and pe["anger"]["acc2"] == 1 and pe["fear"]["acc2"] == 1
+    assert pe["sad"]["acc2"] == pytest.approx(2 / 3) and pe["surprise"]["acc2"] == pytest.approx(2 / 3)
+    # surprise: true [0,0,0], predicted [0,0,1]: F1(absent) = 2*1*(2/3)/(1+2/3) = 0.8, support 3
+    assert pe["surprise"]["f1"] == pytest.approx(0.8)
+
+
+# ----------------------------------------------------------------------------- config / checkpoints
+def test_config_overrides(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("train:\n  stages:\n    dcca:\n      lr: 3e-4\nseed: 4\n")
+    cfg = get_config(str(p), ["train.stages.dcca.epochs=7", "data.mode=unaligned", "model.config.use_delta=false",
+                              "data.max_len={text: 9}"])
+    assert cfg["train"]["stages"]["dcca"]["lr"] == 3e-4 and cfg["seed"] == 4
+    assert cfg["train"]["stages"]["dcca"]["epochs"] == 7 and cfg["data"]["mode"] == "unaligned"
+    assert cfg["model"]["config"]["use_delta"] is False and cfg["data"]["max_len"] == {"text": 9}
+    assert cfg["train"]["stages"]["fusion"]["epochs"] == DEFAULTS["train"]["stages"]["fusion"]["epochs"]
+    assert DEFAULTS["train"]["stages"]["dcca"]["lr"] == 2e-4      # defaults untouched
+
+
+def test_atomic_save(tmp_path):
+    p = str(tmp_path / "c.pt")
+    ckpt.atomic_save({"a": torch.ones(3)}, p)
+
+    class Boom:
+        def __reduce__(self):
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError):
+        ckpt.atomic_save({"a": Boom()}, p)
+    assert torch.equal(torch.load(p)["a"], torch.ones(3))          # old file intact
+    assert os.listdir(tmp_path) == ["c.pt"]                        # no temp file left
+
+
+# ----------------------------------------------------------------------------- resume
+def _train(cfg, resume=False):
+    from hdaf.training.trainer import train
+
+    return train(cfg, resume=resume, log=_quiet)
+
+
+def _state(run_dir):
+    return torch.load(os.path.join(run_dir, "final.pt"), weights_only=False)["model"]
+
+
+def test_resume_is_bitwise_identical(tmp_path, data_dir):
+    from hdaf.training.trainer import Interrupted
+
+    ref_cfg = tiny_config(tmp_path / "ref", data_dir)
+    _train(ref_cfg)
+    ref = _state(ref_cfg["run_dir"])
+    # steps per epoch: 24 training segments / batch 4 = 6; interrupt mid-epoch in stage 1,
+    # and again mid-epoch in stage 3 (step 6*2 + 6*1 + 4 = 22)
+    cfg = tiny_config(tmp_path / "int", data_dir, stop_after_steps=9)
+    with pytest.raises(Interrupted):
+        _train(cfg)
+    assert not os.path.exists(os.path.join(cfg["run_dir"], "final.pt"))
+    cfg["train"]["stop_after_steps"] = 22
+    with pytest.raises(Interrupted):
+        _train(cfg, resume=True)
+    cfg["train"]["stop_after_steps"] = None
+    _train(cfg, resume=True)
+    got = _state(cfg["run_dir"])
+    assert ref.keys() == got.keys()
+    for k in ref:
+        assert torch.equal(ref[k], got[k]), k
+    h1 = json.load(open(os.path.join(ref_cfg["run_dir"], "history.json")))
+    h2 = json.load(open(os.path.join(cfg["run_dir"], "history.json")))
+    strip = lambda h: [{k: v for k, v in e.items() if k != "time_s"} for e in h]  # noqa: E731
+    assert strip(h1) == strip(h2)
+    # the staged schedule wrote one checkpoint per stage
+    assert sorted(os.listdir(os.path.join(cfg["run_dir"], "checkpoints"))) == [
+        "last.pt", "stage_dcca.pt", "stage_fusion.pt", "stage_unimodal.pt"]
+    # evaluate command reproduces the test metrics written at the end of training
+    m_train = json.load(open(os.path.join(cfg["run_dir"], "metrics_test.json")))
+    assert main(["evaluate", "--run-dir", cfg["run_dir"], "--device", "cpu"]) == 0
+    m_eval = json.load(open(os.path.join(cfg["run_dir"], "metrics_test.json")))
+    assert m_eval["fused"] == m_train["fused"]
+    assert os.path.exists(os.path.join(cfg["run_dir"], "curves.png"))
+    assert os.path.exists(os.path.join(cfg["run_dir"], "data_report.txt"))
+
+
+def test_existing_run_needs_resume_or_overwrite(tmp_path, data_dir):
+    cfg = tiny_config(tmp_path, data_dir, schedule="end_to_end")
+    cfg["train"]["end_to_end"].update({"epochs": 1, "batch_size": 8})
+    _train(cfg)
+    with pytest.raises(FileExistsError):
+        _train(cfg)
+    from hdaf.training.trainer import train
+
+    train(cfg, overwrite=True, log=_quiet)
+
+
+# ----------------------------------------------------------------------------- DDP
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_two_processes_identical_weights(tmp_path, data_dir):
+    cfg = tiny_config(tmp_path, data_dir, schedule="end_to_end")
+    cfg["train"]["end_to_end"].update({"epochs": 1, "batch_size": 4, "lr": 1e-3})
+    import yaml
+
+    p = tmp_path / "cfg.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+           "-m", "hdaf", "train", "--config", str(p)]
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    ranks = [json.load(open(os.path.join(cfg["run_dir"], "ranks", f"rank{i}.json"))) for i in (0, 1)]
+    assert [x["world_size"] for x in ranks] == [2, 2]
+    assert ranks[0]["fingerprint"] == ranks[1]["fingerprint"]
+    final = _state(cfg["run_dir"])
+    assert ckpt.state_fingerprint(final) == ranks[0]["fingerprint"]
+    init = torch.load(os.path.join(cfg["run_dir"], "checkpoints", "last.pt"), weights_only=False)
+    assert len(init["rng"]) == 2                            # RNG state of each rank is saved
+
+
+# ----------------------------------------------------------------------------- commands
+def test_info_command(capsys):
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "torch" in out and "auto" in out
+
+
+def test_experiment_table(tmp_path, data_dir, capsys):
+    cfg = tiny_config(tmp_path, data_dir)
+    for s in ("unimodal", "dcca", "fusion"):
+        cfg["train"]["stages"][s]["epochs"] = 1
+    cfg["experiment"] = {
+        "runs": {"a": {"data": {"mode": "aligned"}},
+                 "u": {"data": {"mode": "unaligned"}, "train": {"schedule": "end_to_end",
+                                                               "end_to_end": {"epochs": 1}}}},
+        "table": [["Unimodal", [["Text only", "a", "text"]]],
+                  ["Fused", [["Aligned", "a", "fused"], ["Unaligned", "u", "fused"], ["Missing", "zz", "fused"]]]],
+    }
+    from hdaf.training.experiment import run_experiment
+
+    res = run_experiment(cfg, log=print)
+    out = capsys.readouterr().out
+    assert "| Aligned |" in out and "Missing (not run)" in out and "Acc6" in out
+    table = json.load(open(os.path.join(cfg["run_dir"], "results.json")))
+    rows = {r["label"]: r["values"] for g in table["groups"] for r in g["rows"]}
+    m = json.load(open(os.path.join(cfg["run_dir"], "a", "metrics_test.json")))
+    assert rows["Aligned"][0] == pytest.approx(100 * m["fused"]["acc6"])
+    assert rows["Text only"][1] == pytest.approx(100 * m["unimodal"]["text"]["f1_6"])
+    assert rows["Missing"] == [None] * 14
+    assert os.path.exists(os.path.join(cfg["run_dir"], "results.md"))
+    assert os.path.exists(os.path.join(cfg["run_dir"], "curves.png"))
+    assert res["results"]["u"] is not None
