@@ -139,8 +139,14 @@ def _train(cfg: dict, resume: bool, overwrite: bool, log) -> dict:
     model.to(info.device)
     head = head_of(model, cfg["model"])
     stages = stage_names(model, tcfg.get("schedule", "staged"))
+    from hdaf.dispatch import resolve
+    from hdaf.nn.delta_attention import DeltaAttention
+
+    attn = sorted({resolve(m.backend, torch.device(info.device)) for m in model.modules()
+                   if isinstance(m, DeltaAttention)})
     log(f"[train] model={cfg['model']['name']} params={sum(p.numel() for p in model.parameters()):,} "
-        f"device={info.device} world_size={info.world_size} stages={stages} head={head}")
+        f"device={info.device} world_size={info.world_size} stages={stages} head={head} "
+        f"delta_attention_backend={','.join(attn) or 'none'}")
 
     state = {"stage_index": 0, "epoch": 0, "batch": 0, "global_step": 0, "history": [],
              "loss_sum": 0.0, "loss_count": 0, "best": None}
