@@ -128,6 +128,11 @@ void check_smem(size_t bytes, int optin, const at::Tensor& q, const Shape& s, co
               " (use smaller head dims, or a device with more shared memory)");
 }
 
+ProblemDims dims_of(const Shape& s, int64_t L, int64_t U, int64_t window_left,
+                    int64_t window_right, double scale) {
+  return ProblemDims{s.B, s.H, s.Hp, s.T, s.Dk, s.Dv, s.R, L, U, window_left, window_right, scale};
+}
+
 template <typename scalar_t>
 void run_forward(const FwdParams& p, const at::Tensor& q, const Shape& s) {
   const int optin = max_smem_per_block(q);
@@ -168,18 +173,7 @@ std::tuple<at::Tensor, at::Tensor> delta_attention_forward_cuda(
   p.mask = mask.defined() ? mask.data_ptr<bool>() : nullptr;
   p.out = out.data_ptr();
   p.lse = lse.data_ptr();
-  p.B = s.B;
-  p.H = s.H;
-  p.Hp = s.Hp;
-  p.T = s.T;
-  p.Dk = s.Dk;
-  p.Dv = s.Dv;
-  p.R = s.R;
-  p.L = L;
-  p.U = U;
-  p.window_left = window_left;
-  p.window_right = window_right;
-  p.scale = scale;
+  static_cast<ProblemDims&>(p) = dims_of(s, L, U, window_left, window_right, scale);
 
   switch (q.scalar_type()) {
     case at::kHalf: run_forward<__half>(p, q, s); break;
@@ -243,18 +237,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> delta_attention_backw
   p.grad_k = grad_k.data_ptr();
   p.grad_v = grad_v.data_ptr();
   p.dP_heads = dP_heads.data_ptr();
-  p.B = s.B;
-  p.H = s.H;
-  p.Hp = s.Hp;
-  p.T = s.T;
-  p.Dk = s.Dk;
-  p.Dv = s.Dv;
-  p.R = s.R;
-  p.L = L;
-  p.U = U;
-  p.window_left = window_left;
-  p.window_right = window_right;
-  p.scale = scale;
+  static_cast<ProblemDims&>(p) = dims_of(s, L, U, window_left, window_right, scale);
 
   switch (q.scalar_type()) {
     case at::kHalf: run_backward<__half>(p, q, s); break;

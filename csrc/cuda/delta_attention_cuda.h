@@ -18,7 +18,13 @@ constexpr int64_t kMaxHeadDim = 128;
 // mask [B,T] (bool bytes, nullptr when absent). lse, D [B,H,T] and dP_heads [B,H,T,R]
 // (per-head partial dP, zero-initialised by the caller) are in the accumulation type:
 // float64 for float64 inputs, float32 otherwise.
-struct FwdParams {
+// Sizes and operator arguments, shared by both directions.
+struct ProblemDims {
+  int64_t B, H, Hp, T, Dk, Dv, R, L, U, window_left, window_right;
+  double scale;  // cast to the accumulation type in the kernels
+};
+
+struct FwdParams : ProblemDims {
   const void* q;
   const void* k;
   const void* v;
@@ -26,11 +32,9 @@ struct FwdParams {
   const bool* mask;
   void* out;
   void* lse;
-  int64_t B, H, Hp, T, Dk, Dv, R, L, U, window_left, window_right;
-  double scale;  // cast to the accumulation type in the kernels
 };
 
-struct BwdParams {
+struct BwdParams : ProblemDims {
   const void* grad_out;
   const void* q;
   const void* k;
@@ -44,8 +48,6 @@ struct BwdParams {
   void* grad_k;
   void* grad_v;
   void* dP_heads;   // [B,H,T,R], zero on entry
-  int64_t B, H, Hp, T, Dk, Dv, R, L, U, window_left, window_right;
-  double scale;  // cast to the accumulation type in the kernels
 };
 
 // scalar_t is double, float, __half or __nv_bfloat16. Each launcher takes the tile

@@ -207,6 +207,12 @@ namespace {
 
 namespace emu = hdaf_host_emulation::cuda;
 
+emu::ProblemDims dims_of(const at::Tensor& q, const at::Tensor& v, const at::Tensor& P, int64_t L,
+                        int64_t U, int64_t wl, int64_t wr, double scale) {
+  return emu::ProblemDims{q.size(0), q.size(1), P.size(1), q.size(2), q.size(3), v.size(3),
+                          P.size(3), L, U, wl, wr, scale};
+}
+
 at::ScalarType acc_dtype(const at::Tensor& q) {
   return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
@@ -227,18 +233,7 @@ std::tuple<at::Tensor, at::Tensor> forward_t(const at::Tensor& q, const at::Tens
   p.mask = mask ? mask->data_ptr<bool>() : nullptr;
   p.out = out.data_ptr();
   p.lse = lse.data_ptr();
-  p.B = q.size(0);
-  p.H = q.size(1);
-  p.Hp = P.size(1);
-  p.T = q.size(2);
-  p.Dk = q.size(3);
-  p.Dv = v.size(3);
-  p.R = P.size(3);
-  p.L = L;
-  p.U = U;
-  p.window_left = wl;
-  p.window_right = wr;
-  p.scale = scale;
+  static_cast<emu::ProblemDims&>(p) = dims_of(q, v, P, L, U, wl, wr, scale);
   emu::detail::fwd_launch<T>(p, static_cast<int>(max_smem), nullptr);
   return {out, lse};
 }
@@ -268,18 +263,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_t(
   p.grad_k = dk.data_ptr();
   p.grad_v = dv.data_ptr();
   p.dP_heads = dPh.data_ptr();
-  p.B = q.size(0);
-  p.H = q.size(1);
-  p.Hp = P.size(1);
-  p.T = q.size(2);
-  p.Dk = q.size(3);
-  p.Dv = v.size(3);
-  p.R = P.size(3);
-  p.L = L;
-  p.U = U;
-  p.window_left = wl;
-  p.window_right = wr;
-  p.scale = scale;
+  static_cast<emu::ProblemDims&>(p) = dims_of(q, v, P, L, U, wl, wr, scale);
   emu::detail::bwd_launch<T>(p, static_cast<int>(max_smem), nullptr);
   at::Tensor dP = P.size(1) == 1 ? dPh.sum(1, /*keepdim=*/true) : dPh;
   return {dq, dk, dv, dP.to(P.scalar_type())};
