@@ -195,6 +195,66 @@ def test_float32_forward_and_grads_match_naive(case):
         assert (got[1][empty] == 0).all(), f"{case}: fully masked rows must give dq = 0"
 
 
+def _tile_kinds(T, L, U, lo, hi, block_q, block_k):
+    """Which tile kinds (far-low, band, far-high) a program walk meets: the same classification
+    as the kernels (far-low: every pair j - i <= -L; far-high: every pair j - i >= U)."""
+    kinds = set()
+    for m0 in range(0, T, block_q):
+        for n0 in range(0, T, block_k):
+            d_min, d_max = n0 - (m0 + block_q - 1), n0 + block_k - 1 - m0
+            if d_max < lo or d_min > hi:
+                continue  # outside the window: skipped
+            kinds.add("far_lo" if d_max <= -L else "far_hi" if d_min >= U else "band")
+    return kinds
+
+
+def _interior_pad(B, T):
+    """batch 0: keys 20..29 and the last 9 keys are padding (a hole); batch 1: none."""
+    m = torch.zeros(B, T, dtype=torch.bool)
+    m[0, 20:30] = True
+    m[0, T - 9:] = True
+    return m
+
+
+SPLIT_CASES = {
+    # no window: far-low and far-high tiles on both sides of the band, padding with a hole
+    "T100_far_both_sides_holepad_phx": dict(B=2, H=2, T=100, Dk=8, Dv=12, L=3, U=10,
+                                            mask=_interior_pad(2, 100), per_head_x=True),
+    # causal with a window reaching past the clip limit L; per-head w; leading padding
+    "T90_causal_window_leadpad_phw": dict(B=2, H=1, T=90, Dk=8, L=6, U=2, window=(40, 0),
+                                          causal=True, mask=_lead_pad(2, 90, 5), per_head_w=True),
+    # R = 1: both far kinds clip to the one bucket
+    "T70_R1_window": dict(B=1, H=2, T=70, Dk=8, L=0, U=0, window=(30, 25)),
+}
+TILE_SHAPES = [(16, 16), (32, 16), (16, 32), (32, 32)]
+
+
+@pytest.mark.parametrize("tiles", TILE_SHAPES, ids=lambda t: f"{t[0]}x{t[1]}")
+@pytest.mark.parametrize("case", list(SPLIT_CASES))
+def test_far_and_band_tiles_match_naive_for_several_tile_shapes(case, tiles):
+    """The far-low / band / far-high split of all three kernels, for several tile shapes (forced
+    instead of autotuned), forward and five gradients against the float64 oracle."""
+    params = dict(SPLIT_CASES[case])
+    bm, bn = tiles
+    T, L, U = params["T"], params["L"], params["U"]
+    Wl, Wr = params.get("window") or (T, T)
+    if params.get("causal"):
+        Wr = min(Wr, 0)
+    kinds = _tile_kinds(T, L, U, -Wl, Wr, bm, bn)  # the same tiles for every kernel's walk
+    assert kinds >= ({"band", "far_lo", "far_hi"} if Wr > U + bm + bn else {"band", "far_lo"})
+    with K.forced_configs(fwd=(bm, bn, 1, 1), dkdv=(bm, bn, 1, 1), dq=(bm, bn, 1, 1)):
+        got, ref64, lo, _ = run_all(torch.float32, **params)
+    check_all(got, ref64, lo, torch.float32, tag=f"{case} {bm}x{bn}: ")
+
+
+def test_key_span_of_padding_masks():
+    m = torch.tensor([[True, False, True, False, True],
+                      [True, True, True, True, True],
+                      [False, False, False, False, False]])
+    assert K._key_span(m).tolist() == [[1, 4], [0, 0], [0, 5]]
+    assert K._key_span(m).dtype == torch.int32
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_smoke(dtype):
     """float16 / bfloat16 inputs (the interpreter widens bfloat16 tl.dot operands to float32)."""
@@ -382,6 +442,8 @@ GPU_CASES = {
     "T1000_window_allpad_phw": dict(B=2, H=2, T=1000, Dk=128, Dv=128, Dr=8, L=32, U=32,
                                     window=(100, 60), pad_lengths=[900, 0], per_head_w=True),
     "T1000_paper": dict(B=1, H=4, T=1000, Dk=32, Dr=8, L=0, U=15, window=(0, 15)),
+    # mostly far tiles on both sides of a 129-bucket band (issue 11's shape, shortened)
+    "T2048_far_tiles": dict(B=1, H=2, T=2048, Dk=64, Dr=8, L=64, U=64, pad_lengths=[1900]),
 }
 
 
@@ -442,3 +504,51 @@ def test_gpu_torch_compile_matches_eager():
     comp += list(grads(comp[0], (q, k, v, x, w)))
     for name, a, b in zip(NAMES, eager, comp):
         torch.testing.assert_close(b, a, msg=lambda m: f"{name}: {m}", **TOL[torch.float16])
+
+
+# Issue 10: this exact call (forward alone suffices) hit an illegal memory access on an H100 while
+# the autotuner benchmarked its configurations. Every configuration of every kernel is run on it
+# one by one, each in a child process, so a memory fault names the configuration instead of
+# poisoning this process's CUDA context.
+ISSUE10_CASE = dict(B=2, H=2, T=1000, Dk=64, Dv=32, Dr=8, L=16, U=4, causal=True,
+                    pad_lengths=[1000, 777], per_head_x=True)
+_ISSUE10_CHILD = """
+import sys, torch
+sys.path.insert(0, {tests!r})
+import hdaf
+from hdaf.kernels import delta_attention as K
+from conftest import make_inputs, grads
+kind, cfg = sys.argv[1], tuple(int(c) for c in sys.argv[2].split(","))
+q, k, v, x, w, m = make_inputs(dtype=torch.float16, device="cuda", **{case!r})
+kw = dict(max_distance=(16, 4), causal=True, key_padding_mask=m)
+ref = hdaf.delta_attention(*(t.float() for t in (q, k, v, x, w)), backend="gather", **kw)
+with K.forced_configs(**{{kind: cfg}}):
+    out = hdaf.delta_attention(q, k, v, x, w, backend="triton", **kw)
+    gs = grads(out, (q, k, v, x, w))
+torch.cuda.synchronize()
+assert all(torch.isfinite(g).all() for g in gs)
+torch.testing.assert_close(out.float(), ref, atol=2e-3, rtol=2e-3)
+print("OK")
+"""
+
+
+@requires_cuda
+@pytest.mark.parametrize("kind", ["fwd", "dkdv", "dq"])
+def test_gpu_issue10_regression_every_config(kind):
+    case = {k: v for k, v in ISSUE10_CASE.items() if k not in ("L", "U", "causal")}
+    case["R"] = ISSUE10_CASE["L"] + ISSUE10_CASE["U"] + 1
+    code = _ISSUE10_CHILD.format(tests=os.path.dirname(os.path.abspath(__file__)), case=case)
+    failed = []
+    for cfg in K.autotune_shapes(kind):
+        res = subprocess.run([sys.executable, "-c", code, kind, ",".join(map(str, cfg))],
+                             cwd=REPO, capture_output=True, text=True, timeout=600)
+        out_of_resources = "OutOfResources" in res.stderr
+        if res.returncode != 0 and not out_of_resources:
+            failed.append(f"{kind} {cfg}: {res.stderr[-600:]}")
+    assert not failed, "\n".join(failed)
+
+
+@requires_cuda
+def test_gpu_issue10_regression_autotuned_fp16():
+    got, ref64, lo, _ = run_all(torch.float16, reference="gather", **ISSUE10_CASE)
+    check_all(got, ref64, lo, torch.float16, tag="issue 10 case: ")
