@@ -95,7 +95,8 @@ def extensions():
     include_dirs = [os.path.join(HERE, "csrc", "include")]
     # -fno-trapping-math lets GCC if-convert (and so vectorize) the masked exp; results unchanged.
     cxx_flags = opt + ["-fopenmp", "-fno-trapping-math"]
-    sources = [os.path.join("csrc", "delta_attention.cpp")] + sorted(
+    sources = [os.path.join("csrc", "delta_attention.cpp"),
+               os.path.join("csrc", "delta_attention_checks.cpp")] + sorted(
         glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     use_cuda, why = _want_cuda()
     if not use_cuda:
@@ -106,6 +107,9 @@ def extensions():
         os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
     print(f"hdaf: building CPU and CUDA kernels (CUDA_HOME={os.environ['CUDA_HOME']}, "
           f"TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST')})")
+    # csrc/cuda/*.cpp: the torch-facing host code (checks, allocation, registration), built by
+    # the host compiler; csrc/cuda/*.cu: the torch-free kernels, built by nvcc.
+    sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cpp")))
     sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
     nvcc_flags = opt + ["--expt-relaxed-constexpr", "-lineinfo"]
     return [CUDAExtension("hdaf._C", sources, include_dirs=include_dirs + _nvidia_pip_includes(),

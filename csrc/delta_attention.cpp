@@ -7,6 +7,10 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include <optional>
+#include <vector>
+
+#include "hdaf/delta_attention_checks.h"
 #include "hdaf/delta_common.h"
 
 extern "C" {
@@ -85,6 +89,23 @@ at::Tensor common_online_lse(const at::Tensor& scores, const at::Tensor& visible
   return out;
 }
 
+// Test hook for the argument checks (tests/test_delta_attention.py): runs the very checks the
+// CPU or the CUDA op runs first (`device` "cpu" or "cuda"), on tensors of any device, and
+// returns [B, H, Hp, T, Dk, Dv, R]. So the CUDA limits are tested where there is no GPU.
+std::vector<int64_t> check_forward_args_hook(const at::Tensor& q, const at::Tensor& k,
+                                             const at::Tensor& v, const at::Tensor& P,
+                                             const std::optional<at::Tensor>& key_padding_mask,
+                                             int64_t L, int64_t U, int64_t window_left,
+                                             int64_t window_right, double scale,
+                                             c10::string_view device) {
+  TORCH_CHECK(device == "cpu" || device == "cuda", "device must be 'cpu' or 'cuda', got '",
+              device, "'");
+  const DeltaSizes s = check_forward_args(device == "cuda" ? OpDevice::CUDA : OpDevice::CPU, q, k,
+                                          v, P, key_padding_mask, L, U, window_left, window_right,
+                                          scale);
+  return {s.B, s.H, s.Hp, s.T, s.Dk, s.Dv, s.R};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(hdaf, m) {
@@ -102,6 +123,9 @@ TORCH_LIBRARY(hdaf, m) {
         &common_band_ranges);
   m.def("_common_online_lse(Tensor scores, Tensor visible, int block) -> Tensor",
         &common_online_lse);
+  m.def("_check_forward_args(Tensor q, Tensor k, Tensor v, Tensor P, Tensor? key_padding_mask, "
+        "int L, int U, int window_left, int window_right, float scale, str device) -> int[]",
+        &check_forward_args_hook);
 }
 
 }  // namespace hdaf

@@ -3,13 +3,16 @@
 * ``test_cuda_kernels_registered`` runs on any machine whose torch is a CUDA build: the kernels
   must be compiled and registered for the ``CUDA`` dispatch key (skipped for a CPU torch or when
   the build was skipped with ``HDAF_SKIP_CUDA_BUILD=1``).
+* ``test_cuda_op_rejects_head_dim_160_without_a_gpu`` sends fake tensors on a CUDA device
+  straight to the op's CUDA kernel: its argument checks must raise (issue 10: Dk=160).
 * ``test_cuda_kernels_host_emulation`` runs the very kernel templates of
   ``csrc/cuda/delta_attention_kernels.cuh`` on the CPU (``csrc/cuda/host_emulation``: a thread
   per CUDA thread, barriers for ``__syncthreads``, an emulated ``wmma`` with the sm_80 code path),
   against a float64 reference of the raw op, for every dtype and both tile configurations. It
   needs only the CUDA headers (``cuda_fp16.h``, ``mma.h``) and a C++ compiler, and is skipped
   without them or with ``HDAF_SKIP_CUDA_EMULATION=1``.
-* Every other test needs a GPU and is skipped without one. Tolerances follow the
+* Every other test needs a GPU and is skipped without one; the bad-input calls run in a child
+  process, so a crash fails that test instead of killing pytest. Tolerances follow the
   flash-attention rule: the kernel's error against the float64 reference (run on the same,
   already rounded inputs) may be at most twice the error of the PyTorch "gather" implementation
   run in the kernel's dtype, plus a small floor.
@@ -18,7 +21,12 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 import shutil
+import signal
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -26,6 +34,7 @@ import torch
 import hdaf
 from conftest import GRAD_NAMES, TOL, make_inputs, requires_cuda
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OPS = ("hdaf::delta_attention_forward", "hdaf::delta_attention_backward")
 LOW_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Floor of the error rule, relative to max(1, |reference|max), per dtype.
@@ -55,11 +64,45 @@ def test_cuda_kernels_registered():
         assert torch._C._dispatch_has_kernel_for_dispatch_key(op, "CUDA"), f"{op}: no CUDA kernel"
 
 
+# The CUDA op itself, reached without a GPU: fake tensors that report a CUDA device, sent
+# straight to the op's CUDA kernel. Its argument checks must reject the input before anything
+# touches a GPU. In a child process, so that a crash fails the test instead of killing pytest.
+FAKE_CUDA_CHILD = textwrap.dedent("""
+    import torch, hdaf
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode():
+        mk = lambda d: torch.empty(1, 1, 5, d, dtype=torch.float16, device="cuda")
+        q160, q8, P = mk(160), mk(8), mk(7)
+    cuda_only = torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)
+    for name, args in (("dk160", (q160, q160, q8, P)), ("dv160", (q8, q8, q160, P))):
+        try:
+            torch.ops.hdaf.delta_attention_forward.default.redispatch(
+                cuda_only, *args, None, 3, 3, -1, -1, 0.1)
+            print(name, "NO ERROR", flush=True)
+        except RuntimeError as exc:
+            print(name, "RAISED", str(exc).splitlines()[0], flush=True)
+""")
+
+
+def test_cuda_op_rejects_head_dim_160_without_a_gpu():
+    reason = _cuda_build_skip_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    if not hdaf.backends()["cuda_kernel_compiled"]:
+        pytest.skip("hdaf._C has no CUDA kernel")
+    proc = subprocess.run([sys.executable, "-c", FAKE_CUDA_CHILD], capture_output=True, text=True,
+                          timeout=300, cwd=REPO, env=os.environ.copy())
+    assert proc.returncode == 0, (f"child died ({proc.returncode}):\n{proc.stdout}\n"
+                                  f"{proc.stderr[-3000:]}")
+    assert ("dk160 RAISED hdaf delta_attention (CUDA): head dims up to 128 are supported, "
+            "got Dk=160 and Dv=8") in proc.stdout, proc.stdout
+    assert "dv160 RAISED" in proc.stdout and "got Dk=8 and Dv=160" in proc.stdout, proc.stdout
+
+
 # ---------------------------------------------------------------------------------------------
 # The kernels on the CPU, through the host emulation
 # ---------------------------------------------------------------------------------------------
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EMULATION_SRC = os.path.join(REPO, "csrc", "cuda", "host_emulation", "delta_attention_emulation.cpp")
 LARGE_SMEM = 1 << 18  # every large tile configuration fits
 SMALL_SMEM = 0  # forces the small tile configuration
@@ -302,7 +345,7 @@ def test_cuda_lse_and_fully_masked_rows(dtype):
 
 
 @requires_cuda
-def test_cuda_head_dim_128_and_rejections():
+def test_cuda_head_dim_128():
     _require_cuda_backend()
     low, ref_in, mask = _inputs(torch.float16, 70, dict(R=7), None, 128, 128)
     dout = torch.randn(2, 3, 70, 128, dtype=torch.float64,
@@ -312,13 +355,51 @@ def test_cuda_head_dim_128_and_rejections():
     got = _run("cuda", low, mask, {}, dout)
     for name, r, b, c in zip(("out",) + GRAD_NAMES, ref, base, got):
         _check_rule(f"D=128 {name}", r, c, b, torch.float16)
-    q, k, v, x, w, _ = make_inputs(B=1, H=1, T=5, Dk=160, Dv=8, dtype=torch.float16, device="cuda",
-                                   requires_grad=False)
-    P = (x[:, None] @ w[None]).contiguous()
-    with pytest.raises(RuntimeError, match="Dk=160"):
-        torch.ops.hdaf.delta_attention_forward(q, k, v, P, None, 3, 3, -1, -1, 0.1)
-    with pytest.raises(RuntimeError, match="R=L\\+U\\+1=5"):
-        torch.ops.hdaf.delta_attention_forward(q[..., :8], k[..., :8], v, P, None, 2, 2, -1, -1, 0.1)
+
+
+# Bad calls of the CUDA op, run in a child process: on the issue-10 H100 run the Dk=160 call
+# killed the whole pytest process (segfault). Here a crash fails this one test, naming the signal.
+REJECTIONS_CHILD = textwrap.dedent("""
+    import torch, hdaf
+    mk = lambda d: torch.randn(1, 1, 5, d, dtype=torch.float16, device="cuda")
+    q160, q8, P = mk(160), mk(8), torch.randn(1, 1, 5, 7, dtype=torch.float16, device="cuda")
+    x, w = torch.randn(1, 5, 5, dtype=torch.float16, device="cuda"), torch.randn(5, 7).half().cuda()
+    calls = {
+        "dk160": lambda: torch.ops.hdaf.delta_attention_forward(q160, q160, q8, P, None, 3, 3, -1, -1, 0.1),
+        "dv160": lambda: torch.ops.hdaf.delta_attention_forward(q8, q8, q160, P, None, 3, 3, -1, -1, 0.1),
+        "bad_R": lambda: torch.ops.hdaf.delta_attention_forward(q8, q8, q8, P, None, 2, 2, -1, -1, 0.1),
+        "public_dk160": lambda: hdaf.delta_attention(q160, q160, q8, x, w, backend="cuda"),
+    }
+    for name, call in calls.items():
+        try:
+            call()
+            torch.cuda.synchronize()
+            print(name, "NO ERROR", flush=True)
+        except RuntimeError as exc:
+            print(name, "RAISED", str(exc).splitlines()[0], flush=True)
+""")
+REJECTIONS = {
+    "dk160": r"hdaf delta_attention \(CUDA\): head dims up to 128 are supported, got Dk=160 and Dv=8",
+    "dv160": r"head dims up to 128 are supported, got Dk=8 and Dv=160",
+    "bad_R": r"P has R=7 buckets but L=2, U=2 need R = L\+U\+1 = 5",
+    "public_dk160": r"head dims up to 128 are supported, got Dk=160 and Dv=8",
+}
+
+
+@requires_cuda
+def test_cuda_rejects_bad_input_with_an_error_not_a_crash():
+    _require_cuda_backend()
+    proc = subprocess.run([sys.executable, "-c", REJECTIONS_CHILD], capture_output=True, text=True,
+                          timeout=600, cwd=REPO, env=os.environ.copy())
+    if proc.returncode < 0:
+        pytest.fail(f"the bad calls killed the process with {signal.Signals(-proc.returncode).name}"
+                    f"\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-3000:]}")
+    assert proc.returncode == 0, f"child failed ({proc.returncode}):\n{proc.stderr[-3000:]}"
+    got = dict(line.split(" ", 1) for line in proc.stdout.splitlines() if line.split(" ")[0] in REJECTIONS)
+    for name, pattern in REJECTIONS.items():
+        assert name in got, f"{name}: no result (stdout: {proc.stdout!r})"
+        assert got[name].startswith("RAISED"), f"{name}: expected a RuntimeError, got {got[name]!r}"
+        assert re.search(pattern, got[name]), f"{name}: {got[name]!r} does not match {pattern!r}"
 
 
 @requires_cuda

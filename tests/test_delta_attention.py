@@ -232,6 +232,55 @@ def test_kernel_rejects_inconsistent_arguments_directly():
         torch.ops.hdaf.delta_attention_forward(q, k, v, P, torch.zeros(2, 7), 3, 3, -1, -1, 1.0)
 
 
+@pytest.mark.parametrize("Dk,Dv", [(160, 8), (8, 160), (129, 129)])
+def test_cuda_head_dim_limit_is_enforced_by_the_shared_checks(Dk, Dv):
+    """Issue 10: Dk=160 on CUDA must raise, not crash. The CUDA op first runs
+    hdaf::check_forward_args (csrc/delta_attention_checks.cpp, host-compiled); the test hook runs
+    that very function with the CUDA limits, so the rejection is tested without a GPU. The CPU
+    kernel takes any head dim."""
+    q, k, v, x, w, _ = make_inputs(B=1, H=1, T=5, Dk=Dk, Dv=Dv, requires_grad=False)
+    P = hdaf.reference.delta_projection(x, w)
+    args = (q, k, v, P, None, 3, 3, -1, -1, 0.1)
+    with pytest.raises(RuntimeError, match=rf"hdaf delta_attention \(CUDA\): head dims up to 128 "
+                                           rf"are supported, got Dk={Dk} and Dv={Dv}"):
+        torch.ops.hdaf._check_forward_args(*args, "cuda")
+    assert torch.ops.hdaf._check_forward_args(*args, "cpu") == [1, 1, 1, 5, Dk, Dv, 7]
+    q128, _, v128, _, _, _ = make_inputs(B=1, H=1, T=5, Dk=128, requires_grad=False)
+    assert torch.ops.hdaf._check_forward_args(q128, q128, v128, P, None, 3, 3, -1, -1, 0.1,
+                                              "cuda")[4:6] == [128, 128]
+    out, _ = torch.ops.hdaf.delta_attention_forward(*args)
+    for backend in ("cpu", "auto"):  # the public path on CPU: served, and right
+        got = hdaf.delta_attention(q, k, v, x, w, scale=0.1, backend=backend)
+        ref = hdaf.delta_attention(q, k, v, x, w, scale=0.1, backend="naive")
+        assert_close(f"Dk={Dk} {backend}", ref, got)
+    assert_close("op", got, out)
+
+
+HOOK_BAD = [  # (argument changes, message): the same checks serve the CPU and the CUDA op
+    (dict(L=1, U=1), r"P has R=7 buckets but L=1, U=1 need R = L\+U\+1 = 3"),
+    (dict(mask=torch.zeros(2, 7)), r"key_padding_mask must be bool \(True marks padding\), got Float"),
+    (dict(mask=torch.zeros(2, 6, dtype=torch.bool)), r"key_padding_mask must be \[B,T\]=\[2, 7\], got \[2, 6\]"),
+    (dict(wl=-2), r"window_left/window_right must be >= -1 \(-1: unbounded\), got -2, -1"),
+    (dict(scale=float("inf")), r"scale must be finite, got inf"),
+    (dict(v=lambda a: a["v"].float()), r"v has dtype Float but q has Double"),
+    (dict(k=lambda a: a["k"][:, :, :6]), r"k must have q's shape \[2, 3, 7, 8\], got \[2, 3, 6, 8\]"),
+    (dict(P=lambda a: a["P"][:, :, :6]), r"P must be \[B,Hp,T,R\] with B=2, Hp in \{1, 3\}, T=7, got \[2, 1, 6, 7\]"),
+    (dict(q=lambda a: a["q"].int(), k=lambda a: a["k"].int(), v=lambda a: a["v"].int(),
+          P=lambda a: a["P"].int()), r"q must be float16, bfloat16, float32 or float64, got Int"),
+]
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+@pytest.mark.parametrize("change,msg", HOOK_BAD, ids=[f"bad{i}" for i in range(len(HOOK_BAD))])
+def test_shared_checks_name_the_argument_and_the_value(change, msg, device):
+    q, k, v, x, w, _ = make_inputs(requires_grad=False)
+    a = dict(q=q, k=k, v=v, P=hdaf.reference.delta_projection(x, w), mask=None, L=3, U=3, wl=-1,
+             wr=-1, scale=1.0)
+    a.update({n: c(a) if callable(c) else c for n, c in change.items()})
+    with pytest.raises(RuntimeError, match=rf"\({device.upper()}\): .*{msg}"):
+        torch.ops.hdaf._check_forward_args(*a.values(), device)
+
+
 def test_paper_preset_is_upper_triangular_with_unclipped_offsets():
     preset = hdaf.paper_preset(4)
     assert preset == {"max_distance": (0, 3), "window": (0, 3)}

@@ -21,6 +21,7 @@
 #include <limits>
 #include <vector>
 
+#include "hdaf/delta_attention_checks.h"
 #include "hdaf/delta_common.h"
 
 extern "C" {
@@ -356,36 +357,6 @@ void backward_kernel(const Problem& p, const T* dout, const T* q, const T* k, co
   });
 }
 
-void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                  const at::Tensor& P, const std::optional<at::Tensor>& mask, int64_t L,
-                  int64_t U, int64_t wl, int64_t wr) {
-  TORCH_CHECK(q.dim() == 4, "q must be [B,H,T,Dk], got ", q.sizes());
-  TORCH_CHECK(k.sizes() == q.sizes(), "k must have q's shape ", q.sizes(), ", got ", k.sizes());
-  TORCH_CHECK(v.dim() == 4 && v.sizes().slice(0, 3) == q.sizes().slice(0, 3),
-              "v must be [B,H,T,Dv] with [B,H,T]=", q.sizes().slice(0, 3), ", got ", v.sizes());
-  TORCH_CHECK(P.dim() == 4 && P.size(0) == q.size(0) && (P.size(1) == 1 || P.size(1) == q.size(1)) &&
-                  P.size(2) == q.size(2),
-              "P must be [B,1 or H,T,R] with B=", q.size(0), ", H=", q.size(1), ", T=", q.size(2),
-              ", got ", P.sizes());
-  TORCH_CHECK(L >= 0 && U >= 0 && P.size(3) == L + U + 1, "P has R=", P.size(3),
-              " buckets but L=", L, ", U=", U, " need R = L+U+1 = ", L + U + 1);
-  TORCH_CHECK(wl >= -1 && wr >= -1, "window_left/window_right must be >= -1 (-1: unbounded), got ",
-              wl, ", ", wr);
-  for (const auto* t : {&k, &v, &P}) {
-    TORCH_CHECK(t->scalar_type() == q.scalar_type(), "all of q, k, v, P must share a dtype; q is ",
-                q.scalar_type(), ", got ", t->scalar_type());
-    TORCH_CHECK(t->device() == q.device(), "all inputs must be on one device; q is on ", q.device(),
-                ", got ", t->device());
-  }
-  if (mask.has_value()) {
-    TORCH_CHECK(mask->scalar_type() == at::kBool, "key_padding_mask must be bool, got ",
-                mask->scalar_type());
-    TORCH_CHECK(mask->dim() == 2 && mask->size(0) == q.size(0) && mask->size(1) == q.size(2),
-                "key_padding_mask must be [B,T]=[", q.size(0), ", ", q.size(2), "], got ",
-                mask->sizes());
-  }
-}
-
 Problem make_problem(const at::Tensor& q, const at::Tensor& v, const at::Tensor& P,
                      const bool* mask, int64_t L, int64_t U, int64_t wl, int64_t wr,
                      double scale) {
@@ -408,7 +379,7 @@ std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& q_, const at::T
                                                const at::Tensor& v_, const at::Tensor& P_,
                                                const std::optional<at::Tensor>& mask_, int64_t L,
                                                int64_t U, int64_t wl, int64_t wr, double scale) {
-  check_inputs(q_, k_, v_, P_, mask_, L, U, wl, wr);
+  check_forward_args(OpDevice::CPU, q_, k_, v_, P_, mask_, L, U, wl, wr, scale);
   const auto ct = compute_type(q_.scalar_type());
   auto q = q_.to(ct).contiguous(), k = k_.to(ct).contiguous(), v = v_.to(ct).contiguous();
   auto P = P_.to(ct).contiguous();
@@ -429,13 +400,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
     const at::Tensor& dout_, const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_,
     const at::Tensor& P_, const std::optional<at::Tensor>& mask_, const at::Tensor& out_,
     const at::Tensor& lse_, int64_t L, int64_t U, int64_t wl, int64_t wr, double scale) {
-  check_inputs(q_, k_, v_, P_, mask_, L, U, wl, wr);
-  TORCH_CHECK(dout_.sizes() == out_.sizes() && out_.dim() == 4 && out_.size(3) == v_.size(3) &&
-                  out_.sizes().slice(0, 3) == q_.sizes().slice(0, 3),
-              "grad_out and out must be [B,H,T,Dv] like v ", v_.sizes(), ", got ", dout_.sizes(),
-              " and ", out_.sizes());
-  TORCH_CHECK(lse_.dim() == 3 && lse_.sizes() == q_.sizes().slice(0, 3),
-              "lse must be [B,H,T]=", q_.sizes().slice(0, 3), ", got ", lse_.sizes());
+  const DeltaSizes sizes =
+      check_forward_args(OpDevice::CPU, q_, k_, v_, P_, mask_, L, U, wl, wr, scale);
+  check_backward_args(OpDevice::CPU, sizes, q_, dout_, out_, lse_);
   const auto ct = compute_type(q_.scalar_type());
   auto q = q_.to(ct).contiguous(), k = k_.to(ct).contiguous(), v = v_.to(ct).contiguous();
   auto P = P_.to(ct).contiguous(), dout = dout_.to(ct).contiguous();

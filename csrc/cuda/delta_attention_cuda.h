@@ -1,4 +1,4 @@
-// Interface between the torch-facing dispatcher (delta_attention_cuda.cu) and the
+// Interface between the torch-facing dispatcher (delta_attention_cuda.cpp) and the
 // per-dtype kernel translation units (fwd_*.cu, bwd_*.cu). Torch-free on purpose:
 // the kernel files include only CUDA headers and compile in seconds, in parallel.
 #pragma once
@@ -10,9 +10,6 @@
 
 namespace hdaf {
 namespace cuda {
-
-// Largest head dimension (Dk and Dv each) the kernels support.
-constexpr int64_t kMaxHeadDim = 128;
 
 // All tensors contiguous; q,k [B,H,T,Dk], v,out,grad_out [B,H,T,Dv], P [B,Hp,T,R],
 // mask [B,T] (bool bytes, nullptr when absent). lse, D [B,H,T] and dP_heads [B,H,T,R]

@@ -1,15 +1,17 @@
 // CUDA implementation of hdaf::delta_attention_forward / _backward (schema in
-// csrc/delta_attention.cpp, spec in docs/delta_attention.md): input validation,
-// allocation, dtype dispatch to the launchers of fwd_*.cu / bwd_*.cu, and the
-// TORCH_LIBRARY_IMPL(hdaf, CUDA) registration.
+// csrc/delta_attention.cpp, spec in docs/delta_attention.md): the device checks, allocation,
+// dtype dispatch to the launchers of fwd_*.cu / bwd_*.cu, and the TORCH_LIBRARY_IMPL(hdaf, CUDA)
+// registration. The argument checks are hdaf::check_forward_args / check_backward_args
+// (csrc/delta_attention_checks.cpp), the same code the CPU op runs.
+//
+// Host code compiled by the host C++ compiler, like flash-attention's flash_api.cpp: every
+// torch-facing line (checks, exceptions, allocation) is built as in any .cpp extension, and
+// nvcc compiles only the torch-free kernel files.
 //
 // dtypes: float16 and bfloat16 (tensor-core tile matmuls on sm_80+, float32
 // accumulation), float32 (FMA tile matmuls, float32 throughout, no tf32) and float64
-// (FMA, float64 throughout; lse float64 as the spec asks). Head dims Dk, Dv <= 128.
-//
-// Kept light on purpose (no torch/extension.h, no ATen/cuda/CUDAContext.h, no
-// pybind11): c10::cuda::getCurrentCUDAStream is the function that
-// at::cuda::getCurrentCUDAStream aliases.
+// (FMA, float64 throughout; lse float64 as the spec asks). Head dims Dk, Dv <= 128
+// (hdaf::kCudaMaxHeadDim).
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
@@ -30,6 +32,7 @@
 #include <tuple>
 
 #include "delta_attention_cuda.h"
+#include "hdaf/delta_attention_checks.h"
 
 namespace hdaf {
 namespace cuda {
@@ -37,72 +40,17 @@ namespace {
 
 at::ScalarType acc_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
-void check_dtype(const at::Tensor& q) {
-  const auto t = q.scalar_type();
-  TORCH_CHECK(t == at::kHalf || t == at::kBFloat16 || t == at::kFloat || t == at::kDouble,
-              "hdaf delta_attention (CUDA): q must be float16, bfloat16, float32 or float64, got ",
-              t);
-}
+using Shape = DeltaSizes;
 
-void check_same(const char* name, const at::Tensor& t, const at::Tensor& q) {
-  TORCH_CHECK(t.is_cuda(), "hdaf delta_attention (CUDA): ", name, " must be a CUDA tensor, got ",
-              t.device());
-  TORCH_CHECK(t.device() == q.device(), "hdaf delta_attention (CUDA): ", name, " is on ",
-              t.device(), " but q is on ", q.device());
-  TORCH_CHECK(t.scalar_type() == q.scalar_type(), "hdaf delta_attention (CUDA): ", name,
-              " has dtype ", t.scalar_type(), " but q has ", q.scalar_type());
-}
-
-struct Shape {
-  int64_t B, H, Hp, T, Dk, Dv, R;
-};
-
-// Validates q, k, v, P, mask and the scalar arguments; returns the sizes.
+// The shared argument checks, then what only the CUDA op needs: q (hence all) on a GPU.
 Shape check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                    const at::Tensor& P, const std::optional<at::Tensor>& key_padding_mask,
-                   int64_t L, int64_t U, double scale) {
-  TORCH_CHECK(q.is_cuda(), "hdaf delta_attention (CUDA): q must be a CUDA tensor, got ", q.device());
-  check_dtype(q);
-  check_same("k", k, q);
-  check_same("v", v, q);
-  check_same("P", P, q);
-  TORCH_CHECK(q.dim() == 4, "hdaf delta_attention (CUDA): q must be 4-D [B,H,T,Dk], got shape ",
-              q.sizes());
-  TORCH_CHECK(k.sizes() == q.sizes(), "hdaf delta_attention (CUDA): k must have q's shape ",
-              q.sizes(), ", got ", k.sizes());
-  TORCH_CHECK(v.dim() == 4 && v.size(0) == q.size(0) && v.size(1) == q.size(1) &&
-                  v.size(2) == q.size(2),
-              "hdaf delta_attention (CUDA): v must be [B,H,T,Dv] with [B,H,T] = [", q.size(0), ", ",
-              q.size(1), ", ", q.size(2), "], got ", v.sizes());
-  Shape s;
-  s.B = q.size(0);
-  s.H = q.size(1);
-  s.T = q.size(2);
-  s.Dk = q.size(3);
-  s.Dv = v.size(3);
-  TORCH_CHECK(s.Dk <= kMaxHeadDim && s.Dv <= kMaxHeadDim,
-              "hdaf delta_attention (CUDA): head dims up to ", kMaxHeadDim,
-              " are supported, got Dk=", s.Dk, " and Dv=", s.Dv);
-  TORCH_CHECK(L >= 0 && U >= 0, "hdaf delta_attention (CUDA): L and U must be >= 0, got L=", L,
-              " U=", U);
-  TORCH_CHECK(P.dim() == 4 && P.size(0) == s.B && (P.size(1) == 1 || P.size(1) == s.H) &&
-                  P.size(2) == s.T && P.size(3) == L + U + 1,
-              "hdaf delta_attention (CUDA): P must be [B,Hp,T,R] with B=", s.B, ", Hp in {1, ", s.H,
-              "}, T=", s.T, ", R=L+U+1=", L + U + 1, ", got ", P.sizes());
-  s.Hp = P.size(1);
-  s.R = P.size(3);
-  if (key_padding_mask.has_value()) {
-    const at::Tensor& m = *key_padding_mask;
-    TORCH_CHECK(m.scalar_type() == at::kBool,
-                "hdaf delta_attention (CUDA): key_padding_mask must be bool, got ", m.scalar_type());
-    TORCH_CHECK(m.device() == q.device(), "hdaf delta_attention (CUDA): key_padding_mask is on ",
-                m.device(), " but q is on ", q.device());
-    TORCH_CHECK(m.dim() == 2 && m.size(0) == s.B && m.size(1) == s.T,
-                "hdaf delta_attention (CUDA): key_padding_mask must be [B,T] = [", s.B, ", ", s.T,
-                "], got ", m.sizes());
-  }
-  TORCH_CHECK(std::isfinite(scale), "hdaf delta_attention (CUDA): scale must be finite, got ",
-              scale);
+                   int64_t L, int64_t U, int64_t window_left, int64_t window_right,
+                   double scale) {
+  const Shape s = check_forward_args(OpDevice::CUDA, q, k, v, P, key_padding_mask, L, U,
+                                     window_left, window_right, scale);
+  TORCH_CHECK(q.is_cuda(), "hdaf delta_attention (CUDA): q must be a CUDA tensor, got ",
+              q.device());
   return s;
 }
 
@@ -153,7 +101,8 @@ std::tuple<at::Tensor, at::Tensor> delta_attention_forward_cuda(
     const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& P_in,
     const std::optional<at::Tensor>& key_padding_mask, int64_t L, int64_t U, int64_t window_left,
     int64_t window_right, double scale) {
-  const Shape s = check_inputs(q_in, k_in, v_in, P_in, key_padding_mask, L, U, scale);
+  const Shape s = check_inputs(q_in, k_in, v_in, P_in, key_padding_mask, L, U, window_left,
+                               window_right, scale);
   check_grid(s);
   c10::cuda::CUDAGuard guard(q_in.device());
   const at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous(),
@@ -191,23 +140,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> delta_attention_backw
     const std::optional<at::Tensor>& key_padding_mask, const at::Tensor& out_in,
     const at::Tensor& lse_in, int64_t L, int64_t U, int64_t window_left, int64_t window_right,
     double scale) {
-  const Shape s = check_inputs(q_in, k_in, v_in, P_in, key_padding_mask, L, U, scale);
+  const Shape s = check_inputs(q_in, k_in, v_in, P_in, key_padding_mask, L, U, window_left,
+                               window_right, scale);
+  check_backward_args(OpDevice::CUDA, s, q_in, grad_out_in, out_in, lse_in);
   check_grid(s);
-  check_same("grad_out", grad_out_in, q_in);
-  check_same("out", out_in, q_in);
-  TORCH_CHECK(grad_out_in.sizes() == v_in.sizes() && out_in.sizes() == v_in.sizes(),
-              "hdaf delta_attention (CUDA): grad_out and out must be [B,H,T,Dv] = ", v_in.sizes(),
-              ", got ", grad_out_in.sizes(), " and ", out_in.sizes());
   const at::ScalarType acc = acc_dtype(q_in.scalar_type());
-  TORCH_CHECK(lse_in.is_cuda() && lse_in.device() == q_in.device(),
-              "hdaf delta_attention (CUDA): lse must be on ", q_in.device(), ", got ",
-              lse_in.device());
-  TORCH_CHECK(lse_in.scalar_type() == acc, "hdaf delta_attention (CUDA): lse must be ", acc,
-              " for ", q_in.scalar_type(), " inputs, got ", lse_in.scalar_type());
-  TORCH_CHECK(lse_in.dim() == 3 && lse_in.size(0) == s.B && lse_in.size(1) == s.H &&
-                  lse_in.size(2) == s.T,
-              "hdaf delta_attention (CUDA): lse must be [B,H,T] = [", s.B, ", ", s.H, ", ", s.T,
-              "], got ", lse_in.sizes());
   c10::cuda::CUDAGuard guard(q_in.device());
   const at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous(),
                    P = P_in.contiguous(), grad_out = grad_out_in.contiguous(),
