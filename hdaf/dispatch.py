@@ -1,9 +1,10 @@
 """Which implementation serves a call: availability of each backend and the ``"auto"`` choice."""
 from __future__ import annotations
 
+import math
 import os
 import warnings
-from typing import Dict, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -62,18 +63,77 @@ def unavailable_reason(backend: str, device: torch.device) -> Optional[str]:
     raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
 
+# ---- backend="auto" on a GPU: the backend measured faster -------------------------------------
+# Times in ms, (forward, forward+backward), per (device type, dtype, head dim). Source: issue 10,
+# measured by the issue reporter on an H100 80GB, torch 2.11.0+cu130, triton 3.6.0; bf16, B=4,
+# H=16, Dk=Dv=64, Dr=64, max_distance=64, T=4096. Not re-measured in this project's sessions (no
+# GPU here). Other dtypes and head dims use the nearest measured configuration. To update from a
+# GPU bench run: `python bench/report.py bench/results/gpu_<name>.json --auto-table`.
+AUTO_MEASUREMENTS: Dict[Tuple[str, torch.dtype, int], Dict[str, Tuple[float, float]]] = {
+    ("cuda", torch.bfloat16, 64): {"triton": (2.0, 9.5), "cuda": (19.9, 80.0)},
+}
+# What each GPU kernel takes: Triton has no float64 (tl.dot), both tile whole head rows of at
+# most 128 (kernels/delta_attention.py MAX_HEAD_DIM, csrc/include/hdaf/delta_attention_checks.h
+# kCudaMaxHeadDim).
+GPU_LIMITS: Dict[str, Tuple[Tuple[torch.dtype, ...], int]] = {
+    "triton": ((torch.float16, torch.bfloat16, torch.float32), 128),
+    "cuda": ((torch.float16, torch.bfloat16, torch.float32, torch.float64), 128),
+}
+
+
+def _measured_ms(backend: str, device_type: str, dtype: Optional[torch.dtype],
+                 head_dim: Optional[int]) -> Tuple[float, float]:
+    """(fwd+bwd, fwd) ms of ``backend`` in the measured configuration nearest to the call."""
+    def distance(key):
+        dev, dt, d = key
+        return (dev != device_type, dtype is not None and dt != dtype,
+                0 if head_dim is None else abs(math.log2(max(head_dim, 1) / d)))
+
+    inf = (math.inf, math.inf)
+    if not AUTO_MEASUREMENTS:
+        return inf
+    nearest = AUTO_MEASUREMENTS[min(AUTO_MEASUREMENTS, key=distance)]
+    fwd, fwd_bwd = nearest.get(backend, inf)
+    return fwd_bwd, fwd
+
+
+def auto_candidates(device_type: str, dtype: Optional[torch.dtype] = None,
+                    head_dim: Optional[int] = None) -> Tuple[List[str], List[str]]:
+    """The compiled backends ``"auto"`` tries for a call, fastest first, and why others are out.
+
+    CPU: the C++ kernel. CUDA: those of :data:`GPU_LIMITS` that take ``dtype`` and ``head_dim``
+    (``max(Dk, Dv)``; None: any), ordered by measured forward+backward time
+    (:data:`AUTO_MEASUREMENTS`).
+    """
+    if device_type == "cpu":
+        return ["cpu"], []
+    if device_type != "cuda":
+        return [], [f"no compiled kernel for {device_type} tensors"]
+    fits, excluded = [], []
+    for name, (dtypes, max_head_dim) in GPU_LIMITS.items():
+        if dtype is not None and dtype not in dtypes:
+            excluded.append(f"{name}: no {dtype} kernel")
+        elif head_dim is not None and head_dim > max_head_dim:
+            excluded.append(f"{name}: head dim {head_dim} > {max_head_dim}")
+        else:
+            fits.append(name)
+    fits.sort(key=lambda name: _measured_ms(name, device_type, dtype, head_dim))
+    return fits, excluded
+
+
 _warned: set = set()
 
 
-def resolve(backend: str, device: torch.device) -> str:
-    """The concrete backend for a call; ``"auto"`` takes the fastest compiled one available."""
+def resolve(backend: str, device: torch.device, dtype: Optional[torch.dtype] = None,
+            head_dim: Optional[int] = None) -> str:
+    """The concrete backend for a call. ``"auto"`` takes the first available of
+    :func:`auto_candidates` for (device, dtype, head dim), else "gather" with a one-time warning."""
     if backend != "auto":
         reason = unavailable_reason(backend, device)
         if reason is not None:
             raise RuntimeError(f"backend={backend!r} is not available: {reason}")
         return backend
-    order = ("cuda", "triton") if device.type == "cuda" else ("cpu",)
-    reasons = []
+    order, reasons = auto_candidates(device.type, dtype, head_dim)
     for name in order:
         reason = unavailable_reason(name, device)
         if reason is None:
@@ -89,7 +149,8 @@ def resolve(backend: str, device: torch.device) -> str:
 
 
 def backends() -> Dict[str, object]:
-    """What was compiled and what ``"auto"`` uses per device, as a dict (see ``python -m hdaf info``)."""
+    """What was compiled and what ``"auto"`` uses per device (per dtype on CUDA), as a dict (see
+    ``python -m hdaf info``)."""
     cuda_ok = torch.cuda.is_available()
     info = {
         "torch": torch.__version__,
@@ -108,5 +169,9 @@ def backends() -> Dict[str, object]:
         info["available"][dev.type] = [b for b in BACKENDS[1:] if unavailable_reason(b, dev) is None]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            info["auto"][dev.type] = resolve("auto", dev)
+            if dev.type == "cuda":  # the choice depends on the dtype there (head dims <= 128)
+                info["auto"]["cuda"] = {str(dt).replace("torch.", ""): resolve("auto", dev, dt)
+                                        for dt in GPU_LIMITS["cuda"][0]}
+            else:
+                info["auto"][dev.type] = resolve("auto", dev)
     return info

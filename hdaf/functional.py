@@ -150,8 +150,9 @@ def delta_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, x: torch.
         causal: key j is visible from query i only when ``j <= i``.
         key_padding_mask: (batch, seqlen) bool, True marks a padding key to ignore.
         scale: logit scale, default ``1/sqrt(headdim_k)``.
-        backend: "auto" (fastest compiled kernel for the device; the "gather" reference with a
-            one-time warning when none is available), "naive", "gather", "cpu", "triton", "cuda".
+        backend: "auto" (the compiled kernel measured fastest for the device, dtype and head
+            dim, see ``hdaf.dispatch.auto_candidates``; the "gather" reference with a one-time
+            warning when none is available), "naive", "gather", "cpu", "triton", "cuda".
 
     Returns:
         (batch, nheads, seqlen, headdim_v). A query with no visible key gets 0 (and gradient 0).
@@ -160,7 +161,7 @@ def delta_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, x: torch.
     """
     L, U, Wl, Wr, scale = _normalize(q, k, v, x, w, max_distance, window, causal,
                                      key_padding_mask, scale, backend)
-    name = _backends.resolve(backend, q.device)
+    name = _backends.resolve(backend, q.device, q.dtype, max(q.shape[-1], v.shape[-1]))
     if name in ("naive", "gather"):
         T = q.shape[-2]
         lo = -(T - 1) if Wl < 0 else -Wl

@@ -96,7 +96,7 @@ class DeltaAttention(nn.Module):
         feats = self.delta_proj(x) if self.delta_proj is not None else x
         w = self.rpe if self.use_delta else torch.zeros_like(self.rpe)
         # Resolve once: the concrete backend both serves the call and is reported.
-        self.last_backend = resolve(self.backend, x.device)
+        self.last_backend = resolve(self.backend, x.device, q.dtype, D)
         out = delta_attention(q, k, v, feats, w, max_distance=(self.L, self.U), window=self.window,
                               causal=self.causal, key_padding_mask=key_padding_mask,
                               backend=self.last_backend)
