@@ -375,3 +375,50 @@ def test_collate_and_sampler():
     full.set_epoch(1)
     assert full.batches() != ResumableSampler(10, 3, seed=1).batches()
     assert torch.is_tensor(b["labels"])
+
+
+# ----------------------------------------------------------------------------- synthetic knobs
+def test_synthetic_offset_and_signal_knobs(tmp_path):
+    """The generator's draws do not depend on the knobs (they only scale), so differences between
+    datasets generated with the same seed isolate each term: the speaker offset is a constant per
+    video that scales with speaker_offset; the signal is 0 outside [onset, segment end)."""
+    import hashlib
+
+    from hdaf.data.synthetic import ensure_synthetic
+
+    def vis(name, **kw):
+        generate_synthetic(str(tmp_path / name), **SMALL, **kw)
+        seq = read_csd(str(tmp_path / name / FILES["vision"]))
+        lab = read_csd(str(tmp_path / name / FILES["labels"]))
+        return ({v: np.asarray(seq[v][0], np.float64) for v in seq.keys()},
+                {v: np.asarray(lab[v][1]) for v in lab.keys()},
+                {v: np.asarray(seq[v][1]).mean(1) for v in seq.keys()})
+
+    base, segs, mid = vis("none", speaker_offset=0.0, signal_strength=0.0)
+    off1, _, _ = vis("off1", speaker_offset=1.0, signal_strength=0.0)
+    off2, _, _ = vis("off2", speaker_offset=2.0, signal_strength=0.0)
+    sig, _, _ = vis("sig", speaker_offset=0.0, signal_strength=1.5)
+    for v in base:
+        mids = mid[v]
+        d1 = off1[v] - base[v]
+        assert np.allclose(d1, d1[0:1], atol=1e-5)              # one constant offset per video
+        assert np.abs(d1[0]).max() > 0.05
+        assert np.allclose(off2[v] - base[v], 2 * d1, atol=1e-5)
+        ds = sig[v] - base[v]
+        outside = np.ones(len(ds), bool)
+        for a, b in segs[v]:
+            outside &= ~((mids >= a) & (mids < b))
+        assert np.abs(ds[outside]).max() < 1e-5                 # no signal outside segments
+        assert base[v].std() == pytest.approx(0.5, rel=0.15)    # what is left is the noise
+    assert any(np.abs(sig[v] - base[v]).max() > 0.1 for v in base)
+    # knobs at 1.0 give bitwise the data of the version before they existed
+    generate_synthetic(str(tmp_path / "default"), n_speakers=20)
+    f = np.ascontiguousarray(read_csd(str(tmp_path / "default" / FILES["vision"]))["spk000_v00"][0])
+    assert hashlib.sha256(f.tobytes()).hexdigest()[:16] == "ef06a0cef58cbf10"
+    # a stamp written before signal_strength existed is reused, not regenerated
+    stamp = tmp_path / "default" / "SYNTHETIC.json"
+    p = json.loads(stamp.read_text())
+    del p["signal_strength"]
+    stamp.write_text(json.dumps(p))
+    assert ensure_synthetic(str(tmp_path / "default"), n_speakers=20) is None
+    assert ensure_synthetic(str(tmp_path / "default"), n_speakers=20, signal_strength=2.0) is not None

@@ -11,10 +11,23 @@ Files (same names and layout as the released CMU-MOSEI computational sequences):
     SYNTHETIC.json                        the generator's parameters
 
 The emotion signal lies in *changes over time*: inside each segment, at an onset time, every
-modality's features step by ``gain_m * sum_k y_k D_m[k]`` (``y`` the six intensities, ``D_m[k]``
-fixed unit directions).  Every speaker carries a constant idiosyncratic offset along the same
-emotion directions ("some people always look angry"), of the same size as the signal, so the
-absolute level of a feature says little; its change says a lot.  Splits are speaker-disjoint.
+modality's features step by ``signal_strength * gain_m * sum_k y_k D_m[k]`` (``y`` the six
+intensities, ``D_m[k]`` fixed unit directions).  Every speaker carries a constant idiosyncratic
+offset ``speaker_offset * (gain_m * sum_k c_k D_m[k] + 0.3 * n)`` along the same emotion
+directions ("some people always look angry"; ``c_k`` uniform in ``[0, 3]`` on a random half of
+the emotions, 0 elsewhere, ``n`` a standard normal vector), so the absolute level of a feature
+says little; its change says a lot.  Splits are speaker-disjoint.
+
+The two knobs of the study in ``configs/delta_study.yaml``:
+
+* ``speaker_offset`` (default 1.0): scale of every speaker's constant offset.  1.0 makes it as
+  large as the signal (coefficients up to 3, like the intensities); 0 removes it entirely, and
+  then the absolute level of a feature carries the emotion as well as its change does.
+* ``signal_strength`` (default 1.0): scale of the step at the onset, relative to the frame noise
+  (``noise``, per dimension).
+
+With both at 1.0 the data are bitwise those of earlier versions (which had no
+``signal_strength``).
 """
 from __future__ import annotations
 
@@ -41,7 +54,8 @@ ROOTS = {"words": "words", "text": "glove_vectors", "audio": "COVAREP", "vision"
 DEFAULTS = dict(seed=0, n_speakers=200, videos_per_speaker=1, segments_per_video=4,
                 segment_seconds=(1.5, 2.5), gap_seconds=(0.3, 1.0), word_seconds=(0.2, 0.45),
                 sp_prob=0.1, vocab_size=400, noise=0.5, gains={"text": 0.6, "audio": 0.8, "vision": 1.0},
-                speaker_offset=1.0, no_emotion_prob=0.08, split_fractions=(0.8, 0.1, 0.1),
+                speaker_offset=1.0, signal_strength=1.0, no_emotion_prob=0.08,
+                split_fractions=(0.8, 0.1, 0.1),
                 dominant_probs=(0.35, 0.2, 0.15, 0.1, 0.12, 0.08))
 
 
@@ -84,8 +98,9 @@ def generate_synthetic(out_dir: str, **overrides) -> Dict[str, str]:
     videos_of = {}
     for spk in speakers:
         # constant idiosyncratic offset along the emotion directions, per modality
-        off_coef = rng.rand(6) * 3.0 * p["speaker_offset"] * (rng.rand(6) < 0.5)
-        offsets = {m: p["gains"][m] * off_coef @ D[m] + 0.3 * rng.randn(dims[m]) for m in dims}
+        off_coef = rng.rand(6) * 3.0 * (rng.rand(6) < 0.5)
+        so = float(p["speaker_offset"])
+        offsets = {m: so * (p["gains"][m] * off_coef @ D[m] + 0.3 * rng.randn(dims[m])) for m in dims}
         videos_of[spk] = []
         for v in range(p["videos_per_speaker"]):
             vid = f"{spk}_v{v:02d}"
@@ -99,7 +114,7 @@ def generate_synthetic(out_dir: str, **overrides) -> Dict[str, str]:
                 a, b = t, t + dur
                 y = _labels(rng, p)
                 onset = a + dur * float(rng.uniform(0.3, 0.6))
-                sig = {m: p["gains"][m] * (y @ D[m]) for m in dims}
+                sig = {m: float(p["signal_strength"]) * p["gains"][m] * (y @ D[m]) for m in dims}
                 steps.append((a, b, onset, sig))
                 segs.append((a, b))
                 sentiment = float(np.clip(y[0] - y[1:].max(initial=0) * 0.5 + rng.randn() * 0.3, -3, 3))
@@ -171,7 +186,8 @@ def ensure_synthetic(out_dir: str, **overrides) -> Optional[Dict[str, str]]:
     if os.path.exists(stamp) and all(os.path.exists(os.path.join(out_dir, f)) for f in FILES.values()):
         try:
             with open(stamp) as f:
-                if json.load(f) == p:
+                # a stamp written before a knob existed holds that knob's default (same data)
+                if {**_params(), **json.load(f)} == p:
                     return None
         except ValueError:
             pass
