@@ -1,0 +1,191 @@
+"""Delta attention on a GPU vs SDPA (the floor), SDPA with the materialized bias and FlexAttention.
+
+    pytest bench/ --benchmark-only --benchmark-json=bench/results/gpu_<name>.json   # on a GPU
+    python bench/report.py bench/results/gpu_<name>.json                            # the tables
+
+Collected everywhere, run only where ``torch.cuda.is_available()`` (skipped otherwise).
+Configurations (issue 11): bf16 and fp16; B=4, H=16, Dr=64, max_distance=64 (R=129), x and w
+shared by the heads; D = Dk = Dv in {64, 128}; T in {1024, 4096, 16384}; providers ``sdpa``
+(no bias), ``sdpa_bias`` (SDPA given the gathered float bias), ``flex`` (FlexAttention,
+``torch.compile``, score_mod gathering P: forward only, since it refuses the backward when P
+requires grad), ``triton``, ``cuda``; forward and forward+backward. Sliding window: window=256
+at T=16384, D=64, ``triton`` / ``cuda`` vs ``sdpa_window`` (SDPA given the boolean window mask).
+
+Timing: CUDA events around ``n`` back-to-back calls (``n`` sized so one round takes >= ~100 ms,
+after a warm-up call), median of several rounds; ``extra_info`` holds ``ms`` (per call),
+``ms_rounds``, ``iterations``, ``tflops`` and ``peak_extra_bytes`` (torch.cuda.max_memory_allocated
+above the level before the call). pytest-benchmark's own ``stats`` time whole rounds (n calls and
+one synchronize) on the host clock: read ``extra_info["ms"]`` for the time of one call. FLOPs follow flash-attention's benchmarks: forward 4·B·H·T²·D
+(the two matmuls) times the visible fraction of (i, j) pairs, backward 2.5× that, forward+backward
+3.5×; the delta bias gather is not counted. Out of memory: the case is skipped (a missing value).
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import hdaf
+from hdaf import dispatch
+from hdaf.reference import delta_projection, relative_buckets
+
+from _memory import peak_extra_bytes
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
+                                reason="GPU bench: needs a CUDA GPU (the CPU bench is "
+                                       "bench_delta_attention.py)")
+
+B, H, DR, MAXD = 4, 16, 64, 64
+R = 2 * MAXD + 1
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+DS = [64, 128]
+TS = [1024, 4096, 16384]
+PROVIDERS = ["sdpa", "sdpa_bias", "flex", "triton", "cuda"]
+WINDOW, WINDOW_T = 256, 16384
+ROUND_S = 0.1  # a timed round lasts at least this long
+DEVICE = "cuda"  # tests/test_bench_report.py runs the cases on "cpu" with a fake CUDA timer
+
+
+def make(T, D, dtype, requires_grad, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mk = lambda *s, sc=1.0: (torch.randn(*s, generator=g) * sc).to(DEVICE, dtype).requires_grad_(  # noqa: E731
+        requires_grad)
+    return mk(B, H, T, D), mk(B, H, T, D), mk(B, H, T, D), mk(B, T, DR), mk(DR, R, sc=0.05)
+
+
+def visible_fraction(T, window=None):
+    if window is None or window >= T - 1:
+        return 1.0
+    # pairs with |j - i| <= window: T rows of 2w+1, minus the two clipped triangles
+    return (T * (2 * window + 1) - window * (window + 1)) / T**2
+
+
+def flops(T, D, mode, window=None):
+    fwd = 4 * B * H * T * T * D * visible_fraction(T, window)
+    return fwd if mode == "fwd" else 3.5 * fwd
+
+
+@functools.lru_cache(maxsize=None)
+def _flex_fn():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    # one compiled graph per (dtype, D, T): raise dynamo's recompile limit above their number
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, 64)
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def provider_fn(provider, window=None):
+    """A callable ``f(q,k,v,x,w) -> out``, or a reason string when unavailable here."""
+    if provider == "sdpa":
+        return lambda q, k, v, x, w: F.scaled_dot_product_attention(q, k, v)
+    if provider == "sdpa_window":
+        def sdpa_window(q, k, v, x, w):
+            pos = torch.arange(q.shape[-2], device=q.device)
+            return F.scaled_dot_product_attention(
+                q, k, v, attn_mask=(pos[None, :] - pos[:, None]).abs() <= window)
+        return sdpa_window
+    if provider == "sdpa_bias":
+        def sdpa_bias(q, k, v, x, w):
+            T = q.shape[-2]
+            P = delta_projection(x, w)  # [B,1,T,R]
+            idx = relative_buckets(T, MAXD, MAXD, x.device).expand(B, 1, T, T)
+            bias = torch.gather(P.transpose(-1, -2), -2, idx) - torch.gather(P, -1, idx)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=q.shape[-1] ** -0.5 * bias)
+        return sdpa_bias
+    if provider == "flex":
+        def flex(q, k, v, x, w):
+            P = delta_projection(x, w)[:, 0]  # [B,T,R]
+            scale = q.shape[-1] ** -0.5
+
+            def score_mod(score, b, h, qi, kj):
+                r = torch.clamp(kj - qi, -MAXD, MAXD) + MAXD
+                return score + scale * (P[b, kj, r] - P[b, qi, r])
+
+            return _flex_fn()(q, k, v, score_mod=score_mod)
+        return flex
+    reason = dispatch.unavailable_reason(provider, torch.device(DEVICE))
+    if reason is not None:
+        return reason
+    return lambda q, k, v, x, w: hdaf.delta_attention(q, k, v, x, w, max_distance=MAXD,
+                                                      window=window, backend=provider)
+
+
+def _round_timer(step):
+    """``round_(n)``: n back-to-back calls between two CUDA events, returns ms per call."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+
+    def round_(n):
+        start.record()
+        for _ in range(n):
+            step()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / n
+
+    return round_
+
+
+def _run_case(benchmark, provider, dtype_name, D, T, mode, window=None):
+    fn = provider_fn(provider, window)
+    if isinstance(fn, str):
+        pytest.skip(fn)
+    if provider == "flex" and mode != "fwd":
+        pytest.skip("n/a: FlexAttention refuses the backward when P requires grad (its score_mod "
+                    "indexes P twice)")
+    dtype = DTYPES[dtype_name]
+    try:
+        inputs = make(T, D, dtype, requires_grad=(mode == "fwd+bwd"))
+        dout = torch.randn(B, H, T, D, device=DEVICE, dtype=dtype)
+
+        def step():
+            if mode == "fwd":
+                with torch.no_grad():
+                    fn(*inputs)
+            else:
+                torch.autograd.grad(fn(*inputs), inputs, dout, allow_unused=True)
+
+        step()  # warm-up: compile, autotune, allocator
+        torch.cuda.synchronize()
+        peak = peak_extra_bytes(step, DEVICE)
+        ms_rounds = []
+        round_ = _round_timer(step)
+        first = round_(1)
+        n = max(1, min(1000, math.ceil(ROUND_S * 1e3 / max(first, 1e-3))))
+        rounds = 3 if first * n > 500 else 7
+
+        def timed_round():
+            ms_rounds.append(round_(n))
+
+        benchmark.pedantic(timed_round, rounds=rounds, iterations=1, warmup_rounds=0)
+    except torch.OutOfMemoryError as exc:
+        torch.cuda.empty_cache()
+        pytest.skip(f"out of memory: {str(exc).splitlines()[0]}")
+    ms = sorted(ms_rounds)[len(ms_rounds) // 2]
+    benchmark.extra_info.update(
+        provider=provider, T=T, D=D, mode=mode, window=window, device=DEVICE, dtype=str(dtype),
+        gpu=torch.cuda.get_device_name(), torch=torch.__version__, B=B, H=H, R=R,
+        ms=ms, ms_rounds=ms_rounds, iterations=n, tflops=flops(T, D, mode, window) / ms / 1e9,
+        peak_extra_bytes=peak)
+
+
+@pytest.mark.parametrize("T", TS)
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
+@pytest.mark.parametrize("D", DS)
+@pytest.mark.parametrize("dtype_name", list(DTYPES))
+def bench_delta_attention_gpu(benchmark, dtype_name, D, mode, provider, T):
+    benchmark.group = f"gpu {dtype_name} D={D} {mode} T={T}"
+    _run_case(benchmark, provider, dtype_name, D, T, mode)
+
+
+@pytest.mark.parametrize("provider", ["sdpa_window", "triton", "cuda"])
+@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
+@pytest.mark.parametrize("dtype_name", list(DTYPES))
+def bench_delta_attention_gpu_window(benchmark, dtype_name, mode, provider):
+    benchmark.group = f"gpu {dtype_name} D=64 window={WINDOW} {mode} T={WINDOW_T}"
+    _run_case(benchmark, provider, dtype_name, 64, WINDOW_T, mode, window=WINDOW)
