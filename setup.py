@@ -129,8 +129,8 @@ setup(
     package_dir={"hdaf.kernels": "kernels"},
     ext_modules=extensions(),
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
-    install_requires=["torch>=2.13,<2.15", "numpy", "h5py", "tqdm", "scikit-learn", "matplotlib",
-                      "pyyaml", "transformers"],
+    install_requires=["torch>=2.13,<2.15", "numpy", "h5py", "tqdm", "scikit-learn", "scipy",
+                      "matplotlib", "pyyaml", "transformers"],
     extras_require={
         "triton": ["triton"],
         "sdk": ["cmu-multimodal-sdk"],

@@ -93,7 +93,12 @@ def cmd_experiment(args) -> int:
     from .training.experiment import run_experiment
 
     cfg = _config(args)
-    run_experiment(cfg, only=args.only)
+    seeds = None
+    if args.seeds:
+        from .training.multiseed import parse_seeds
+
+        seeds = parse_seeds(args.seeds)
+    run_experiment(cfg, only=args.only, seeds=seeds)
     return 0
 
 
@@ -142,6 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("experiment", help="the main job: every Table-2 row, then the table")
     _add_config_args(p)
     p.add_argument("--only", nargs="+", help="run only these experiment.runs entries")
+    p.add_argument("--seeds", help="run every entry once per seed, e.g. 0,1,2,3,4 or 0-4, and report "
+                                   "mean ± sd, 95%% intervals and paired tests (RUN_DIR/seed<s>/...); "
+                                   "default: experiment.seeds, else one run with --seed")
     p.set_defaults(fn=cmd_experiment)
     p = sub.add_parser("evaluate", help="evaluate a trained run (final.pt) on a split")
     p.add_argument("--run-dir", required=True)

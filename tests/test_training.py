@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import socket
 import subprocess
@@ -282,3 +283,61 @@ def test_experiment_table(tmp_path, data_dir, capsys):
     assert os.path.exists(os.path.join(cfg["run_dir"], "results.md"))
     assert os.path.exists(os.path.join(cfg["run_dir"], "curves.png"))
     assert res["results"]["u"] is not None
+
+
+def test_experiment_two_seeds_and_sweep(tmp_path, capsys):
+    """The multi-seed runner on the stand-in model: per-seed runs, data drawn per seed, summary
+    statistics equal to those of the per-seed metrics, paired differences; then a sweep."""
+    import yaml
+
+    from hdaf.training.stats import paired, summarize
+
+    tiny = {"name": "hdaf.training.tiny:build", "config": {"hidden": 8, "dropout": 0.0}}
+    cfg = {"run_dir": str(tmp_path / "exp"), "device": "cpu",
+           "data": {"dir": str(tmp_path / "syn"), "synthetic": TINY_DATA},
+           "model": tiny,
+           "train": {"schedule": "end_to_end", "progress": False, "eval_batch_size": 16,
+                     "end_to_end": {"epochs": 1, "batch_size": 8, "lr": 1e-2}},
+           "experiment": {
+               "runs": {"a": {}, "b": {"model": {"config": {"hidden": 4}}}},
+               "table": [["Fused", [["A", "a", "fused"], ["B", "b", "fused"]]],
+                         ["Unimodal", [["A text", "a", "text"]]]],
+               "compare": [["a", "b"]]}}
+    p = tmp_path / "cfg.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    assert main(["experiment", "--config", str(p), "--seeds", "0,1"]) == 0
+    out = capsys.readouterr().out
+    assert "2 seeds (0, 1)" in out and "| A − B |" in out
+    root = cfg["run_dir"]
+    res = json.load(open(os.path.join(root, "results.json")))
+    assert res["seeds"] == [0, 1] and os.path.exists(os.path.join(root, "results.md"))
+    acc = {r: [100 * json.load(open(os.path.join(root, f"seed{s}", r, "metrics_test.json")))["fused"]["acc6"]
+               for s in (0, 1)] for r in ("a", "b")}
+    row = res["groups"][0]["rows"][0]
+    assert [row["per_seed"][s][0] for s in ("0", "1")] == pytest.approx(acc["a"])
+    ref = summarize(acc["a"])
+    for k in ("mean", "sd", "ci_low", "ci_high"):
+        assert row["stats"][0][k] == pytest.approx(ref[k])
+    cmp = res["comparisons"][0]["stats"]["Acc6"]
+    assert cmp["diffs"] == pytest.approx([x - y for x, y in zip(acc["a"], acc["b"])])
+    assert cmp["p_t"] == pytest.approx(paired(acc["a"], acc["b"])["p_t"], nan_ok=True)
+    # every seed drew its own dataset, shared by the runs of that seed
+    s0 = json.load(open(tmp_path / "syn" / "seed0" / "SYNTHETIC.json"))
+    s1 = json.load(open(tmp_path / "syn" / "seed1" / "SYNTHETIC.json"))
+    assert (s0["seed"], s1["seed"]) == (0, 1)
+    assert res["timing"]["wall_s"] >= 0 and set(res["timing"]["per_seed_s"]) == {"0", "1"}
+
+    # a sweep of two offsets, one seed each (no interval with n = 1), one run
+    cfg = get_config(str(p), [f"run_dir={tmp_path / 'sweep'}"])
+    cfg["experiment"].update(seeds=[3], compare=[],
+                             sweep={"key": "data.synthetic.speaker_offset", "values": [0.0, 2.0]})
+    from hdaf.training.experiment import run_experiment
+
+    sw = run_experiment(cfg, only=["a"], log=_quiet)["sweep"]
+    assert [pt["value"] for pt in sw["points"]] == [0.0, 2.0]
+    assert math.isnan(sw["points"][0]["rows"]["A"]["Acc6"]["ci_low"])
+    for v in ("0", "2"):
+        made = json.load(open(tmp_path / "syn" / f"speaker_offset={v}" / "seed3" / "SYNTHETIC.json"))
+        assert made["speaker_offset"] == float(v) and made["seed"] == 3
+    for f in ("sweep.json", "sweep.md", "sweep.png"):
+        assert os.path.exists(os.path.join(cfg["run_dir"], f))

@@ -3,6 +3,10 @@
 ``experiment.runs`` maps a run name to config overrides of the base config; each run trains in
 ``<run_dir>/<name>`` (resuming when it was interrupted, skipping when finished).  The table is
 assembled by ``experiment.table``: rows name a run and a head (``fused`` or a modality).
+
+With several seeds (``seeds=[...]``, ``hdaf experiment --seeds 0,1,2``, or ``experiment.seeds``)
+the experiment runs once per seed and reports means, intervals and paired tests; with
+``experiment.sweep`` it does so for each value of a config key (``hdaf.training.multiseed``).
 """
 from __future__ import annotations
 
@@ -38,10 +42,21 @@ DEFAULT_TABLE = [
 ]
 
 
-def run_experiment(cfg: dict, only=None, log=print) -> dict:
+def run_experiment(cfg: dict, only=None, log=print, seeds=None) -> dict:
     from .trainer import train  # local: keeps `hdaf info` free of training imports
 
     exp = cfg.get("experiment") or {}
+    if seeds is None and exp.get("seeds") is not None:
+        seeds = exp["seeds"]
+    if seeds is not None or exp.get("sweep"):
+        from . import multiseed
+
+        if isinstance(seeds, str):
+            seeds = multiseed.parse_seeds(seeds)
+        seeds = [int(s) for s in seeds] if seeds is not None else [int(cfg.get("seed", 0))]
+        if exp.get("sweep"):
+            return multiseed.run_sweep(cfg, seeds, only=only, log=log)
+        return multiseed.run_seeds(cfg, seeds, only=only, log=log)
     runs: Dict[str, dict] = exp.get("runs") or DEFAULT_RUNS
     table_spec = exp.get("table") or DEFAULT_TABLE
     base = copy.deepcopy(cfg)
