@@ -15,9 +15,10 @@ Timing: CUDA events around ``n`` back-to-back calls (``n`` sized so one round ta
 after a warm-up call), median of several rounds; ``extra_info`` holds ``ms`` (per call),
 ``ms_rounds``, ``iterations``, ``tflops`` and ``peak_extra_bytes`` (torch.cuda.max_memory_allocated
 above the level before the call). pytest-benchmark's own ``stats`` time whole rounds (n calls and
-one synchronize) on the host clock: read ``extra_info["ms"]`` for the time of one call. FLOPs follow flash-attention's benchmarks: forward 4·B·H·T²·D
-(the two matmuls) times the visible fraction of (i, j) pairs, backward 2.5× that, forward+backward
-3.5×; the delta bias gather is not counted. Out of memory: the case is skipped (a missing value).
+one synchronize) on the host clock: read ``extra_info["ms"]`` for the time of one call.
+FLOPs follow flash-attention's benchmarks: forward 4·B·H·T²·D (the two matmuls) times the
+visible fraction of (i, j) pairs, backward 2.5× that, forward+backward 3.5×; the delta bias
+gather is not counted. Out of memory: the case is skipped (a missing value).
 """
 from __future__ import annotations
 
@@ -51,8 +52,11 @@ DEVICE = "cuda"  # tests/test_bench_report.py runs the cases on "cpu" with a fak
 
 def make(T, D, dtype, requires_grad, seed=0):
     g = torch.Generator().manual_seed(seed)
-    mk = lambda *s, sc=1.0: (torch.randn(*s, generator=g) * sc).to(DEVICE, dtype).requires_grad_(  # noqa: E731
-        requires_grad)
+
+    def mk(*shape, sc=1.0):
+        t = (torch.randn(*shape, generator=g) * sc).to(DEVICE, dtype)
+        return t.requires_grad_(requires_grad)
+
     return mk(B, H, T, D), mk(B, H, T, D), mk(B, H, T, D), mk(B, T, DR), mk(DR, R, sc=0.05)
 
 
@@ -155,7 +159,7 @@ def _run_case(benchmark, provider, dtype_name, D, T, mode, window=None):
         ms_rounds = []
         round_ = _round_timer(step)
         first = round_(1)
-        n = max(1, min(1000, math.ceil(ROUND_S * 1e3 / max(first, 1e-3))))
+        n = max(1, min(10000, math.ceil(ROUND_S * 1e3 / max(first, 1e-3))))
         rounds = 3 if first * n > 500 else 7
 
         def timed_round():
