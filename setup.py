@@ -12,8 +12,13 @@ Environment variables:
     TORCH_CUDA_ARCH_LIST      default "8.0;9.0" when no GPU is visible
     MAX_JOBS                  parallel compile jobs (ninja), respected by torch's BuildExtension
     DEBUG=1                   -O0 -g
+    HDAF_BUILD_CUTE=1         also build the opt-in CuTe forward (csrc/cuda_cute, issue 12; the op
+                              hdaf::cuda_cute_delta_attention_forward, never used by `auto`, not yet
+                              run on a GPU). Needs the CUTLASS/CuTe headers: `pip install
+                              nvidia-cutlass`, or CUTLASS_INCLUDE_DIR=<folder holding cute/, cutlass/>
 """
 import glob
+import importlib.util
 import os
 import re
 import shutil
@@ -89,6 +94,28 @@ def _nvidia_pip_includes():
     return [d for d in dirs if os.path.isdir(d)]
 
 
+def _cute_include_dir():
+    """The folder holding cute/tensor.hpp and cutlass/cutlass.h: $CUTLASS_INCLUDE_DIR, else the
+    nvidia-cutlass pip package's cutlass_library/source/include (located without importing it).
+    Exits with what was looked for when neither has them."""
+    cands = []
+    if os.environ.get("CUTLASS_INCLUDE_DIR"):
+        cands.append(("CUTLASS_INCLUDE_DIR", os.environ["CUTLASS_INCLUDE_DIR"]))
+    spec = importlib.util.find_spec("cutlass_library")
+    for loc in (spec.submodule_search_locations or []) if spec else []:
+        cands.append(("pip package nvidia-cutlass", os.path.join(loc, "source", "include")))
+    need = (os.path.join("cute", "tensor.hpp"), os.path.join("cutlass", "cutlass.h"))
+    for _, d in cands:
+        if all(os.path.isfile(os.path.join(d, f)) for f in need):
+            return d
+    looked = "; ".join(f"{d} ({what})" for what, d in cands) or (
+        "CUTLASS_INCLUDE_DIR is unset and the pip package nvidia-cutlass (module cutlass_library) "
+        "is not installed")
+    sys.exit(f"HDAF_BUILD_CUTE=1 but the CUTLASS/CuTe headers {' and '.join(need)} were not found "
+             f"(looked in: {looked}). Install them with `pip install nvidia-cutlass` or set "
+             f"CUTLASS_INCLUDE_DIR to the folder that holds cute/ and cutlass/.")
+
+
 def extensions():
     debug = _env_flag("DEBUG")
     opt = ["-O0", "-g"] if debug else ["-O3"]
@@ -99,6 +126,8 @@ def extensions():
                os.path.join("csrc", "delta_attention_checks.cpp")] + sorted(
         glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     use_cuda, why = _want_cuda()
+    if _env_flag("HDAF_BUILD_CUTE") and not use_cuda:
+        sys.exit(f"HDAF_BUILD_CUTE=1 needs the CUDA build, which is not possible here: {why}")
     if not use_cuda:
         print(f"hdaf: building the CPU kernels only ({why})")
         return [CppExtension("hdaf._C", sources, include_dirs=include_dirs,
@@ -112,6 +141,13 @@ def extensions():
     sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cpp")))
     sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
     nvcc_flags = opt + ["--expt-relaxed-constexpr", "-lineinfo"]
+    if _env_flag("HDAF_BUILD_CUTE"):
+        # Opt-in only: the default build (and CI) never compiles CuTe.
+        cute_inc = _cute_include_dir()
+        print(f"hdaf: also building the CuTe forward (csrc/cuda_cute; CuTe headers: {cute_inc})")
+        include_dirs = include_dirs + [cute_inc]
+        sources += sorted(glob.glob(os.path.join("csrc", "cuda_cute", "*.cpp")))
+        sources += sorted(glob.glob(os.path.join("csrc", "cuda_cute", "*.cu")))
     return [CUDAExtension("hdaf._C", sources, include_dirs=include_dirs + _nvidia_pip_includes(),
                           extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags})]
 

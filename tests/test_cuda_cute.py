@@ -1,0 +1,268 @@
+"""The opt-in CuTe forward (issue 12; csrc/cuda_cute, built only with ``HDAF_BUILD_CUTE=1``).
+
+Its op ``hdaf::cuda_cute_delta_attention_forward`` has the schema of
+``hdaf::delta_attention_forward`` and exists only when the extension was built with the flag;
+``auto`` never calls it.
+
+* ``test_setup_*`` (any machine with a CUDA torch and nvcc): setup.py leaves the default build
+  alone, adds the CuTe sources and include folder with the flag, and names what it looked for when
+  the headers are missing.
+* ``test_cute_op_is_registered`` and ``test_cute_checks_reject_*`` need the flagged build (skipped
+  otherwise); the checks run on fake CUDA tensors, so no GPU is needed.
+* ``test_cute_forward_matches_gather`` needs the flagged build and a GPU (sm_80+): out and lse
+  against the float64 ``gather`` reference, by the flash-attention error rule of tests/test_cuda.py.
+  No GPU has run it yet.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import hdaf
+from conftest import requires_cuda
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OP = "cuda_cute_delta_attention_forward"
+FLOOR = {torch.float16: 1e-3, torch.bfloat16: 8e-3}
+
+
+def _cute_built() -> bool:
+    return hasattr(torch.ops.hdaf, OP)
+
+
+requires_cute = pytest.mark.skipif(
+    not _cute_built(), reason="hdaf._C was built without HDAF_BUILD_CUTE=1 (see README, CuTe kernels)")
+
+
+# ---------------------------------------------------------------------------------------------
+# setup.py, run with setuptools.setup replaced by a recorder (in a child: setup.py sets env vars)
+# ---------------------------------------------------------------------------------------------
+
+SETUP_CHILD = textwrap.dedent("""
+    import importlib.util, json, os, runpy, sys
+    import setuptools
+    if os.environ.get("HIDE_CUTLASS") == "1":  # as if the nvidia-cutlass package were absent
+        real = importlib.util.find_spec
+        importlib.util.find_spec = lambda name, *a: None if name == "cutlass_library" else real(name, *a)
+    seen = {}
+    setuptools.setup = lambda **kw: seen.update(kw)
+    sys.argv = ["setup.py", "--name"]
+    try:
+        runpy.run_path("setup.py", run_name="__main__")
+    except SystemExit as exc:
+        print("EXIT", exc.code)
+        sys.exit(0)
+    ext = seen["ext_modules"][0]
+    print("EXT", json.dumps({"sources": ext.sources, "include_dirs": ext.include_dirs}))
+""")
+
+
+def _setup(**env):
+    child_env = {k: v for k, v in os.environ.items()
+                 if k not in ("HDAF_BUILD_CUTE", "CUTLASS_INCLUDE_DIR", "HDAF_SKIP_CUDA_BUILD")}
+    child_env.update(env)
+    proc = subprocess.run([sys.executable, "-c", SETUP_CHILD], capture_output=True, text=True,
+                          timeout=300, cwd=REPO, env=child_env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for line in proc.stdout.splitlines():
+        if line.startswith("EXT "):
+            return json.loads(line[4:])
+        if line.startswith("EXIT "):
+            return line[5:]
+    raise AssertionError(f"no result from setup.py:\n{proc.stdout}\n{proc.stderr[-3000:]}")
+
+
+def _cuda_buildable():
+    got = _setup()
+    return not isinstance(got, str) and any(s.endswith(".cu") for s in got["sources"])
+
+
+def test_setup_without_the_flag_builds_no_cute():
+    got = _setup()
+    assert not isinstance(got, str), got
+    assert not [s for s in got["sources"] if "cuda_cute" in s], got["sources"]
+
+
+def test_setup_with_the_flag_adds_the_cute_sources_and_headers():
+    pytest.importorskip("cutlass_library", reason="the nvidia-cutlass pip package is not installed")
+    if not _cuda_buildable():
+        pytest.skip("the CUDA extension cannot be built here (CPU torch or no nvcc)")
+    got = _setup(HDAF_BUILD_CUTE="1")
+    assert not isinstance(got, str), got
+    cute = sorted(os.path.basename(s) for s in got["sources"] if "cuda_cute" in s)
+    assert cute == ["delta_attention_cute.cpp", "fwd_cute_bf16_hdim128.cu", "fwd_cute_bf16_hdim64.cu",
+                    "fwd_cute_fp16_hdim128.cu", "fwd_cute_fp16_hdim64.cu"], cute
+    assert any(os.path.isfile(os.path.join(d, "cute", "tensor.hpp")) for d in got["include_dirs"])
+
+
+def test_setup_with_the_flag_names_the_missing_headers():
+    got = _setup(HDAF_BUILD_CUTE="1", CUTLASS_INCLUDE_DIR="/nonexistent/cutlass-include",
+                 HIDE_CUTLASS="1")
+    assert isinstance(got, str), f"setup.py did not stop: {got}"
+    if "needs the CUDA build" in got:  # CPU torch / no nvcc: that is said first
+        return
+    assert "HDAF_BUILD_CUTE=1 but the CUTLASS/CuTe headers cute/tensor.hpp and cutlass/cutlass.h " \
+           "were not found" in got, got
+    assert "/nonexistent/cutlass-include (CUTLASS_INCLUDE_DIR)" in got, got
+    assert "pip install nvidia-cutlass" in got, got
+
+
+# ---------------------------------------------------------------------------------------------
+# The op's registration and argument checks (flagged build; no GPU needed)
+# ---------------------------------------------------------------------------------------------
+
+@requires_cute
+def test_cute_op_is_registered():
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(f"hdaf::{OP}", "CUDA")
+    ours = getattr(torch.ops.hdaf, OP).default._schema
+    ref = torch.ops.hdaf.delta_attention_forward.default._schema
+    assert [(a.name, str(a.type)) for a in ours.arguments] == \
+        [(a.name, str(a.type)) for a in ref.arguments]
+    assert [str(r.type) for r in ours.returns] == [str(r.type) for r in ref.returns]
+    # `auto` and backend="cuda" never reach it: the dispatcher does not know its name.
+    with open(os.path.join(REPO, "hdaf", "dispatch.py")) as f:
+        assert "cute" not in f.read()
+
+
+CHECKS_CHILD = textwrap.dedent("""
+    import torch, hdaf
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode():
+        def qkv(dk, dv, dtype=torch.float16):
+            mk = lambda d: torch.empty(1, 2, 5, d, dtype=dtype, device="cuda")
+            return mk(dk), mk(dk), mk(dv), torch.empty(1, 1, 5, 7, dtype=dtype, device="cuda")
+        cases = {
+            "float32": (qkv(64, 64, torch.float32), 3),
+            "float64": (qkv(64, 64, torch.float64), 3),
+            "dk32": (qkv(32, 32), 3),
+            "dk64_dv128": (qkv(64, 128), 3),
+            "dk160": (qkv(160, 160), 3),
+            "bad_R": (qkv(64, 64), 2),
+        }
+    cuda_only = torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)
+    op = torch.ops.hdaf.cuda_cute_delta_attention_forward.default
+    for name, ((q, k, v, P), LU) in cases.items():
+        try:
+            op.redispatch(cuda_only, q, k, v, P, None, LU, LU, -1, -1, 0.125)
+            print(name, "NO ERROR", flush=True)
+        except RuntimeError as exc:
+            print(name, "RAISED", str(exc).splitlines()[0], flush=True)
+""")
+REJECTIONS = {
+    "float32": r"^hdaf cuda_cute_delta_attention_forward: q must be float16 or bfloat16 .*got Float$",
+    "float64": r"q must be float16 or bfloat16 .*got Double$",
+    "dk32": r"^hdaf cuda_cute_delta_attention_forward: head dim must be 64 or 128, got Dk=32",
+    "dk64_dv128": r"needs Dk == Dv, got Dk=64 and Dv=128",
+    # the shared checks (csrc/delta_attention_checks.cpp) come first
+    "dk160": r"^hdaf delta_attention \(CUDA\): head dims up to 128 are supported, got Dk=160 and Dv=160",
+    "bad_R": r"P has R=7 buckets but L=2, U=2 need R = L\+U\+1 = 5",
+}
+
+
+@requires_cute
+def test_cute_checks_reject_unsupported_inputs_without_a_gpu():
+    # cwd: the tests folder, so the child imports the same hdaf as this process (not ./hdaf)
+    proc = subprocess.run([sys.executable, "-c", CHECKS_CHILD], capture_output=True, text=True,
+                          timeout=300, cwd=os.path.dirname(os.path.abspath(__file__)),
+                          env=os.environ.copy())
+    assert proc.returncode == 0, f"child died ({proc.returncode}):\n{proc.stdout}\n{proc.stderr[-3000:]}"
+    got = dict(line.split(" ", 1) for line in proc.stdout.splitlines()
+               if line.split(" ")[0] in REJECTIONS)
+    for name, pattern in REJECTIONS.items():
+        assert name in got, f"{name}: no result (stdout: {proc.stdout!r})"
+        assert got[name].startswith("RAISED "), f"{name}: expected a RuntimeError, got {got[name]!r}"
+        assert re.search(pattern, got[name][len("RAISED "):]), f"{name}: {got[name]!r} !~ {pattern!r}"
+
+
+# ---------------------------------------------------------------------------------------------
+# On a GPU: against the float64 gather reference
+# ---------------------------------------------------------------------------------------------
+
+# name -> (L, U, window, causal, padding, per-head P). padding(T) -> [B, T] bool or None.
+CASES = {
+    "plain": (3, 3, None, False, None, False),
+    "per_head_P": (3, 3, None, False, None, True),
+    "causal": (3, 3, None, True, None, False),
+    "window": (2, 5, (40, 17), False, None, True),
+    "wide_R_causal": (200, 200, None, True, None, False),  # band tiles and both far kinds
+    "paper_preset": (0, 30, (0, 30), False, None, False),
+    "padding": (3, 3, None, False, lambda T: torch.arange(T)[None, :] >= torch.tensor([[T], [(T + 1) // 2]]), False),
+    # the first 5 keys are padding: causal rows 0..4 see no key (out 0, lse -inf)
+    "masked_rows": (3, 3, None, True, lambda T: (torch.arange(T) < 5)[None, :].expand(2, T), True),
+}
+
+
+def _inputs(dtype, T, D, L, U, per_head, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    B, H = 2, 3
+    rnd = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).to(dtype).cuda()  # noqa: E731
+    q, k, v = rnd(B, H, T, D), rnd(B, H, T, D), rnd(B, H, T, D)
+    P = rnd(B, H if per_head else 1, T, L + U + 1)
+    return q, k, v, P
+
+
+def _gather(q, k, v, P, mask, L, U, window, causal, scale):
+    """The "gather" backend on P itself: x = P and w = the identity give P = x·w exactly."""
+    R = P.shape[-1]
+    x = P[:, 0] if P.shape[1] == 1 else P
+    w = torch.eye(R, dtype=P.dtype, device=P.device)
+    return hdaf.delta_attention(q, k, v, x, w, max_distance=(L, U), window=window, causal=causal,
+                                key_padding_mask=mask, scale=scale, backend="gather")
+
+
+def _ref_lse(q, k, P, mask, L, U, lo, hi, scale):
+    T = q.shape[2]
+    pos = torch.arange(T, device=q.device)
+    d = pos[None, :] - pos[:, None]
+    r = (d.clamp(-L, U) + L).expand(*P.shape[:2], T, T)
+    bias = torch.gather(P.transpose(-1, -2), -2, r) - torch.gather(P, -1, r)
+    logits = scale * (q @ k.transpose(-1, -2) + bias)
+    vis = ((d >= lo) & (d <= hi))[None, None]
+    if mask is not None:
+        vis = vis & ~mask[:, None, None, :]
+    return logits.masked_fill(~vis, float("-inf")).logsumexp(-1)
+
+
+@requires_cuda
+@requires_cute
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("D", (64, 128))
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("T", (1, 7, 63, 300, 1000))
+def test_cute_forward_matches_gather(T, case, D, dtype):
+    if torch.cuda.get_device_capability()[0] < 8:
+        pytest.skip("the CuTe kernels need sm_80+")
+    L, U, window, causal, padding, per_head = CASES[case]
+    q, k, v, P = _inputs(dtype, T, D, L, U, per_head)
+    mask = padding(T).cuda() if padding is not None else None
+    scale = D ** -0.5
+    Wl, Wr = (-1, -1) if window is None else window
+    if causal:
+        Wr = 0 if Wr < 0 else min(Wr, 0)
+    out, lse = getattr(torch.ops.hdaf, OP)(q, k, v, P, mask, L, U, Wl, Wr, scale)
+    assert out.dtype == dtype and out.shape == v.shape
+    assert lse.dtype == torch.float32 and lse.shape == q.shape[:3]
+
+    ref = _gather(*(t.double() for t in (q, k, v, P)), mask, L, U, window, causal, scale)
+    base = _gather(q, k, v, P, mask, L, U, window, causal, scale)
+    err = (out.double() - ref).abs().max().item()
+    base_err = (base.double() - ref).abs().max().item()
+    bound = 2.0 * base_err + FLOOR[dtype] * max(1.0, ref.abs().max().item())
+    assert torch.isfinite(out).all(), f"{case} T={T} D={D}: non-finite output"
+    assert err <= bound, (f"{case} T={T} D={D} {dtype}: max error {err:.3e} vs float64 gather "
+                          f"exceeds 2 x gather-in-{dtype}'s {base_err:.3e} + floor")
+
+    lo = -(T - 1) if Wl < 0 else -Wl
+    hi = (T - 1) if Wr < 0 else Wr
+    ref_lse = _ref_lse(*(t.double() for t in (q, k, P)), mask, L, U, lo, hi, scale)
+    empty = torch.isneginf(ref_lse)
+    assert torch.equal(torch.isneginf(lse), empty), f"{case}: -inf lse where no key is visible"
+    assert (out[empty] == 0).all(), f"{case}: rows that see no key must be 0"
+    torch.testing.assert_close(lse[~empty].double(), ref_lse[~empty], atol=5e-2, rtol=0)
