@@ -288,7 +288,7 @@ def plot_sweep(sweep: dict, path: str) -> str:
         for k, lab in enumerate(labels):
             st = [p["rows"][lab][metric] for p in sweep["points"]]
             dx = (k - (len(labels) - 1) / 2) * 0.015 * span  # keep error bars apart
-            _errorbar(ax, [x + dx for x in xs], st, lab, "o-")
+            _errorbar(ax, [x + dx for x in xs], st, lab, "o-", f"C{k}")
         ax.set_ylabel(f"test {metric} (%)")
         ax.set_title(f"{metric}: mean and 95% CI over {len(sweep['seeds'])} seeds")
         ax.legend(fontsize=8)
@@ -296,7 +296,7 @@ def plot_sweep(sweep: dict, path: str) -> str:
         for k, lab in enumerate(cmps):
             st = [p["comparisons"][k]["stats"][metric] for p in sweep["points"]]
             dx = (k - (len(cmps) - 1) / 2) * 0.015 * span
-            _errorbar(ax, [x + dx for x in xs], st, lab, "s--")
+            _errorbar(ax, [x + dx for x in xs], st, lab, "s--", f"C{len(labels) + k}")  # own colours
         ax.axhline(0.0, color="grey", lw=0.8)
         ax.set_ylabel(f"paired difference in {metric} (points)")
         ax.set_xlabel(sweep["key"])
@@ -309,8 +309,8 @@ def plot_sweep(sweep: dict, path: str) -> str:
     return path
 
 
-def _errorbar(ax, xs, stats, label, fmt) -> None:
+def _errorbar(ax, xs, stats, label, fmt, color) -> None:
     m = [s["mean"] if "mean" in s else s["mean_diff"] for s in stats]
     lo = [0.0 if math.isnan(s["ci_low"]) else mm - s["ci_low"] for s, mm in zip(stats, m)]
     hi = [0.0 if math.isnan(s["ci_high"]) else s["ci_high"] - mm for s, mm in zip(stats, m)]
-    ax.errorbar(xs, m, yerr=[lo, hi], fmt=fmt, capsize=4, ms=5, label=label)
+    ax.errorbar(xs, m, yerr=[lo, hi], fmt=fmt, capsize=4, ms=5, label=label, color=color)
