@@ -4,6 +4,8 @@ Its op ``hdaf::cuda_cute_delta_attention_forward`` has the schema of
 ``hdaf::delta_attention_forward`` and exists only when the extension was built with the flag;
 ``auto`` never calls it.
 
+* ``test_tile_split_*`` (any machine with a C++ compiler): the tile arithmetic the kernel runs
+  (``csrc/cuda_cute/tile_split.h``, compiled here for the CPU) against every (query, key) pair.
 * ``test_setup_*`` (any machine with a CUDA torch and nvcc): setup.py leaves the default build
   alone, adds the CuTe sources and include folder with the flag, and names what it looked for when
   the headers are missing.
@@ -15,9 +17,11 @@ Its op ``hdaf::cuda_cute_delta_attention_forward`` has the schema of
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -39,6 +43,90 @@ def _cute_built() -> bool:
 
 requires_cute = pytest.mark.skipif(
     not _cute_built(), reason="hdaf._C was built without HDAF_BUILD_CUTE=1 (see README, CuTe kernels)")
+
+
+# ---------------------------------------------------------------------------------------------
+# The kernel's tile split, compiled for the CPU
+# ---------------------------------------------------------------------------------------------
+
+# Reads "T L U Wl Wr BM BN has_pad" lines; per query block prints "m0 begin band far_hi end"
+# and the needs-mask flag of each visited key tile, then "END".
+TILES_PROGRAM = r"""
+#include <cstdio>
+#include "tile_split.h"
+int main() {
+  long T, L, U, Wl, Wr, BM, BN, pad;
+  while (std::scanf("%ld %ld %ld %ld %ld %ld %ld %ld", &T, &L, &U, &Wl, &Wr, &BM, &BN, &pad) == 8) {
+    const hdaf::Band b = hdaf::make_band(T, Wl, Wr);
+    for (int m0 = 0; m0 < T; m0 += BM) {
+      const auto t = hdaf::cute_tiles::key_tiles(m0, T, L, U, b.lo, b.hi, BM, BN);
+      std::printf("%d %d %d %d %d", m0, t.begin, t.band, t.far_hi, t.end);
+      for (int n0 = t.begin; n0 < t.end; n0 += BN)
+        std::printf(" %d", int(hdaf::cute_tiles::tile_needs_mask(m0, n0, T, b.lo, b.hi, BM, BN, pad)));
+      std::printf("\n");
+    }
+    std::printf("END\n");
+  }
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def tiles_program(tmp_path_factory):
+    cxx = shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
+    if cxx is None:
+        pytest.skip("no C++ compiler")
+    d = tmp_path_factory.mktemp("tiles")
+    (d / "tiles.cpp").write_text(TILES_PROGRAM)
+    subprocess.run([cxx, "-std=c++17", "-O1", f"-I{REPO}/csrc/include", f"-I{REPO}/csrc/cuda_cute",
+                    str(d / "tiles.cpp"), "-o", str(d / "tiles")], check=True, timeout=120)
+    return str(d / "tiles")
+
+
+def test_tile_split_covers_every_visible_pair_with_the_right_bucket(tiles_program):
+    """Every visible pair lies in a visited tile; far-low / far-high tiles hold only pairs of
+    bucket 0 / R-1; a tile left unmasked holds only visible pairs."""
+    grid = list(itertools.product(
+        (1, 7, 63, 64, 65, 130, 300),  # T
+        ((0, 0), (3, 3), (2, 5), (0, 30), (200, 200), (5, 0)),  # (L, U)
+        ((-1, -1), (-1, 0), (40, 17), (0, 30), (0, 0), (3, -1)),  # (Wl, Wr)
+        ((128, 64), (16, 16), (64, 128)),  # (BM, BN)
+        (0, 1)))  # padding mask present
+    lines = "".join(f"{T} {L} {U} {Wl} {Wr} {BM} {BN} {pad}\n"
+                    for T, (L, U), (Wl, Wr), (BM, BN), pad in grid)
+    out = subprocess.run([tiles_program], input=lines, capture_output=True, text=True,
+                         check=True, timeout=120).stdout.split("END\n")
+    kinds_seen = set()
+    for (T, (L, U), (Wl, Wr), (BM, BN), pad), block_lines in zip(grid, out):
+        lo = -(T - 1) if Wl < 0 or Wl > T - 1 else -Wl
+        hi = (T - 1) if Wr < 0 or Wr > T - 1 else Wr
+        pos = torch.arange(T)
+        d = pos[None, :] - pos[:, None]  # [i, j]
+        vis = (d >= lo) & (d <= hi)
+        bucket = d.clamp(-L, U) + L
+        where = f"T={T} L={L} U={U} window=({Wl},{Wr}) tiles {BM}x{BN} pad={pad}"
+        for line in block_lines.strip().splitlines():
+            m0, begin, band, far_hi, end, *masks = map(int, line.split())
+            rows = slice(m0, min(m0 + BM, T))
+            assert begin % BN == 0 and begin <= band <= far_hi <= end <= T, f"{where} m0={m0}: {line}"
+            assert band % BN == 0 or band == end, f"{where} m0={m0}: {line}"
+            assert far_hi % BN == 0 or far_hi == end, f"{where} m0={m0}: {line}"
+            visited = torch.zeros(T, dtype=torch.bool)
+            visited[begin:end] = True
+            assert not (vis[rows] & ~visited[None, :]).any(), f"{where} m0={m0}: a visible key is skipped"
+            assert len(masks) == (end - begin + BN - 1) // BN, f"{where} m0={m0}: {line}"
+            for t, n0 in enumerate(range(begin, end, BN)):
+                cols = slice(n0, min(n0 + BN, T))
+                v, r = vis[rows, cols], bucket[rows, cols]
+                kind = "far_lo" if n0 < band else "band" if n0 < far_hi else "far_hi"
+                kinds_seen.add(kind)
+                if kind == "far_lo":
+                    assert (r[v] == 0).all(), f"{where} m0={m0} n0={n0}: far-low tile has bucket > 0"
+                if kind == "far_hi":
+                    assert (r[v] == L + U).all(), f"{where} m0={m0} n0={n0}: far-high tile below R-1"
+                if not masks[t]:
+                    assert not pad and n0 + BN <= T and v.all(), f"{where} m0={m0} n0={n0}: unmasked"
+    assert kinds_seen == {"far_lo", "band", "far_hi"}
 
 
 # ---------------------------------------------------------------------------------------------

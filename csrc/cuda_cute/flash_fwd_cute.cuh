@@ -38,6 +38,7 @@
 
 #include "../cuda/delta_attention_cuda.h"
 #include "hdaf/delta_common.h"
+#include "tile_split.h"
 
 namespace hdaf {
 namespace cuda {
@@ -322,11 +323,9 @@ __global__ void __launch_bounds__(Traits::kNThreads) fwd_kernel(const FwdParams 
 
   // Key blocks meeting the band [m0 + lo, m0 + kBlockM - 1 + hi], split into the block-aligned
   // runs far-low [n_begin, n_band), band [n_band, n_far_hi), far-high [n_far_hi, n_end).
-  auto ceil_block = [](int x) { return (max(x, 0) + kBlockN - 1) / kBlockN * kBlockN; };
-  const int n_begin = max(m0 + a.lo, 0) / kBlockN * kBlockN;
-  const int n_end = min(m0 + kBlockM + a.hi, T);
-  const int n_band = min(max(ceil_block(m0 - a.L - kBlockN + 2), n_begin), max(n_end, n_begin));
-  const int n_far_hi = min(max(ceil_block(m0 + kBlockM - 1 + a.U), n_band), max(n_end, n_band));
+  const cute_tiles::KeyTiles tiles =
+      cute_tiles::key_tiles(m0, T, a.L, a.U, a.lo, a.hi, kBlockM, kBlockN);
+  const int n_begin = tiles.begin, n_band = tiles.band, n_far_hi = tiles.far_hi, n_end = tiles.end;
 
   // The query rows' P[i, 0] and P[i, R-1], read once for every far tile; the softmax state.
   float prow_lo[kRows], prow_hi[kRows], row_max[kRows], row_sum[kRows];
@@ -363,8 +362,8 @@ __global__ void __launch_bounds__(Traits::kNThreads) fwd_kernel(const FwdParams 
 
     Tensor s = make_tensor(acc_s.data(), acc_rowcol(acc_s.layout()));
     a.n0 = n0;
-    const bool edge = a.pad != nullptr || n0 - (m0 + kBlockM - 1) < a.lo ||
-                      n0 + kBlockN - 1 - m0 > a.hi || n0 + kBlockN > T;
+    const bool edge =
+        cute_tiles::tile_needs_mask(m0, n0, T, a.lo, a.hi, kBlockM, kBlockN, a.pad != nullptr);
     if (n0 < n_band) {
       tile_logits<kFarLo>(s, rc, prow_lo, a, edge);
     } else if (n0 < n_far_hi) {
