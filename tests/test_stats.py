@@ -121,7 +121,7 @@ def test_formatting():
     assert fmt_ci(summarize([51.44])) == "51.4 [n=1]"
     assert fmt_ci(paired([3.0, 5.0], [1.0, 2.0]), signed=True).startswith("+2.5 [")
     assert fmt_ci(summarize([])) == "N/A"
-    assert fmt_p(0.0004) == "<0.001" and fmt_p(0.0625) == "0.062" and fmt_p(float("nan")) == "N/A"
+    assert fmt_p(0.0004) == "<0.001" and fmt_p(0.0625) == "0.0625" and fmt_p(0.138) == "0.138" and fmt_p(float("nan")) == "N/A"
 
 
 def test_parse_seeds():

@@ -153,8 +153,8 @@ def summary_markdown(summary: dict, title: str) -> str:
                           f"{st['n_a_better']}/{st['n']}"]
             lines.append(f"| {cmp['a_label']} − {cmp['b_label']} | " + " | ".join(cells) + " |")
     lines += ["", "CI: mean ± t(n−1)·sd/√n; paired t: scipy.stats.ttest_rel; Wilcoxon: "
-              "scipy.stats.wilcoxon (signed-rank, two-sided; with 5 seeds its smallest p is 0.0625). "
-              "Per-seed values: results.json."]
+              f"scipy.stats.wilcoxon (signed-rank, two-sided; with {n} seeds its smallest p is "
+              f"{2 / 2 ** n:.3g}).  Per-seed values: results.json."]
     means = {"columns": COLUMNS, "groups": [
         {"title": g["title"], "rows": [{"label": r["label"], "values": r["mean"], "note": None}
                                        for r in g["rows"]]} for g in summary["groups"]]}

@@ -118,4 +118,4 @@ def fmt_ci(s: Dict[str, object], digits: int = 1, signed: bool = False) -> str:
 def fmt_p(p: float) -> str:
     if p is None or math.isnan(p):
         return "N/A"
-    return "<0.001" if p < 1e-3 else f"{p:.3f}"
+    return "<0.001" if p < 1e-3 else f"{p:.3g}"
