@@ -85,8 +85,13 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q_in, const at::Ten
   const DeltaSizes s = check_cute_inputs(q_in, k_in, v_in, P_in, key_padding_mask, L, U,
                                          window_left, window_right, scale);
   c10::cuda::CUDAGuard guard(q_in.device());
-  const at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous(),
-                   P = P_in.contiguous();
+  // cp.async moves 16-byte chunks: q, k, v must start 16-byte aligned (a contiguous view with a
+  // storage offset may not; a fresh copy does). P and the mask are read element by element.
+  auto aligned = [](const at::Tensor& t) {
+    at::Tensor c = t.contiguous();
+    return reinterpret_cast<std::uintptr_t>(c.data_ptr()) % 16 == 0 ? c : c.clone();
+  };
+  const at::Tensor q = aligned(q_in), k = aligned(k_in), v = aligned(v_in), P = P_in.contiguous();
   at::Tensor mask;
   if (key_padding_mask.has_value()) mask = key_padding_mask->contiguous();
 
