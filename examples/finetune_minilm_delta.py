@@ -1,13 +1,18 @@
 """Fine-tune the offline MiniLM (all-MiniLM-L6-v2, BERT architecture) with and without hdaf delta
-attention on a synthetic task whose label depends on changes between neighbouring tokens.
+attention on a synthetic task whose labels depend on changes between neighbouring tokens.
 
-    HF_HUB_OFFLINE=1 python examples/finetune_minilm_delta.py --seed 0 --steps 200
+    HF_HUB_OFFLINE=1 python examples/finetune_minilm_delta.py --seed 0
 
-The task ("more ups than downs"): a sequence of n digit tokens ("0" … "9", n even, 8 <= n <= 16,
-no two neighbours equal) is labelled 1 when the number of increases d[t+1] > d[t] exceeds the
-number of decreases (n - 1 transitions: never a tie). The label is a function of the signed
-changes between neighbours only — what the delta term ``(x_j - x_i)·w[:, r(j-i)]`` sees directly
-at offsets ±1 — and not of the first/last value (a telescoping sum would be easy for both).
+Data: sequences of n digit tokens "0" … "9" (n even, 8 <= n <= 16, no two neighbours equal),
+as ``[CLS] d1 … dn [SEP]``, right-padded.
+
+* ``--task rank`` (default, token classification, 5 classes): digit k is labelled with how many of
+  its four neighbours k-2, k-1, k+1, k+2 are smaller than it (the two digits at each end are not
+  labelled). The label is a function of the signs of the changes ``d_j - d_k`` at offsets ±1, ±2:
+  the quantity the delta term ``(x_j - x_i)·w[:, r(j-i)]`` puts into the logits directly.
+* ``--task updown`` (sequence classification): 1 when the sequence has more increases
+  ``d[t+1] > d[t]`` than decreases (n - 1 transitions: never a tie); harder, it needs the count
+  aggregated into [CLS].
 
 Both runs start from the same weights, the same classifier-head init, the same batches and the same
 optimizer settings for the pretrained weights, and take the same number of steps; the delta run
@@ -31,19 +36,30 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 DIGITS = [str(d) for d in range(10)]
 
 
-def make_updown(n: int, gen: torch.Generator, min_len: int = 8, max_len: int = 16):
-    """``n`` sequences of digits (lists of ints) and labels (1 = more increases than decreases)."""
-    seqs, labels = [], []
+def make_digits(n: int, gen: torch.Generator, min_len: int = 8, max_len: int = 16):
+    """``n`` digit sequences (lists of ints), even length in [min_len, max_len], no two neighbours equal."""
+    seqs = []
     for _ in range(n):
         length = 2 * int(torch.randint(min_len // 2, max_len // 2 + 1, (1,), generator=gen))
         d = [int(torch.randint(0, 10, (1,), generator=gen))]
         while len(d) < length:
             nxt = int(torch.randint(0, 9, (1,), generator=gen))
             d.append(nxt if nxt < d[-1] else nxt + 1)  # any digit but the previous one
-        ups = sum(b > a for a, b in zip(d, d[1:]))
         seqs.append(d)
-        labels.append(int(ups > (length - 1) - ups))
-    return seqs, torch.tensor(labels)
+    return seqs
+
+
+def label(seqs, task: str, T: int):
+    """"rank": [B,T], at position k+1 (digit k) the number of the digits k-2, k-1, k+1, k+2 smaller
+    than digit k; -100 (ignored) at the two digits of each end, [CLS], [SEP] and padding.
+    "updown": [B], 1 = more increases than decreases."""
+    if task == "updown":
+        return torch.tensor([int(2 * sum(b > a for a, b in zip(d, d[1:])) > len(d) - 1) for d in seqs])
+    y = torch.full((len(seqs), T), -100, dtype=torch.long)
+    for b, d in enumerate(seqs):
+        for k in range(2, len(d) - 2):
+            y[b, k + 1] = sum(d[j] < d[k] for j in (k - 2, k - 1, k + 1, k + 2))
+    return y
 
 
 def encode(seqs, tokenizer):
@@ -60,14 +76,16 @@ def encode(seqs, tokenizer):
 
 
 def load_model(seed: int, delta: bool, args):
-    from transformers import AutoModelForSequenceClassification
+    from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
 
     from hdaf.integrations import transformers as hdaf_tf
     from hdaf.models.text import default_text_model_path
 
     torch.manual_seed(seed)  # the same classifier-head init in both runs
-    model = AutoModelForSequenceClassification.from_pretrained(
-        default_text_model_path(), num_labels=2, local_files_only=True,
+    cls, labels = ((AutoModelForSequenceClassification, 2) if args.task == "updown"
+                   else (AutoModelForTokenClassification, 5))
+    model = cls.from_pretrained(
+        default_text_model_path(), num_labels=labels, local_files_only=True,
         attention_probs_dropout_prob=0.0)
     if args.freeze_embeddings:  # 12 digit tokens: the 30522x384 table would only cost time
         model.bert.embeddings.word_embeddings.weight.requires_grad_(False)
@@ -75,22 +93,27 @@ def load_model(seed: int, delta: bool, args):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
             hdaf_tf.add_delta_attention(model, max_distance=args.max_distance,
-                                        share_rpe_across_heads=True, backend=args.backend)
+                                        share_rpe_across_heads=not args.per_head_rpe,
+                                        backend=args.backend)
     return model
 
 
 @torch.no_grad()
 def evaluate(model, data, batch_size=128):
+    """Mean cross-entropy and accuracy over the labelled sequences (or tokens)."""
     model.eval()
     ids, mask, labels = data
-    loss, correct = 0.0, 0
+    loss, correct, count = 0.0, 0, 0
     for s in range(0, len(labels), batch_size):
-        out = model(input_ids=ids[s:s + batch_size], attention_mask=mask[s:s + batch_size])
-        y = labels[s:s + batch_size]
-        loss += torch.nn.functional.cross_entropy(out.logits, y, reduction="sum").item()
-        correct += (out.logits.argmax(-1) == y).sum().item()
+        logits = model(input_ids=ids[s:s + batch_size], attention_mask=mask[s:s + batch_size]).logits
+        y = labels[s:s + batch_size].reshape(-1)
+        logits = logits.reshape(y.shape[0], -1)
+        keep = y != -100
+        loss += torch.nn.functional.cross_entropy(logits[keep], y[keep], reduction="sum").item()
+        correct += (logits[keep].argmax(-1) == y[keep]).sum().item()
+        count += int(keep.sum())
     model.train()
-    return loss / len(labels), correct / len(labels)
+    return loss / count, correct / count
 
 
 def run(delta: bool, args, tokenizer, train_batches, test):
@@ -126,14 +149,16 @@ def run(delta: bool, args, tokenizer, train_batches, test):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--task", choices=("rank", "updown"), default="rank")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--steps", type=int, default=150)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-4, help="pretrained weights and head")
     p.add_argument("--delta-lr", type=float, default=3e-3, help="the added Wx and w")
     p.add_argument("--max-distance", type=int, default=4)
+    p.add_argument("--per-head-rpe", action="store_true", help="w [H,Dr,R] instead of shared [Dr,R]")
     p.add_argument("--n-test", type=int, default=1024)
-    p.add_argument("--eval-every", type=int, default=50)
+    p.add_argument("--eval-every", type=int, default=25)
     p.add_argument("--backend", default="auto")
     p.add_argument("--freeze-embeddings", action=argparse.BooleanOptionalAction, default=True,
                    help="keep the word-embedding table fixed (both runs)")
@@ -151,14 +176,16 @@ def main(argv=None):
 
     hf_logging.set_verbosity_error()  # the load report lists the new classifier head, as expected
     tokenizer = AutoTokenizer.from_pretrained(default_text_model_path(), local_files_only=True)
+
+    def batch(seqs):
+        ids, mask = encode(seqs, tokenizer)
+        return ids, mask, label(seqs, args.task, ids.shape[1])
+
     gen = torch.Generator().manual_seed(10_000 + args.seed)
-    train_batches = []
-    for _ in range(args.steps):
-        seqs, y = make_updown(args.batch_size, gen)
-        train_batches.append((*encode(seqs, tokenizer), y))
-    test_seqs, test_y = make_updown(args.n_test, torch.Generator().manual_seed(123))
-    test = (*encode(test_seqs, tokenizer), test_y)
-    print(f"task: more ups than downs; test positives {test_y.float().mean():.3f}; "
+    train_batches = [batch(make_digits(args.batch_size, gen)) for _ in range(args.steps)]
+    test = batch(make_digits(args.n_test, torch.Generator().manual_seed(123)))
+    y = test[2][test[2] != -100]
+    print(f"task {args.task}: test label shares {torch.bincount(y).div(len(y)).tolist()}; "
           f"seed {args.seed}, {args.steps} steps of {args.batch_size}, torch threads "
           f"{torch.get_num_threads()}", flush=True)
 
