@@ -134,7 +134,7 @@ def delta_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.T
     if dropout:
         raise ValueError(f"hdaf delta attention has no attention-probability dropout, got "
                          f"dropout={dropout} from {type(module).__name__}; set its dropout.p = 0")
-    B, H, T, _ = query.shape
+    B, _, T, _ = query.shape
     if key.shape[2] != T:
         raise ValueError(f"hdaf delta attention is self-attention over one sequence: query has "
                          f"T={T} but key has {key.shape[2]} (a cache or cross-attention?)")
@@ -252,7 +252,7 @@ def add_delta_attention(model: nn.Module, max_distance: IntOrPair = 32, delta_di
 
     register()
     dropped = set()
-    for name, m in attention.items():
+    for m in attention.values():
         heads = getattr(m, "num_attention_heads", None) or m.n_heads
         q_proj = m.query if hasattr(m, "query") else m.q_lin
         ref = q_proj.weight
@@ -333,7 +333,7 @@ def from_pretrained(model_class, path: str, backend: Optional[str] = None, **kwa
     prefix = getattr(model, "base_model_prefix", "") + "."
 
     def strip(k):  # a checkpoint saved from the base model loads into a model with a head
-        return k[len(prefix):] if k.startswith(prefix) else k
+        return k.removeprefix(prefix)
     by_suffix = {strip(k): v for k, v in saved.items()}
     missing = [k for k in want if strip(k) not in by_suffix]
     if missing:
