@@ -6,7 +6,7 @@
 
 How it plugs in (docs/integrations.md has the longer story):
 
-* **Attention function.** ``transformers`` (>= 4.48, tested with 5.x) calls self-attention through
+* **Attention function.** ``transformers`` (v5; tested with 5.24) calls self-attention through
   its registered ``AttentionInterface``: ``fn(module, query, key, value, attention_mask,
   scaling=, dropout=, **kwargs)`` with ``query/key/value [B,H,T,D]`` already projected by the
   model's own ``query/key/value`` linears; the model applies its own output projection after.
