@@ -166,7 +166,7 @@ setup(
     ext_modules=extensions(),
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     install_requires=["torch>=2.13,<2.15", "numpy", "h5py", "tqdm", "scikit-learn", "scipy",
-                      "matplotlib", "pyyaml", "transformers"],
+                      "matplotlib", "pyyaml", "transformers>=5,<6"],
     extras_require={
         "triton": ["triton"],
         "sdk": ["cmu-multimodal-sdk"],
