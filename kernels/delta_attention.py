@@ -276,17 +276,25 @@ def _split(start, end, first_band, first_far_hi, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _row_logits(q, kT, prow, p_base, spt, spr, offs_m, offs_n, mask_m, mask_n, L, U,
-                qk_scale, MODE: tl.constexpr, IEEE: tl.constexpr):
-    """log2-domain logits of a tile seen from a query block: prow is the block's own P[i, e]
-    (far tiles), and the key column P[j, e] is one vector load."""
+def _key_tile_logits(q, prow, k_base, p_base, pad_base, skt, skd, spt, spr, spadt, offs_m,
+                     mask_m, offs_dk, m0, n0, T, DK, L, U, lo, hi, qk_scale, MODE: tl.constexpr,
+                     HAS_PAD: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr):
+    """A key tile seen from a query block: (offs_n, kT, masked log2-domain logits). prow is the
+    block's own P[i, e] (far tiles); the key column P[j, e] is one vector load."""
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < T
+    kT = tl.load(k_base + offs_n[None, :] * skt + offs_dk[:, None] * skd,
+                 mask=mask_n[None, :] & (offs_dk < DK)[:, None], other=0.0)
     qk = _dot(q, kT, IEEE)
     if MODE == _BAND:
         bias = _band_bias(p_base, spt, spr, offs_m, offs_n, mask_m, mask_n, L, U)
     else:
         pcol = tl.load(p_base + offs_n * spt + _edge(L, U, MODE) * spr, mask=mask_n, other=0.0)
         bias = pcol.to(tl.float32)[None, :] - prow[:, None]
-    return (qk + bias) * qk_scale
+    s = _mask_keys((qk + bias) * qk_scale, pad_base, spadt, offs_m, offs_n, m0, n0, T, lo, hi,
+                   HAS_PAD, BLOCK_M, BLOCK_N)
+    return offs_n, kT, s
 
 
 # ----------------------------------------------------------------------------------------------
@@ -300,21 +308,16 @@ def _fwd_loop(acc, l_i, m_i, q, prow, k_base, v_base, p_base, pad_base,
               MODE: tl.constexpr, HAS_PAD: tl.constexpr, IEEE: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     for n0 in range(n_start, n_end, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < T
-        kT = tl.load(k_base + offs_n[None, :] * skt + offs_dk[:, None] * skd,
-                     mask=mask_n[None, :] & (offs_dk < DK)[:, None], other=0.0)
-        s = _row_logits(q, kT, prow, p_base, spt, spr, offs_m, offs_n, mask_m, mask_n, L, U,
-                        qk_scale, MODE, IEEE)
-        s = _mask_keys(s, pad_base, spadt, offs_m, offs_n, m0, n0, T, lo, hi, HAS_PAD,
-                       BLOCK_M, BLOCK_N)
+        offs_n, kT, s = _key_tile_logits(q, prow, k_base, p_base, pad_base, skt, skd, spt, spr,
+                                         spadt, offs_m, mask_m, offs_dk, m0, n0, T, DK, L, U, lo,
+                                         hi, qk_scale, MODE, HAS_PAD, IEEE, BLOCK_M, BLOCK_N)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(m_i - m_safe)
         p = tl.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_base + offs_n[:, None] * svt + offs_dv[None, :] * svd,
-                    mask=mask_n[:, None] & (offs_dv < DV)[None, :], other=0.0)
+                    mask=(offs_n < T)[:, None] & (offs_dv < DV)[None, :], other=0.0)
         acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
         m_i = m_new
     return acc, l_i, m_i
@@ -560,16 +563,12 @@ def _dq_loop(dq, acc_lo, acc_hi, q, do, lse2, Di, prow, k_base, v_base, p_base, 
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     R = L + U + 1
     for n0 in range(n_start, n_end, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
+        offs_n, kT, s = _key_tile_logits(q, prow, k_base, p_base, pad_base, skt, skd, spt, spr,
+                                         spadt, offs_m, mask_m, offs_dk, m0, n0, T, DK, L, U, lo,
+                                         hi, qk_scale, MODE, HAS_PAD, IEEE, BLOCK_M, BLOCK_N)
         mask_n = offs_n < T
-        kT = tl.load(k_base + offs_n[None, :] * skt + offs_dk[:, None] * skd,
-                     mask=mask_n[None, :] & (offs_dk < DK)[:, None], other=0.0)
         vT = tl.load(v_base + offs_n[None, :] * svt + offs_dv[:, None] * svd,
                      mask=mask_n[None, :] & (offs_dv < DV)[:, None], other=0.0)
-        s = _row_logits(q, kT, prow, p_base, spt, spr, offs_m, offs_n, mask_m, mask_n, L, U,
-                        qk_scale, MODE, IEEE)
-        s = _mask_keys(s, pad_base, spadt, offs_m, offs_n, m0, n0, T, lo, hi, HAS_PAD,
-                       BLOCK_M, BLOCK_N)
         p = tl.exp2(s - lse2[:, None])
         dp = _dot(do, vT, IEEE)
         ds = p * (dp - Di[:, None])
