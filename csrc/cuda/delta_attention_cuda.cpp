@@ -32,6 +32,7 @@
 #include <tuple>
 
 #include "delta_attention_cuda.h"
+#include "host_params.h"
 #include "hdaf/delta_attention_checks.h"
 
 namespace hdaf {
@@ -114,15 +115,8 @@ std::tuple<at::Tensor, at::Tensor> delta_attention_forward_cuda(
   at::Tensor lse = at::empty({s.B, s.H, s.T}, q.options().dtype(acc_dtype(q.scalar_type())));
   if (s.B * s.H * s.T == 0) return {out, lse};
 
-  FwdParams p;
-  p.q = q.data_ptr();
-  p.k = k.data_ptr();
-  p.v = v.data_ptr();
-  p.P = P.data_ptr();
-  p.mask = mask.defined() ? mask.data_ptr<bool>() : nullptr;
-  p.out = out.data_ptr();
-  p.lse = lse.data_ptr();
-  static_cast<ProblemDims&>(p) = dims_of(s, L, U, window_left, window_right, scale);
+  const FwdParams p = make_fwd_params(dims_of(s, L, U, window_left, window_right, scale), q, k, v,
+                                      P, mask, out, lse);
 
   switch (q.scalar_type()) {
     case at::kHalf: run_forward<__half>(p, q, s); break;

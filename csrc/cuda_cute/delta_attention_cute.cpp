@@ -24,6 +24,7 @@
 #include <tuple>
 
 #include "../cuda/delta_attention_cuda.h"
+#include "../cuda/host_params.h"
 #include "hdaf/delta_attention_checks.h"
 
 namespace hdaf {
@@ -99,16 +100,9 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q_in, const at::Ten
   at::Tensor lse = at::empty({s.B, s.H, s.T}, q.options().dtype(at::kFloat));
   if (s.B * s.H * s.T == 0) return {out, lse};
 
-  FwdParams p;
-  static_cast<ProblemDims&>(p) =
-      ProblemDims{s.B, s.H, s.Hp, s.T, s.Dk, s.Dv, s.R, L, U, window_left, window_right, scale};
-  p.q = q.data_ptr();
-  p.k = k.data_ptr();
-  p.v = v.data_ptr();
-  p.P = P.data_ptr();
-  p.mask = mask.defined() ? mask.data_ptr<bool>() : nullptr;
-  p.out = out.data_ptr();
-  p.lse = lse.data_ptr();
+  const FwdParams p = make_fwd_params(
+      ProblemDims{s.B, s.H, s.Hp, s.T, s.Dk, s.Dv, s.R, L, U, window_left, window_right, scale},
+      q, k, v, P, mask, out, lse);
 
   const bool half = q.scalar_type() == at::kHalf;
   if (s.Dk == 64) {
