@@ -341,3 +341,17 @@ def test_experiment_two_seeds_and_sweep(tmp_path, capsys):
         assert made["speaker_offset"] == float(v) and made["seed"] == 3
     for f in ("sweep.json", "sweep.md", "sweep.png"):
         assert os.path.exists(os.path.join(cfg["run_dir"], f))
+
+
+def test_multiseed_does_not_import_experiment():
+    """experiment -> multiseed only: multiseed is handed the single-seed runner and the defaults,
+    so no import of experiment appears anywhere in it (the two modules used to import each other)."""
+    import ast
+
+    import hdaf.training.multiseed as ms
+
+    tree = ast.parse(open(ms.__file__).read())
+    names = [(n.module or "") for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+    names += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+    names += [a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) for a in n.names]
+    assert not [n for n in names if "experiment" in n], names

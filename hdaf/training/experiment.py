@@ -6,7 +6,9 @@ assembled by ``experiment.table``: rows name a run and a head (``fused`` or a mo
 
 With several seeds (``seeds=[...]``, ``hdaf experiment --seeds 0,1,2``, or ``experiment.seeds``)
 the experiment runs once per seed and reports means, intervals and paired tests; with
-``experiment.sweep`` it does so for each value of a config key (``hdaf.training.multiseed``).
+``experiment.sweep`` it does so for each value of a config key.  ``hdaf.training.multiseed`` does
+that aggregation and is handed ``run_single`` and the runs and table to use: it never imports this
+module, so the two do not import each other.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import os
 import time
 from typing import Dict
 
+from . import multiseed
 from .config import deep_update, dump
 from .report import build_table, plot_curves, save_table, to_markdown
 
@@ -43,20 +46,28 @@ DEFAULT_TABLE = [
 
 
 def run_experiment(cfg: dict, only=None, log=print, seeds=None) -> dict:
-    from .trainer import train  # local: keeps `hdaf info` free of training imports
-
+    """One seed (``run_single``), or several seeds / a sweep when ``seeds`` or
+    ``experiment.seeds`` / ``experiment.sweep`` ask for them (``hdaf.training.multiseed``)."""
     exp = cfg.get("experiment") or {}
     if seeds is None and exp.get("seeds") is not None:
         seeds = exp["seeds"]
-    if seeds is not None or exp.get("sweep"):
-        from . import multiseed
+    if seeds is None and not exp.get("sweep"):
+        return run_single(cfg, only=only, log=log)
+    if isinstance(seeds, str):
+        seeds = multiseed.parse_seeds(seeds)
+    seeds = [int(s) for s in seeds] if seeds is not None else [int(cfg.get("seed", 0))]
+    plan = dict(run_one=run_single, runs=exp.get("runs") or DEFAULT_RUNS,
+                table_spec=exp.get("table") or DEFAULT_TABLE)
+    if exp.get("sweep"):
+        return multiseed.run_sweep(cfg, seeds, only=only, log=log, **plan)
+    return multiseed.run_seeds(cfg, seeds, only=only, log=log, **plan)
 
-        if isinstance(seeds, str):
-            seeds = multiseed.parse_seeds(seeds)
-        seeds = [int(s) for s in seeds] if seeds is not None else [int(cfg.get("seed", 0))]
-        if exp.get("sweep"):
-            return multiseed.run_sweep(cfg, seeds, only=only, log=log)
-        return multiseed.run_seeds(cfg, seeds, only=only, log=log)
+
+def run_single(cfg: dict, only=None, log=print) -> dict:
+    """Train (or reuse) every run of ``experiment.runs`` with ``cfg``'s seed; build the table."""
+    from .trainer import train  # local: keeps `hdaf info` free of training imports
+
+    exp = cfg.get("experiment") or {}
     runs: Dict[str, dict] = exp.get("runs") or DEFAULT_RUNS
     table_spec = exp.get("table") or DEFAULT_TABLE
     base = copy.deepcopy(cfg)

@@ -1,13 +1,15 @@
 """Multi-seed experiments and sweeps: every metric as mean ± sd with a 95 % interval, paired tests.
 
-``run_seeds(cfg, seeds)`` runs the single-seed experiment (``experiment.run_experiment``) once per
-seed, in ``<run_dir>/seed<s>``, and aggregates.  A seed sets ``cfg["seed"]`` (initial weights,
-dropout, batch order) and, for synthetic data with ``experiment.seed_data: true`` (the default),
-also ``data.synthetic.seed`` (a new draw of speakers, emotion directions, labels and noise, in
-``<data.dir>/seed<s>``): each seed is then an independent replicate of the whole experiment, and
-every model of one seed sees the same data and splits, so models are compared *paired* by seed.
+``run_seeds(cfg, seeds, run_one=..., runs=..., table_spec=...)`` runs the single-seed experiment
+``run_one`` once per seed, in ``<run_dir>/seed<s>``, and aggregates.  ``experiment.run_experiment``
+passes ``experiment.run_single`` and the runs and table; this module does not import
+``experiment``.  A seed sets ``cfg["seed"]`` (initial weights, dropout, batch order) and, for
+synthetic data with ``experiment.seed_data: true`` (the default), also ``data.synthetic.seed`` (a
+new draw of speakers, emotion directions, labels and noise, in ``<data.dir>/seed<s>``): each seed is
+then an independent replicate of the whole experiment, and every model of one seed sees the same
+data and splits, so models are compared *paired* by seed.
 
-``run_sweep(cfg, seeds)`` repeats that for each value of ``experiment.sweep.key`` (a dotted
+``run_sweep(cfg, seeds, ...)`` repeats that for each value of ``experiment.sweep.key`` (a dotted
 config key, e.g. ``data.synthetic.speaker_offset``) in ``<run_dir>/<leaf>=<value>`` and writes
 ``<run_dir>/sweep.{md,json,png}``.
 
@@ -24,7 +26,7 @@ import math
 import os
 import re
 import time
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 from .config import set_key
 from .report import COLUMNS, row_values, to_markdown
@@ -162,12 +164,11 @@ def summary_markdown(summary: dict, title: str) -> str:
     return "\n".join(lines)
 
 
-def run_seeds(cfg: dict, seeds: Sequence[int], only=None, log=print) -> dict:
-    from .experiment import DEFAULT_RUNS, DEFAULT_TABLE, run_experiment
-
+def run_seeds(cfg: dict, seeds: Sequence[int], *, run_one: Callable[..., dict], runs: Dict[str, dict],
+              table_spec, only=None, log=print) -> dict:
+    """``run_one(cfg, only=, log=)`` -> ``{"results": {run: metrics}, "table": ...}`` for one seed;
+    ``runs`` / ``table_spec``: the experiment's runs and table (for the comparisons and summary)."""
     exp = cfg.get("experiment") or {}
-    runs = exp.get("runs") or DEFAULT_RUNS
-    table_spec = exp.get("table") or DEFAULT_TABLE
     pairs = _compare_pairs(exp, {k: v for k, v in runs.items() if not only or k in only})
     confidence = float(exp.get("confidence", 0.95))
     root = cfg["run_dir"]
@@ -177,7 +178,7 @@ def run_seeds(cfg: dict, seeds: Sequence[int], only=None, log=print) -> dict:
     for i, s in enumerate(seeds):
         log(f"[experiment] ===== seed {s} ({i + 1}/{len(seeds)}) in {root} =====")
         t = time.time()
-        res = run_experiment(_seed_config(cfg, s), only=only, log=log)
+        res = run_one(_seed_config(cfg, s), only=only, log=log)
         seed_s[str(s)] = round(time.time() - t, 1)
         per_seed[s] = res["results"]
         if res.get("table") is None:  # under torchrun only rank 0 aggregates
@@ -205,7 +206,9 @@ def _fmt_value(v) -> str:
     return f"{v:g}" if isinstance(v, float) else str(v)
 
 
-def run_sweep(cfg: dict, seeds: Sequence[int], only=None, log=print) -> dict:
+def run_sweep(cfg: dict, seeds: Sequence[int], *, run_one: Callable[..., dict], runs: Dict[str, dict],
+              table_spec, only=None, log=print) -> dict:
+    """``run_seeds`` for each value of ``experiment.sweep.key``; arguments as for ``run_seeds``."""
     exp = cfg.get("experiment") or {}
     sw = exp.get("sweep") or {}
     key, values = sw.get("key"), sw.get("values")
@@ -226,7 +229,7 @@ def run_sweep(cfg: dict, seeds: Sequence[int], only=None, log=print) -> dict:
         if c["data"].get("source", "synthetic") == "synthetic":
             c["data"]["dir"] = os.path.join(cfg["data"]["dir"], tag)
         log(f"[experiment] ===== sweep {key} = {v} =====")
-        res = run_seeds(c, seeds, only=only, log=log)
+        res = run_seeds(c, seeds, run_one=run_one, runs=runs, table_spec=table_spec, only=only, log=log)
         if res["summary"] is None:
             return {"sweep": None, "paths": {}}
         points.append({"value": v, "run_dir": c["run_dir"], "summary": res["summary"]})
