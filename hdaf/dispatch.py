@@ -64,11 +64,12 @@ def unavailable_reason(backend: str, device: torch.device) -> Optional[str]:
 
 
 # ---- backend="auto" on a GPU: the backend measured faster -------------------------------------
-# Times in ms, (forward, forward+backward), per (device type, dtype, head dim). Source: issue 10,
-# measured by the issue reporter on an H100 80GB, torch 2.11.0+cu130, triton 3.6.0; bf16, B=4,
-# H=16, Dk=Dv=64, Dr=64, max_distance=64, T=4096. Not re-measured in this project's sessions (no
-# GPU here). Other dtypes and head dims use the nearest measured configuration. To update from a
-# GPU bench run: `python bench/report.py bench/results/gpu_<name>.json --auto-table`.
+# Times in ms, (forward, forward+backward), per (device type, dtype, head dim). Measured on an
+# H100 80GB on 2026-11-24 with torch 2.11.0+cu130 and triton 3.6.0, for the kernels of that date
+# (before the far/band rewrite of the Triton kernels); bf16, B=4, H=16, Dk=Dv=64, Dr=64,
+# max_distance=64, T=4096 (docs/verification.md). Not re-measured since. Other dtypes and head
+# dims use the nearest measured configuration. To update from a GPU bench run:
+# `python bench/report.py bench/results/gpu_<name>.json --auto-table`.
 AUTO_MEASUREMENTS: Dict[Tuple[str, torch.dtype, int], Dict[str, Tuple[float, float]]] = {
     ("cuda", torch.bfloat16, 64): {"triton": (2.0, 9.5), "cuda": (19.9, 80.0)},
 }

@@ -4,7 +4,7 @@
   must be compiled and registered for the ``CUDA`` dispatch key (skipped for a CPU torch or when
   the build was skipped with ``HDAF_SKIP_CUDA_BUILD=1``).
 * ``test_cuda_op_rejects_head_dim_160_without_a_gpu`` sends fake tensors on a CUDA device
-  straight to the op's CUDA kernel: its argument checks must raise (issue 10: Dk=160).
+  straight to the op's CUDA kernel: its argument checks must raise (Dk=160 once crashed a GPU run).
 * ``test_cuda_kernels_host_emulation`` runs the very kernel templates of
   ``csrc/cuda/delta_attention_kernels.cuh`` on the CPU (``csrc/cuda/host_emulation``: a thread
   per CUDA thread, barriers for ``__syncthreads``, an emulated ``wmma`` with the sm_80 code path),
@@ -357,7 +357,7 @@ def test_cuda_head_dim_128():
         _check_rule(f"D=128 {name}", r, c, b, torch.float16)
 
 
-# Bad calls of the CUDA op, run in a child process: on the issue-10 H100 run the Dk=160 call
+# Bad calls of the CUDA op, run in a child process: on an H100 (2026-11-24) the Dk=160 call
 # killed the whole pytest process (segfault). Here a crash fails this one test, naming the signal.
 REJECTIONS_CHILD = textwrap.dedent("""
     import torch, hdaf

@@ -1,4 +1,4 @@
-"""The opt-in CuTe forward (issue 12; csrc/cuda_cute, built only with ``HDAF_BUILD_CUTE=1``).
+"""The opt-in CuTe forward (csrc/cuda_cute, built only with ``HDAF_BUILD_CUTE=1``).
 
 Its op ``hdaf::cuda_cute_delta_attention_forward`` has the schema of
 ``hdaf::delta_attention_forward`` and exists only when the extension was built with the flag;
@@ -42,7 +42,8 @@ def _cute_built() -> bool:
 
 
 requires_cute = pytest.mark.skipif(
-    not _cute_built(), reason="hdaf._C was built without HDAF_BUILD_CUTE=1 (see README, CuTe kernels)")
+    not _cute_built(),
+    reason="hdaf._C was built without HDAF_BUILD_CUTE=1 (see docs/verification.md, The CuTe forward)")
 
 
 # ---------------------------------------------------------------------------------------------

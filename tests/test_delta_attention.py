@@ -234,7 +234,7 @@ def test_kernel_rejects_inconsistent_arguments_directly():
 
 @pytest.mark.parametrize("Dk,Dv", [(160, 8), (8, 160), (129, 129)])
 def test_cuda_head_dim_limit_is_enforced_by_the_shared_checks(Dk, Dv):
-    """Issue 10: Dk=160 on CUDA must raise, not crash. The CUDA op first runs
+    """Dk=160 on CUDA must raise, not crash (on an H100 it once segfaulted). The CUDA op first runs
     hdaf::check_forward_args (csrc/delta_attention_checks.cpp, host-compiled); the test hook runs
     that very function with the CUDA limits, so the rejection is tested without a GPU. The CPU
     kernel takes any head dim."""

@@ -62,9 +62,9 @@ size_t delta_bwd_smem_bytes(int64_t Dk, int64_t Dv, int max_smem);
 template <typename scalar_t>
 cudaError_t delta_bwd_launch(const BwdParams& p, int max_smem, cudaStream_t stream);
 
-// The CuTe forward (csrc/cuda_cute/, compiled only with HDAF_BUILD_CUTE=1; issue 12, not yet run
-// on a GPU): scalar_t __half or __nv_bfloat16, Dk == Dv == kHeadDim in {64, 128}, sm_80+, lse
-// float32. One fixed tile configuration per (dtype, head dim); *_smem_bytes is what it needs.
+// The CuTe forward (csrc/cuda_cute/, compiled only with HDAF_BUILD_CUTE=1; compile-verified, not
+// yet run on a GPU): scalar_t __half or __nv_bfloat16, Dk == Dv == kHeadDim in {64, 128}, sm_80+,
+// lse float32. One fixed tile configuration per (dtype, head dim); *_smem_bytes is what it needs.
 template <typename scalar_t, int kHeadDim>
 size_t delta_fwd_cute_smem_bytes();
 template <typename scalar_t, int kHeadDim>

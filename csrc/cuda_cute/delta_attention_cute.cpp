@@ -1,4 +1,4 @@
-// Host side of the opt-in CuTe forward (issue 12): the op hdaf::cuda_cute_delta_attention_forward,
+// Host side of the opt-in CuTe forward: the op hdaf::cuda_cute_delta_attention_forward,
 // with the schema of hdaf::delta_attention_forward (docs/delta_attention.md), defined here and
 // registered for the CUDA dispatch key. setup.py compiles this file and the kernels of
 // csrc/cuda_cute/ only with HDAF_BUILD_CUTE=1, so the op exists exactly when they were built

@@ -1,7 +1,8 @@
 // Forward kernel of hdaf::delta_attention on CuTe (CUTLASS 4.x), FlashAttention-2 style, sm_80+.
-// Spec: docs/delta_attention.md. Issue 12. OPT-IN (setup.py: HDAF_BUILD_CUTE=1), served only by the
-// op hdaf::cuda_cute_delta_attention_forward, never by `auto`; compile-verified only, no GPU has run
-// it yet (README, "CuTe kernels"). Included only by the instantiation units fwd_cute_*.cu.
+// Spec: docs/delta_attention.md. OPT-IN (setup.py: HDAF_BUILD_CUTE=1), served only by the op
+// hdaf::cuda_cute_delta_attention_forward, never by `auto`; compile-verified only, no GPU has run
+// it yet (docs/verification.md, "The CuTe forward"). Included only by the instantiation units
+// fwd_cute_*.cu.
 //
 // One CTA = kBlockM query rows of one (batch, head). Warps are stacked along the rows (each owns
 // kBlockM / kNWarps of them), so a row's softmax state lives in the 4 lanes of one quad.
