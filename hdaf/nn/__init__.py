@@ -1,4 +1,10 @@
-"""Reusable layers built on the delta-attention op."""
-from .delta_attention import DeltaAttention
+"""Reusable layers built on the delta-attention op.
 
-__all__ = ["DeltaAttention"]
+``DeltaAttention``: ``attn(x, key_padding_mask) -> out``, the layer of HDAF's own model.
+``DeltaMultiheadAttention``: ``nn.MultiheadAttention``'s interface and weights, for self-attention
+in other models.
+"""
+from .delta_attention import DeltaAttention
+from .multihead_attention import DeltaMultiheadAttention
+
+__all__ = ["DeltaAttention", "DeltaMultiheadAttention"]
