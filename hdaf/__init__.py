@@ -2,12 +2,13 @@
 
 ``hdaf.delta_attention`` is the operator (spec: docs/delta_attention.md), ``hdaf.DeltaAttention``
 the layer of HDAF's own model, ``hdaf.DeltaMultiheadAttention`` the ``nn.MultiheadAttention``
-replacement, ``hdaf.backends()`` reports what was compiled and what each device uses.
+replacement and ``hdaf.convert_mha(model)`` the one-call conversion of a model's self-attention;
+``hdaf.backends()`` reports what was compiled and what each device uses.
 """
 from .dispatch import backends
 from .functional import delta_attention, paper_preset
-from .nn import DeltaAttention, DeltaMultiheadAttention
+from .nn import DeltaAttention, DeltaMultiheadAttention, convert_mha
 
 __version__ = "0.1.0"
 __all__ = ["delta_attention", "paper_preset", "DeltaAttention", "DeltaMultiheadAttention",
-           "backends", "__version__"]
+           "convert_mha", "backends", "__version__"]
