@@ -10,8 +10,9 @@ gather, cpu (C++ kernel), flex (FlexAttention + torch.compile, forward only: it 
 backward), triton and cuda (GPU only). Each case records peak extra memory in extra_info;
 out-of-memory becomes a skipped case, not a crash.
 
-On a GPU this file is skipped: bench_delta_attention_gpu.py holds the GPU configurations (issue 11:
-larger shapes, many calls per timed round).
+On a GPU this file is skipped: bench_delta_attention_gpu.py holds the GPU configurations (larger
+shapes, many calls per timed round). ``extra_info`` also records the torch version and the shape,
+which ``python bench/report.py --readme`` prints under the README's table.
 """
 from __future__ import annotations
 
@@ -128,7 +129,8 @@ def _run_case(benchmark, provider, T, mode, window=None):
         peak = peak_extra_bytes(step, DEVICE)
         benchmark.extra_info.update(provider=provider, T=T, mode=mode, window=window,
                                     device=DEVICE, dtype=str(DTYPE), threads=torch.get_num_threads(),
-                                    peak_extra_bytes=peak)
+                                    peak_extra_bytes=peak, torch=torch.__version__, B=B, H=H,
+                                    head_dim=D, R=R)
         benchmark.pedantic(step, rounds=3, iterations=1, warmup_rounds=0)
     except torch.OutOfMemoryError as exc:
         pytest.skip(f"out of memory: {exc}")

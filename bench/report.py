@@ -1,12 +1,15 @@
-"""Turn a pytest-benchmark JSON file into the README's results tables (markdown).
+"""Turn a pytest-benchmark JSON file into markdown results tables.
 
     pytest bench/ --benchmark-only --benchmark-json=bench/results.json
     python bench/report.py bench/results.json > bench/results.md
+    python bench/report.py --readme bench/results/cpu_<name>.json      # the README's compact table
     python bench/report.py bench/results/gpu_<name>.json --auto-table   # rows for hdaf/dispatch.py
 
 A CPU run gives the per-T tables of bench_delta_attention.py; a GPU run (bench_delta_attention_gpu.py,
 rows with D and dtype) gives per-dtype tables with TFLOP/s, peak memory, the window comparison and
-the issue-11 targets (met / missed with the figure), all from the JSON (see report_gpu.py).
+the GPU speed targets (met / missed with the figure), all from the JSON (see report_gpu.py).
+``--readme`` prints one compact table with the machine, date, versions and command under it, as
+README.md shows it (``bench/update_readme.py`` pastes it there).
 """
 from __future__ import annotations
 
@@ -29,7 +32,8 @@ def load(path):
                          device=info.get("device"), dtype=info.get("dtype"), D=info.get("D"),
                          ms=info.get("ms"), tflops=info.get("tflops"), gpu=info.get("gpu"),
                          torch=info.get("torch"), B=info.get("B"), H=info.get("H"),
-                         R=info.get("R")))
+                         R=info.get("R"), threads=info.get("threads"),
+                         head_dim=info.get("head_dim")))
     return data.get("machine_info", {}), data.get("commit_info", {}), rows
 
 
@@ -65,12 +69,143 @@ def tables(rows):
     return "\n".join(out)
 
 
+README_MIN_T = 1024  # the README's table shows T >= this (all T when none is that long)
+CPU_ROWS = [  # (provider, mode, label) in the README's CPU table
+    ("sdpa", "fwd", "SDPA, no bias (the floor), fwd"),
+    ("cpu", "fwd", "**hdaf `cpu`, fwd**"),
+    ("sdpa_bias", "fwd", "SDPA + materialized bias, fwd"),
+    ("gather", "fwd", "`gather` reference, fwd"),
+    ("flex", "fwd", "FlexAttention (`torch.compile`, score_mod gathering P), fwd"),
+    ("sdpa", "fwd+bwd", "SDPA, no bias, fwd+bwd"),
+    ("cpu", "fwd+bwd", "**hdaf `cpu`, fwd+bwd**"),
+    ("sdpa_bias", "fwd+bwd", "SDPA + materialized bias, fwd+bwd"),
+    ("gather", "fwd+bwd", "`gather` reference, fwd+bwd"),
+]
+GPU_ROWS = [("sdpa", "SDPA, no bias (the floor)"), ("triton", "hdaf `triton`"),
+            ("cuda", "hdaf `cuda`"), ("flex", "FlexAttention"),
+            ("sdpa_bias", "SDPA + materialized bias")]
+
+
+def _isa(machine):
+    flags = set(machine.get("cpu", {}).get("flags", []))
+    if "avx512f" in flags:
+        return "AVX-512"
+    return "AVX2, no AVX-512" if "avx2" in flags else "no AVX2"
+
+
+def _provenance(path, doc, rows, bench_file, machine_line, table):
+    """The table, then the lines under it: machine, date, versions, commit, command."""
+    machine, commit = doc.get("machine_info", {}), doc.get("commit_info", {})
+    r0 = rows[0] if rows else {}
+    torch_v = r0.get("torch") or machine.get("torch")
+    rounds = sorted({b["stats"]["rounds"] for b in doc["benchmarks"] if "stats" in b})
+    dims = dict(B=r0.get("B"), H=r0.get("H"), D=r0.get("D") or r0.get("head_dim"), R=r0.get("R"))
+    shape = ", ".join(f"{k}={v}" for k, v in dims.items() if v is not None)
+    lines = [table, "", f"{machine_line} Date: {doc.get('datetime', '?')[:10]}. Versions: Python "
+              f"{machine.get('python_version', '?')}, "
+              + (f"torch {torch_v}" if torch_v else "torch not recorded in the JSON")
+              + f", pytest-benchmark {doc.get('version', '?')}. Commit {commit.get('id', '?')[:10]}"
+              + (" (with uncommitted changes)" if commit.get("dirty") else "")
+              + (f". Shape: {shape}" if shape else "")
+              + f". Median of {'–'.join(str(r) for r in rounds) or '?'} rounds.", "",
+              f"Command: `pytest {bench_file} --benchmark-only --benchmark-json={path}`, then "
+              f"`python bench/report.py --readme {path}`; every case: `python bench/report.py {path}`."]
+    return "\n".join(lines)
+
+
+def readme_cpu(path, doc, rows):
+    machine = doc.get("machine_info", {})
+    by = {(r["provider"], r["mode"], r["T"]): r for r in rows if r["window"] is None}
+    Ts = sorted({t for _, _, t in by})
+    Ts = [t for t in Ts if t >= README_MIN_T] or Ts
+    out = ["| ms (ratio to SDPA without bias) | " + " | ".join(f"T={t}" for t in Ts) + " |",
+           "|---|" + "---:|" * len(Ts)]
+    for p, mode, label in CPU_ROWS:
+        cells = []
+        for t in Ts:
+            r, floor = by.get((p, mode, t)), by.get(("sdpa", mode, t))
+            if r is None:
+                cells.append("–")
+                continue
+            v = f"{r['median_ms']:.1f}"
+            if p != "sdpa" and floor:
+                v += f" ({r['median_ms'] / floor['median_ms']:.2f}×)"
+            cells.append(f"**{v}**" if p == "cpu" else v)
+        if any(c != "–" for c in cells):
+            out.append(f"| {label} | " + " | ".join(cells) + " |")
+    mem = [p for p in ("cpu", "gather", "sdpa") if any(by.get((p, "fwd+bwd", t)) for t in Ts)]
+    if mem:
+        names = {"cpu": "hdaf `cpu`", "gather": "`gather`", "sdpa": "SDPA"}
+        out.append("| peak extra MiB, fwd+bwd: " + " / ".join(names[p] for p in mem) + " | "
+                   + " | ".join(" / ".join(fmt_mb((by.get((p, "fwd+bwd", t)) or {}).get("peak"))
+                                           for p in mem) for t in Ts) + " |")
+    win = {(r["provider"], r["mode"]): r for r in rows if r["window"] is not None}
+    if ("cpu", "fwd") in win and ("sdpa", "fwd") in win:
+        w, T = win[("cpu", "fwd")]["window"], win[("cpu", "fwd")]["T"]
+        modes = [m for m in ("fwd", "fwd+bwd") if ("cpu", m) in win and ("sdpa", m) in win]
+        ms = lambda p: " / ".join(f"{win[(p, m)]['median_ms']:.1f}" for m in modes)  # noqa: E731
+        fast = " / ".join(f"{win[('sdpa', m)]['median_ms'] / win[('cpu', m)]['median_ms']:.1f}×"
+                          for m in modes)
+        out += ["", f"With `window={w}` at T={T}: hdaf `cpu` {ms('cpu')} ms ({' / '.join(modes)}), "
+                f"SDPA given the equivalent boolean mask {ms('sdpa')} ms: **{fast} faster** "
+                f"(only the band of key tiles is visited)."]
+    cpu = machine.get("cpu", {})
+    threads = sorted({str(r.get("threads")) for r in rows if r.get("threads") is not None})
+    dtypes = sorted({str(r.get("dtype")).replace("torch.", "") for r in rows if r.get("dtype")})
+    head = (f"Machine: {cpu.get('brand_raw', '?')}, {cpu.get('count', '?')} cores ({_isa(machine)}), "
+            f"{'/'.join(threads) or '?'} threads, {'/'.join(dtypes) or '?'}.")
+    return _provenance(path, doc, rows, "bench/bench_delta_attention.py", head, "\n".join(out))
+
+
+def readme_gpu(path, doc, rows):
+    import report_gpu
+
+    idx = report_gpu.index(rows)
+    full = sorted(k for k in idx if k[4] is None)
+    dtype = "bf16" if any(k[0] == "bf16" for k in full) else (full[0][0] if full else "?")
+    cols = sorted({(k[1], k[2]) for k in full if k[0] == dtype})
+    out = [f"| {dtype}: ms (ratio to SDPA without bias) | "
+           + " | ".join(f"D={d} T={t}" for d, t in cols) + " |", "|---|" + "---:|" * len(cols)]
+    for mode in ("fwd", "fwd+bwd"):
+        for p, label in GPU_ROWS:
+            cells = []
+            for d, t in cols:
+                by = idx.get((dtype, d, t, mode, None), {})
+                r, floor = by.get(p), by.get("sdpa")
+                if r is None:
+                    cells.append("n/a" if p == "flex" and mode != "fwd" else "–")
+                    continue
+                v = f"{report_gpu._ms(r):.3g}"
+                if p != "sdpa" and floor:
+                    v += f" ({report_gpu._ms(r) / report_gpu._ms(floor):.2f}×)"
+                cells.append(f"**{v}**" if p in ("triton", "cuda") else v)
+            if any(c not in ("–", "n/a") for c in cells):
+                out.append(f"| {label}, {mode} | " + " | ".join(cells) + " |")
+    r0 = rows[0] if rows else {}
+    head = f"Machine: {r0.get('gpu', '?')}."
+    return _provenance(path, doc, rows, "bench/bench_delta_attention_gpu.py", head, "\n".join(out))
+
+
+def readme(path):
+    """The README block of one bench JSON file (CPU or GPU rows)."""
+    with open(path) as f:
+        doc = json.load(f)
+    _, _, rows = load(path)
+    gpu_rows = [r for r in rows if r["D"] is not None]
+    return readme_gpu(path, doc, gpu_rows) if gpu_rows else readme_cpu(path, doc, rows)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("json")
     ap.add_argument("--auto-table", action="store_true",
                     help="print AUTO_MEASUREMENTS rows for hdaf/dispatch.py (GPU JSON)")
+    ap.add_argument("--readme", action="store_true",
+                    help="print the README's compact table with machine, date, versions, command")
     args = ap.parse_args()
+    if args.readme:
+        print(readme(args.json))
+        return
     machine, commit, rows = load(args.json)
     gpu_rows = [r for r in rows if r["D"] is not None]  # bench_delta_attention_gpu.py rows
     if gpu_rows or args.auto_table:

@@ -1,0 +1,137 @@
+"""Regenerate README.md's performance tables (and the figure) from the committed results.
+
+    python bench/update_readme.py            # rewrite the marked blocks, redraw the figure
+    python bench/update_readme.py --check    # exit 1 when a block differs from what is printed here
+
+Each block sits between ``<!-- table:NAME -->`` and ``<!-- /table:NAME -->`` in README.md and is
+the output of one generator, run on committed JSON:
+
+    cpu           python bench/report.py --readme bench/results/cpu_*.json   (one per file)
+    gpu           python bench/report.py --readme bench/results/gpu_*.json   (one per file)
+    static_sm90   python bench/static_profile.py --report bench/results/static_sm90.json
+                  (its summary; the per-configuration tables stay in static_sm90.md)
+
+Where no JSON is committed the block says so, with the command that would produce it. The figure
+(``bench/plot_bench.py``: time against T per provider, from the CPU JSON) is redrawn unless
+``--no-plot``; ``--check`` compares the tables only (a PNG differs between matplotlib versions).
+"""
+from __future__ import annotations
+
+import argparse
+import difflib
+import glob
+import os
+import re
+import subprocess
+import sys
+from typing import Callable, Dict, List
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+README = os.path.join(REPO, "README.md")
+FIGURE = "docs/figures/cpu_time_vs_T.png"
+STATIC_JSON = "bench/results/static_sm90.json"
+BLOCK = re.compile(r"(<!-- table:([\w-]+) -->\n)(.*?)(<!-- /table:\2 -->)", re.S)
+
+
+def _run(*args: str) -> str:
+    """stdout of ``python args...`` run in the repository root; its failure is ours."""
+    res = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise RuntimeError(f"`python {' '.join(args)}` failed ({res.returncode}):\n{res.stderr}")
+    return res.stdout
+
+
+def _results(pattern: str) -> List[str]:
+    """Committed result files matching ``pattern``, as repository-relative paths, sorted."""
+    return sorted(os.path.relpath(p, REPO).replace(os.sep, "/")
+                  for p in glob.glob(os.path.join(REPO, "bench", "results", pattern)))
+
+
+def _bench_blocks(pattern: str) -> List[str]:
+    return [_run("bench/report.py", "--readme", p).rstrip("\n") for p in _results(pattern)]
+
+
+def cpu_block() -> str:
+    blocks = _bench_blocks("cpu_*.json")
+    if not blocks:
+        return ("Not measured: no CPU bench result is committed. `pytest bench/bench_delta_attention.py "
+                "--benchmark-only --benchmark-json=bench/results/cpu_<name>.json` writes one.")
+    return "\n\n".join(blocks)
+
+
+def gpu_block() -> str:
+    blocks = _bench_blocks("gpu_*.json")
+    if not blocks:
+        return ("**Not measured on a GPU.** No GPU bench result is committed "
+                "(`bench/results/gpu_*.json`); on a machine with an NVIDIA GPU, "
+                "`scripts/gpu_check.sh --name <name>` runs the GPU bench and writes one. "
+                "The Triton kernels are profiled statically for sm_90 instead (below).")
+    return "\n\n".join(blocks)
+
+
+def static_block() -> str:
+    if not os.path.exists(os.path.join(REPO, STATIC_JSON)):
+        return ("The static profile has not been generated: `python bench/static_profile.py "
+                f"--arch 90` compiles the Triton kernels for sm_90 (no GPU needed) and writes "
+                f"`{STATIC_JSON}`.")
+    md = _run("bench/static_profile.py", "--report", STATIC_JSON)
+    md = md.split("\n## Every configuration", 1)[0]
+    out = []
+    for line in md.strip("\n").splitlines():
+        if line.startswith("# "):  # the page title: the README has its own heading
+            continue
+        out.append(f"**{line[3:]}**" if line.startswith("## ") else line)
+    full = STATIC_JSON[:-len(".json")] + ".md"
+    text = "\n".join(out).strip("\n")
+    return text + f"\n\nEvery configuration: [`{full}`]({full})."
+
+
+GENERATORS: Dict[str, Callable[[], str]] = {
+    "cpu": cpu_block, "gpu": gpu_block, "static_sm90": static_block}
+
+
+def render(text: str, generators: Dict[str, Callable[[], str]] = GENERATORS) -> str:
+    """``text`` with every marked block replaced by its generator's output."""
+    found = [m.group(2) for m in BLOCK.finditer(text)]
+    unknown = sorted(set(found) - set(generators))
+    missing = sorted(set(generators) - set(found))
+    if unknown or missing:
+        raise ValueError(f"README blocks: unknown {unknown}, missing {missing} "
+                         f"(markers: <!-- table:NAME --> ... <!-- /table:NAME -->)")
+    made = {name: gen().strip("\n") for name, gen in generators.items()}
+    return BLOCK.sub(lambda m: f"{m.group(1)}{made[m.group(2)]}\n{m.group(4)}", text)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--check", action="store_true",
+                    help="change nothing; exit 1 when README.md's tables differ from the generators'")
+    ap.add_argument("--no-plot", action="store_true", help="do not redraw " + FIGURE)
+    ap.add_argument("--readme", default=README, help="the file to update (default README.md)")
+    args = ap.parse_args(argv)
+    with open(args.readme, encoding="utf-8") as f:
+        old = f.read()
+    new = render(old)
+    if args.check:
+        if new == old:
+            print(f"{os.path.relpath(args.readme)}: tables match the committed results")
+            return 0
+        sys.stdout.writelines(difflib.unified_diff(
+            old.splitlines(True), new.splitlines(True), "README.md (committed)",
+            "README.md (generated)"))
+        print("README.md's tables differ from the generators': run python bench/update_readme.py",
+              file=sys.stderr)
+        return 1
+    if new != old:
+        with open(args.readme, "w", encoding="utf-8") as f:
+            f.write(new)
+    print(f"{os.path.relpath(args.readme)}: {'updated' if new != old else 'unchanged'}")
+    cpu = _results("cpu_*.json")
+    if not args.no_plot and cpu:
+        _run("bench/plot_bench.py", cpu[0], "--out", FIGURE)
+        print(f"drew {FIGURE} from {cpu[0]}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
