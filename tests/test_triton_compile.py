@@ -2,10 +2,11 @@
 
 The interpreter (tests/test_triton.py) runs the kernels' Python, not Triton's compiler: a kernel
 that interprets fine can still fail to lower (a branch yielding two types, a layout the backend
-refuses). This compiles each kernel ahead of time for both architectures, for the float16 path
-with a padding mask and Dk != Dv, and the float32 (IEEE) path without, through
-``triton.compile`` with a ``GPUTarget`` — in a child process, since this test process runs the
-interpreter. On a GPU the compiled kernels also run in tests/test_triton.py.
+refuses). This compiles each kernel ahead of time for both architectures — the float16 path with a
+padding mask, a causal window and Dk != Dv, the float32 (IEEE) path, and the bfloat16 path
+without the delta term — through ``triton.compile`` with a ``GPUTarget``, from the arguments
+the launchers pass (``capture_launches``), specialised as a real launch specialises them; in a
+child process, since this test process runs the interpreter. On a GPU the compiled kernels also run in tests/test_triton.py.
 """
 from __future__ import annotations
 
@@ -22,41 +23,51 @@ pytest.importorskip("triton", reason="triton is not installed (e.g. the CPU buil
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 CHILD = textwrap.dedent('''
-    import triton
+    import torch, triton
     from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import create_function_from_signature
     from hdaf.kernels import delta_attention as K
 
-    CONST = ("HAS_PAD", "IEEE", "BLOCK_DK", "BLOCK_DV", "BLOCK_M", "BLOCK_N")
-    PTR = ("Q", "K", "V", "P", "OUT", "DO", "DK_OUT", "DV_OUT", "DQ_OUT")
+    def compile_launch(ln, cfg, cap):
+        # specialised from the captured arguments exactly as JITFunction.run specialises them
+        bm, bn, warps, stages = cfg
+        target = GPUTarget("cuda", cap, 32)
+        backend = make_backend(target)
+        kern = ln.kernel
+        binder = create_function_from_signature(kern.signature, kern.params, backend)
+        kw = dict(ln.kwargs, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
+        bound, spec, opts = binder(*ln.args, **kw)
+        options, sig, constexprs, attrs = kern._pack_args(backend, kw, bound, spec, opts)
+        return triton.compile(ASTSource(kern, sig, constexprs, attrs), target=target,
+                              options=options.__dict__)
 
-    def signature(kernel, dtype):
-        sig = {}
-        for n in kernel.arg_names:
-            sig[n] = ("constexpr" if n in CONST else dtype if n in PTR else
-                      "*fp32" if n in ("LSE", "DELTA", "DPK", "DPQ") else "*u8" if n == "PAD"
-                      else "*i32" if n == "KV" else "fp32" if n in ("scale", "qk_scale")
-                      else "i32")
-        return sig
+    def capture(dtype, pad, dk, dv, use_delta):
+        B, H, T, L, U = 2, 2, 256, 3, 5
+        g = torch.Generator().manual_seed(0)
+        q = torch.empty(B, H, T, dk, dtype=dtype)
+        k = torch.empty_like(q)
+        v = torch.empty(B, H, T, dv, dtype=dtype)
+        P = torch.empty(B, 1, T, L + U + 1, dtype=dtype)
+        mask = torch.rand(B, T, generator=g) < 0.2 if pad else None
+        lse = torch.empty(B, H, T)
+        with K.capture_launches() as launches:
+            K._forward(q, k, v, P, mask, L, U, 40, 0, dk ** -0.5, use_delta=use_delta)
+            K._backward(v, q, k, v, P, mask, v, lse, L, U, 40, 0, dk ** -0.5,
+                        use_delta=use_delta)
+        return launches
 
-    for kind, kernel in (("fwd", K._fwd_kernel), ("dkdv", K._bwd_dkdv_kernel),
-                         ("dq", K._bwd_dq_kernel)):
-        bm, bn, warps, stages = K.autotune_shapes(kind)[0]
-        for dtype, ieee, pad, bdk, bdv in (("*fp16", False, True, 64, 32),
-                                           ("*fp32", True, False, 32, 16)):
-            if ieee:
-                bm, bn, stages = min(bm, 64), min(bn, 64), 2  # what _prune keeps for float32
-            const = dict(HAS_PAD=pad, IEEE=ieee, BLOCK_DK=bdk, BLOCK_DV=bdv, BLOCK_M=bm,
-                         BLOCK_N=bn)
+    for dtype, pad, dk, dv, use_delta in ((torch.float16, True, 64, 32, True),
+                                          (torch.float32, False, 32, 16, True),
+                                          (torch.bfloat16, False, 64, 64, False)):
+        for ln in capture(dtype, pad, dk, dv, use_delta):
+            cfg = ln.configs[0]
             for cap in (80, 90):
-                compiled = triton.compile(
-                    ASTSource(fn=kernel, signature=signature(kernel, dtype), constexprs=const),
-                    target=GPUTarget("cuda", cap, 32),
-                    options=dict(num_warps=warps, num_stages=stages))
-                assert compiled.asm["cubin"], (kind, cap, dtype)
-                print("COMPILED", kind, cap, dtype, (bm, bn, warps, stages),
-                      compiled.metadata.shared)
+                compiled = compile_launch(ln, cfg, cap)
+                assert compiled.asm["cubin"], (ln.kind, cap, dtype)
+                print("COMPILED", ln.kind, cap, dtype, cfg, use_delta, compiled.metadata.shared)
 ''')
+
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the kernels compile and run in "
@@ -67,4 +78,4 @@ def test_kernels_compile_for_sm80_and_sm90_without_a_gpu():
                          text=True, timeout=1200)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
     compiled = [ln for ln in res.stdout.splitlines() if ln.startswith("COMPILED")]
-    assert len(compiled) == 3 * 2 * 2, res.stdout
+    assert len(compiled) == 3 * 3 * 2, res.stdout

@@ -1,0 +1,362 @@
+"""Backward Triton kernels of delta attention (flash-attention 2's split into dK/dV and dQ passes).
+
+* ``bwd_rows_kernel``: per query, the float32 row vectors the other two kernels read
+  (``ROWS [B, H, 4, T]``): ``D_i = dout_i·out_i``; ``lse2_i`` (log2-domain lse, ``+inf`` for a
+  query with no visible key, so that ``exp2(t − lse2) = 0`` there); and ``lse2_i + c·P[i, 0]``,
+  ``lse2_i + c·P[i, R−1]``, which turn a far tile's probabilities into one FFMA and one
+  subtraction per element: ``p = exp2(c·q·k + KCOL[e, j] − (lse2_i + c·P[i, e]))``.
+* ``bwd_dkdv_kernel``: one program per ``BLOCK_N`` keys, in the transposed orientation
+  (``Sᵀ = K·Qᵀ``, ``dPᵀ = V·dOᵀ``): the key block is the matrix instructions' M dimension, and a
+  key's bucket sum of ``dS`` is a row reduction inside the accumulator layout. Writes dk, dv and
+  the key rows of dP (``dP[j, r(i,j)] += scale·dS_ij``).
+* ``bwd_dq_kernel``: one program per ``BLOCK_M`` queries: dq and the query rows of dP
+  (``dP[i, r(i,j)] −= scale·dS_ij``).
+
+Ownership: every program writes only its own rows. Unclipped buckets never collide within a row
+(each belongs to one partner), so they are plain stores; the clipped buckets 0 and R−1 are summed
+in registers and stored once. The two halves of dP go into the two halves of one float32 buffer
+that the launcher adds. No atomics: bitwise deterministic for a given configuration.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .delta_attention_tiles import (BAND, FAR_HI, FAR_LO, PLAIN, band_bias, dot, kcol_row,
+                                    key_span, split_runs, window_mask)
+
+# Rows of ROWS [B, H, 4, T].
+ROW_D: tl.constexpr = tl.constexpr(0)
+ROW_LSE2: tl.constexpr = tl.constexpr(1)
+ROW_QL_LO: tl.constexpr = tl.constexpr(2)
+ROW_QL_HI: tl.constexpr = tl.constexpr(3)
+
+
+@triton.jit
+def _rows_row(MODE: tl.constexpr):
+    """The ROWS row a run of kind MODE subtracts from its logits."""
+    if MODE == FAR_LO:
+        return ROW_QL_LO
+    elif MODE == FAR_HI:
+        return ROW_QL_HI
+    else:
+        return ROW_LSE2
+
+
+@triton.jit
+def bwd_rows_kernel(OUT, DO, LSE, P, ROWS, sob, soh, sot, sod, sdb, sdh, sdt, sdd, slb, slh, slt,
+                    spb, sph, spt, H, T, R, qk_scale, USE_DELTA: tl.constexpr,
+                    DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    off_b = (pid_bh // H).to(tl.int64)
+    off_h = (pid_bh % H).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    mask_m = offs_m < T
+    mask = mask_m[:, None] & (offs_dv < DV)[None, :]
+    o = tl.load(OUT + off_b * sob + off_h * soh + offs_m[:, None] * sot + offs_dv[None, :] * sod,
+                mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(DO + off_b * sdb + off_h * sdh + offs_m[:, None] * sdt + offs_dv[None, :] * sdd,
+                 mask=mask, other=0.0).to(tl.float32)
+    lse = tl.load(LSE + off_b * slb + off_h * slh + offs_m * slt, mask=mask_m,
+                  other=float("-inf"))
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    rows = ROWS + pid_bh.to(tl.int64) * 4 * T + offs_m
+    tl.store(rows + ROW_D * T, tl.sum(o * do, 1), mask=mask_m)
+    tl.store(rows + ROW_LSE2 * T, lse2, mask=mask_m)
+    if USE_DELTA:
+        p_base = P + off_b * spb + off_h * sph + offs_m * spt
+        p_lo = tl.load(p_base, mask=mask_m, other=0.0).to(tl.float32)
+        p_hi = tl.load(p_base + (R - 1), mask=mask_m, other=0.0).to(tl.float32)
+        tl.store(rows + ROW_QL_LO * T, lse2 + p_lo * qk_scale, mask=mask_m)
+        tl.store(rows + ROW_QL_HI * T, lse2 + p_hi * qk_scale, mask=mask_m)
+
+
+@triton.jit
+def _band_dP(ds, d, valid, L, U, acc_lo, acc_hi, dp_ptrs, scale, AXIS: tl.constexpr):
+    """A band tile's share of dP: the clipped pairs summed into acc_lo / acc_hi along AXIS (the
+    partner axis), the unclipped ones stored (one partner per row and bucket) at dp_ptrs + d."""
+    acc_lo += tl.sum(tl.where(d <= -L, ds, 0.0), AXIS)
+    acc_hi += tl.sum(tl.where((d >= U) & (d > -L), ds, 0.0), AXIS)
+    tl.store(dp_ptrs + d, ds * scale, mask=(d > -L) & (d < U) & valid)
+    return acc_lo, acc_hi
+
+
+@triton.jit
+def _dkdv_run(dk, dv, acc_lo, acc_hi, k, v, kcol, q_base, do_base, rows_base, p_base, dp_base,
+              sqt, sqd, sdt, sdd, spt, offs_n, mask_n, offs_dk, offs_dv, n0, m_start, m_end, T,
+              L, U, lo, hi, scale, qk_scale, MODE: tl.constexpr, MASKED: tl.constexpr,
+              IEEE: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr,
+              BLOCK_N: tl.constexpr):
+    R = L + U + 1
+    ql_rows = rows_base + _rows_row(MODE) * T
+    mask_dk = (offs_dk < DK)[:, None]
+    mask_dv = (offs_dv < DV)[None, :]
+    for m0 in range(m_start, m_end, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < T
+        qT = tl.load(q_base + offs_m[None, :] * sqt + offs_dk[:, None] * sqd,
+                     mask=mask_m[None, :] & mask_dk, other=0.0)
+        ql = tl.load(ql_rows + offs_m, mask=mask_m, other=float("inf"))
+        sT = dot(k, qT, IEEE)  # [BLOCK_N, BLOCK_M]
+        if MODE == BAND:
+            bias = band_bias(p_base, spt, offs_m[None, :], offs_n[:, None], mask_m[None, :],
+                             mask_n[:, None], L, U)
+            t = (sT + bias) * qk_scale + kcol[:, None]
+        else:
+            t = sT * qk_scale + kcol[:, None]
+        if MASKED:
+            t = window_mask(t, offs_n[:, None] - offs_m[None, :], lo, hi)
+        pT = tl.exp2(t - ql[None, :])
+        do = tl.load(do_base + offs_m[:, None] * sdt + offs_dv[None, :] * sdd,
+                     mask=mask_m[:, None] & mask_dv, other=0.0)
+        dv += dot(pT.to(do.dtype), do, IEEE)
+        Di = tl.load(rows_base + offs_m, mask=mask_m, other=0.0)
+        dpT = dot(v, tl.trans(do), IEEE)
+        dsT = pT * (dpT - Di[None, :])
+        dk += dot(dsT.to(qT.dtype), tl.trans(qT), IEEE)
+        if MODE == FAR_LO:
+            acc_lo += tl.sum(dsT, 1)
+        elif MODE == FAR_HI:
+            acc_hi += tl.sum(dsT, 1)
+        elif MODE == BAND:
+            acc_lo, acc_hi = _band_dP(dsT, offs_n[:, None] - offs_m[None, :],
+                                      mask_n[:, None] & mask_m[None, :], L, U, acc_lo, acc_hi,
+                                      dp_base + offs_n[:, None] * R + L, scale, 1)
+    return dk, dv, acc_lo, acc_hi
+
+
+@triton.jit
+def bwd_dkdv_kernel(Q, K, V, P, KCOL, KV, DO, ROWS, DK_OUT, DV_OUT, DPK,
+                    sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd,
+                    spb, sph, spt, scb, sch, sdb, sdh, sdt, sdd,
+                    sgkb, sgkh, sgkt, sgkd, sgvb, sgvh, sgvt, sgvd,
+                    H, T, L, U, lo, hi, scale, qk_scale, T_KEY, W_KEY,
+                    HAS_PAD: tl.constexpr, USE_DELTA: tl.constexpr, IEEE: tl.constexpr,
+                    DK: tl.constexpr, DV: tl.constexpr, BLOCK_DK: tl.constexpr,
+                    BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One program per key block: dk, dv and the key rows of dP."""
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    off_b = (pid_bh // H).to(tl.int64)
+    off_h = (pid_bh % H).to(tl.int64)
+    p_base = P + off_b * spb + off_h * sph
+    kc_base = KCOL + off_b * scb + off_h * sch
+    R = L + U + 1
+    dp_base = DPK + pid_bh.to(tl.int64) * T * R  # contiguous float32 [B*H, T, R]
+    rows_base = ROWS + pid_bh.to(tl.int64) * 4 * T
+
+    n0 = pid_n * BLOCK_N
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_dk = tl.arange(0, BLOCK_DK)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    mask_n = offs_n < T
+    mask_dk = offs_dk < DK
+    mask_dv = offs_dv < DV
+    k = tl.load(K + off_b * skb + off_h * skh + offs_n[:, None] * skt + offs_dk[None, :] * skd,
+                mask=mask_n[:, None] & mask_dk[None, :], other=0.0)
+    v = tl.load(V + off_b * svb + off_h * svh + offs_n[:, None] * svt + offs_dv[None, :] * svd,
+                mask=mask_n[:, None] & mask_dv[None, :], other=0.0)
+
+    dk = tl.zeros([BLOCK_N, BLOCK_DK], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+    acc_lo = tl.zeros([BLOCK_N], dtype=tl.float32)  # sum of dS over the i in bucket 0
+    acc_hi = tl.zeros([BLOCK_N], dtype=tl.float32)  # sum of dS over the i in bucket R-1
+
+    # query blocks meeting the band n0-hi <= i <= n0+BLOCK_N-1-lo; none when the key block lies
+    # outside the non-padding span
+    kv_lo, kv_hi = key_span(KV, off_b, T, HAS_PAD)
+    start_m = tl.maximum(n0 - hi, 0) // BLOCK_M * BLOCK_M
+    end_m = tl.minimum(n0 + BLOCK_N - lo, T)
+    end_m = tl.where((n0 < kv_hi) & (n0 + BLOCK_N > kv_lo), end_m, start_m)
+    q_base = Q + off_b * sqb + off_h * sqh
+    do_base = DO + off_b * sdb + off_h * sdh
+    kpad = tl.load(kc_base + kcol_row(PLAIN) * T + offs_n, mask=mask_n, other=float("-inf"))
+    # ascending i, so descending j - i: query tiles crossing the window's upper edge, unmasked
+    # tiles, then tiles crossing its lower edge
+    e1, e2 = split_runs(start_m, end_m, n0 + BLOCK_N - 1 - hi, n0 - BLOCK_M + 2 - lo, BLOCK_M)
+    if USE_DELTA:
+        kcol_lo = tl.load(kc_base + kcol_row(FAR_LO) * T + offs_n, mask=mask_n,
+                          other=float("-inf"))
+        kcol_hi = tl.load(kc_base + kcol_row(FAR_HI) * T + offs_n, mask=mask_n,
+                          other=float("-inf"))
+        # far-high (j - i >= U) first, then the band, then far-low (j - i <= -L)
+        b1, b2 = split_runs(e1, e2, n0 - U - BLOCK_M + 2, n0 + BLOCK_N - 1 + L, BLOCK_M)
+        dk, dv, acc_lo, acc_hi = _dkdv_run(
+            dk, dv, acc_lo, acc_hi, k, v, kpad, q_base, do_base, rows_base, p_base, dp_base,
+            sqt, sqd, sdt, sdd, spt, offs_n, mask_n, offs_dk, offs_dv, n0, start_m, e1, T, L, U,
+            lo, hi, scale, qk_scale, BAND, True, IEEE, DK, DV, BLOCK_M, BLOCK_N)
+        dk, dv, acc_lo, acc_hi = _dkdv_run(
+            dk, dv, acc_lo, acc_hi, k, v, kcol_hi, q_base, do_base, rows_base, p_base, dp_base,
+            sqt, sqd, sdt, sdd, spt, offs_n, mask_n, offs_dk, offs_dv, n0, e1, b1, T, L, U, lo,
+            hi, scale, qk_scale, FAR_HI, False, IEEE, DK, DV, BLOCK_M, BLOCK_N)
+        dk, dv, acc_lo, acc_hi = _dkdv_run(
+            dk, dv, acc_lo, acc_hi, k, v, kpad, q_base, do_base, rows_base, p_base, dp_base,
+            sqt, sqd, sdt, sdd, spt, offs_n, mask_n, offs_dk, offs_dv, n0, b1, b2, T, L, U, lo,
+            hi, scale, qk_scale, BAND, False, IEEE, DK, DV, BLOCK_M, BLOCK_N)
+        dk, dv, acc_lo, acc_hi = _dkdv_run(
+            dk, dv, acc_lo, acc_hi, k, v, kcol_lo, q_base, do_base, rows_base, p_base, dp_base,
+            sqt, sqd, sdt, sdd, spt, offs_n, mask_n, offs_dk, offs_dv, n0, b2, e2, T, L, U, lo,
+            hi, scale, qk_scale, FAR_LO, False, IEEE, DK, DV, BLOCK_M, BLOCK_N)
+        dk, dv, acc_lo, acc_hi = _dkdv_run(
+            dk, dv, acc_lo, acc_hi, k, v, kpad, q_base, do_base, rows_base, p_base, dp_base,
+            sqt, sqd, sdt, sdd, spt, offs_n, mask_n, offs_dk, offs_dv, n0, e2, end_m, T, L, U,
+            lo, hi, scale, qk_scale, BAND, True, IEEE, DK, DV, BLOCK_M, BLOCK_N)
+        if R == 1:
+            tl.store(dp_base + offs_n * R, (acc_lo + acc_hi) * scale, mask=mask_n)
+        else:
+            tl.store(dp_base + offs_n * R, acc_lo * scale, mask=mask_n)
+            tl.store(dp_base + offs_n * R + (R - 1), acc_hi * scale, mask=mask_n)
+    else:  # plain flash attention: no P traffic at all
+        dk, dv, acc_lo, acc_hi = _dkdv_run(
+            dk, dv, acc_lo, acc_hi, k, v, kpad, q_base, do_base, rows_base, p_base, dp_base,
+            sqt, sqd, sdt, sdd, spt, offs_n, mask_n, offs_dk, offs_dv, n0, start_m, e1, T, L, U,
+            lo, hi, scale, qk_scale, PLAIN, True, IEEE, DK, DV, BLOCK_M, BLOCK_N)
+        dk, dv, acc_lo, acc_hi = _dkdv_run(
+            dk, dv, acc_lo, acc_hi, k, v, kpad, q_base, do_base, rows_base, p_base, dp_base,
+            sqt, sqd, sdt, sdd, spt, offs_n, mask_n, offs_dk, offs_dv, n0, e1, e2, T, L, U, lo,
+            hi, scale, qk_scale, PLAIN, False, IEEE, DK, DV, BLOCK_M, BLOCK_N)
+        dk, dv, acc_lo, acc_hi = _dkdv_run(
+            dk, dv, acc_lo, acc_hi, k, v, kpad, q_base, do_base, rows_base, p_base, dp_base,
+            sqt, sqd, sdt, sdd, spt, offs_n, mask_n, offs_dk, offs_dv, n0, e2, end_m, T, L, U,
+            lo, hi, scale, qk_scale, PLAIN, True, IEEE, DK, DV, BLOCK_M, BLOCK_N)
+
+    # A padding key has probability 0 everywhere (KCOL is -inf there), hence dk = dv = 0.
+    gk_base = DK_OUT + off_b * sgkb + off_h * sgkh
+    gv_base = DV_OUT + off_b * sgvb + off_h * sgvh
+    tl.store(gk_base + offs_n[:, None] * sgkt + offs_dk[None, :] * sgkd,
+             (dk * scale).to(DK_OUT.dtype.element_ty), mask=mask_n[:, None] & mask_dk[None, :])
+    tl.store(gv_base + offs_n[:, None] * sgvt + offs_dv[None, :] * sgvd,
+             dv.to(DV_OUT.dtype.element_ty), mask=mask_n[:, None] & mask_dv[None, :])
+
+
+@triton.jit
+def _dq_run(dq, acc_lo, acc_hi, q, do, ql, Di, k_base, v_base, kc_base, p_base, dp_base,
+            skt, skd, svt, svd, spt, offs_m, mask_m, offs_dk, offs_dv, m0, n_start, n_end, T,
+            L, U, lo, hi, scale, qk_scale, MODE: tl.constexpr, MASKED: tl.constexpr,
+            IEEE: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr,
+            BLOCK_N: tl.constexpr):
+    R = L + U + 1
+    kc = kc_base + kcol_row(MODE) * T
+    mask_dk = (offs_dk < DK)[:, None]
+    mask_dv = (offs_dv < DV)[:, None]
+    for n0 in range(n_start, n_end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < T
+        kT = tl.load(k_base + offs_n[None, :] * skt + offs_dk[:, None] * skd,
+                     mask=mask_n[None, :] & mask_dk, other=0.0)
+        kcol = tl.load(kc + offs_n, mask=mask_n, other=float("-inf"))
+        s = dot(q, kT, IEEE)  # [BLOCK_M, BLOCK_N]
+        if MODE == BAND:
+            bias = band_bias(p_base, spt, offs_m[:, None], offs_n[None, :], mask_m[:, None],
+                             mask_n[None, :], L, U)
+            t = (s + bias) * qk_scale + kcol[None, :]
+        else:
+            t = s * qk_scale + kcol[None, :]
+        if MASKED:
+            t = window_mask(t, offs_n[None, :] - offs_m[:, None], lo, hi)
+        p = tl.exp2(t - ql[:, None])
+        vT = tl.load(v_base + offs_n[None, :] * svt + offs_dv[:, None] * svd,
+                     mask=mask_n[None, :] & mask_dv, other=0.0)
+        dp = dot(do, vT, IEEE)
+        ds = p * (dp - Di[:, None])
+        dq += dot(ds.to(kT.dtype), tl.trans(kT), IEEE)
+        if MODE == FAR_LO:
+            acc_lo += tl.sum(ds, 1)
+        elif MODE == FAR_HI:
+            acc_hi += tl.sum(ds, 1)
+        elif MODE == BAND:
+            acc_lo, acc_hi = _band_dP(ds, offs_n[None, :] - offs_m[:, None],
+                                      mask_m[:, None] & mask_n[None, :], L, U, acc_lo, acc_hi,
+                                      dp_base + offs_m[:, None] * R + L, -scale, 1)
+    return dq, acc_lo, acc_hi
+
+
+@triton.jit
+def bwd_dq_kernel(Q, K, V, P, KCOL, KV, DO, ROWS, DQ_OUT, DPQ,
+                  sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd,
+                  spb, sph, spt, scb, sch, sdb, sdh, sdt, sdd, sgqb, sgqh, sgqt, sgqd,
+                  H, T, L, U, lo, hi, scale, qk_scale, T_KEY, W_KEY,
+                  HAS_PAD: tl.constexpr, USE_DELTA: tl.constexpr, IEEE: tl.constexpr,
+                  DK: tl.constexpr, DV: tl.constexpr, BLOCK_DK: tl.constexpr,
+                  BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One program per query block: dq and the query rows of dP."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    off_b = (pid_bh // H).to(tl.int64)
+    off_h = (pid_bh % H).to(tl.int64)
+    k_base = K + off_b * skb + off_h * skh
+    v_base = V + off_b * svb + off_h * svh
+    p_base = P + off_b * spb + off_h * sph
+    kc_base = KCOL + off_b * scb + off_h * sch
+    R = L + U + 1
+    dp_base = DPQ + pid_bh.to(tl.int64) * T * R  # contiguous float32 [B*H, T, R]
+    rows_base = ROWS + pid_bh.to(tl.int64) * 4 * T
+
+    m0 = pid_m * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_dk = tl.arange(0, BLOCK_DK)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    mask_m = offs_m < T
+    mask_dk = offs_dk < DK
+    q = tl.load(Q + off_b * sqb + off_h * sqh + offs_m[:, None] * sqt + offs_dk[None, :] * sqd,
+                mask=mask_m[:, None] & mask_dk[None, :], other=0.0)
+    do = tl.load(DO + off_b * sdb + off_h * sdh + offs_m[:, None] * sdt + offs_dv[None, :] * sdd,
+                 mask=mask_m[:, None] & (offs_dv < DV)[None, :], other=0.0)
+    Di = tl.load(rows_base + offs_m, mask=mask_m, other=0.0)
+    lse2 = tl.load(rows_base + 1 * T + offs_m, mask=mask_m, other=float("inf"))
+
+    dq = tl.zeros([BLOCK_M, BLOCK_DK], dtype=tl.float32)
+    acc_lo = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc_hi = tl.zeros([BLOCK_M], dtype=tl.float32)
+
+    kv_lo, kv_hi = key_span(KV, off_b, T, HAS_PAD)
+    start_n = tl.maximum(tl.maximum(m0 + lo, kv_lo), 0) // BLOCK_N * BLOCK_N
+    end_n = tl.minimum(tl.minimum(m0 + BLOCK_M + hi, T), kv_hi)
+    e1, e2 = split_runs(start_n, end_n, m0 + BLOCK_M - 1 + lo, m0 + hi - BLOCK_N + 2, BLOCK_N)
+    if USE_DELTA:
+        ql_lo = tl.load(rows_base + 2 * T + offs_m, mask=mask_m, other=float("inf"))
+        ql_hi = tl.load(rows_base + 3 * T + offs_m, mask=mask_m, other=float("inf"))
+        b1, b2 = split_runs(e1, e2, m0 - L - BLOCK_N + 2, m0 + BLOCK_M - 1 + U, BLOCK_N)
+        dq, acc_lo, acc_hi = _dq_run(
+            dq, acc_lo, acc_hi, q, do, lse2, Di, k_base, v_base, kc_base, p_base, dp_base, skt,
+            skd, svt, svd, spt, offs_m, mask_m, offs_dk, offs_dv, m0, start_n, e1, T, L, U, lo, hi,
+            scale, qk_scale, BAND, True, IEEE, DK, DV, BLOCK_M, BLOCK_N)
+        dq, acc_lo, acc_hi = _dq_run(
+            dq, acc_lo, acc_hi, q, do, ql_lo, Di, k_base, v_base, kc_base, p_base, dp_base, skt,
+            skd, svt, svd, spt, offs_m, mask_m, offs_dk, offs_dv, m0, e1, b1, T, L, U, lo, hi,
+            scale, qk_scale, FAR_LO, False, IEEE, DK, DV, BLOCK_M, BLOCK_N)
+        dq, acc_lo, acc_hi = _dq_run(
+            dq, acc_lo, acc_hi, q, do, lse2, Di, k_base, v_base, kc_base, p_base, dp_base, skt,
+            skd, svt, svd, spt, offs_m, mask_m, offs_dk, offs_dv, m0, b1, b2, T, L, U, lo, hi,
+            scale, qk_scale, BAND, False, IEEE, DK, DV, BLOCK_M, BLOCK_N)
+        dq, acc_lo, acc_hi = _dq_run(
+            dq, acc_lo, acc_hi, q, do, ql_hi, Di, k_base, v_base, kc_base, p_base, dp_base, skt,
+            skd, svt, svd, spt, offs_m, mask_m, offs_dk, offs_dv, m0, b2, e2, T, L, U, lo, hi,
+            scale, qk_scale, FAR_HI, False, IEEE, DK, DV, BLOCK_M, BLOCK_N)
+        dq, acc_lo, acc_hi = _dq_run(
+            dq, acc_lo, acc_hi, q, do, lse2, Di, k_base, v_base, kc_base, p_base, dp_base, skt,
+            skd, svt, svd, spt, offs_m, mask_m, offs_dk, offs_dv, m0, e2, end_n, T, L, U, lo, hi,
+            scale, qk_scale, BAND, True, IEEE, DK, DV, BLOCK_M, BLOCK_N)
+        if R == 1:
+            tl.store(dp_base + offs_m * R, -(acc_lo + acc_hi) * scale, mask=mask_m)
+        else:
+            tl.store(dp_base + offs_m * R, -acc_lo * scale, mask=mask_m)
+            tl.store(dp_base + offs_m * R + (R - 1), -acc_hi * scale, mask=mask_m)
+    else:  # plain flash attention: no P traffic at all
+        dq, acc_lo, acc_hi = _dq_run(
+            dq, acc_lo, acc_hi, q, do, lse2, Di, k_base, v_base, kc_base, p_base, dp_base, skt,
+            skd, svt, svd, spt, offs_m, mask_m, offs_dk, offs_dv, m0, start_n, e1, T, L, U, lo, hi,
+            scale, qk_scale, PLAIN, True, IEEE, DK, DV, BLOCK_M, BLOCK_N)
+        dq, acc_lo, acc_hi = _dq_run(
+            dq, acc_lo, acc_hi, q, do, lse2, Di, k_base, v_base, kc_base, p_base, dp_base, skt,
+            skd, svt, svd, spt, offs_m, mask_m, offs_dk, offs_dv, m0, e1, e2, T, L, U, lo, hi,
+            scale, qk_scale, PLAIN, False, IEEE, DK, DV, BLOCK_M, BLOCK_N)
+        dq, acc_lo, acc_hi = _dq_run(
+            dq, acc_lo, acc_hi, q, do, lse2, Di, k_base, v_base, kc_base, p_base, dp_base, skt,
+            skd, svt, svd, spt, offs_m, mask_m, offs_dk, offs_dv, m0, e2, end_n, T, L, U, lo, hi,
+            scale, qk_scale, PLAIN, True, IEEE, DK, DV, BLOCK_M, BLOCK_N)
+    gq_base = DQ_OUT + off_b * sgqb + off_h * sgqh
+    tl.store(gq_base + offs_m[:, None] * sgqt + offs_dk[None, :] * sgqd,
+             (dq * scale).to(DQ_OUT.dtype.element_ty), mask=mask_m[:, None] & mask_dk[None, :])

@@ -1,0 +1,149 @@
+"""Forward Triton kernel of delta attention: flash-style online softmax with the delta bias.
+
+One program owns ``BLOCK_M`` queries of one (batch, head) and walks the key tiles that the
+window / causal mask and the padding span leave visible, in up to three runs: far-low, band,
+far-high (``delta_attention_tiles``). Logits are kept in the log2 domain (``c = scale·log2 e``):
+
+* far tile:  ``t_ij = c·q_i·k_j + KCOL[e, j]`` (one FFMA), and the query term ``−c·P[i, e]``,
+  constant over the run, is folded into the running maximum instead of into every element;
+* band tile: ``t_ij = c·(q_i·k_j + P[j, r] − P[i, r]) + KCOL[pad, j]``;
+* plain (no delta term): ``t_ij = c·q_i·k_j + KCOL[pad, j]``.
+
+``KCOL`` carries ``−inf`` at padding keys and past the end of the sequence, so those need no
+mask; only tiles that cross a window / causal edge are masked. Writes ``out`` (0 for a query
+with no visible key) and ``lse`` (natural log, ``−inf`` for such a query).
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .delta_attention_tiles import (BAND, FAR_HI, FAR_LO, PLAIN, band_bias, dot, kcol_row,
+                                    key_span, split_runs, window_mask)
+
+
+@triton.jit
+def _fwd_run(acc, l_i, m_i, q, qrow, k_base, v_base, p_base, kc_base, skt, skd, svt, svd, spt,
+             offs_m, mask_m, offs_dk, offs_dv, m0, n_start, n_end, T, L, U, lo, hi, qk_scale,
+             MODE: tl.constexpr, MASKED: tl.constexpr, IEEE: tl.constexpr, DK: tl.constexpr,
+             DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    if MODE == FAR_LO or MODE == FAR_HI:
+        m_i = m_i + qrow  # the run's frame: logits without the query term -c·P[i, e]
+    kc = kc_base + kcol_row(MODE) * T
+    mask_dk = (offs_dk < DK)[:, None]
+    mask_dv = (offs_dv < DV)[None, :]
+    for n0 in range(n_start, n_end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < T
+        kT = tl.load(k_base + offs_n[None, :] * skt + offs_dk[:, None] * skd,
+                     mask=mask_n[None, :] & mask_dk, other=0.0)
+        kcol = tl.load(kc + offs_n, mask=mask_n, other=float("-inf"))
+        qk = dot(q, kT, IEEE)
+        if MODE == BAND:
+            bias = band_bias(p_base, spt, offs_m[:, None], offs_n[None, :], mask_m[:, None],
+                             mask_n[None, :], L, U)
+            t = (qk + bias) * qk_scale + kcol[None, :]
+        else:
+            t = qk * qk_scale + kcol[None, :]
+        if MASKED:
+            t = window_mask(t, offs_n[None, :] - offs_m[:, None], lo, hi)
+        m_new = tl.maximum(m_i, tl.max(t, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that saw no key yet
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(t - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + offs_n[:, None] * svt + offs_dv[None, :] * svd,
+                    mask=mask_n[:, None] & mask_dv, other=0.0)
+        acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, IEEE)
+        m_i = m_new
+    if MODE == FAR_LO or MODE == FAR_HI:
+        m_i = m_i - qrow
+    return acc, l_i, m_i
+
+
+@triton.jit
+def fwd_kernel(Q, K, V, P, KCOL, KV, OUT, LSE,
+               sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd,
+               spb, sph, spt, scb, sch, sob, soh, sot, sod, slb, slh, slt,
+               H, T, L, U, lo, hi, qk_scale, T_KEY, W_KEY,
+               HAS_PAD: tl.constexpr, USE_DELTA: tl.constexpr, IEEE: tl.constexpr,
+               DK: tl.constexpr, DV: tl.constexpr, BLOCK_DK: tl.constexpr,
+               BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    off_b = (pid_bh // H).to(tl.int64)
+    off_h = (pid_bh % H).to(tl.int64)
+    k_base = K + off_b * skb + off_h * skh
+    v_base = V + off_b * svb + off_h * svh
+    p_base = P + off_b * spb + off_h * sph
+    kc_base = KCOL + off_b * scb + off_h * sch
+
+    m0 = pid_m * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_dk = tl.arange(0, BLOCK_DK)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    mask_m = offs_m < T
+    q = tl.load(Q + off_b * sqb + off_h * sqh + offs_m[:, None] * sqt + offs_dk[None, :] * sqd,
+                mask=mask_m[:, None] & (offs_dk < DK)[None, :], other=0.0)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+
+    # key blocks meeting the band m0+lo <= j <= m0+BLOCK_M-1+hi and the non-padding span
+    kv_lo, kv_hi = key_span(KV, off_b, T, HAS_PAD)
+    start_n = tl.maximum(tl.maximum(m0 + lo, kv_lo), 0) // BLOCK_N * BLOCK_N
+    end_n = tl.minimum(tl.minimum(m0 + BLOCK_M + hi, T), kv_hi)
+    # key tiles crossing the window's lower edge, then unmasked tiles, then tiles crossing its
+    # upper edge (masked loops gather, so they also serve every tile kind)
+    e1, e2 = split_runs(start_n, end_n, m0 + BLOCK_M - 1 + lo, m0 + hi - BLOCK_N + 2, BLOCK_N)
+    if USE_DELTA:
+        # the query rows of the two clipped buckets, read once for all far tiles
+        qrow_lo = tl.load(p_base + offs_m * spt, mask=mask_m, other=0.0).to(tl.float32)
+        qrow_hi = tl.load(p_base + offs_m * spt + (L + U), mask=mask_m, other=0.0).to(tl.float32)
+        qrow_lo = qrow_lo * qk_scale
+        qrow_hi = qrow_hi * qk_scale
+        # far-low: j - i <= -L for the whole tile; far-high: j - i >= U for the whole tile
+        b1, b2 = split_runs(e1, e2, m0 - L - BLOCK_N + 2, m0 + BLOCK_M - 1 + U, BLOCK_N)
+        acc, l_i, m_i = _fwd_run(acc, l_i, m_i, q, qrow_lo, k_base, v_base, p_base, kc_base,
+                                 skt, skd, svt, svd, spt, offs_m, mask_m, offs_dk, offs_dv, m0,
+                                 start_n, e1, T, L, U, lo, hi, qk_scale, BAND, True, IEEE, DK,
+                                 DV, BLOCK_M, BLOCK_N)
+        acc, l_i, m_i = _fwd_run(acc, l_i, m_i, q, qrow_lo, k_base, v_base, p_base, kc_base,
+                                 skt, skd, svt, svd, spt, offs_m, mask_m, offs_dk, offs_dv, m0,
+                                 e1, b1, T, L, U, lo, hi, qk_scale, FAR_LO, False, IEEE, DK, DV,
+                                 BLOCK_M, BLOCK_N)
+        acc, l_i, m_i = _fwd_run(acc, l_i, m_i, q, qrow_lo, k_base, v_base, p_base, kc_base,
+                                 skt, skd, svt, svd, spt, offs_m, mask_m, offs_dk, offs_dv, m0,
+                                 b1, b2, T, L, U, lo, hi, qk_scale, BAND, False, IEEE, DK, DV,
+                                 BLOCK_M, BLOCK_N)
+        acc, l_i, m_i = _fwd_run(acc, l_i, m_i, q, qrow_hi, k_base, v_base, p_base, kc_base,
+                                 skt, skd, svt, svd, spt, offs_m, mask_m, offs_dk, offs_dv, m0,
+                                 b2, e2, T, L, U, lo, hi, qk_scale, FAR_HI, False, IEEE, DK, DV,
+                                 BLOCK_M, BLOCK_N)
+        acc, l_i, m_i = _fwd_run(acc, l_i, m_i, q, qrow_hi, k_base, v_base, p_base, kc_base,
+                                 skt, skd, svt, svd, spt, offs_m, mask_m, offs_dk, offs_dv, m0,
+                                 e2, end_n, T, L, U, lo, hi, qk_scale, BAND, True, IEEE, DK, DV,
+                                 BLOCK_M, BLOCK_N)
+    else:  # plain flash attention: no P traffic at all
+        acc, l_i, m_i = _fwd_run(acc, l_i, m_i, q, l_i, k_base, v_base, p_base, kc_base, skt,
+                                 skd, svt, svd, spt, offs_m, mask_m, offs_dk, offs_dv, m0,
+                                 start_n, e1, T, L, U, lo, hi, qk_scale, PLAIN, True, IEEE, DK,
+                                 DV, BLOCK_M, BLOCK_N)
+        acc, l_i, m_i = _fwd_run(acc, l_i, m_i, q, l_i, k_base, v_base, p_base, kc_base, skt,
+                                 skd, svt, svd, spt, offs_m, mask_m, offs_dk, offs_dv, m0, e1, e2,
+                                 T, L, U, lo, hi, qk_scale, PLAIN, False, IEEE, DK, DV, BLOCK_M,
+                                 BLOCK_N)
+        acc, l_i, m_i = _fwd_run(acc, l_i, m_i, q, l_i, k_base, v_base, p_base, kc_base, skt,
+                                 skd, svt, svd, spt, offs_m, mask_m, offs_dk, offs_dv, m0, e2,
+                                 end_n, T, L, U, lo, hi, qk_scale, PLAIN, True, IEEE, DK, DV,
+                                 BLOCK_M, BLOCK_N)
+
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse2 = m_i + tl.log2(tl.where(empty, 1.0, l_i))  # log2 domain
+    lse = tl.where(empty, float("-inf"), lse2 * 0.6931471805599453)
+    o_base = OUT + off_b * sob + off_h * soh
+    tl.store(o_base + offs_m[:, None] * sot + offs_dv[None, :] * sod, out.to(OUT.dtype.element_ty),
+             mask=mask_m[:, None] & (offs_dv < DV)[None, :])
+    tl.store(LSE + off_b * slb + off_h * slh + offs_m * slt, lse, mask=mask_m)

@@ -1,0 +1,107 @@
+"""Tile helpers shared by the delta-attention Triton kernels (forward and backward).
+
+The index math of the band/far split lives here, once:
+
+* A pair (query i, key j) falls in bucket ``r(i,j) = clamp(j − i, −L, U) + L``.
+* A tile whose every pair has ``j − i <= −L`` is *far-low* (bucket 0); one whose every pair has
+  ``j − i >= U`` is *far-high* (bucket R−1); any other tile is a *band* tile.
+* In a far tile the bias ``P[j,e] − P[i,e]`` is a key vector minus a query vector. The launcher
+  stores both pre-scaled by ``c = scale·log2(e)`` in float32 (``KCOL`` for keys, with ``−inf`` at
+  padding keys and past the end of the sequence; ``QROW`` for queries, with the log-sum-exp
+  folded in for the backward), so a far tile costs one coalesced vector load and one FFMA per
+  element on top of plain flash attention.
+* Band tiles gather ``P[j, r]`` and ``P[i, r]`` per pair.
+* Only tiles that cross a window / causal edge compare offsets (``MASKED`` loops, which also
+  gather, so they serve every tile kind); the launcher's ``KCOL`` masks padding keys and keys
+  past the end of the sequence with ``−inf`` in every loop. Every loop is compiled for one
+  (MODE, MASKED) pair: no tile pays for a branch or a select it does not need.
+"""
+from __future__ import annotations
+
+import os
+
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+# Tile kinds (the MODE of a loop over tiles).
+FAR_LO: tl.constexpr = tl.constexpr(0)  # every pair has j - i <= -L: bucket 0
+BAND: tl.constexpr = tl.constexpr(1)  # pairs on both sides of a clip limit: gather
+FAR_HI: tl.constexpr = tl.constexpr(2)  # every pair has j - i >= U: bucket R-1
+PLAIN: tl.constexpr = tl.constexpr(3)  # no delta term at all (use_delta=False)
+
+# Rows of the per-key float32 array KCOL [B, Hp, 3, T] built by the launcher.
+KCOL_LO: tl.constexpr = tl.constexpr(0)  # c·P[j, 0], -inf at padding keys and j >= T
+KCOL_HI: tl.constexpr = tl.constexpr(1)  # c·P[j, R-1], the same masking
+KCOL_PAD: tl.constexpr = tl.constexpr(2)  # 0, or -inf at padding keys
+
+# The interpreter (triton 3.8) computes tl.dot of bfloat16 operands wrongly; there, and only
+# there, bfloat16 operands are widened to float32 first (exact: bf16 products fit in float32).
+_WIDEN_BF16_DOT = tl.constexpr(INTERPRET)
+
+
+@triton.jit
+def dot(a, b, IEEE: tl.constexpr):
+    """tl.dot in float32 accumulation; IEEE (float32 inputs) disables TF32."""
+    if _WIDEN_BF16_DOT and a.dtype == tl.bfloat16:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32))
+    elif IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
+def kcol_row(MODE: tl.constexpr):
+    """The KCOL row a loop of kind MODE adds to its logits."""
+    if MODE == FAR_LO:
+        return KCOL_LO
+    elif MODE == FAR_HI:
+        return KCOL_HI
+    else:
+        return KCOL_PAD
+
+
+@triton.jit
+def band_bias(p_base, spt, offs_i, offs_j, mask_i, mask_j, L, U):
+    """float32 tile of P[j, r(i,j)] − P[i, r(i,j)] (unscaled), gathered per pair.
+
+    offs_i / offs_j are already broadcast to the tile's orientation ([M,1] and [1,N], or the
+    transpose), so one helper serves the forward/dQ tiles and the transposed dK/dV tiles. P's
+    bucket stride is 1 (the launcher makes P contiguous)."""
+    r = tl.minimum(tl.maximum(offs_j - offs_i, -L), U) + L
+    valid = mask_i & mask_j
+    gk = tl.load(p_base + offs_j * spt + r, mask=valid, other=0.0)
+    gq = tl.load(p_base + offs_i * spt + r, mask=valid, other=0.0)
+    return gk.to(tl.float32) - gq.to(tl.float32)
+
+
+@triton.jit
+def window_mask(t, d, lo, hi):
+    """-inf where the offset d = j − i lies outside [lo, hi]."""
+    return tl.where((d >= lo) & (d <= hi), t, float("-inf"))
+
+
+@triton.jit
+def key_span(KV, off_b, T, HAS_PAD: tl.constexpr):
+    """[kv_lo, kv_hi): the span of the batch element's non-padding keys ([0, T) without a mask)."""
+    if HAS_PAD:
+        kv_lo = tl.load(KV + off_b * 2)
+        kv_hi = tl.load(KV + off_b * 2 + 1)
+    else:
+        kv_lo = 0
+        kv_hi = T
+    return kv_lo, kv_hi
+
+
+@triton.jit
+def split_runs(start, end, first_band, first_far, BLOCK: tl.constexpr):
+    """Split [start, end) (start a multiple of BLOCK) into the block-aligned runs
+    [start, a) far, [a, b) band, [b, end) far: the band starts at the first block whose start is
+    >= first_band, the second far run at the first block start >= first_far."""
+    a = tl.maximum((tl.maximum(first_band, 0) + BLOCK - 1) // BLOCK * BLOCK, start)
+    a = tl.minimum(a, end)
+    b = tl.maximum((tl.maximum(first_far, 0) + BLOCK - 1) // BLOCK * BLOCK, a)
+    b = tl.minimum(b, end)
+    return a, b
