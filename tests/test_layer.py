@@ -290,7 +290,7 @@ def test_encoder_stack_built_around_the_module(fast_path_calls):
 @pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors")
 def test_module_swapped_into_a_built_encoder_says_how_to_fix_nested_input():
     torch.manual_seed(0)
-    enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(E, H, 32, batch_first=True), 1).eval()
+    enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(E, H, 32, 0.0, batch_first=True), 1).eval()
     enc.layers[0].self_attn = hdaf.DeltaMultiheadAttention.from_mha(enc.layers[0].self_attn)
     x, pad = torch.randn(2, 5, E), padding(2, 5, [5, 3])
     with torch.no_grad(), pytest.raises(ValueError, match="set that encoder's use_nested_tensor = False"):
@@ -321,6 +321,30 @@ def test_decoder_layer_causal_self_attention(batch_first):
     assert (layer(tgt, memory, **kw) - ref(tgt, memory, **kw)).abs().max() > 1e-3
 
 
+def test_torch_compile_fullgraph_in_an_encoder_layer():
+    """One graph with padding and a causal mask given with is_causal (mask values are checked
+    in eager mode only; a causal attn_mask without the hint is recognised by value, which breaks
+    the graph)."""
+    layer, _ = encoder_layer(batch_first=True)
+    layer.float()
+    with torch.no_grad():
+        layer.self_attn.rpe.normal_(std=0.5)
+    T = 7
+    x = torch.randn(2, T, E)
+    kw = {"src_key_padding_mask": padding(2, T, [7, 4]),
+          "src_mask": torch.ones(T, T, dtype=torch.bool).triu(1), "is_causal": True}
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, fullgraph=True)
+    outs = []
+    for mod in (layer, compiled):
+        layer.zero_grad()
+        out = mod(x, **kw)
+        out.pow(2).sum().backward()
+        outs.append((out, layer.self_attn.rpe.grad.clone()))
+    torch.testing.assert_close(outs[1][0], outs[0][0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(outs[1][1], outs[0][1], atol=1e-4, rtol=1e-4)
+
+
 # ---- errors -------------------------------------------------------------------------------------
 
 def test_constructor_refuses_what_it_cannot_do():
@@ -342,6 +366,8 @@ def test_constructor_refuses_what_it_cannot_do():
         hdaf.DeltaMultiheadAttention.from_mha(nn.MultiheadAttention(E, H, kdim=8, vdim=8))
     with pytest.raises(TypeError, match=r"unknown delta option\(s\) \['causal'\]"):
         hdaf.DeltaMultiheadAttention.from_mha(nn.MultiheadAttention(E, H), causal=True)
+    with pytest.warns(UserWarning, match="attention-probability dropout p=0.2 set to 0"):
+        assert hdaf.DeltaMultiheadAttention.from_mha(nn.MultiheadAttention(E, H, 0.2)).dropout == 0
 
 
 def test_forward_refuses_what_it_cannot_do():

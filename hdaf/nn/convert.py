@@ -95,7 +95,8 @@ def convert_mha(model: nn.Module, *, exclude: Iterable[str] = (), **delta_option
             if id(child) not in new_for:
                 if child.dropout > 0:
                     dropped.add(child.dropout)
-                new_for[id(child)] = DeltaMultiheadAttention.from_mha(child, **delta_options)
+                # Dropout is reported once for the model below, not per module.
+                new_for[id(child)] = DeltaMultiheadAttention._copy_of(child, delta_options)
             setattr(parent, attr, new_for[id(child)])
             converted.append(name)
 

@@ -8,6 +8,7 @@ torchvision's ViT, user code). One call of :func:`hdaf.delta_attention` per forw
 from __future__ import annotations
 
 import numbers
+import warnings
 from typing import Optional, Tuple
 
 import torch
@@ -63,6 +64,9 @@ class DeltaMultiheadAttention(nn.Module):
             generate_square_subsequent_mask``). An all-False / all-zero mask means no mask.
             Any other mask or an additive bias raises ``ValueError``.
         is_causal: True makes the attention causal (with or without ``attn_mask``).
+    Mask values are checked in eager mode; under ``torch.compile`` they are not (a check would
+    break the graph), a float mask's entries <= dtype-min/2 count as masked, and
+    ``is_causal=True`` is trusted without looking at ``attn_mask``.
     A query with no visible key gets 0, where ``nn.MultiheadAttention`` gives NaN.
     After a call, ``last_backend`` names the backend that served it.
     """
@@ -150,12 +154,21 @@ class DeltaMultiheadAttention(nn.Module):
     @classmethod
     def from_mha(cls, mha: nn.MultiheadAttention, **delta_options) -> "DeltaMultiheadAttention":
         """A ``DeltaMultiheadAttention`` with ``mha``'s settings and weights (copied) and ``w = 0``,
-        so it computes what ``mha`` computes (attention dropout aside: it has none).
+        so it computes what ``mha`` computes. ``mha``'s attention-probability dropout, which has
+        no counterpart here, is dropped with a ``UserWarning``.
 
         ``delta_options``: ``delta_dim``, ``max_distance``, ``window``, ``share_rpe_across_heads``,
         ``backend``. Raises ``ValueError`` for an ``mha`` it cannot stand in for (kdim/vdim !=
         embed_dim, add_bias_kv, add_zero_attn).
         """
+        new = cls._copy_of(mha, delta_options)
+        if mha.dropout > 0:
+            warnings.warn(f"from_mha: attention-probability dropout p={mha.dropout} set to 0 (the "
+                          "fused delta-attention kernels have none)", UserWarning, stacklevel=2)
+        return new
+
+    @classmethod
+    def _copy_of(cls, mha: nn.MultiheadAttention, delta_options: dict) -> "DeltaMultiheadAttention":
         if not isinstance(mha, nn.MultiheadAttention):
             raise TypeError(f"from_mha expects an nn.MultiheadAttention, got {type(mha).__name__}")
         unknown = sorted(set(delta_options) - set(DELTA_OPTIONS))
@@ -270,7 +283,8 @@ def _blocked(mask: torch.Tensor, name: str) -> torch.Tensor:
         raise TypeError(f"{name} must be bool or floating point, got dtype {mask.dtype}")
     # -inf, or the dtype's lowest value as some code writes it: masked. 0: attended.
     blocked = mask <= torch.finfo(mask.dtype).min / 2
-    if not bool(torch.all((mask == 0) | blocked)):
+    # The value check is data-dependent: eager only, so that torch.compile traces one graph.
+    if not torch.compiler.is_compiling() and not bool(torch.all((mask == 0) | blocked)):
         raise ValueError(f"{name} is an additive float mask with values other than 0 and -inf (an "
                          "attention bias); delta attention takes masks only, not biases")
     return blocked
@@ -303,6 +317,8 @@ def _is_causal(attn_mask: Optional[torch.Tensor], is_causal: bool, T: int, BH: i
         raise ValueError(f"attn_mask must be [T,T]=({T}, {T}) or [B*H,T,T]=({BH}, {T}, {T}), "
                          f"got {tuple(attn_mask.shape)}")
     blocked = _blocked(attn_mask, "attn_mask")
+    if is_causal and torch.compiler.is_compiling():
+        return True  # the hint is trusted: checking the mask's values would break the graph
     upper = torch.ones(T, T, dtype=torch.bool, device=blocked.device).triu_(1)
     if torch.equal(blocked, upper.expand_as(blocked)):
         return True
