@@ -57,8 +57,13 @@ def cpu_block() -> str:
 
 
 def gpu_block() -> str:
-    blocks = [_run("bench/report_gpu.py", p, "--headline").rstrip("\n")
-              for p in _results("gpu_*.json")]
+    blocks = []
+    for p in _results("gpu_*.json"):
+        try:
+            blocks.append(_run("bench/report_gpu.py", p, "--headline").rstrip("\n"))
+        except RuntimeError as exc:  # e.g. a run cut short before any case: say so, plainly
+            why = str(exc).splitlines()[-1].strip() if str(exc).strip() else "no output"
+            blocks.append(f"`{p}`: no GPU table ({why}).")
     if not blocks:
         return ("**Not measured on a GPU.** No GPU bench result is committed "
                 "(`bench/results/gpu_*.json`); on a machine with an NVIDIA GPU, "
