@@ -285,14 +285,28 @@ def _key_span(key_padding_mask: torch.Tensor) -> torch.Tensor:
     return torch.where(valid.any(1, keepdim=True), span, 0).to(torch.int32).contiguous()
 
 
+#: The row vectors KCOL and ROWS are padded to a multiple of this (the largest tile), so the
+#: kernels load them without masks.
+_ROW_PAD = 256
+
+
+def _padded_length(T: int) -> int:
+    return triton.cdiv(T, _ROW_PAD) * _ROW_PAD
+
+
 def _key_columns(P, key_padding_mask, qk_scale, use_delta):
-    """float32 [B, Hp, 3, T]: c·P[:, 0], c·P[:, R−1] and 0, each -inf at padding keys."""
+    """float32 [B, Hp, 3, TP]: c·P[:, 0], c·P[:, R−1] and 0, each -inf at padding keys and at
+    the positions T..TP-1 that pad the rows to a whole number of tiles."""
     B, Hp, T, R = P.shape
-    kcol = torch.zeros((B, Hp, 3, T), dtype=torch.float32, device=P.device)
+    kcol = torch.full((B, Hp, 3, _padded_length(T)), float("-inf"), dtype=torch.float32,
+                      device=P.device)
     if use_delta:
-        kcol[:, :, :2] = P[..., [0, R - 1]].transpose(-1, -2).float() * qk_scale
+        kcol[..., :2, :T] = P[..., [0, R - 1]].transpose(-1, -2).float() * qk_scale
+    else:
+        kcol[..., :2, :T] = 0.0
+    kcol[..., 2, :T] = 0.0
     if key_padding_mask is not None:
-        kcol.masked_fill_(key_padding_mask[:, None, None, :], float("-inf"))
+        kcol[..., :T].masked_fill_(key_padding_mask[:, None, None, :], float("-inf"))
     return kcol
 
 
@@ -331,7 +345,7 @@ def _common(q, v, P, key_padding_mask, L, U, window_left, window_right, scale, u
     shared = P.shape[1] == 1
     p_strides = (sP[0], 0 if shared else sP[1], sP[2])
     c_strides = (sC[0], 0 if shared else sC[1])
-    meta = dict(H=H, T=T, L=L, U=U, lo=lo, hi=hi,
+    meta = dict(H=H, T=T, TP=_padded_length(T), L=L, U=U, lo=lo, hi=hi,
                 T_KEY=triton.next_power_of_2(T),
                 W_KEY=triton.next_power_of_2(min(hi - lo + 1, 2 * T)),
                 HAS_PAD=has_pad, USE_DELTA=use_delta, IEEE=q.dtype == torch.float32,
@@ -386,7 +400,11 @@ def _backward(grad_out, q, k, v, P, key_padding_mask, out, lse, L, U, window_lef
     kv, kcol, p_strides, c_strides, meta = _common(q, v, P, key_padding_mask, L, U, window_left,
                                                    window_right, scale, use_delta)
     qk_scale = scale * _LOG2E
-    rows = torch.empty((B, H, 4, T), dtype=torch.float32, device=q.device)
+    # D, lse2, lse2 + c·P[:, 0], lse2 + c·P[:, R-1]; the padding T..TP-1 sees no key
+    TP = meta["TP"]
+    rows = torch.empty((B, H, 4, TP), dtype=torch.float32, device=q.device)
+    rows[..., T:] = float("inf")
+    rows[:, :, 0, T:] = 0.0
     # the key-row half [0] and the query-row half [1] of dP, per head; summed once at the end
     dP_halves = torch.zeros((2, B, H, T, R) if use_delta else (2, 1, 1, 1, 1),
                             dtype=torch.float32, device=q.device)
@@ -396,7 +414,7 @@ def _backward(grad_out, q, k, v, P, key_padding_mask, out, lse, L, U, window_lef
         _count("bwd_preprocess")
         wrap_triton(bwd_rows_kernel)[(triton.cdiv(T, block_rows), B * H)](
             out, grad_out, lse, P, rows, *out.stride(), *grad_out.stride(), *lse.stride(),
-            *p_strides, H, T, R, qk_scale, USE_DELTA=use_delta, DV=Dv, BLOCK_M=block_rows,
+            *p_strides, H, T, TP, R, qk_scale, USE_DELTA=use_delta, DV=Dv, BLOCK_M=block_rows,
             BLOCK_DV=meta["BLOCK_DV"])
 
     common = (*q.stride(), *k.stride(), *v.stride(), *p_strides, *c_strides, *grad_out.stride())

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from .delta_attention_tiles import (BAND, FAR_HI, FAR_LO, PLAIN, band_bias, dot, kcol_row,
-                                    key_span, split_runs, window_mask)
+                                    key_span, loop_tile, split_runs, window_mask)
 
 # Rows of ROWS [B, H, 4, T].
 ROW_D: tl.constexpr = tl.constexpr(0)
@@ -45,7 +45,7 @@ def _rows_row(MODE: tl.constexpr):
 
 @triton.jit
 def bwd_rows_kernel(OUT, DO, LSE, P, ROWS, sob, soh, sot, sod, sdb, sdh, sdt, sdd, slb, slh, slt,
-                    spb, sph, spt, H, T, R, qk_scale, USE_DELTA: tl.constexpr,
+                    spb, sph, spt, H, T, TP, R, qk_scale, USE_DELTA: tl.constexpr,
                     DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -62,15 +62,15 @@ def bwd_rows_kernel(OUT, DO, LSE, P, ROWS, sob, soh, sot, sod, sdb, sdh, sdt, sd
     lse = tl.load(LSE + off_b * slb + off_h * slh + offs_m * slt, mask=mask_m,
                   other=float("-inf"))
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-    rows = ROWS + pid_bh.to(tl.int64) * 4 * T + offs_m
-    tl.store(rows + ROW_D * T, tl.sum(o * do, 1), mask=mask_m)
-    tl.store(rows + ROW_LSE2 * T, lse2, mask=mask_m)
+    rows = ROWS + pid_bh.to(tl.int64) * 4 * TP + offs_m
+    tl.store(rows + ROW_D * TP, tl.sum(o * do, 1), mask=mask_m)
+    tl.store(rows + ROW_LSE2 * TP, lse2, mask=mask_m)
     if USE_DELTA:
         p_base = P + off_b * spb + off_h * sph + offs_m * spt
         p_lo = tl.load(p_base, mask=mask_m, other=0.0).to(tl.float32)
         p_hi = tl.load(p_base + (R - 1), mask=mask_m, other=0.0).to(tl.float32)
-        tl.store(rows + ROW_QL_LO * T, lse2 + p_lo * qk_scale, mask=mask_m)
-        tl.store(rows + ROW_QL_HI * T, lse2 + p_hi * qk_scale, mask=mask_m)
+        tl.store(rows + ROW_QL_LO * TP, lse2 + p_lo * qk_scale, mask=mask_m)
+        tl.store(rows + ROW_QL_HI * TP, lse2 + p_hi * qk_scale, mask=mask_m)
 
 
 @triton.jit
@@ -85,12 +85,13 @@ def _band_dP(ds, d, valid, L, U, acc_lo, acc_hi, dp_ptrs, scale, AXIS: tl.conste
 
 @triton.jit
 def _dkdv_run(dk, dv, acc_lo, acc_hi, k, v, kcol, q_base, do_base, rows_base, p_base, dp_base,
-              sqt, sqd, sdt, sdd, spt, offs_n, mask_n, offs_dk, offs_dv, n0, m_start, m_end, T,
+              sqt, sqd, sdt, sdd, spt, offs_n, mask_n, offs_dk, offs_dv, n0, m_start, m_end, T, TP,
               L, U, lo, hi, scale, qk_scale, MODE: tl.constexpr, MASKED: tl.constexpr,
-              IEEE: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr,
+              IEEE: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BLOCK_M_PROG: tl.constexpr,
               BLOCK_N: tl.constexpr):
+    BLOCK_M: tl.constexpr = loop_tile(BLOCK_M_PROG, MODE, MASKED)
     R = L + U + 1
-    ql_rows = rows_base + _rows_row(MODE) * T
+    ql_rows = rows_base + _rows_row(MODE) * TP
     mask_dk = (offs_dk < DK)[:, None]
     mask_dv = (offs_dv < DV)[None, :]
     for m0 in range(m_start, m_end, BLOCK_M):
@@ -98,7 +99,7 @@ def _dkdv_run(dk, dv, acc_lo, acc_hi, k, v, kcol, q_base, do_base, rows_base, p_
         mask_m = offs_m < T
         qT = tl.load(q_base + offs_m[None, :] * sqt + offs_dk[:, None] * sqd,
                      mask=mask_m[None, :] & mask_dk, other=0.0)
-        ql = tl.load(ql_rows + offs_m, mask=mask_m, other=float("inf"))
+        ql = tl.load(ql_rows + offs_m)  # padded to TP: no mask
         sT = dot(k, qT, IEEE)  # [BLOCK_N, BLOCK_M]
         if MODE == BAND:
             bias = band_bias(p_base, spt, offs_m[None, :], offs_n[:, None], mask_m[None, :],
@@ -112,7 +113,7 @@ def _dkdv_run(dk, dv, acc_lo, acc_hi, k, v, kcol, q_base, do_base, rows_base, p_
         do = tl.load(do_base + offs_m[:, None] * sdt + offs_dv[None, :] * sdd,
                      mask=mask_m[:, None] & mask_dv, other=0.0)
         dv += dot(pT.to(do.dtype), do, IEEE)
-        Di = tl.load(rows_base + offs_m, mask=mask_m, other=0.0)
+        Di = tl.load(rows_base + offs_m)
         dpT = dot(v, tl.trans(do), IEEE)
         dsT = pT * (dpT - Di[None, :])
         dk += dot(dsT.to(qT.dtype), tl.trans(qT), IEEE)
@@ -132,7 +133,7 @@ def bwd_dkdv_kernel(Q, K, V, P, KCOL, KV, DO, ROWS, DK_OUT, DV_OUT, DPK,
                     sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd,
                     spb, sph, spt, scb, sch, sdb, sdh, sdt, sdd,
                     sgkb, sgkh, sgkt, sgkd, sgvb, sgvh, sgvt, sgvd,
-                    H, T, L, U, lo, hi, scale, qk_scale, T_KEY, W_KEY,
+                    H, T, TP, L, U, lo, hi, scale, qk_scale, T_KEY, W_KEY,
                     HAS_PAD: tl.constexpr, USE_DELTA: tl.constexpr, IEEE: tl.constexpr,
                     DK: tl.constexpr, DV: tl.constexpr, BLOCK_DK: tl.constexpr,
                     BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -145,7 +146,7 @@ def bwd_dkdv_kernel(Q, K, V, P, KCOL, KV, DO, ROWS, DK_OUT, DV_OUT, DPK,
     kc_base = KCOL + off_b * scb + off_h * sch
     R = L + U + 1
     dp_base = DPK + pid_bh.to(tl.int64) * T * R  # contiguous float32 [B*H, T, R]
-    rows_base = ROWS + pid_bh.to(tl.int64) * 4 * T
+    rows_base = ROWS + pid_bh.to(tl.int64) * 4 * TP
 
     n0 = pid_n * BLOCK_N
     offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -172,36 +173,36 @@ def bwd_dkdv_kernel(Q, K, V, P, KCOL, KV, DO, ROWS, DK_OUT, DV_OUT, DPK,
     end_m = tl.where((n0 < kv_hi) & (n0 + BLOCK_N > kv_lo), end_m, start_m)
     q_base = Q + off_b * sqb + off_h * sqh
     do_base = DO + off_b * sdb + off_h * sdh
-    kpad = tl.load(kc_base + kcol_row(PLAIN) * T + offs_n, mask=mask_n, other=float("-inf"))
+    kpad = tl.load(kc_base + kcol_row(PLAIN) * TP + offs_n, mask=mask_n, other=float("-inf"))
     # ascending i, so descending j - i: query tiles crossing the window's upper edge, unmasked
     # tiles, then tiles crossing its lower edge
     e1, e2 = split_runs(start_m, end_m, n0 + BLOCK_N - 1 - hi, n0 - BLOCK_M + 2 - lo, BLOCK_M)
     if USE_DELTA:
-        kcol_lo = tl.load(kc_base + kcol_row(FAR_LO) * T + offs_n, mask=mask_n,
+        kcol_lo = tl.load(kc_base + kcol_row(FAR_LO) * TP + offs_n, mask=mask_n,
                           other=float("-inf"))
-        kcol_hi = tl.load(kc_base + kcol_row(FAR_HI) * T + offs_n, mask=mask_n,
+        kcol_hi = tl.load(kc_base + kcol_row(FAR_HI) * TP + offs_n, mask=mask_n,
                           other=float("-inf"))
         # far-high (j - i >= U) first, then the band, then far-low (j - i <= -L)
         b1, b2 = split_runs(e1, e2, n0 - U - BLOCK_M + 2, n0 + BLOCK_N - 1 + L, BLOCK_M)
         dk, dv, acc_lo, acc_hi = _dkdv_run(
             dk, dv, acc_lo, acc_hi, k, v, kpad, q_base, do_base, rows_base, p_base, dp_base,
-            sqt, sqd, sdt, sdd, spt, offs_n, mask_n, offs_dk, offs_dv, n0, start_m, e1, T, L, U,
+            sqt, sqd, sdt, sdd, spt, offs_n, mask_n, offs_dk, offs_dv, n0, start_m, e1, T, TP, L, U,
             lo, hi, scale, qk_scale, BAND, True, IEEE, DK, DV, BLOCK_M, BLOCK_N)
         dk, dv, acc_lo, acc_hi = _dkdv_run(
             dk, dv, acc_lo, acc_hi, k, v, kcol_hi, q_base, do_base, rows_base, p_base, dp_base,
-            sqt, sqd, sdt, sdd, spt, offs_n, mask_n, offs_dk, offs_dv, n0, e1, b1, T, L, U, lo,
+            sqt, sqd, sdt, sdd, spt, offs_n, mask_n, offs_dk, offs_dv, n0, e1, b1, T, TP, L, U, lo,
             hi, scale, qk_scale, FAR_HI, False, IEEE, DK, DV, BLOCK_M, BLOCK_N)
         dk, dv, acc_lo, acc_hi = _dkdv_run(
             dk, dv, acc_lo, acc_hi, k, v, kpad, q_base, do_base, rows_base, p_base, dp_base,
-            sqt, sqd, sdt, sdd, spt, offs_n, mask_n, offs_dk, offs_dv, n0, b1, b2, T, L, U, lo,
+            sqt, sqd, sdt, sdd, spt, offs_n, mask_n, offs_dk, offs_dv, n0, b1, b2, T, TP, L, U, lo,
             hi, scale, qk_scale, BAND, False, IEEE, DK, DV, BLOCK_M, BLOCK_N)
         dk, dv, acc_lo, acc_hi = _dkdv_run(
             dk, dv, acc_lo, acc_hi, k, v, kcol_lo, q_base, do_base, rows_base, p_base, dp_base,
-            sqt, sqd, sdt, sdd, spt, offs_n, mask_n, offs_dk, offs_dv, n0, b2, e2, T, L, U, lo,
+            sqt, sqd, sdt, sdd, spt, offs_n, mask_n, offs_dk, offs_dv, n0, b2, e2, T, TP, L, U, lo,
             hi, scale, qk_scale, FAR_LO, False, IEEE, DK, DV, BLOCK_M, BLOCK_N)
         dk, dv, acc_lo, acc_hi = _dkdv_run(
             dk, dv, acc_lo, acc_hi, k, v, kpad, q_base, do_base, rows_base, p_base, dp_base,
-            sqt, sqd, sdt, sdd, spt, offs_n, mask_n, offs_dk, offs_dv, n0, e2, end_m, T, L, U,
+            sqt, sqd, sdt, sdd, spt, offs_n, mask_n, offs_dk, offs_dv, n0, e2, end_m, T, TP, L, U,
             lo, hi, scale, qk_scale, BAND, True, IEEE, DK, DV, BLOCK_M, BLOCK_N)
         if R == 1:
             tl.store(dp_base + offs_n * R, (acc_lo + acc_hi) * scale, mask=mask_n)
@@ -211,15 +212,15 @@ def bwd_dkdv_kernel(Q, K, V, P, KCOL, KV, DO, ROWS, DK_OUT, DV_OUT, DPK,
     else:  # plain flash attention: no P traffic at all
         dk, dv, acc_lo, acc_hi = _dkdv_run(
             dk, dv, acc_lo, acc_hi, k, v, kpad, q_base, do_base, rows_base, p_base, dp_base,
-            sqt, sqd, sdt, sdd, spt, offs_n, mask_n, offs_dk, offs_dv, n0, start_m, e1, T, L, U,
+            sqt, sqd, sdt, sdd, spt, offs_n, mask_n, offs_dk, offs_dv, n0, start_m, e1, T, TP, L, U,
             lo, hi, scale, qk_scale, PLAIN, True, IEEE, DK, DV, BLOCK_M, BLOCK_N)
         dk, dv, acc_lo, acc_hi = _dkdv_run(
             dk, dv, acc_lo, acc_hi, k, v, kpad, q_base, do_base, rows_base, p_base, dp_base,
-            sqt, sqd, sdt, sdd, spt, offs_n, mask_n, offs_dk, offs_dv, n0, e1, e2, T, L, U, lo,
+            sqt, sqd, sdt, sdd, spt, offs_n, mask_n, offs_dk, offs_dv, n0, e1, e2, T, TP, L, U, lo,
             hi, scale, qk_scale, PLAIN, False, IEEE, DK, DV, BLOCK_M, BLOCK_N)
         dk, dv, acc_lo, acc_hi = _dkdv_run(
             dk, dv, acc_lo, acc_hi, k, v, kpad, q_base, do_base, rows_base, p_base, dp_base,
-            sqt, sqd, sdt, sdd, spt, offs_n, mask_n, offs_dk, offs_dv, n0, e2, end_m, T, L, U,
+            sqt, sqd, sdt, sdd, spt, offs_n, mask_n, offs_dk, offs_dv, n0, e2, end_m, T, TP, L, U,
             lo, hi, scale, qk_scale, PLAIN, True, IEEE, DK, DV, BLOCK_M, BLOCK_N)
 
     # A padding key has probability 0 everywhere (KCOL is -inf there), hence dk = dv = 0.
@@ -234,11 +235,12 @@ def bwd_dkdv_kernel(Q, K, V, P, KCOL, KV, DO, ROWS, DK_OUT, DV_OUT, DPK,
 @triton.jit
 def _dq_run(dq, acc_lo, acc_hi, q, do, ql, Di, k_base, v_base, kc_base, p_base, dp_base,
             skt, skd, svt, svd, spt, offs_m, mask_m, offs_dk, offs_dv, m0, n_start, n_end, T,
-            L, U, lo, hi, scale, qk_scale, MODE: tl.constexpr, MASKED: tl.constexpr,
+            TP, L, U, lo, hi, scale, qk_scale, MODE: tl.constexpr, MASKED: tl.constexpr,
             IEEE: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr,
-            BLOCK_N: tl.constexpr):
+            BLOCK_N_PROG: tl.constexpr):
+    BLOCK_N: tl.constexpr = loop_tile(BLOCK_N_PROG, MODE, MASKED)
     R = L + U + 1
-    kc = kc_base + kcol_row(MODE) * T
+    kc = kc_base + kcol_row(MODE) * TP
     mask_dk = (offs_dk < DK)[:, None]
     mask_dv = (offs_dv < DV)[:, None]
     for n0 in range(n_start, n_end, BLOCK_N):
@@ -246,7 +248,7 @@ def _dq_run(dq, acc_lo, acc_hi, q, do, ql, Di, k_base, v_base, kc_base, p_base, 
         mask_n = offs_n < T
         kT = tl.load(k_base + offs_n[None, :] * skt + offs_dk[:, None] * skd,
                      mask=mask_n[None, :] & mask_dk, other=0.0)
-        kcol = tl.load(kc + offs_n, mask=mask_n, other=float("-inf"))
+        kcol = tl.load(kc + offs_n)  # padded to TP: no mask
         s = dot(q, kT, IEEE)  # [BLOCK_M, BLOCK_N]
         if MODE == BAND:
             bias = band_bias(p_base, spt, offs_m[:, None], offs_n[None, :], mask_m[:, None],
@@ -277,7 +279,7 @@ def _dq_run(dq, acc_lo, acc_hi, q, do, ql, Di, k_base, v_base, kc_base, p_base, 
 def bwd_dq_kernel(Q, K, V, P, KCOL, KV, DO, ROWS, DQ_OUT, DPQ,
                   sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd,
                   spb, sph, spt, scb, sch, sdb, sdh, sdt, sdd, sgqb, sgqh, sgqt, sgqd,
-                  H, T, L, U, lo, hi, scale, qk_scale, T_KEY, W_KEY,
+                  H, T, TP, L, U, lo, hi, scale, qk_scale, T_KEY, W_KEY,
                   HAS_PAD: tl.constexpr, USE_DELTA: tl.constexpr, IEEE: tl.constexpr,
                   DK: tl.constexpr, DV: tl.constexpr, BLOCK_DK: tl.constexpr,
                   BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -292,7 +294,7 @@ def bwd_dq_kernel(Q, K, V, P, KCOL, KV, DO, ROWS, DQ_OUT, DPQ,
     kc_base = KCOL + off_b * scb + off_h * sch
     R = L + U + 1
     dp_base = DPQ + pid_bh.to(tl.int64) * T * R  # contiguous float32 [B*H, T, R]
-    rows_base = ROWS + pid_bh.to(tl.int64) * 4 * T
+    rows_base = ROWS + pid_bh.to(tl.int64) * 4 * TP
 
     m0 = pid_m * BLOCK_M
     offs_m = m0 + tl.arange(0, BLOCK_M)
@@ -305,7 +307,7 @@ def bwd_dq_kernel(Q, K, V, P, KCOL, KV, DO, ROWS, DQ_OUT, DPQ,
     do = tl.load(DO + off_b * sdb + off_h * sdh + offs_m[:, None] * sdt + offs_dv[None, :] * sdd,
                  mask=mask_m[:, None] & (offs_dv < DV)[None, :], other=0.0)
     Di = tl.load(rows_base + offs_m, mask=mask_m, other=0.0)
-    lse2 = tl.load(rows_base + 1 * T + offs_m, mask=mask_m, other=float("inf"))
+    lse2 = tl.load(rows_base + 1 * TP + offs_m, mask=mask_m, other=float("inf"))
 
     dq = tl.zeros([BLOCK_M, BLOCK_DK], dtype=tl.float32)
     acc_lo = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -316,28 +318,28 @@ def bwd_dq_kernel(Q, K, V, P, KCOL, KV, DO, ROWS, DQ_OUT, DPQ,
     end_n = tl.minimum(tl.minimum(m0 + BLOCK_M + hi, T), kv_hi)
     e1, e2 = split_runs(start_n, end_n, m0 + BLOCK_M - 1 + lo, m0 + hi - BLOCK_N + 2, BLOCK_N)
     if USE_DELTA:
-        ql_lo = tl.load(rows_base + 2 * T + offs_m, mask=mask_m, other=float("inf"))
-        ql_hi = tl.load(rows_base + 3 * T + offs_m, mask=mask_m, other=float("inf"))
+        ql_lo = tl.load(rows_base + 2 * TP + offs_m, mask=mask_m, other=float("inf"))
+        ql_hi = tl.load(rows_base + 3 * TP + offs_m, mask=mask_m, other=float("inf"))
         b1, b2 = split_runs(e1, e2, m0 - L - BLOCK_N + 2, m0 + BLOCK_M - 1 + U, BLOCK_N)
         dq, acc_lo, acc_hi = _dq_run(
             dq, acc_lo, acc_hi, q, do, lse2, Di, k_base, v_base, kc_base, p_base, dp_base, skt,
-            skd, svt, svd, spt, offs_m, mask_m, offs_dk, offs_dv, m0, start_n, e1, T, L, U, lo, hi,
+            skd, svt, svd, spt, offs_m, mask_m, offs_dk, offs_dv, m0, start_n, e1, T, TP, L, U, lo, hi,
             scale, qk_scale, BAND, True, IEEE, DK, DV, BLOCK_M, BLOCK_N)
         dq, acc_lo, acc_hi = _dq_run(
             dq, acc_lo, acc_hi, q, do, ql_lo, Di, k_base, v_base, kc_base, p_base, dp_base, skt,
-            skd, svt, svd, spt, offs_m, mask_m, offs_dk, offs_dv, m0, e1, b1, T, L, U, lo, hi,
+            skd, svt, svd, spt, offs_m, mask_m, offs_dk, offs_dv, m0, e1, b1, T, TP, L, U, lo, hi,
             scale, qk_scale, FAR_LO, False, IEEE, DK, DV, BLOCK_M, BLOCK_N)
         dq, acc_lo, acc_hi = _dq_run(
             dq, acc_lo, acc_hi, q, do, lse2, Di, k_base, v_base, kc_base, p_base, dp_base, skt,
-            skd, svt, svd, spt, offs_m, mask_m, offs_dk, offs_dv, m0, b1, b2, T, L, U, lo, hi,
+            skd, svt, svd, spt, offs_m, mask_m, offs_dk, offs_dv, m0, b1, b2, T, TP, L, U, lo, hi,
             scale, qk_scale, BAND, False, IEEE, DK, DV, BLOCK_M, BLOCK_N)
         dq, acc_lo, acc_hi = _dq_run(
             dq, acc_lo, acc_hi, q, do, ql_hi, Di, k_base, v_base, kc_base, p_base, dp_base, skt,
-            skd, svt, svd, spt, offs_m, mask_m, offs_dk, offs_dv, m0, b2, e2, T, L, U, lo, hi,
+            skd, svt, svd, spt, offs_m, mask_m, offs_dk, offs_dv, m0, b2, e2, T, TP, L, U, lo, hi,
             scale, qk_scale, FAR_HI, False, IEEE, DK, DV, BLOCK_M, BLOCK_N)
         dq, acc_lo, acc_hi = _dq_run(
             dq, acc_lo, acc_hi, q, do, lse2, Di, k_base, v_base, kc_base, p_base, dp_base, skt,
-            skd, svt, svd, spt, offs_m, mask_m, offs_dk, offs_dv, m0, e2, end_n, T, L, U, lo, hi,
+            skd, svt, svd, spt, offs_m, mask_m, offs_dk, offs_dv, m0, e2, end_n, T, TP, L, U, lo, hi,
             scale, qk_scale, BAND, True, IEEE, DK, DV, BLOCK_M, BLOCK_N)
         if R == 1:
             tl.store(dp_base + offs_m * R, -(acc_lo + acc_hi) * scale, mask=mask_m)
@@ -347,15 +349,15 @@ def bwd_dq_kernel(Q, K, V, P, KCOL, KV, DO, ROWS, DQ_OUT, DPQ,
     else:  # plain flash attention: no P traffic at all
         dq, acc_lo, acc_hi = _dq_run(
             dq, acc_lo, acc_hi, q, do, lse2, Di, k_base, v_base, kc_base, p_base, dp_base, skt,
-            skd, svt, svd, spt, offs_m, mask_m, offs_dk, offs_dv, m0, start_n, e1, T, L, U, lo, hi,
+            skd, svt, svd, spt, offs_m, mask_m, offs_dk, offs_dv, m0, start_n, e1, T, TP, L, U, lo, hi,
             scale, qk_scale, PLAIN, True, IEEE, DK, DV, BLOCK_M, BLOCK_N)
         dq, acc_lo, acc_hi = _dq_run(
             dq, acc_lo, acc_hi, q, do, lse2, Di, k_base, v_base, kc_base, p_base, dp_base, skt,
-            skd, svt, svd, spt, offs_m, mask_m, offs_dk, offs_dv, m0, e1, e2, T, L, U, lo, hi,
+            skd, svt, svd, spt, offs_m, mask_m, offs_dk, offs_dv, m0, e1, e2, T, TP, L, U, lo, hi,
             scale, qk_scale, PLAIN, False, IEEE, DK, DV, BLOCK_M, BLOCK_N)
         dq, acc_lo, acc_hi = _dq_run(
             dq, acc_lo, acc_hi, q, do, lse2, Di, k_base, v_base, kc_base, p_base, dp_base, skt,
-            skd, svt, svd, spt, offs_m, mask_m, offs_dk, offs_dv, m0, e2, end_n, T, L, U, lo, hi,
+            skd, svt, svd, spt, offs_m, mask_m, offs_dk, offs_dv, m0, e2, end_n, T, TP, L, U, lo, hi,
             scale, qk_scale, PLAIN, True, IEEE, DK, DV, BLOCK_M, BLOCK_N)
     gq_base = DQ_OUT + off_b * sgqb + off_h * sgqh
     tl.store(gq_base + offs_m[:, None] * sgqt + offs_dk[None, :] * sgqd,

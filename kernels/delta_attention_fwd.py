@@ -19,17 +19,18 @@ import triton
 import triton.language as tl
 
 from .delta_attention_tiles import (BAND, FAR_HI, FAR_LO, PLAIN, band_bias, dot, kcol_row,
-                                    key_span, split_runs, window_mask)
+                                    key_span, loop_tile, split_runs, window_mask)
 
 
 @triton.jit
 def _fwd_run(acc, l_i, m_i, q, qrow, k_base, v_base, p_base, kc_base, skt, skd, svt, svd, spt,
-             offs_m, mask_m, offs_dk, offs_dv, m0, n_start, n_end, T, L, U, lo, hi, qk_scale,
+             offs_m, mask_m, offs_dk, offs_dv, m0, n_start, n_end, T, TP, L, U, lo, hi, qk_scale,
              MODE: tl.constexpr, MASKED: tl.constexpr, IEEE: tl.constexpr, DK: tl.constexpr,
-             DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+             DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N_PROG: tl.constexpr):
+    BLOCK_N: tl.constexpr = loop_tile(BLOCK_N_PROG, MODE, MASKED)
     if MODE == FAR_LO or MODE == FAR_HI:
         m_i = m_i + qrow  # the run's frame: logits without the query term -c·P[i, e]
-    kc = kc_base + kcol_row(MODE) * T
+    kc = kc_base + kcol_row(MODE) * TP
     mask_dk = (offs_dk < DK)[:, None]
     mask_dv = (offs_dv < DV)[None, :]
     for n0 in range(n_start, n_end, BLOCK_N):
@@ -37,7 +38,7 @@ def _fwd_run(acc, l_i, m_i, q, qrow, k_base, v_base, p_base, kc_base, skt, skd, 
         mask_n = offs_n < T
         kT = tl.load(k_base + offs_n[None, :] * skt + offs_dk[:, None] * skd,
                      mask=mask_n[None, :] & mask_dk, other=0.0)
-        kcol = tl.load(kc + offs_n, mask=mask_n, other=float("-inf"))
+        kcol = tl.load(kc + offs_n)  # padded to TP: no mask
         qk = dot(q, kT, IEEE)
         if MODE == BAND:
             bias = band_bias(p_base, spt, offs_m[:, None], offs_n[None, :], mask_m[:, None],
@@ -65,7 +66,7 @@ def _fwd_run(acc, l_i, m_i, q, qrow, k_base, v_base, p_base, kc_base, skt, skd, 
 def fwd_kernel(Q, K, V, P, KCOL, KV, OUT, LSE,
                sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd,
                spb, sph, spt, scb, sch, sob, soh, sot, sod, slb, slh, slt,
-               H, T, L, U, lo, hi, qk_scale, T_KEY, W_KEY,
+               H, T, TP, L, U, lo, hi, qk_scale, T_KEY, W_KEY,
                HAS_PAD: tl.constexpr, USE_DELTA: tl.constexpr, IEEE: tl.constexpr,
                DK: tl.constexpr, DV: tl.constexpr, BLOCK_DK: tl.constexpr,
                BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -107,36 +108,36 @@ def fwd_kernel(Q, K, V, P, KCOL, KV, OUT, LSE,
         b1, b2 = split_runs(e1, e2, m0 - L - BLOCK_N + 2, m0 + BLOCK_M - 1 + U, BLOCK_N)
         acc, l_i, m_i = _fwd_run(acc, l_i, m_i, q, qrow_lo, k_base, v_base, p_base, kc_base,
                                  skt, skd, svt, svd, spt, offs_m, mask_m, offs_dk, offs_dv, m0,
-                                 start_n, e1, T, L, U, lo, hi, qk_scale, BAND, True, IEEE, DK,
+                                 start_n, e1, T, TP, L, U, lo, hi, qk_scale, BAND, True, IEEE, DK,
                                  DV, BLOCK_M, BLOCK_N)
         acc, l_i, m_i = _fwd_run(acc, l_i, m_i, q, qrow_lo, k_base, v_base, p_base, kc_base,
                                  skt, skd, svt, svd, spt, offs_m, mask_m, offs_dk, offs_dv, m0,
-                                 e1, b1, T, L, U, lo, hi, qk_scale, FAR_LO, False, IEEE, DK, DV,
+                                 e1, b1, T, TP, L, U, lo, hi, qk_scale, FAR_LO, False, IEEE, DK, DV,
                                  BLOCK_M, BLOCK_N)
         acc, l_i, m_i = _fwd_run(acc, l_i, m_i, q, qrow_lo, k_base, v_base, p_base, kc_base,
                                  skt, skd, svt, svd, spt, offs_m, mask_m, offs_dk, offs_dv, m0,
-                                 b1, b2, T, L, U, lo, hi, qk_scale, BAND, False, IEEE, DK, DV,
+                                 b1, b2, T, TP, L, U, lo, hi, qk_scale, BAND, False, IEEE, DK, DV,
                                  BLOCK_M, BLOCK_N)
         acc, l_i, m_i = _fwd_run(acc, l_i, m_i, q, qrow_hi, k_base, v_base, p_base, kc_base,
                                  skt, skd, svt, svd, spt, offs_m, mask_m, offs_dk, offs_dv, m0,
-                                 b2, e2, T, L, U, lo, hi, qk_scale, FAR_HI, False, IEEE, DK, DV,
+                                 b2, e2, T, TP, L, U, lo, hi, qk_scale, FAR_HI, False, IEEE, DK, DV,
                                  BLOCK_M, BLOCK_N)
         acc, l_i, m_i = _fwd_run(acc, l_i, m_i, q, qrow_hi, k_base, v_base, p_base, kc_base,
                                  skt, skd, svt, svd, spt, offs_m, mask_m, offs_dk, offs_dv, m0,
-                                 e2, end_n, T, L, U, lo, hi, qk_scale, BAND, True, IEEE, DK, DV,
+                                 e2, end_n, T, TP, L, U, lo, hi, qk_scale, BAND, True, IEEE, DK, DV,
                                  BLOCK_M, BLOCK_N)
     else:  # plain flash attention: no P traffic at all
         acc, l_i, m_i = _fwd_run(acc, l_i, m_i, q, l_i, k_base, v_base, p_base, kc_base, skt,
                                  skd, svt, svd, spt, offs_m, mask_m, offs_dk, offs_dv, m0,
-                                 start_n, e1, T, L, U, lo, hi, qk_scale, PLAIN, True, IEEE, DK,
+                                 start_n, e1, T, TP, L, U, lo, hi, qk_scale, PLAIN, True, IEEE, DK,
                                  DV, BLOCK_M, BLOCK_N)
         acc, l_i, m_i = _fwd_run(acc, l_i, m_i, q, l_i, k_base, v_base, p_base, kc_base, skt,
                                  skd, svt, svd, spt, offs_m, mask_m, offs_dk, offs_dv, m0, e1, e2,
-                                 T, L, U, lo, hi, qk_scale, PLAIN, False, IEEE, DK, DV, BLOCK_M,
+                                 T, TP, L, U, lo, hi, qk_scale, PLAIN, False, IEEE, DK, DV, BLOCK_M,
                                  BLOCK_N)
         acc, l_i, m_i = _fwd_run(acc, l_i, m_i, q, l_i, k_base, v_base, p_base, kc_base, skt,
                                  skd, svt, svd, spt, offs_m, mask_m, offs_dk, offs_dv, m0, e2,
-                                 end_n, T, L, U, lo, hi, qk_scale, PLAIN, True, IEEE, DK, DV,
+                                 end_n, T, TP, L, U, lo, hi, qk_scale, PLAIN, True, IEEE, DK, DV,
                                  BLOCK_M, BLOCK_N)
 
     empty = l_i == 0.0

@@ -64,6 +64,16 @@ def kcol_row(MODE: tl.constexpr):
 
 
 @triton.jit
+def loop_tile(BLOCK: tl.constexpr, MODE: tl.constexpr, MASKED: tl.constexpr):
+    """The loop's tile width: gathering loops (band, masked) step through the program's aligned
+    runs in half-width tiles, which halves the registers their per-element addresses take."""
+    if (MODE == BAND or MASKED) and BLOCK >= 32:
+        return BLOCK // 2
+    else:
+        return BLOCK
+
+
+@triton.jit
 def band_bias(p_base, spt, offs_i, offs_j, mask_i, mask_j, L, U):
     """float32 tile of P[j, r(i,j)] − P[i, r(i,j)] (unscaled), gathered per pair.
 
