@@ -1,13 +1,26 @@
 """The GPU tables of bench/report.py: rows of bench_delta_attention_gpu.py -> markdown.
 
+    python bench/report_gpu.py bench/results/gpu_<name>_quick.json              # every table
+    python bench/report_gpu.py bench/results/gpu_<name>_quick.json --headline   # the README's
+
+The headline table (``headline``) is the README's GPU table: per (D, T) with T >= 4096, the ms per
+call of SDPA without bias and of hdaf ``triton`` / ``cuda``, forward and forward+backward, each
+hdaf time with its ratio to SDPA's and whether it meets the speed target (forward <= 1.4x,
+forward+backward <= 2.0x SDPA without bias). Under it: the GPU, torch / triton / CUDA versions,
+git commit, UTC date and command, from the JSON's ``run`` block (bench/conftest.py).
+
 Ratios are to SDPA without bias on the same (dtype, D, T, mode); the window table compares with
-SDPA given the window mask. Targets are issue 11's, checked per hdaf backend over every measured
-configuration (the worst figure is shown). A missing value is a case that did not run (out of
-memory, or the backend unavailable); FlexAttention's backward is "n/a" (it refuses it when P
-requires grad).
+SDPA given the window mask. The targets table checks each speed and memory target per hdaf backend
+over every measured configuration (the worst figure is shown). A missing value is a case that did
+not run (out of memory, the backend unavailable, or a run cut short by its time budget);
+FlexAttention's backward is "n/a" (it refuses it when P requires grad).
 """
 from __future__ import annotations
 
+import argparse
+import json
+import os
+import sys
 from collections import defaultdict
 
 ORDER = ["sdpa", "triton", "cuda", "flex", "sdpa_bias", "sdpa_window"]
@@ -48,17 +61,87 @@ def _mib(r, floor):
     return f"{r['peak'] / 2**20:.0f}{ratio}"
 
 
-def render(machine, commit, rows):
+HEADLINE_MIN_T = 4096
+HEADLINE_TARGETS = {"fwd": 1.4, "fwd+bwd": 2.0}  # at most this ratio to SDPA without bias
+
+
+def _mark(ratio, mode):
+    return "met" if ratio <= HEADLINE_TARGETS[mode] else "**missed**"
+
+
+def headline(rows, dtype="bf16"):
+    """The README's GPU table (module doc): one line per (D, T >= 4096) measured in ``dtype``,
+    then per hdaf backend how many of those lines meet each target. "–": the case did not run."""
+    idx = index(rows)
+    keys = sorted({(k[1], k[2]) for k in idx if k[0] == dtype and k[4] is None
+                   and k[2] >= HEADLINE_MIN_T})
+    if not keys:
+        return f"No {dtype} rows with T ≥ {HEADLINE_MIN_T} in this file."
+    r0 = rows[0]
+    out = [f"**{dtype}, B={r0.get('B', '?')}, H={r0.get('H', '?')}, R={r0.get('R', '?')}** — ms "
+           "per call (ratio to SDPA without bias, target: forward ≤ "
+           f"{HEADLINE_TARGETS['fwd']}×, forward+backward ≤ {HEADLINE_TARGETS['fwd+bwd']}×)", "",
+           "| D | T | SDPA fwd | hdaf `triton` fwd | hdaf `cuda` fwd | SDPA fwd+bwd | "
+           "hdaf `triton` fwd+bwd | hdaf `cuda` fwd+bwd |",
+           "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    tally = {(b, m): [0, 0] for b in HDAF for m in HEADLINE_TARGETS}  # [met, measured]
+    for D, T in keys:
+        cells = [str(D), str(T)]
+        for mode in ("fwd", "fwd+bwd"):
+            by = idx.get((dtype, D, T, mode, None), {})
+            floor = by.get("sdpa")
+            cells.append(f"{_ms(floor):.3g}" if floor else "–")
+            for b in HDAF:
+                r = by.get(b)
+                if r is None:
+                    cells.append("–")
+                elif floor is None:
+                    cells.append(f"{_ms(r):.3g} (no SDPA time)")
+                else:
+                    ratio = _ms(r) / _ms(floor)
+                    tally[(b, mode)][0] += ratio <= HEADLINE_TARGETS[mode]
+                    tally[(b, mode)][1] += 1
+                    cells.append(f"{_ms(r):.3g} ({ratio:.2f}×, {_mark(ratio, mode)})")
+        out.append("| " + " | ".join(cells) + " |")
+    out.append("")
+    out.append("Targets met (of the (D, T) measured): " + "; ".join(
+        f"hdaf `{b}` forward {tally[(b, 'fwd')][0]}/{tally[(b, 'fwd')][1]}, forward+backward "
+        f"{tally[(b, 'fwd+bwd')][0]}/{tally[(b, 'fwd+bwd')][1]}" for b in HDAF) + ".")
+    return "\n".join(out)
+
+
+def provenance(run, rows, machine=None, commit=None):
+    """One line: GPU, versions, commit, UTC date and command, from the JSON's ``run`` block,
+    else from what the rows and pytest-benchmark recorded."""
+    run, machine, commit = run or {}, machine or {}, commit or {}
+    r0 = rows[0] if rows else {}
+    sha = run.get("commit") or commit.get("id") or "?"
+    dirty = run.get("dirty") if "dirty" in run else commit.get("dirty")
+    parts = [f"GPU: {run.get('gpu') or r0.get('gpu', '?')}",
+             f"torch {run.get('torch') or r0.get('torch', '?')}",
+             f"triton {run.get('triton') or r0.get('triton') or '?'}",
+             f"CUDA {run.get('cuda') or r0.get('cuda') or '?'}",
+             f"python {machine.get('python_version', '?')}",
+             f"commit {sha[:10]}{' (dirty)' if dirty else ''}",
+             f"date {run.get('date_utc') or '?'}"]
+    line = "; ".join(parts) + "."
+    if run.get("command"):
+        line += f" Command: `{run['command']}`."
+    return line
+
+
+def render(machine, commit, rows, run=None):
     idx = index(rows)
     full = [k for k in idx if k[4] is None]
     dtypes = sorted({k[0] for k in full})
     cols = sorted({(k[1], k[2]) for k in full})
     r0 = rows[0] if rows else {}
-    out = [f"GPU: {r0.get('gpu', '?')}; torch {r0.get('torch', '?')}; python "
-           f"{machine.get('python_version', '?')}; commit {commit.get('id', '?')[:10]}"
-           f"{' (dirty)' if commit.get('dirty') else ''}",
-           "", f"Cells: ms per call (ratio to SDPA without bias) · TFLOP/s. B={r0.get('B', '?')}, "
-           f"H={r0.get('H', '?')}, Dr=64, R={r0.get('R', '?')}, x and w shared by the heads."]
+    out = [provenance(run, rows, machine, commit)]
+    for dt in dtypes:
+        if any(k[0] == dt and k[2] >= HEADLINE_MIN_T for k in full):
+            out += ["", headline(rows, dt)]
+    out += ["", f"Cells: ms per call (ratio to SDPA without bias) · TFLOP/s. B={r0.get('B', '?')}, "
+            f"H={r0.get('H', '?')}, Dr=64, R={r0.get('R', '?')}, x and w shared by the heads."]
     head = "| provider | " + " | ".join(f"D={d} T={t}" for d, t in cols) + " |"
     sep = "|---|" + "---:|" * len(cols)
     for dt in dtypes:
@@ -128,7 +211,7 @@ TARGETS = [  # (text, select key, value, limit, stretch, higher is better)
 
 
 def targets(idx):
-    out = ["**Targets (issue 11)** — the worst measured configuration per backend", "",
+    out = ["**Targets** — the worst measured configuration per backend", "",
            "| target | " + " | ".join(f"hdaf `{b}`" for b in HDAF) + " |", "|---|---|---|"]
     for text, select, value, limit, stretch, higher in TARGETS:
         cells = []
@@ -149,7 +232,7 @@ def targets(idx):
 
 def auto_table(rows):
     """AUTO_MEASUREMENTS rows for hdaf/dispatch.py: (fwd, fwd+bwd) ms of triton and cuda per
-    (dtype, D) at the T closest to 4096 (the reporter's), no window."""
+    (dtype, D) at the T closest to 4096, no window."""
     idx = index(rows)
     torch_name = {"bf16": "torch.bfloat16", "fp16": "torch.float16"}
     lines = []
@@ -164,3 +247,30 @@ def auto_table(rows):
                 lines.append(f'    ("cuda", {torch_name.get(dt, dt)}, {D}): {{{cells}}},  # T={T}')
                 break
     return "\n".join(lines) if lines else "# no GPU rows with triton/cuda timings in this file"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="The GPU bench's tables from its pytest-benchmark JSON.")
+    ap.add_argument("json")
+    ap.add_argument("--headline", action="store_true",
+                    help="only the README's table (bf16, T >= 4096) and the line naming the run")
+    args = ap.parse_args(argv)
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import report  # bench/report.py: the rows of the JSON
+
+    machine, commit, rows = report.load(args.json)
+    rows = [r for r in rows if r["D"] is not None]
+    with open(args.json) as f:
+        run = json.load(f).get("run")
+    if not rows:
+        print(f"{args.json}: no GPU bench rows", file=sys.stderr)
+        return 1
+    if args.headline:
+        print(headline(rows) + "\n\n" + provenance(run, rows, machine, commit))
+    else:
+        print(render(machine, commit, rows, run))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
