@@ -5,6 +5,7 @@
     compute-sanitizer --tool memcheck --error-exitcode 1 python scripts/gpu_sanitizer_sweep.py
     python scripts/gpu_sanitizer_sweep.py --list                            # the cases, nothing run
     python scripts/gpu_sanitizer_sweep.py --device cpu --backends cpu       # dry run without a GPU
+    python scripts/gpu_sanitizer_sweep.py --quick --triton-configs SPEC     # gpu_check.sh --quick
 
 Cases (``scripts/gpu_check.sh`` runs it plain, then under memcheck): head dims 16–128 with
 Dk != Dv, T in {1, 7, 63, 100, 300} (none a multiple of any tile size above 1), shared and
@@ -14,6 +15,13 @@ has none, it runs float32 instead). Every output and gradient is compared with t
 ``gather`` reference on the same rounded inputs (loose tolerances: memory errors are the target
 here; tests/ holds the accuracy rules). Exit status 1 on any failure or mismatch.
 Only the public API is used (``hdaf.delta_attention(..., backend=...)``).
+
+``--quick`` (``scripts/gpu_check.sh --quick`` runs it under memcheck only): three cases, each on
+both backends -- causal + key padding (T=100, D=64, bfloat16), window + causal with Dk != Dv
+(T=63, float16), fully masked rows with padding (T=300, Dk=128, Dv=40, float32).
+``--triton-configs`` pins one Triton block configuration per kernel
+(``hdaf.kernels.delta_attention.forced_configs``), so each case compiles three kernels instead of
+every autotuning candidate.
 """
 from __future__ import annotations
 
@@ -39,6 +47,12 @@ CONFIGS = {
 TS = (1, 7, 63, 100, 300)
 DIMS = ((16, 16), (32, 24), (64, 64), (128, 128), (24, 128), (128, 40), (16, 72))
 DTYPES = ("float16", "bfloat16", "float32", "float64")
+# (config, T, (Dk, Dv), dtype name): the --quick sweep
+QUICK_CASES = (
+    ("headw_causal_pad", 100, (64, 64), "bfloat16"),
+    ("headxw_window_lr_causal", 63, (32, 24), "float16"),
+    ("paper_pad_masked_rows", 300, (128, 40), "float32"),
+)
 TOL = {"float64": 1e-8, "float32": 1e-2, "float16": 3e-2, "bfloat16": 1e-1}  # x max(1, |ref|)
 
 
@@ -46,6 +60,18 @@ def cases():
     """(config, T, (Dk, Dv), dtype name): every config at every T, dims and dtypes cycled."""
     for i, (config, T) in enumerate(itertools.product(CONFIGS, TS)):
         yield config, T, DIMS[i % len(DIMS)], DTYPES[i % len(DTYPES)]
+
+
+def parse_triton_configs(spec):
+    """``"fwd=64,32,4,2 dkdv=32,64,4,2 dq=64,32,4,2"`` -> forced_configs() keyword arguments."""
+    out = {}
+    for part in spec.replace(";", " ").split():
+        kind, _, cfg = part.partition("=")
+        nums = tuple(int(n) for n in cfg.split(",")) if cfg else ()
+        if kind not in ("fwd", "dkdv", "dq") or len(nums) != 4:
+            raise ValueError(f"--triton-configs: cannot read {part!r} (want e.g. fwd=64,32,4,2)")
+        out[kind] = nums
+    return out
 
 
 def make_inputs(T, Dk, Dv, R, dtype, device, per_head_x=False, per_head_w=False, pad=None,
@@ -107,9 +133,15 @@ def main(argv=None) -> int:
                     help="comma-separated; default 'cuda,triton' on cuda, 'cpu' on cpu")
     ap.add_argument("--list", action="store_true", help="print the cases and exit")
     ap.add_argument("--max-cases", type=int, default=None, help="run only the first N cases")
+    ap.add_argument("--quick", action="store_true",
+                    help=f"only the {len(QUICK_CASES)} cases of QUICK_CASES (module doc)")
+    ap.add_argument("--triton-configs", default=None, metavar="SPEC",
+                    help='pin Triton block configurations, e.g. "fwd=64,32,4,2 dkdv=32,64,4,2 '
+                         'dq=64,32,4,2" (BLOCK_M,BLOCK_N,num_warps,num_stages per kernel)')
     args = ap.parse_args(argv)
     backends = (args.backends or ("cuda,triton" if args.device == "cuda" else "cpu")).split(",")
-    todo = list(cases())[: args.max_cases]
+    forced = parse_triton_configs(args.triton_configs) if args.triton_configs else {}
+    todo = list(QUICK_CASES if args.quick else cases())[: args.max_cases]
     runs = []
     for (config, T, dims, dt), backend in itertools.product(todo, backends):
         if backend == "triton" and dt == "float64":
@@ -118,8 +150,10 @@ def main(argv=None) -> int:
     if args.list:
         for r in runs:
             print("{} {} T={} Dk={} Dv={} {}".format(r[0], r[4], r[2], *r[3], r[1]))
-        print(f"{len(runs)} runs")
+        print(f"{len(runs)} runs" + (f"; Triton configurations pinned: {forced}" if forced else ""))
         return 0
+
+    import contextlib
 
     import torch
 
@@ -130,12 +164,19 @@ def main(argv=None) -> int:
         return 2
     info = hdaf.backends()
     print(f"hdaf backends: {info['available']}, torch {info['torch']}", flush=True)
+    pinned = contextlib.nullcontext  # a context manager per run: forced_configs' is single-use
+    if forced:
+        from hdaf.kernels import delta_attention as K
+
+        pinned = lambda: K.forced_configs(**forced)  # noqa: E731
+        print(f"Triton configurations pinned: {forced}", flush=True)
     failures = 0
     t0 = time.time()
     for backend, config, T, dims, dt in runs:
         label = "{:6s} {:8s} T={:<4d} Dk={:<3d} Dv={:<3d} {}".format(backend, dt, T, *dims, config)
         try:
-            problem = check_case(backend, config, T, dims, dt, args.device)
+            with pinned() if backend == "triton" else contextlib.nullcontext():
+                problem = check_case(backend, config, T, dims, dt, args.device)
         except Exception as exc:  # report every case, then fail
             problem = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         failures += problem is not None

@@ -65,3 +65,70 @@ def device_for_tests() -> str:
 
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+# ---------------------------------------------------------------------------------------------
+# The short GPU check: `pytest -m quick` (scripts/gpu_check.sh --quick)
+# ---------------------------------------------------------------------------------------------
+
+# A fixed selection of the GPU tests: both backends against the float64 reference, forward and
+# every gradient, float32 / float16 / bfloat16 (and float64 for `cuda`), with padding, causal,
+# windows, per-head x / w, Dk != Dv, fully masked rows and batches, head dim 128, T = 8192.
+# `file::test id`; each gets the `quick` mark (pytest.ini) when collected.
+QUICK_GPU_TESTS = (
+    "test_cuda.py::test_cuda_kernels_registered",
+    "test_cuda.py::test_cuda_matches_naive[300-headw_causal_pad-dk64-float32]",
+    "test_cuda.py::test_cuda_matches_naive[300-headw_causal_pad-dk64-float16]",
+    "test_cuda.py::test_cuda_matches_naive[300-headw_causal_pad-dk64-bfloat16]",
+    "test_cuda.py::test_cuda_matches_naive[300-headx_asym_window-dk16_dv24-float32]",
+    "test_cuda.py::test_cuda_matches_naive[300-headx_asym_window-dk16_dv24-float16]",
+    "test_cuda.py::test_cuda_matches_naive[300-headx_asym_window-dk16_dv24-bfloat16]",
+    "test_cuda.py::test_cuda_matches_naive[300-perhead_window_lr_causal-dk5_dv3-bfloat16]",
+    "test_cuda.py::test_cuda_matches_naive[63-paper_pad-dk16_dv24-float16]",
+    "test_cuda.py::test_cuda_matches_naive[63-fully_masked_batch-dk16_dv24-bfloat16]",
+    "test_cuda.py::test_cuda_float64_matches_naive[paper_pad]",
+    "test_cuda.py::test_cuda_lse_and_fully_masked_rows[bfloat16]",
+    "test_cuda.py::test_cuda_head_dim_128",
+    "test_cuda.py::test_cuda_large_T_smoke_and_determinism[bfloat16]",
+    # Triton: T=1000, causal, padding, per-head x, Dk=64 != Dv=32 (float32, float16, bfloat16);
+    # window (100, 60), a fully padded batch element, per-head w, D=128 (bfloat16)
+    "test_triton.py::test_gpu_matches_naive[T1000_causal_pad_phx_dkdv-dtype0]",
+    "test_triton.py::test_gpu_matches_naive[T1000_causal_pad_phx_dkdv-dtype1]",
+    "test_triton.py::test_gpu_matches_naive[T1000_causal_pad_phx_dkdv-dtype2]",
+    "test_triton.py::test_gpu_matches_naive[T1000_window_allpad_phw-dtype2]",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    quick = set(QUICK_GPU_TESTS)
+    for item in items:
+        if f"{item.path.name}::{item.name}" in quick:
+            item.add_marker(pytest.mark.quick)
+
+
+def parse_triton_configs(spec: str) -> dict:
+    """``"fwd=64,32,4,2 dkdv=32,64,4,2 dq=64,32,4,2"`` -> forced_configs() keyword arguments:
+    (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel kind; kinds left out stay autotuned."""
+    out = {}
+    for part in spec.replace(";", " ").split():
+        kind, _, cfg = part.partition("=")
+        nums = tuple(int(n) for n in cfg.split(","))
+        if kind not in ("fwd", "dkdv", "dq") or len(nums) != 4:
+            raise ValueError(f"HDAF_TRITON_CONFIGS: cannot read {part!r} (want e.g. fwd=64,32,4,2)")
+        out[kind] = nums
+    return out
+
+
+@pytest.fixture(autouse=True)
+def _triton_configs_from_environment():
+    """With HDAF_TRITON_CONFIGS set, every test runs the Triton kernels with those block
+    configurations instead of autotuning (gpu_check.sh --quick: each test shape then compiles
+    one configuration per kernel instead of every autotuning candidate)."""
+    spec = os.environ.get("HDAF_TRITON_CONFIGS")
+    if not spec:
+        yield
+        return
+    from hdaf.kernels import delta_attention as K
+
+    with K.forced_configs(**parse_triton_configs(spec)):
+        yield
