@@ -25,6 +25,9 @@ import triton.language as tl
 from .delta_attention_tiles import (BAND, FAR_HI, FAR_LO, PLAIN, band_bias, dot, kcol_row,
                                     key_span, loop_tile, split_runs, window_mask)
 
+#: Columns of the far tiles' dS-sum accumulator (the narrowest matrix-instruction N).
+SEL_W: tl.constexpr = tl.constexpr(16)
+
 # Rows of ROWS [B, H, 4, T].
 ROW_D: tl.constexpr = tl.constexpr(0)
 ROW_LSE2: tl.constexpr = tl.constexpr(1)
@@ -74,6 +77,25 @@ def bwd_rows_kernel(OUT, DO, LSE, P, ROWS, sob, soh, sot, sod, sdb, sdh, sdt, sd
 
 
 @triton.jit
+def bucket_selector(BLOCK: tl.constexpr, MODE: tl.constexpr, dtype: tl.constexpr):
+    """[BLOCK, SEL_W] with ones in column 0 (far-low) or 1 (far-high): dot(dS, it) adds the
+    tile's partner sums of dS to that column of a [rows, SEL_W] accumulator on the tensor cores,
+    with no reduction across threads."""
+    col = 0 if MODE == FAR_LO else 1
+    cols = tl.zeros([BLOCK, SEL_W], dtype=tl.int32) + tl.arange(0, SEL_W)[None, :]
+    return (cols == col).to(dtype)
+
+
+@triton.jit
+def far_sums(acc_lo, acc_hi, acc_far):
+    """Add the far tiles' dS sums (columns 0 and 1 of acc_far) to the band tiles' sums."""
+    cols = tl.arange(0, SEL_W)[None, :]
+    acc_lo += tl.sum(tl.where(cols == 0, acc_far, 0.0), 1)
+    acc_hi += tl.sum(tl.where(cols == 1, acc_far, 0.0), 1)
+    return acc_lo, acc_hi
+
+
+@triton.jit
 def _band_dP(ds, d, valid, L, U, acc_lo, acc_hi, dp_ptrs, scale, AXIS: tl.constexpr):
     """A band tile's share of dP: the clipped pairs summed into acc_lo / acc_hi along AXIS (the
     partner axis), the unclipped ones stored (one partner per row and bucket) at dp_ptrs + d."""
@@ -84,7 +106,7 @@ def _band_dP(ds, d, valid, L, U, acc_lo, acc_hi, dp_ptrs, scale, AXIS: tl.conste
 
 
 @triton.jit
-def _dkdv_run(dk, dv, acc_lo, acc_hi, k, v, kcol, q_base, do_base, rows_base, p_base, dp_base,
+def _dkdv_run(dk, dv, acc_lo, acc_hi, k, v, kc_base, q_base, do_base, rows_base, p_base, dp_base,
               sqt, sqd, sdt, sdd, spt, offs_n, mask_n, offs_dk, offs_dv, n0, m_start, m_end, T, TP,
               L, U, lo, hi, scale, qk_scale, MODE: tl.constexpr, MASKED: tl.constexpr,
               IEEE: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BLOCK_M_PROG: tl.constexpr,
@@ -92,6 +114,7 @@ def _dkdv_run(dk, dv, acc_lo, acc_hi, k, v, kcol, q_base, do_base, rows_base, p_
     BLOCK_M: tl.constexpr = loop_tile(BLOCK_M_PROG, MODE, MASKED)
     R = L + U + 1
     ql_rows = rows_base + _rows_row(MODE) * TP
+    kcol = tl.load(kc_base + kcol_row(MODE) * TP + offs_n)  # padded to TP: no mask
     mask_dk = (offs_dk < DK)[:, None]
     mask_dv = (offs_dv < DV)[None, :]
     for m0 in range(m_start, m_end, BLOCK_M):
@@ -117,6 +140,7 @@ def _dkdv_run(dk, dv, acc_lo, acc_hi, k, v, kcol, q_base, do_base, rows_base, p_
         dpT = dot(v, tl.trans(do), IEEE)
         dsT = pT * (dpT - Di[None, :])
         dk += dot(dsT.to(qT.dtype), tl.trans(qT), IEEE)
+        # a key's bucket sum of dS is a row sum of dSᵀ: within each thread's accumulator rows
         if MODE == FAR_LO:
             acc_lo += tl.sum(dsT, 1)
         elif MODE == FAR_HI:
@@ -173,35 +197,30 @@ def bwd_dkdv_kernel(Q, K, V, P, KCOL, KV, DO, ROWS, DK_OUT, DV_OUT, DPK,
     end_m = tl.where((n0 < kv_hi) & (n0 + BLOCK_N > kv_lo), end_m, start_m)
     q_base = Q + off_b * sqb + off_h * sqh
     do_base = DO + off_b * sdb + off_h * sdh
-    kpad = tl.load(kc_base + kcol_row(PLAIN) * TP + offs_n, mask=mask_n, other=float("-inf"))
     # ascending i, so descending j - i: query tiles crossing the window's upper edge, unmasked
     # tiles, then tiles crossing its lower edge
     e1, e2 = split_runs(start_m, end_m, n0 + BLOCK_N - 1 - hi, n0 - BLOCK_M + 2 - lo, BLOCK_M)
     if USE_DELTA:
-        kcol_lo = tl.load(kc_base + kcol_row(FAR_LO) * TP + offs_n, mask=mask_n,
-                          other=float("-inf"))
-        kcol_hi = tl.load(kc_base + kcol_row(FAR_HI) * TP + offs_n, mask=mask_n,
-                          other=float("-inf"))
         # far-high (j - i >= U) first, then the band, then far-low (j - i <= -L)
         b1, b2 = split_runs(e1, e2, n0 - U - BLOCK_M + 2, n0 + BLOCK_N - 1 + L, BLOCK_M)
         dk, dv, acc_lo, acc_hi = _dkdv_run(
-            dk, dv, acc_lo, acc_hi, k, v, kpad, q_base, do_base, rows_base, p_base, dp_base,
+            dk, dv, acc_lo, acc_hi, k, v, kc_base, q_base, do_base, rows_base, p_base, dp_base,
             sqt, sqd, sdt, sdd, spt, offs_n, mask_n, offs_dk, offs_dv, n0, start_m, e1, T, TP, L, U,
             lo, hi, scale, qk_scale, BAND, True, IEEE, DK, DV, BLOCK_M, BLOCK_N)
         dk, dv, acc_lo, acc_hi = _dkdv_run(
-            dk, dv, acc_lo, acc_hi, k, v, kcol_hi, q_base, do_base, rows_base, p_base, dp_base,
+            dk, dv, acc_lo, acc_hi, k, v, kc_base, q_base, do_base, rows_base, p_base, dp_base,
             sqt, sqd, sdt, sdd, spt, offs_n, mask_n, offs_dk, offs_dv, n0, e1, b1, T, TP, L, U, lo,
             hi, scale, qk_scale, FAR_HI, False, IEEE, DK, DV, BLOCK_M, BLOCK_N)
         dk, dv, acc_lo, acc_hi = _dkdv_run(
-            dk, dv, acc_lo, acc_hi, k, v, kpad, q_base, do_base, rows_base, p_base, dp_base,
+            dk, dv, acc_lo, acc_hi, k, v, kc_base, q_base, do_base, rows_base, p_base, dp_base,
             sqt, sqd, sdt, sdd, spt, offs_n, mask_n, offs_dk, offs_dv, n0, b1, b2, T, TP, L, U, lo,
             hi, scale, qk_scale, BAND, False, IEEE, DK, DV, BLOCK_M, BLOCK_N)
         dk, dv, acc_lo, acc_hi = _dkdv_run(
-            dk, dv, acc_lo, acc_hi, k, v, kcol_lo, q_base, do_base, rows_base, p_base, dp_base,
+            dk, dv, acc_lo, acc_hi, k, v, kc_base, q_base, do_base, rows_base, p_base, dp_base,
             sqt, sqd, sdt, sdd, spt, offs_n, mask_n, offs_dk, offs_dv, n0, b2, e2, T, TP, L, U, lo,
             hi, scale, qk_scale, FAR_LO, False, IEEE, DK, DV, BLOCK_M, BLOCK_N)
         dk, dv, acc_lo, acc_hi = _dkdv_run(
-            dk, dv, acc_lo, acc_hi, k, v, kpad, q_base, do_base, rows_base, p_base, dp_base,
+            dk, dv, acc_lo, acc_hi, k, v, kc_base, q_base, do_base, rows_base, p_base, dp_base,
             sqt, sqd, sdt, sdd, spt, offs_n, mask_n, offs_dk, offs_dv, n0, e2, end_m, T, TP, L, U,
             lo, hi, scale, qk_scale, BAND, True, IEEE, DK, DV, BLOCK_M, BLOCK_N)
         if R == 1:
@@ -211,15 +230,15 @@ def bwd_dkdv_kernel(Q, K, V, P, KCOL, KV, DO, ROWS, DK_OUT, DV_OUT, DPK,
             tl.store(dp_base + offs_n * R + (R - 1), acc_hi * scale, mask=mask_n)
     else:  # plain flash attention: no P traffic at all
         dk, dv, acc_lo, acc_hi = _dkdv_run(
-            dk, dv, acc_lo, acc_hi, k, v, kpad, q_base, do_base, rows_base, p_base, dp_base,
+            dk, dv, acc_lo, acc_hi, k, v, kc_base, q_base, do_base, rows_base, p_base, dp_base,
             sqt, sqd, sdt, sdd, spt, offs_n, mask_n, offs_dk, offs_dv, n0, start_m, e1, T, TP, L, U,
             lo, hi, scale, qk_scale, PLAIN, True, IEEE, DK, DV, BLOCK_M, BLOCK_N)
         dk, dv, acc_lo, acc_hi = _dkdv_run(
-            dk, dv, acc_lo, acc_hi, k, v, kpad, q_base, do_base, rows_base, p_base, dp_base,
+            dk, dv, acc_lo, acc_hi, k, v, kc_base, q_base, do_base, rows_base, p_base, dp_base,
             sqt, sqd, sdt, sdd, spt, offs_n, mask_n, offs_dk, offs_dv, n0, e1, e2, T, TP, L, U, lo,
             hi, scale, qk_scale, PLAIN, False, IEEE, DK, DV, BLOCK_M, BLOCK_N)
         dk, dv, acc_lo, acc_hi = _dkdv_run(
-            dk, dv, acc_lo, acc_hi, k, v, kpad, q_base, do_base, rows_base, p_base, dp_base,
+            dk, dv, acc_lo, acc_hi, k, v, kc_base, q_base, do_base, rows_base, p_base, dp_base,
             sqt, sqd, sdt, sdd, spt, offs_n, mask_n, offs_dk, offs_dv, n0, e2, end_m, T, TP, L, U,
             lo, hi, scale, qk_scale, PLAIN, True, IEEE, DK, DV, BLOCK_M, BLOCK_N)
 
@@ -233,7 +252,7 @@ def bwd_dkdv_kernel(Q, K, V, P, KCOL, KV, DO, ROWS, DK_OUT, DV_OUT, DPK,
 
 
 @triton.jit
-def _dq_run(dq, acc_lo, acc_hi, q, do, ql, Di, k_base, v_base, kc_base, p_base, dp_base,
+def _dq_run(dq, acc_lo, acc_hi, acc_far, q, do, rows_base, k_base, v_base, kc_base, p_base, dp_base,
             skt, skd, svt, svd, spt, offs_m, mask_m, offs_dk, offs_dv, m0, n_start, n_end, T,
             TP, L, U, lo, hi, scale, qk_scale, MODE: tl.constexpr, MASKED: tl.constexpr,
             IEEE: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -241,8 +260,11 @@ def _dq_run(dq, acc_lo, acc_hi, q, do, ql, Di, k_base, v_base, kc_base, p_base, 
     BLOCK_N: tl.constexpr = loop_tile(BLOCK_N_PROG, MODE, MASKED)
     R = L + U + 1
     kc = kc_base + kcol_row(MODE) * TP
+    ql = tl.load(rows_base + _rows_row(MODE) * TP + offs_m)  # padded to TP: no mask
+    Di = tl.load(rows_base + offs_m)
     mask_dk = (offs_dk < DK)[:, None]
     mask_dv = (offs_dv < DV)[:, None]
+    sel = bucket_selector(BLOCK_N, MODE, q.dtype)
     for n0 in range(n_start, n_end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < T
@@ -263,16 +285,15 @@ def _dq_run(dq, acc_lo, acc_hi, q, do, ql, Di, k_base, v_base, kc_base, p_base, 
                      mask=mask_n[None, :] & mask_dv, other=0.0)
         dp = dot(do, vT, IEEE)
         ds = p * (dp - Di[:, None])
-        dq += dot(ds.to(kT.dtype), tl.trans(kT), IEEE)
-        if MODE == FAR_LO:
-            acc_lo += tl.sum(ds, 1)
-        elif MODE == FAR_HI:
-            acc_hi += tl.sum(ds, 1)
+        ds16 = ds.to(kT.dtype)
+        dq += dot(ds16, tl.trans(kT), IEEE)
+        if MODE == FAR_LO or MODE == FAR_HI:  # the row sums of dS, on the tensor cores
+            acc_far += dot(ds16, sel, IEEE)
         elif MODE == BAND:
             acc_lo, acc_hi = _band_dP(ds, offs_n[None, :] - offs_m[:, None],
                                       mask_m[:, None] & mask_n[None, :], L, U, acc_lo, acc_hi,
                                       dp_base + offs_m[:, None] * R + L, -scale, 1)
-    return dq, acc_lo, acc_hi
+    return dq, acc_lo, acc_hi, acc_far
 
 
 @triton.jit
@@ -306,57 +327,55 @@ def bwd_dq_kernel(Q, K, V, P, KCOL, KV, DO, ROWS, DQ_OUT, DPQ,
                 mask=mask_m[:, None] & mask_dk[None, :], other=0.0)
     do = tl.load(DO + off_b * sdb + off_h * sdh + offs_m[:, None] * sdt + offs_dv[None, :] * sdd,
                  mask=mask_m[:, None] & (offs_dv < DV)[None, :], other=0.0)
-    Di = tl.load(rows_base + offs_m, mask=mask_m, other=0.0)
-    lse2 = tl.load(rows_base + 1 * TP + offs_m, mask=mask_m, other=float("inf"))
 
     dq = tl.zeros([BLOCK_M, BLOCK_DK], dtype=tl.float32)
-    acc_lo = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc_hi = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc_lo = tl.zeros([BLOCK_M], dtype=tl.float32)  # band tiles' sums of dS into bucket 0
+    acc_hi = tl.zeros([BLOCK_M], dtype=tl.float32)  # ... into bucket R-1
+    acc_far = tl.zeros([BLOCK_M, SEL_W], dtype=tl.float32)  # far tiles': columns 0 and 1
 
     kv_lo, kv_hi = key_span(KV, off_b, T, HAS_PAD)
     start_n = tl.maximum(tl.maximum(m0 + lo, kv_lo), 0) // BLOCK_N * BLOCK_N
     end_n = tl.minimum(tl.minimum(m0 + BLOCK_M + hi, T), kv_hi)
     e1, e2 = split_runs(start_n, end_n, m0 + BLOCK_M - 1 + lo, m0 + hi - BLOCK_N + 2, BLOCK_N)
     if USE_DELTA:
-        ql_lo = tl.load(rows_base + 2 * TP + offs_m, mask=mask_m, other=float("inf"))
-        ql_hi = tl.load(rows_base + 3 * TP + offs_m, mask=mask_m, other=float("inf"))
         b1, b2 = split_runs(e1, e2, m0 - L - BLOCK_N + 2, m0 + BLOCK_M - 1 + U, BLOCK_N)
-        dq, acc_lo, acc_hi = _dq_run(
-            dq, acc_lo, acc_hi, q, do, lse2, Di, k_base, v_base, kc_base, p_base, dp_base, skt,
+        dq, acc_lo, acc_hi, acc_far = _dq_run(
+            dq, acc_lo, acc_hi, acc_far, q, do, rows_base, k_base, v_base, kc_base, p_base, dp_base, skt,
             skd, svt, svd, spt, offs_m, mask_m, offs_dk, offs_dv, m0, start_n, e1, T, TP, L, U, lo, hi,
             scale, qk_scale, BAND, True, IEEE, DK, DV, BLOCK_M, BLOCK_N)
-        dq, acc_lo, acc_hi = _dq_run(
-            dq, acc_lo, acc_hi, q, do, ql_lo, Di, k_base, v_base, kc_base, p_base, dp_base, skt,
+        dq, acc_lo, acc_hi, acc_far = _dq_run(
+            dq, acc_lo, acc_hi, acc_far, q, do, rows_base, k_base, v_base, kc_base, p_base, dp_base, skt,
             skd, svt, svd, spt, offs_m, mask_m, offs_dk, offs_dv, m0, e1, b1, T, TP, L, U, lo, hi,
             scale, qk_scale, FAR_LO, False, IEEE, DK, DV, BLOCK_M, BLOCK_N)
-        dq, acc_lo, acc_hi = _dq_run(
-            dq, acc_lo, acc_hi, q, do, lse2, Di, k_base, v_base, kc_base, p_base, dp_base, skt,
+        dq, acc_lo, acc_hi, acc_far = _dq_run(
+            dq, acc_lo, acc_hi, acc_far, q, do, rows_base, k_base, v_base, kc_base, p_base, dp_base, skt,
             skd, svt, svd, spt, offs_m, mask_m, offs_dk, offs_dv, m0, b1, b2, T, TP, L, U, lo, hi,
             scale, qk_scale, BAND, False, IEEE, DK, DV, BLOCK_M, BLOCK_N)
-        dq, acc_lo, acc_hi = _dq_run(
-            dq, acc_lo, acc_hi, q, do, ql_hi, Di, k_base, v_base, kc_base, p_base, dp_base, skt,
+        dq, acc_lo, acc_hi, acc_far = _dq_run(
+            dq, acc_lo, acc_hi, acc_far, q, do, rows_base, k_base, v_base, kc_base, p_base, dp_base, skt,
             skd, svt, svd, spt, offs_m, mask_m, offs_dk, offs_dv, m0, b2, e2, T, TP, L, U, lo, hi,
             scale, qk_scale, FAR_HI, False, IEEE, DK, DV, BLOCK_M, BLOCK_N)
-        dq, acc_lo, acc_hi = _dq_run(
-            dq, acc_lo, acc_hi, q, do, lse2, Di, k_base, v_base, kc_base, p_base, dp_base, skt,
+        dq, acc_lo, acc_hi, acc_far = _dq_run(
+            dq, acc_lo, acc_hi, acc_far, q, do, rows_base, k_base, v_base, kc_base, p_base, dp_base, skt,
             skd, svt, svd, spt, offs_m, mask_m, offs_dk, offs_dv, m0, e2, end_n, T, TP, L, U, lo, hi,
             scale, qk_scale, BAND, True, IEEE, DK, DV, BLOCK_M, BLOCK_N)
+        acc_lo, acc_hi = far_sums(acc_lo, acc_hi, acc_far)
         if R == 1:
             tl.store(dp_base + offs_m * R, -(acc_lo + acc_hi) * scale, mask=mask_m)
         else:
             tl.store(dp_base + offs_m * R, -acc_lo * scale, mask=mask_m)
             tl.store(dp_base + offs_m * R + (R - 1), -acc_hi * scale, mask=mask_m)
     else:  # plain flash attention: no P traffic at all
-        dq, acc_lo, acc_hi = _dq_run(
-            dq, acc_lo, acc_hi, q, do, lse2, Di, k_base, v_base, kc_base, p_base, dp_base, skt,
+        dq, acc_lo, acc_hi, acc_far = _dq_run(
+            dq, acc_lo, acc_hi, acc_far, q, do, rows_base, k_base, v_base, kc_base, p_base, dp_base, skt,
             skd, svt, svd, spt, offs_m, mask_m, offs_dk, offs_dv, m0, start_n, e1, T, TP, L, U, lo, hi,
             scale, qk_scale, PLAIN, True, IEEE, DK, DV, BLOCK_M, BLOCK_N)
-        dq, acc_lo, acc_hi = _dq_run(
-            dq, acc_lo, acc_hi, q, do, lse2, Di, k_base, v_base, kc_base, p_base, dp_base, skt,
+        dq, acc_lo, acc_hi, acc_far = _dq_run(
+            dq, acc_lo, acc_hi, acc_far, q, do, rows_base, k_base, v_base, kc_base, p_base, dp_base, skt,
             skd, svt, svd, spt, offs_m, mask_m, offs_dk, offs_dv, m0, e1, e2, T, TP, L, U, lo, hi,
             scale, qk_scale, PLAIN, False, IEEE, DK, DV, BLOCK_M, BLOCK_N)
-        dq, acc_lo, acc_hi = _dq_run(
-            dq, acc_lo, acc_hi, q, do, lse2, Di, k_base, v_base, kc_base, p_base, dp_base, skt,
+        dq, acc_lo, acc_hi, acc_far = _dq_run(
+            dq, acc_lo, acc_hi, acc_far, q, do, rows_base, k_base, v_base, kc_base, p_base, dp_base, skt,
             skd, svt, svd, spt, offs_m, mask_m, offs_dk, offs_dv, m0, e2, end_n, T, TP, L, U, lo, hi,
             scale, qk_scale, PLAIN, True, IEEE, DK, DV, BLOCK_M, BLOCK_N)
     gq_base = DQ_OUT + off_b * sgqb + off_h * sgqh
