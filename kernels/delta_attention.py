@@ -81,18 +81,19 @@ LOOP_KINDS_NO_DELTA = dict.fromkeys(("fwd", "dkdv", "dq"), ("masked", "plain", "
 # Block-size configurations
 # ----------------------------------------------------------------------------------------------
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages): BLOCK_M queries and BLOCK_N keys per tile. The
-# forward and dQ programs own BLOCK_M queries and loop over key tiles; the dK/dV programs own
-# BLOCK_N keys (the matrix instructions' M dimension) and loop over query tiles. Each list is
-# ordered best first by the static sm_90 profile, and no entry spills in a hot loop
-# (bench/results/static_sm90.md); the last entries are for short sequences and float32, which
-# _prune keeps when nothing larger fits.
-_FWD_SHAPES = [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 4), (64, 32, 4, 2),
-               (32, 32, 4, 2), (16, 16, 2, 2)]
-_DKDV_SHAPES = [(32, 128, 4, 3), (64, 128, 8, 2), (32, 64, 4, 2), (32, 32, 4, 2),
-                (16, 16, 2, 1)]
-_DQ_SHAPES = [(128, 32, 4, 3), (128, 64, 8, 2), (64, 32, 4, 2), (32, 32, 4, 2),
-              (16, 16, 2, 1)]
+# (BLOCK_M, BLOCK_N, num_warps, num_stages, largest head dim): BLOCK_M queries and BLOCK_N keys
+# per tile. The forward and dQ programs own BLOCK_M queries and loop over key tiles; the dK/dV
+# programs own BLOCK_N keys (the matrix instructions' M dimension) and loop over query tiles.
+# Each list is ordered best first by the static sm_90 profile (bench/static_profile.py), and no
+# entry spills in a hot loop at the head dims it is kept for (a configuration whose registers
+# overflow at head dim 128 is listed for head dims up to 64 only). The last entries are for short
+# sequences and float32, which _prune keeps when nothing larger fits.
+_FWD_SHAPES = [(128, 128, 8, 3, 64), (128, 64, 8, 2, 128), (128, 64, 8, 3, 128),
+               (64, 64, 4, 3, 128), (64, 32, 4, 2, 128), (32, 32, 4, 2, 128), (16, 16, 2, 2, 128)]
+_DKDV_SHAPES = [(64, 128, 8, 2, 64), (32, 128, 8, 2, 128), (32, 64, 4, 2, 64),
+                (32, 32, 4, 2, 128), (16, 16, 2, 1, 128)]
+_DQ_SHAPES = [(64, 64, 4, 2, 64), (128, 64, 8, 2, 64), (128, 32, 8, 2, 128), (64, 32, 4, 2, 128),
+              (32, 32, 4, 2, 128), (16, 16, 2, 1, 128)]
 #: Estimated shared memory a configuration may use (bytes): below sm_80's 164 KiB opt-in limit
 #: with room for Triton's layout-conversion scratch.
 _SMEM_BUDGET = 144 * 1024
@@ -109,14 +110,17 @@ def _smem_estimate(kind, bm, bn, stages, bdk, bdv, elem):
 
 def _make_prune(kind):
     def prune(configs, named_args, **kwargs):
-        """Drop tiles larger than the sequence, large float32 tiles, and shared-memory misfits."""
+        """Drop tiles larger than the sequence or than the configuration's head-dim limit, large
+        float32 tiles, and shared-memory misfits."""
         args = {**named_args, **kwargs}
         t = max(16, args["T_KEY"])
         elem = 4 if args.get("IEEE") else 2
+        head_dim = max(args["BLOCK_DK"], args["BLOCK_DV"])
         keep = []
         for c in configs:
             bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
-            if bm > t or bn > t:
+            if bm > t or bn > t or head_dim > _MAX_HEAD_DIM_OF.get((kind, bm, bn, c.num_warps,
+                                                                   c.num_stages), MAX_HEAD_DIM):
                 continue
             if args.get("IEEE") and (bm * bn > 64 * 64 or c.num_stages > 2):
                 continue
@@ -126,6 +130,11 @@ def _make_prune(kind):
             keep.append(c)
         return keep or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
     return prune
+
+
+_SHAPES = {"fwd": _FWD_SHAPES, "dkdv": _DKDV_SHAPES, "dq": _DQ_SHAPES}
+_MAX_HEAD_DIM_OF = {(kind, *shape[:4]): shape[4] for kind, shapes in _SHAPES.items()
+                    for shape in shapes}
 
 
 def _configs(kind: str):
@@ -161,9 +170,10 @@ def forced_configs(fwd=None, dkdv=None, dq=None):
         _FORCED.update(saved)
 
 
-def autotune_shapes(kind: str):
-    """The (BLOCK_M, BLOCK_N, num_warps, num_stages) tuples autotuning picks from on a GPU."""
-    return list({"fwd": _FWD_SHAPES, "dkdv": _DKDV_SHAPES, "dq": _DQ_SHAPES}[kind])
+def autotune_shapes(kind: str, head_dim: Optional[int] = None):
+    """The (BLOCK_M, BLOCK_N, num_warps, num_stages) tuples autotuning picks from on a GPU (for
+    head dims up to ``head_dim`` when given)."""
+    return [shape[:4] for shape in _SHAPES[kind] if head_dim is None or head_dim <= shape[4]]
 
 
 # Autotuned on a GPU; one fixed small configuration under the interpreter (no benchmarking).
