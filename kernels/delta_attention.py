@@ -416,7 +416,8 @@ def _backward(grad_out, q, k, v, P, key_padding_mask, out, lse, L, U, window_lef
     rows[..., T:] = float("inf")
     rows[:, :, 0, T:] = 0.0
     # the key-row half [0] and the query-row half [1] of dP, per head; summed once at the end
-    dP_halves = torch.zeros((2, B, H, T, R) if use_delta else (2, 1, 1, 1, 1),
+    # (padded to TP rows: band tiles store without a row mask; the padding is dropped below)
+    dP_halves = torch.zeros((2, B, H, TP, R) if use_delta else (2, 1, 1, 1, 1),
                             dtype=torch.float32, device=q.device)
 
     block_rows = 16 if INTERPRET else 64
@@ -441,6 +442,7 @@ def _backward(grad_out, q, k, v, P, key_padding_mask, out, lse, L, U, window_lef
             *dq.stride(), scale=scale, qk_scale=qk_scale, **meta)
     if not use_delta:
         return dq, dk, dv, torch.zeros_like(P)
+    dP_halves = dP_halves[:, :, :, :T]
     if P.shape[1] == 1 and H != 1:  # P shared by the heads: one reduction over halves and heads
         dP = dP_halves.sum(dim=(0, 2)).unsqueeze(1)
     else:

@@ -96,12 +96,14 @@ def far_sums(acc_lo, acc_hi, acc_far):
 
 
 @triton.jit
-def _band_dP(ds, d, valid, L, U, acc_lo, acc_hi, dp_ptrs, scale, AXIS: tl.constexpr):
+def _band_dP(ds, d, L, U, acc_lo, acc_hi, dp_ptrs, scale, AXIS: tl.constexpr):
     """A band tile's share of dP: the clipped pairs summed into acc_lo / acc_hi along AXIS (the
     partner axis), the unclipped ones stored (one partner per row and bucket) at dp_ptrs + d."""
     acc_lo += tl.sum(tl.where(d <= -L, ds, 0.0), AXIS)
     acc_hi += tl.sum(tl.where((d >= U) & (d > -L), ds, 0.0), AXIS)
-    tl.store(dp_ptrs + d, ds * scale, mask=(d > -L) & (d < U) & valid)
+    # rows and partners past the end of the sequence have dS = 0 and land in the dP buffer's
+    # padding rows or in entries no real pair owns: no mask beyond the band's own
+    tl.store(dp_ptrs + d, ds * scale, mask=(d > -L) & (d < U))
     return acc_lo, acc_hi
 
 
@@ -125,8 +127,7 @@ def _dkdv_run(dk, dv, acc_lo, acc_hi, k, v, kc_base, q_base, do_base, rows_base,
         ql = tl.load(ql_rows + offs_m)  # padded to TP: no mask
         sT = dot(k, qT, IEEE)  # [BLOCK_N, BLOCK_M]
         if MODE == BAND:
-            bias = band_bias(p_base, spt, offs_m[None, :], offs_n[:, None], mask_m[None, :],
-                             mask_n[:, None], L, U)
+            bias = band_bias(p_base, spt, offs_m[None, :], offs_n[:, None], T, L, U)
             t = (sT + bias) * qk_scale + kcol[:, None]
         else:
             t = sT * qk_scale + kcol[:, None]
@@ -146,8 +147,7 @@ def _dkdv_run(dk, dv, acc_lo, acc_hi, k, v, kc_base, q_base, do_base, rows_base,
         elif MODE == FAR_HI:
             acc_hi += tl.sum(dsT, 1)
         elif MODE == BAND:
-            acc_lo, acc_hi = _band_dP(dsT, offs_n[:, None] - offs_m[None, :],
-                                      mask_n[:, None] & mask_m[None, :], L, U, acc_lo, acc_hi,
+            acc_lo, acc_hi = _band_dP(dsT, offs_n[:, None] - offs_m[None, :], L, U, acc_lo, acc_hi,
                                       dp_base + offs_n[:, None] * R + L, scale, 1)
     return dk, dv, acc_lo, acc_hi
 
@@ -169,7 +169,7 @@ def bwd_dkdv_kernel(Q, K, V, P, KCOL, KV, DO, ROWS, DK_OUT, DV_OUT, DPK,
     p_base = P + off_b * spb + off_h * sph
     kc_base = KCOL + off_b * scb + off_h * sch
     R = L + U + 1
-    dp_base = DPK + pid_bh.to(tl.int64) * T * R  # contiguous float32 [B*H, T, R]
+    dp_base = DPK + pid_bh.to(tl.int64) * TP * R  # contiguous float32 [B*H, TP, R]
     rows_base = ROWS + pid_bh.to(tl.int64) * 4 * TP
 
     n0 = pid_n * BLOCK_N
@@ -273,8 +273,7 @@ def _dq_run(dq, acc_lo, acc_hi, acc_far, q, do, rows_base, k_base, v_base, kc_ba
         kcol = tl.load(kc + offs_n)  # padded to TP: no mask
         s = dot(q, kT, IEEE)  # [BLOCK_M, BLOCK_N]
         if MODE == BAND:
-            bias = band_bias(p_base, spt, offs_m[:, None], offs_n[None, :], mask_m[:, None],
-                             mask_n[None, :], L, U)
+            bias = band_bias(p_base, spt, offs_m[:, None], offs_n[None, :], T, L, U)
             t = (s + bias) * qk_scale + kcol[None, :]
         else:
             t = s * qk_scale + kcol[None, :]
@@ -290,8 +289,7 @@ def _dq_run(dq, acc_lo, acc_hi, acc_far, q, do, rows_base, k_base, v_base, kc_ba
         if MODE == FAR_LO or MODE == FAR_HI:  # the row sums of dS, on the tensor cores
             acc_far += dot(ds16, sel, IEEE)
         elif MODE == BAND:
-            acc_lo, acc_hi = _band_dP(ds, offs_n[None, :] - offs_m[:, None],
-                                      mask_m[:, None] & mask_n[None, :], L, U, acc_lo, acc_hi,
+            acc_lo, acc_hi = _band_dP(ds, offs_n[None, :] - offs_m[:, None], L, U, acc_lo, acc_hi,
                                       dp_base + offs_m[:, None] * R + L, -scale, 1)
     return dq, acc_lo, acc_hi, acc_far
 
@@ -314,7 +312,7 @@ def bwd_dq_kernel(Q, K, V, P, KCOL, KV, DO, ROWS, DQ_OUT, DPQ,
     p_base = P + off_b * spb + off_h * sph
     kc_base = KCOL + off_b * scb + off_h * sch
     R = L + U + 1
-    dp_base = DPQ + pid_bh.to(tl.int64) * T * R  # contiguous float32 [B*H, T, R]
+    dp_base = DPQ + pid_bh.to(tl.int64) * TP * R  # contiguous float32 [B*H, TP, R]
     rows_base = ROWS + pid_bh.to(tl.int64) * 4 * TP
 
     m0 = pid_m * BLOCK_M

@@ -74,16 +74,18 @@ def loop_tile(BLOCK: tl.constexpr, MODE: tl.constexpr, MASKED: tl.constexpr):
 
 
 @triton.jit
-def band_bias(p_base, spt, offs_i, offs_j, mask_i, mask_j, L, U):
+def band_bias(p_base, spt, offs_i, offs_j, T, L, U):
     """float32 tile of P[j, r(i,j)] − P[i, r(i,j)] (unscaled), gathered per pair.
 
     offs_i / offs_j are already broadcast to the tile's orientation ([M,1] and [1,N], or the
     transpose), so one helper serves the forward/dQ tiles and the transposed dK/dV tiles. P's
-    bucket stride is 1 (the launcher makes P contiguous)."""
+    bucket stride is 1 (the launcher makes P contiguous). Rows past the end of the sequence
+    read row T−1 instead of being masked: their probabilities are 0 anyway (KCOL is −inf at
+    such keys, the backward's row vectors +inf at such queries), and a clamp per row vector
+    is cheaper than a mask per element."""
     r = tl.minimum(tl.maximum(offs_j - offs_i, -L), U) + L
-    valid = mask_i & mask_j
-    gk = tl.load(p_base + offs_j * spt + r, mask=valid, other=0.0)
-    gq = tl.load(p_base + offs_i * spt + r, mask=valid, other=0.0)
+    gk = tl.load(p_base + tl.minimum(offs_j, T - 1) * spt + r)
+    gq = tl.load(p_base + tl.minimum(offs_i, T - 1) * spt + r)
     return gk.to(tl.float32) - gq.to(tl.float32)
 
 
