@@ -457,7 +457,20 @@ def _cpu() -> str:
     return platform.processor()
 
 
+def _kernels_digest() -> str:
+    """sha256 of the kernel sources as they are now (the kernels may change while a run goes)."""
+    import hashlib
+    h = hashlib.sha256()
+    folder = os.path.join(REPO, "kernels")
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".py"):
+            with open(os.path.join(folder, name), "rb") as f:
+                h.update(name.encode() + b"\0" + f.read())
+    return h.hexdigest()
+
+
 def provenance(argv: Sequence[str]) -> dict:
+    """Where and from what the profile was made; taken when the launches are captured."""
     import torch
     import triton
     nvdisasm = subprocess.run([_tool("nvdisasm"), "--version"], capture_output=True,
@@ -471,6 +484,7 @@ def provenance(argv: Sequence[str]) -> dict:
                       triton=triton.__version__, nvdisasm=nvdisasm[-1] if nvdisasm else ""),
         git_commit=_git("rev-parse", "HEAD"),
         kernels_modified=bool(_git("status", "--porcelain", "--", "kernels")),
+        kernels_sha256=_kernels_digest(),
         shape=dict(SHAPE, R=SHAPE["L"] + SHAPE["U"] + 1, P="[B,1,T,R]", padding_mask=None,
                    window=None, scale="D**-0.5"),
     )
@@ -581,6 +595,8 @@ def render_summary(doc) -> List[str]:
                 continue
             far, band = _far(best), _band(best)
             note = " (all configs spill in hot loops)" if spilling else ""
+            if any(lp["mma_sync"] for lp in best["loops"]):
+                note += " (mma.sync)"
             out.append(f"| {KERNEL_NAMES[kind]} | {D} | {_cfg(best['config'])}{note} "
                        f"| {best.get('registers', '?')} "
                        f"| {far:.2f} | ≤ {far_t}: {_verdict(far, far_t)} "
@@ -677,6 +693,7 @@ def main(argv=None) -> int:
         return 0
     os.environ.pop("TRITON_INTERPRET", None)  # before triton is imported: real compiles
     t0 = time.time()
+    meta = provenance(argv)  # before compiling: the checkout may move on during the run
     archs = args.arch or ([90] if args.quick else [90, 80])
     dtypes = args.dtypes or (["bf16"] if args.quick else ["bf16", "fp16"])
     dims = args.head_dims or ([64] if args.quick else [64, 128])
@@ -690,7 +707,6 @@ def main(argv=None) -> int:
     jobs = [j for j in jobs if j["kernel"] in args.kernels]
     rows += run_jobs(jobs, max(1, args.jobs))
     wall = time.time() - t0
-    meta = provenance(argv)
     os.makedirs(args.out_dir, exist_ok=True)
     for arch in archs:
         doc = dict(arch=arch, **meta, wall_s=round(wall, 1),

@@ -208,8 +208,8 @@ def test_report_best_config_and_targets():
     md = sp.render_markdown(_doc(rows))
     assert "| forward (fwd) | 64 | 128×64, 4 w, 3 st | 200 | 2.20 | ≤ 2.4: met | 4.50 " \
            "| ≤ 4.0: missed (4.50) |" in md
-    assert "| dK/dV (dkdv) | 64 | 32×128, 4 w, 3 st | 200 | 1.50 | ≤ 1.6: met | 3.00 " \
-           "| ≤ 3.5: met |" in md
+    assert "| dK/dV (dkdv) | 64 | 32×128, 4 w, 3 st (mma.sync) | 200 | 1.50 | ≤ 1.6: met " \
+           "| 3.00 | ≤ 3.5: met |" in md
     assert "| no mma.sync (HMMA) in a hot loop | met | missed (6 HMMA in 1 configs) | met |" in md
     assert ("| no spill load/store in a hot loop | missed (1 of 3 configs, e.g. 128×128, 8 w, "
             "3 st bf16 D=64) | met | met |") in md
