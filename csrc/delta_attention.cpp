@@ -1,4 +1,4 @@
-// The one schema of the hdaf ops, defined here for every backend. The CPU kernels
+// The schemas of the hdaf ops, defined here once for every backend. The CPU kernels
 // are in csrc/cpu, the CUDA kernels in csrc/cuda (registered per dispatch key);
 // the Python side (hdaf/ops.py) adds the fake implementations and autograd.
 #include <Python.h>
@@ -91,7 +91,7 @@ at::Tensor common_online_lse(const at::Tensor& scores, const at::Tensor& visible
 
 // Test hook for the argument checks (tests/test_delta_attention.py): runs the very checks the
 // CPU or the CUDA op runs first (`device` "cpu" or "cuda"), on tensors of any device, and
-// returns [B, H, Hp, T, Dk, Dv, R]. So the CUDA limits are tested where there is no GPU.
+// returns [B, H, Hp, Tq, Dk, Dv, R, Hkv, Tk]. So the CUDA limits are tested where there is no GPU.
 std::vector<int64_t> check_forward_args_hook(const at::Tensor& q, const at::Tensor& k,
                                              const at::Tensor& v, const at::Tensor& P,
                                              const std::optional<at::Tensor>& key_padding_mask,
@@ -103,7 +103,25 @@ std::vector<int64_t> check_forward_args_hook(const at::Tensor& q, const at::Tens
   const DeltaSizes s = check_forward_args(device == "cuda" ? OpDevice::CUDA : OpDevice::CPU, q, k,
                                           v, P, key_padding_mask, L, U, window_left, window_right,
                                           scale);
-  return {s.B, s.H, s.Hp, s.T, s.Dk, s.Dv, s.R};
+  return {s.B, s.H, s.Hp, s.T, s.Dk, s.Dv, s.R, s.Hkv, s.Tk};
+}
+
+// The same for the varlen ops (tests/test_gqa_varlen.py): returns
+// [B, H, Hkv, Hp, Total_q, Total_k, Dk, Dv, R].
+std::vector<int64_t> check_varlen_args_hook(const at::Tensor& q, const at::Tensor& k,
+                                            const at::Tensor& v, const at::Tensor& P,
+                                            const at::Tensor& cu_seqlens_q,
+                                            const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
+                                            int64_t max_seqlen_k, int64_t L, int64_t U,
+                                            int64_t window_left, int64_t window_right,
+                                            double scale, c10::string_view device) {
+  TORCH_CHECK(device == "cpu" || device == "cuda", "device must be 'cpu' or 'cuda', got '",
+              device, "'");
+  const VarlenSizes s =
+      check_varlen_args(device == "cuda" ? OpDevice::CUDA : OpDevice::CPU, q, k, v, P,
+                        cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, L, U, window_left,
+                        window_right, scale);
+  return {s.B, s.H, s.Hkv, s.Hp, s.Total_q, s.Total_k, s.Dk, s.Dv, s.R};
 }
 
 }  // namespace
@@ -117,6 +135,15 @@ TORCH_LIBRARY(hdaf, m) {
       "Tensor? key_padding_mask, Tensor out, Tensor lse, int L, int U, int window_left, "
       "int window_right, float scale) -> (Tensor grad_q, Tensor grad_k, Tensor grad_v, "
       "Tensor grad_P)");
+  m.def(
+      "delta_attention_varlen_forward(Tensor q, Tensor k, Tensor v, Tensor P, "
+      "Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, int L, "
+      "int U, int window_left, int window_right, float scale) -> (Tensor out, Tensor lse)");
+  m.def(
+      "delta_attention_varlen_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor P, "
+      "Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, "
+      "Tensor out, Tensor lse, int L, int U, int window_left, int window_right, float scale) -> "
+      "(Tensor grad_q, Tensor grad_k, Tensor grad_v, Tensor grad_P)");
   m.def("_common_buckets(int T, int L, int U, int window_left, int window_right) -> (Tensor, Tensor)",
         &common_buckets);
   m.def("_common_band_ranges(int T, int block, int window_left, int window_right) -> Tensor",
@@ -126,6 +153,10 @@ TORCH_LIBRARY(hdaf, m) {
   m.def("_check_forward_args(Tensor q, Tensor k, Tensor v, Tensor P, Tensor? key_padding_mask, "
         "int L, int U, int window_left, int window_right, float scale, str device) -> int[]",
         &check_forward_args_hook);
+  m.def("_check_varlen_args(Tensor q, Tensor k, Tensor v, Tensor P, Tensor cu_seqlens_q, "
+        "Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, int L, int U, "
+        "int window_left, int window_right, float scale, str device) -> int[]",
+        &check_varlen_args_hook);
 }
 
 }  // namespace hdaf

@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Mapping, Optional, Tuple
 
 import torch
 
@@ -13,12 +13,46 @@ from . import ops
 BACKENDS = ("auto", "naive", "gather", "cpu", "triton", "cuda")
 _FORWARD_OP = "hdaf::delta_attention_forward"
 
+# What a call may need beyond self-attention with one key/value head per query head
+# (docs/delta_attention.md, "Backends"), and which backends compute it. The hand-written CUDA
+# kernels take none of them (their op refuses them too, csrc/delta_attention_checks.cpp);
+# Triton's packed batches need its varlen op, hdaf::triton_delta_attention_varlen_forward.
+FEATURES = {
+    "gqa": "grouped-query heads (fewer key/value heads than query heads)",
+    "tq<tk": "a query block shorter than the keys (Tq < Tk)",
+    "varlen": "packed variable-length batches (delta_attention_varlen)",
+}
+SUPPORTS = {
+    "naive": frozenset(FEATURES), "gather": frozenset(FEATURES), "cpu": frozenset(FEATURES),
+    "triton": frozenset(FEATURES), "cuda": frozenset(),
+}
+_TRITON_VARLEN_OP = "triton_delta_attention_varlen_forward"
+
 
 @torch._dynamo.assume_constant_result  # registration is fixed at import: fold it under compile
 def _has_kernel(dispatch_key: str) -> bool:
     if ops._C is None:
         return False
     return torch._C._dispatch_has_kernel_for_dispatch_key(_FORWARD_OP, dispatch_key)
+
+
+@torch._dynamo.assume_constant_result
+def _has_triton_varlen() -> bool:
+    return hasattr(torch.ops.hdaf, _TRITON_VARLEN_OP)
+
+
+def feature_reason(backend: str, features: Mapping[str, str]) -> Optional[str]:
+    """``None`` when ``backend`` computes every feature of the call (``{tag: what the call has}``,
+    tags of :data:`FEATURES`), else a sentence naming the feature and the backend to use."""
+    for tag, what in features.items():
+        if tag not in SUPPORTS[backend]:
+            return (f"backend={backend!r} does not support {FEATURES[tag]}, got {what}; use "
+                    "backend='triton' for CUDA tensors (or 'cpu' for CPU tensors)")
+    if backend == "triton" and "varlen" in features and not _has_triton_varlen():
+        return (f"backend='triton' has no packed-batch kernels yet (no op hdaf::{_TRITON_VARLEN_OP}"
+                " is registered); use backend='cpu' for CPU tensors, or 'gather' (the PyTorch "
+                "reference) for CUDA tensors")
+    return None
 
 
 def _triton_import_error() -> Optional[str]:
@@ -99,12 +133,13 @@ def _measured_ms(backend: str, device_type: str, dtype: Optional[torch.dtype],
 
 
 def auto_candidates(device_type: str, dtype: Optional[torch.dtype] = None,
-                    head_dim: Optional[int] = None) -> Tuple[List[str], List[str]]:
+                    head_dim: Optional[int] = None,
+                    features: Tuple[str, ...] = ()) -> Tuple[List[str], List[str]]:
     """The compiled backends ``"auto"`` tries for a call, fastest first, and why others are out.
 
     CPU: the C++ kernel. CUDA: those of :data:`GPU_LIMITS` that take ``dtype`` and ``head_dim``
-    (``max(Dk, Dv)``; None: any), ordered by measured forward+backward time
-    (:data:`AUTO_MEASUREMENTS`).
+    (``max(Dk, Dv)``; None: any) and compute every one of ``features`` (tags of
+    :data:`FEATURES`), ordered by measured forward+backward time (:data:`AUTO_MEASUREMENTS`).
     """
     if device_type == "cpu":
         return ["cpu"], []
@@ -112,7 +147,10 @@ def auto_candidates(device_type: str, dtype: Optional[torch.dtype] = None,
         return [], [f"no compiled kernel for {device_type} tensors"]
     fits, excluded = [], []
     for name, (dtypes, max_head_dim) in GPU_LIMITS.items():
-        if dtype is not None and dtype not in dtypes:
+        lacking = [f for f in features if f not in SUPPORTS[name]]
+        if lacking:
+            excluded.append(f"{name}: no {', '.join(FEATURES[f] for f in lacking)}")
+        elif dtype is not None and dtype not in dtypes:
             excluded.append(f"{name}: no {dtype} kernel")
         elif head_dim is not None and head_dim > max_head_dim:
             excluded.append(f"{name}: head dim {head_dim} > {max_head_dim}")
@@ -126,17 +164,23 @@ _warned: set = set()
 
 
 def resolve(backend: str, device: torch.device, dtype: Optional[torch.dtype] = None,
-            head_dim: Optional[int] = None) -> str:
+            head_dim: Optional[int] = None, features: Mapping[str, str] = None) -> str:
     """The concrete backend for a call. ``"auto"`` takes the first available of
-    :func:`auto_candidates` for (device, dtype, head dim), else "gather" with a one-time warning."""
+    :func:`auto_candidates` for (device, dtype, head dim, features), else "gather" with a
+    one-time warning. ``features``: ``{tag: what the call has}`` for the tags of
+    :data:`FEATURES` the call needs; an explicit backend lacking one raises NotImplementedError."""
+    features = features or {}
     if backend != "auto":
         reason = unavailable_reason(backend, device)
         if reason is not None:
             raise RuntimeError(f"backend={backend!r} is not available: {reason}")
+        reason = feature_reason(backend, features)
+        if reason is not None:
+            raise NotImplementedError(reason)
         return backend
-    order, reasons = auto_candidates(device.type, dtype, head_dim)
+    order, reasons = auto_candidates(device.type, dtype, head_dim, tuple(features))
     for name in order:
-        reason = unavailable_reason(name, device)
+        reason = unavailable_reason(name, device) or feature_reason(name, features)
         if reason is None:
             return name
         reasons.append(f"{name}: {reason}")

@@ -1,4 +1,5 @@
-"""``hdaf.delta_attention``: argument checks, defaults, and the call into a backend."""
+"""``hdaf.delta_attention`` and ``hdaf.delta_attention_varlen``: argument checks, defaults, and
+the call into a backend."""
 from __future__ import annotations
 
 import math
@@ -9,7 +10,8 @@ import torch
 
 from . import dispatch as _backends
 from . import ops as _ops  # noqa: F401  (registers fake + autograd of the compiled op)
-from .reference import delta_attention_gather, delta_attention_naive, delta_projection
+from .reference import (delta_attention_gather, delta_attention_naive, delta_attention_varlen_gather,
+                        delta_attention_varlen_naive, delta_projection, varlen_projection)
 
 IntOrPair = Union[int, Sequence[int], None]
 
@@ -49,36 +51,7 @@ def _check_tensor(name: str, t, ranks: Tuple[int, ...]) -> None:
         raise ValueError(f"{name} must be {want}, got shape {tuple(t.shape)} ({t.dim()}-D)")
 
 
-def _normalize(q, k, v, x, w, max_distance, window, causal, key_padding_mask, scale, backend):
-    """Check every argument; return ``(L, U, Wl, Wr, scale)`` with causal folded into ``Wr``."""
-    _check_tensor("q", q, (4,))
-    _check_tensor("k", k, (4,))
-    _check_tensor("v", v, (4,))
-    _check_tensor("x", x, (3, 4))
-    _check_tensor("w", w, (2, 3))
-    B, H, T, Dk = q.shape
-    if k.shape != q.shape:
-        raise ValueError(f"k must have q's shape [B,H,T,Dk]={tuple(q.shape)}, got {tuple(k.shape)}")
-    if v.shape[:3] != q.shape[:3]:
-        raise ValueError(f"v must be [B,H,T,Dv] with [B,H,T]={tuple(q.shape[:3])} as in q, "
-                         f"got {tuple(v.shape)}")
-    if T == 0:
-        raise ValueError(f"the sequence length T must be at least 1, got q of shape {tuple(q.shape)}")
-    if x.dim() == 3 and x.shape[:2] != (B, T):
-        raise ValueError(f"x must be [B,T,Dr] with B={B}, T={T} (or [B,H,T,Dr]), got {tuple(x.shape)}")
-    if x.dim() == 4 and x.shape[:3] != (B, H, T):
-        raise ValueError(f"x must be [B,H,T,Dr] with B={B}, H={H}, T={T} (or [B,T,Dr]), "
-                         f"got {tuple(x.shape)}")
-    Dr = x.shape[-1]
-    if w.dim() == 2 and w.shape[0] != Dr:
-        raise ValueError(f"w must be [Dr,R] with Dr={Dr} (x's last dim), got {tuple(w.shape)}")
-    if w.dim() == 3 and w.shape[:2] != (H, Dr):
-        raise ValueError(f"w must be [H,Dr,R] with H={H}, Dr={Dr}, got {tuple(w.shape)}")
-    R = w.shape[-1]
-    if R == 0:
-        raise ValueError(f"w must have at least one bucket column, got shape {tuple(w.shape)}")
-
-    named = {"q": q, "k": k, "v": v, "x": x, "w": w}
+def _check_dtypes_devices(q, named) -> None:
     for name, t in named.items():
         if not t.is_floating_point():
             raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
@@ -89,6 +62,47 @@ def _normalize(q, k, v, x, w, max_distance, window, causal, key_padding_mask, sc
             raise ValueError(f"{name} is on {t.device} but q is on {q.device}: all inputs must "
                              "be on one device")
 
+
+def _check_heads(q_shape, k_shape, v_shape, layout: str, head_dim: int) -> Tuple[int, int]:
+    """(H, Hkv) with Hkv dividing H; k and v agree. ``head_dim``: the heads' axis in the shapes."""
+    H, Hkv = q_shape[head_dim], k_shape[head_dim]
+    if v_shape[head_dim] != Hkv:
+        raise ValueError(f"k and v must have the same number of key/value heads, got k "
+                         f"{tuple(k_shape)} and v {tuple(v_shape)} ({layout})")
+    if Hkv == 0 or H % Hkv != 0:
+        raise ValueError(f"the query heads H={H} must be a multiple of the key/value heads "
+                         f"Hkv={Hkv} (q {tuple(q_shape)}, k {tuple(k_shape)}; {layout})")
+    return H, Hkv
+
+
+def _check_xw(x, w, lead: Tuple[int, ...], H: int, x_names: Tuple[str, str]) -> int:
+    """x is ``lead + (Dr,)`` (shared) or the per-head form; w ``[Dr,R]`` or ``[H,Dr,R]``. Returns R."""
+    shared, per_head = x_names
+    if x.dim() == len(lead) + 1:
+        if tuple(x.shape[:-1]) != lead:
+            raise ValueError(f"x must be {shared} (or {per_head}), got {tuple(x.shape)}")
+    elif not _per_head_x_ok(x, lead, H):
+        raise ValueError(f"x must be {per_head} (or {shared}), got {tuple(x.shape)}")
+    Dr = x.shape[-1]
+    if w.dim() == 2 and w.shape[0] != Dr:
+        raise ValueError(f"w must be [Dr,R] with Dr={Dr} (x's last dim), got {tuple(w.shape)}")
+    if w.dim() == 3 and w.shape[:2] != (H, Dr):
+        raise ValueError(f"w must be [H,Dr,R] with H={H}, Dr={Dr}, got {tuple(w.shape)}")
+    R = w.shape[-1]
+    if R == 0:
+        raise ValueError(f"w must have at least one bucket column, got shape {tuple(w.shape)}")
+    return R
+
+
+def _per_head_x_ok(x, lead, H) -> bool:
+    if len(lead) == 2:  # padded: [B,H,Tk,Dr]
+        return tuple(x.shape[:3]) == (lead[0], H, lead[1])
+    return tuple(x.shape[:2]) == (lead[0], H)  # packed: [Total_k,H,Dr]
+
+
+def _options(w, Dk, max_distance, window, causal, scale, backend):
+    """``(L, U, Wl, Wr, scale)`` from the keyword options, causal folded into ``Wr``."""
+    R = w.shape[-1]
     if max_distance is None:
         if R % 2 == 0:
             raise ValueError(f"max_distance=None needs an odd number of buckets R (L = U = (R-1)/2), "
@@ -105,20 +119,6 @@ def _normalize(q, k, v, x, w, max_distance, window, causal, key_padding_mask, sc
         raise TypeError(f"causal must be a bool, got {type(causal).__name__} {causal!r}")
     if causal:
         Wr = 0 if Wr < 0 else min(Wr, 0)
-
-    if key_padding_mask is not None:
-        if not isinstance(key_padding_mask, torch.Tensor):
-            raise TypeError("key_padding_mask must be a bool torch.Tensor [B,T] or None, "
-                            f"got {type(key_padding_mask).__name__}")
-        if key_padding_mask.dtype != torch.bool:
-            raise TypeError("key_padding_mask must have dtype torch.bool (True marks padding), "
-                            f"got {key_padding_mask.dtype}")
-        if key_padding_mask.shape != (B, T):
-            raise ValueError(f"key_padding_mask must be [B,T]=({B}, {T}), "
-                             f"got {tuple(key_padding_mask.shape)}")
-        if key_padding_mask.device != q.device:
-            raise ValueError(f"key_padding_mask is on {key_padding_mask.device} but q is on {q.device}")
-
     if scale is None:
         scale = 1.0 / math.sqrt(Dk) if Dk > 0 else 1.0
     elif isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
@@ -128,52 +128,250 @@ def _normalize(q, k, v, x, w, max_distance, window, causal, key_padding_mask, sc
     return L, U, Wl, Wr, float(scale)
 
 
+def _normalize(q, k, v, x, w, max_distance, window, causal, key_padding_mask, scale, backend):
+    """Check every argument; return ``(L, U, Wl, Wr, scale)`` with causal folded into ``Wr``."""
+    _check_tensor("q", q, (4,))
+    _check_tensor("k", k, (4,))
+    _check_tensor("v", v, (4,))
+    _check_tensor("x", x, (3, 4))
+    _check_tensor("w", w, (2, 3))
+    B, H, Tq, Dk = q.shape
+    if k.shape[0] != B or k.shape[3] != Dk:
+        raise ValueError(f"k must be [B,Hkv,Tk,Dk] with B={B}, Dk={Dk} as in q {tuple(q.shape)}, "
+                         f"got {tuple(k.shape)}")
+    _, Hkv, Tk, _ = k.shape
+    if v.shape[0] != B or v.shape[2] != Tk:
+        raise ValueError(f"v must be [B,Hkv,Tk,Dv] with B={B}, Tk={Tk} as in k {tuple(k.shape)}, "
+                         f"got {tuple(v.shape)}")
+    _check_heads(q.shape, k.shape, v.shape, "q [B,H,Tq,Dk], k and v [B,Hkv,Tk,D]", 1)
+    if Tq == 0:
+        raise ValueError(f"the sequence length T must be at least 1, got q of shape {tuple(q.shape)}")
+    if Tq > Tk:
+        raise ValueError(f"q has Tq={Tq} queries but k has Tk={Tk} keys: Tq <= Tk is required "
+                         f"(the queries are the last Tq positions), got q {tuple(q.shape)} and "
+                         f"k {tuple(k.shape)}")
+    _check_xw(x, w, (B, Tk), H, (f"[B,Tk,Dr] with B={B}, Tk={Tk}", f"[B,H,Tk,Dr] with B={B}, "
+                                 f"H={H}, Tk={Tk}"))
+    _check_dtypes_devices(q, {"q": q, "k": k, "v": v, "x": x, "w": w})
+    if key_padding_mask is not None:
+        if not isinstance(key_padding_mask, torch.Tensor):
+            raise TypeError("key_padding_mask must be a bool torch.Tensor [B,Tk] or None, "
+                            f"got {type(key_padding_mask).__name__}")
+        if key_padding_mask.dtype != torch.bool:
+            raise TypeError("key_padding_mask must have dtype torch.bool (True marks padding), "
+                            f"got {key_padding_mask.dtype}")
+        if key_padding_mask.shape != (B, Tk):
+            raise ValueError(f"key_padding_mask must be [B,Tk]=({B}, {Tk}), "
+                             f"got {tuple(key_padding_mask.shape)}")
+        if key_padding_mask.device != q.device:
+            raise ValueError(f"key_padding_mask is on {key_padding_mask.device} but q is on {q.device}")
+    return _options(w, Dk, max_distance, window, causal, scale, backend)
+
+
+def _features(H: int, Hkv: int, Tq: int, Tk: int, varlen: bool = False) -> dict:
+    """What a call needs beyond plain self-attention: ``{tag: what it has}`` for the tags of
+    ``hdaf.dispatch.FEATURES``."""
+    out = {}
+    if Hkv != H:
+        out["gqa"] = f"q with H={H} heads and k, v with Hkv={Hkv}"
+    if Tq != Tk:
+        out["tq<tk"] = f"Tq={Tq} queries and Tk={Tk} keys"
+    if varlen:
+        out["varlen"] = "a packed batch"
+    return out
+
+
+def _kernel_projection(x, w, L: int, Tq: int, Tk: int) -> torch.Tensor:
+    """``P = x·w`` for the kernels, ``[B,Hp,Tk,R]``. Key rows ``j < Tk - Tq - L`` are read in
+    column 0 only (``j - t_i < -L`` for every query; docs/delta_attention.md), so for a short
+    query block those rows get that column alone (zeros elsewhere): a decoding step costs
+    ``Tk·Dr`` for ``P``, not ``Tk·Dr·R``."""
+    far = Tk - Tq - L
+    R = w.shape[-1]
+    if far < 256 or R == 1:  # nothing worth saving
+        return delta_projection(x, w)
+    x_far, x_near = x[..., :far, :], x[..., far:, :]
+    P_far = delta_projection(x_far, w[..., :1])  # [B,Hp,far,1]
+    P_near = delta_projection(x_near, w)
+    return torch.cat([torch.nn.functional.pad(P_far, (0, R - 1)), P_near], dim=-2)
+
+
 def delta_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, x: torch.Tensor,
                     w: torch.Tensor, *, max_distance: IntOrPair = None, window: IntOrPair = None,
                     causal: bool = False, key_padding_mask: Optional[torch.Tensor] = None,
                     scale: Optional[float] = None, backend: str = "auto") -> torch.Tensor:
-    """Multi-head self-attention whose logits carry the delta relative-position term.
+    """Multi-head attention whose logits carry the delta relative-position term.
 
-    ``logit_ij = scale * (q_i·k_j + (x_j - x_i)·w[:, r(i,j)])``, ``r(i,j) = clamp(j-i, -L, U) + L``;
-    the normative spec, with the backward, is ``docs/delta_attention.md``.
+    ``logit_ij = scale * (q_i·k_j + (x_j - x_{t_i})·w[:, r(i,j)])``,
+    ``r(i,j) = clamp(j - t_i, -L, U) + L``, where query i stands at position
+    ``t_i = Tk - Tq + i`` (the queries are the last Tq of the Tk positions; ``t_i = i`` for
+    self-attention). The normative spec, with the backward, is ``docs/delta_attention.md``.
 
     Args:
-        q: (batch, nheads, seqlen, headdim_k).
-        k: (batch, nheads, seqlen, headdim_k).
-        v: (batch, nheads, seqlen, headdim_v); headdim_v may differ from headdim_k.
-        x: (batch, seqlen, delta_dim) shared by all heads, or (batch, nheads, seqlen, delta_dim).
+        q: (batch, nheads, seqlen_q, headdim_k).
+        k: (batch, nheads_kv, seqlen_k, headdim_k); nheads_kv divides nheads (grouped-query
+            attention: query head h reads key/value head ``h // (nheads / nheads_kv)``), and
+            seqlen_q <= seqlen_k (e.g. seqlen_q = 1: one decoding step against a KV cache).
+        v: (batch, nheads_kv, seqlen_k, headdim_v); headdim_v may differ from headdim_k.
+        x: (batch, seqlen_k, delta_dim) shared by all heads, or (batch, nheads, seqlen_k,
+            delta_dim): one row per key position (the query rows are its last seqlen_q).
         w: (delta_dim, R) shared by all heads, or (nheads, delta_dim, R).
         max_distance: ``m`` means ``(m, m)``; ``(L, U)`` with ``L + U + 1 == R``.
             None: ``L = U = (R-1)/2`` (R must be odd).
         window: None (unbounded), ``w`` meaning ``(w, w)``, or ``(Wl, Wr)``: key j is visible from
-            query i only when ``-Wl <= j-i <= Wr``. Kernels skip invisible tiles: O(T·window).
-        causal: key j is visible from query i only when ``j <= i``.
-        key_padding_mask: (batch, seqlen) bool, True marks a padding key to ignore.
+            query i only when ``-Wl <= j - t_i <= Wr``. Kernels skip invisible tiles: O(T·window).
+        causal: key j is visible from query i only when ``j <= t_i``.
+        key_padding_mask: (batch, seqlen_k) bool, True marks a padding key to ignore.
         scale: logit scale, default ``1/sqrt(headdim_k)``.
         backend: "auto" (the compiled kernel measured fastest for the device, dtype and head
             dim, see ``hdaf.dispatch.auto_candidates``; the "gather" reference with a one-time
-            warning when none is available), "naive", "gather", "cpu", "triton", "cuda".
+            warning when none is available), "naive", "gather", "cpu", "triton", "cuda" ("cuda"
+            takes neither grouped heads nor seqlen_q < seqlen_k).
 
     Returns:
-        (batch, nheads, seqlen, headdim_v). A query with no visible key gets 0 (and gradient 0).
+        (batch, nheads, seqlen_q, headdim_v). A query with no visible key gets 0 (and gradient 0).
 
-    Usage: tests/test_delta_attention.py.
+    Usage: tests/test_delta_attention.py, tests/test_gqa_varlen.py.
     """
     L, U, Wl, Wr, scale = _normalize(q, k, v, x, w, max_distance, window, causal,
                                      key_padding_mask, scale, backend)
-    name = _backends.resolve(backend, q.device, q.dtype, max(q.shape[-1], v.shape[-1]))
+    B, H, Tq, _ = q.shape
+    Hkv, Tk = k.shape[1], k.shape[2]
+    features = _features(H, Hkv, Tq, Tk)
+    name = _backends.resolve(backend, q.device, q.dtype, max(q.shape[-1], v.shape[-1]),
+                             features=features)
     if name in ("naive", "gather"):
-        T = q.shape[-2]
-        lo = -(T - 1) if Wl < 0 else -Wl
-        hi = (T - 1) if Wr < 0 else Wr
+        lo = -(Tk - 1) if Wl < 0 else -Wl
+        hi = (Tk - 1) if Wr < 0 else Wr
         fn = delta_attention_naive if name == "naive" else delta_attention_gather
         return fn(q, k, v, x, w, L=L, U=U, lo=lo, hi=hi, key_padding_mask=key_padding_mask,
                   scale=scale)
-    P = delta_projection(x, w)
+    P = _kernel_projection(x, w, L, Tq, Tk)
     if name == "triton":
         fwd = torch.ops.hdaf.triton_delta_attention_forward
     else:  # "cpu" and "cuda" are the two dispatch keys of the one compiled op
         fwd = torch.ops.hdaf.delta_attention_forward
     out, _lse = fwd(q.contiguous(), k.contiguous(), v.contiguous(), P.contiguous(),
                     key_padding_mask, L, U, Wl, Wr, scale)
+    return out
+
+
+def _check_cu_seqlens(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, Total_q: int,
+                      Total_k: int, device) -> None:
+    for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+        if not isinstance(cu, torch.Tensor):
+            raise TypeError(f"{name} must be an int32 torch.Tensor [B+1], got {type(cu).__name__}")
+        if cu.dtype != torch.int32:
+            raise TypeError(f"{name} must have dtype torch.int32, got {cu.dtype}")
+        if cu.dim() != 1 or cu.shape[0] < 1:
+            raise ValueError(f"{name} must be 1-D [B+1], got shape {tuple(cu.shape)}")
+        if cu.device != device:
+            raise ValueError(f"{name} is on {cu.device} but q is on {device}")
+    if cu_seqlens_q.shape != cu_seqlens_k.shape:
+        raise ValueError(f"cu_seqlens_q and cu_seqlens_k must both be [B+1], got shapes "
+                         f"{tuple(cu_seqlens_q.shape)} and {tuple(cu_seqlens_k.shape)}")
+    for name, m in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
+        if isinstance(m, bool) or not isinstance(m, numbers.Integral):
+            raise TypeError(f"{name} must be an int, got {type(m).__name__} {m!r}")
+        if m < 0:
+            raise ValueError(f"{name} must be >= 0, got {m}")
+    if torch.compiler.is_compiling():
+        return  # reading the values would break the graph; the op checks them when it runs
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    for name, cu, total, tname, m, mname in (
+            ("cu_seqlens_q", cq, Total_q, "Total_q", max_seqlen_q, "max_seqlen_q"),
+            ("cu_seqlens_k", ck, Total_k, "Total_k", max_seqlen_k, "max_seqlen_k")):
+        if cu[0] != 0:
+            raise ValueError(f"{name}[0] must be 0, got {name}={cu}")
+        if cu[-1] != total:
+            raise ValueError(f"{name}[-1] must be {tname}={total}, got {name}={cu}")
+        lengths = [b - a for a, b in zip(cu[:-1], cu[1:])]
+        if any(n < 0 for n in lengths):
+            raise ValueError(f"{name} must be non-decreasing, got {name}={cu}")
+        if lengths and max(lengths) > m:
+            raise ValueError(f"{mname}={m} is smaller than the longest sequence of {name}, "
+                             f"{max(lengths)} (lengths {lengths})")
+    for b, (tq, tk) in enumerate(zip(_lengths(cq), _lengths(ck))):
+        if tq > tk:
+            raise ValueError(f"sequence {b} has Tq={tq} queries but Tk={tk} keys: Tq <= Tk is "
+                             f"required in every sequence (cu_seqlens_q={cq}, cu_seqlens_k={ck})")
+
+
+def _lengths(cu):
+    return [b - a for a, b in zip(cu[:-1], cu[1:])]
+
+
+def delta_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, x: torch.Tensor,
+                           w: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                           cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, *,
+                           max_distance: IntOrPair = None, window: IntOrPair = None,
+                           causal: bool = False, scale: Optional[float] = None,
+                           backend: str = "auto") -> torch.Tensor:
+    """:func:`delta_attention` over a packed batch of sequences of different lengths.
+
+    Sequence b owns query rows ``cu_seqlens_q[b]:cu_seqlens_q[b+1]`` and key rows
+    ``cu_seqlens_k[b]:cu_seqlens_k[b+1]``; positions restart at 0 in every sequence, query i of
+    sequence b stands at ``Tk_b - Tq_b + i``, and nothing attends across sequences. The result
+    equals the per-sequence calls of :func:`delta_attention` concatenated, for
+    ``Σ_b Tq_b·Tk_b`` work instead of ``B·max_seqlen_q·max_seqlen_k``. Spec:
+    docs/delta_attention.md, "Packed batches".
+
+    Args:
+        q: (total_q, nheads, headdim_k): the queries of all sequences, one after the other.
+        k: (total_k, nheads_kv, headdim_k); nheads_kv divides nheads.
+        v: (total_k, nheads_kv, headdim_v).
+        x: (total_k, delta_dim) shared by all heads, or (total_k, nheads, delta_dim).
+        w: (delta_dim, R) shared by all heads, or (nheads, delta_dim, R).
+        cu_seqlens_q: (batch + 1,) int32 on q's device, 0 first, total_q last, non-decreasing.
+        cu_seqlens_k: (batch + 1,) int32, likewise; every sequence has Tq_b <= Tk_b (a sequence
+            of length 0 is allowed and produces nothing).
+        max_seqlen_q, max_seqlen_k: at least the longest query / key length (as in
+            flash-attention; the kernels may size their grids by them).
+        max_distance, window, causal, scale, backend: as in :func:`delta_attention` (there is no
+            key padding mask: a packed batch has none). ``backend="cuda"`` refuses packed
+            batches; ``"triton"`` needs its varlen op (``hdaf::triton_delta_attention_varlen_*``).
+
+    Returns:
+        (total_q, nheads, headdim_v).
+
+    Usage: tests/test_gqa_varlen.py.
+    """
+    _check_tensor("q", q, (3,))
+    _check_tensor("k", k, (3,))
+    _check_tensor("v", v, (3,))
+    _check_tensor("x", x, (2, 3))
+    _check_tensor("w", w, (2, 3))
+    Total_q, H, Dk = q.shape
+    Total_k = k.shape[0]
+    if k.shape[2] != Dk:
+        raise ValueError(f"k must be [Total_k,Hkv,Dk] with Dk={Dk} as in q {tuple(q.shape)}, "
+                         f"got {tuple(k.shape)}")
+    if v.shape[0] != Total_k:
+        raise ValueError(f"v must be [Total_k,Hkv,Dv] with Total_k={Total_k} as in k "
+                         f"{tuple(k.shape)}, got {tuple(v.shape)}")
+    _, Hkv = _check_heads(q.shape, k.shape, v.shape, "q [Total_q,H,Dk], k and v [Total_k,Hkv,D]",
+                          1)
+    _check_xw(x, w, (Total_k,), H, (f"[Total_k,Dr] with Total_k={Total_k}",
+                                    f"[Total_k,H,Dr] with Total_k={Total_k}, H={H}"))
+    _check_dtypes_devices(q, {"q": q, "k": k, "v": v, "x": x, "w": w})
+    _check_cu_seqlens(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, Total_q, Total_k,
+                      q.device)
+    L, U, Wl, Wr, scale = _options(w, Dk, max_distance, window, causal, scale, backend)
+    features = _features(H, Hkv, 0, 0, varlen=True)
+    name = _backends.resolve(backend, q.device, q.dtype, max(Dk, v.shape[-1]),
+                             features=features)
+    if name in ("naive", "gather"):
+        big = max(int(max_seqlen_k), 1)
+        lo = -big if Wl < 0 else -Wl
+        hi = big if Wr < 0 else Wr
+        fn = delta_attention_varlen_naive if name == "naive" else delta_attention_varlen_gather
+        return fn(q, k, v, x, w, cu_seqlens_q, cu_seqlens_k, L=L, U=U, lo=lo, hi=hi, scale=scale)
+    P = varlen_projection(x, w)
+    if name == "triton":
+        fwd = torch.ops.hdaf.triton_delta_attention_varlen_forward
+    else:
+        fwd = torch.ops.hdaf.delta_attention_varlen_forward
+    out, _lse = fwd(q.contiguous(), k.contiguous(), v.contiguous(), P.contiguous(),
+                    cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), L, U, Wl,
+                    Wr, scale)
     return out

@@ -1,10 +1,12 @@
 """The ``hdaf`` custom ops: fake (meta) implementations and autograd.
 
-The schema of ``hdaf::delta_attention_forward`` / ``hdaf::delta_attention_backward`` is defined
-once, in C++ (``csrc/delta_attention.cpp``); the CPU kernel (``csrc/cpu``) and the CUDA kernels
-(``csrc/cuda``) implement it per dispatch key. The Triton kernels register ops of the same
-signature under ``hdaf::triton_delta_attention_*`` (``kernels/delta_attention.py``), and reuse
-:func:`register_delta_autograd` and the fake functions below.
+The schemas of ``hdaf::delta_attention_forward`` / ``_backward`` and of the packed-batch
+``hdaf::delta_attention_varlen_forward`` / ``_backward`` are defined once, in C++
+(``csrc/delta_attention.cpp``); the CPU kernel (``csrc/cpu``) implements all four, the CUDA
+kernels (``csrc/cuda``) the first two, per dispatch key. The Triton kernels register ops of the
+same signatures under ``hdaf::triton_delta_attention_*`` (``kernels/delta_attention.py``), and
+reuse :func:`register_delta_autograd` / :func:`register_varlen_autograd` and the fake functions
+below.
 """
 from __future__ import annotations
 
@@ -24,15 +26,46 @@ def lse_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def fake_forward(q, k, v, P, key_padding_mask, L, U, window_left, window_right, scale):
-    B, H, T, _ = q.shape
-    out = q.new_empty((B, H, T, v.shape[-1]))
-    lse = q.new_empty((B, H, T), dtype=lse_dtype(q.dtype))
+    """q [B,H,Tq,Dk], v [B,Hkv,Tk,Dv] -> out [B,H,Tq,Dv], lse [B,H,Tq]."""
+    B, H, Tq, _ = q.shape
+    out = q.new_empty((B, H, Tq, v.shape[-1]))
+    lse = q.new_empty((B, H, Tq), dtype=lse_dtype(q.dtype))
     return out, lse
 
 
 def fake_backward(grad_out, q, k, v, P, key_padding_mask, out, lse, L, U,
                   window_left, window_right, scale):
     return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(P))
+
+
+def fake_varlen_forward(q, k, v, P, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, L, U,
+                        window_left, window_right, scale):
+    """q [Total_q,H,Dk], v [Total_k,Hkv,Dv] -> out [Total_q,H,Dv], lse [H,Total_q]."""
+    Total_q, H, _ = q.shape
+    out = q.new_empty((Total_q, H, v.shape[-1]))
+    lse = q.new_empty((H, Total_q), dtype=lse_dtype(q.dtype))
+    return out, lse
+
+
+def fake_varlen_backward(grad_out, q, k, v, P, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                         max_seqlen_k, out, lse, L, U, window_left, window_right, scale):
+    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(P))
+
+
+def _op(qualname: str):
+    ns, name = qualname.split("::")
+    return getattr(getattr(torch.ops, ns), name).default
+
+
+def _register_no_double_backward(backward_op: str) -> None:
+    def double_backward(ctx, *grads):
+        raise NotImplementedError(f"{backward_op} is not differentiable: hdaf.delta_attention "
+                                  "supports first-order gradients only (no double backward)")
+
+    def no_context(ctx, inputs, output):
+        pass
+
+    torch.library.register_autograd(backward_op, double_backward, setup_context=no_context)
 
 
 def register_delta_autograd(forward_op: str, backward_op: str) -> None:
@@ -49,26 +82,47 @@ def register_delta_autograd(forward_op: str, backward_op: str) -> None:
     def backward_fn(ctx, grad_out, _grad_lse):
         nonlocal backward
         if backward is None:
-            ns, name = backward_op.split("::")
-            backward = getattr(getattr(torch.ops, ns), name).default
+            backward = _op(backward_op)
         q, k, v, P, key_padding_mask, out, lse = ctx.saved_tensors
         dq, dk, dv, dP = backward(grad_out.contiguous(), q, k, v, P, key_padding_mask, out, lse,
                                   *ctx.params)
         return dq, dk, dv, dP, None, None, None, None, None, None
 
     torch.library.register_autograd(forward_op, backward_fn, setup_context=setup_context)
+    _register_no_double_backward(backward_op)
 
-    def double_backward(ctx, *grads):
-        raise NotImplementedError(f"{backward_op} is not differentiable: hdaf.delta_attention "
-                                  "supports first-order gradients only (no double backward)")
 
-    def no_context(ctx, inputs, output):
-        pass
+def register_varlen_autograd(forward_op: str, backward_op: str) -> None:
+    """Make the packed-batch ``forward_op`` differentiable by calling ``backward_op`` (the
+    ``delta_attention_varlen_*`` schemas)."""
+    backward = None
 
-    torch.library.register_autograd(backward_op, double_backward, setup_context=no_context)
+    def setup_context(ctx, inputs, output):
+        q, k, v, P, cu_q, cu_k, max_q, max_k, L, U, wl, wr, scale = inputs
+        out, lse = output
+        ctx.save_for_backward(q, k, v, P, cu_q, cu_k, out, lse)
+        ctx.params = (L, U, wl, wr, scale)
+        ctx.max_seqlens = (max_q, max_k)
+        ctx.mark_non_differentiable(lse)
+
+    def backward_fn(ctx, grad_out, _grad_lse):
+        nonlocal backward
+        if backward is None:
+            backward = _op(backward_op)
+        q, k, v, P, cu_q, cu_k, out, lse = ctx.saved_tensors
+        dq, dk, dv, dP = backward(grad_out.contiguous(), q, k, v, P, cu_q, cu_k, *ctx.max_seqlens,
+                                  out, lse, *ctx.params)
+        return (dq, dk, dv, dP) + (None,) * 9
+
+    torch.library.register_autograd(forward_op, backward_fn, setup_context=setup_context)
+    _register_no_double_backward(backward_op)
 
 
 if _C is not None:
     torch.library.register_fake("hdaf::delta_attention_forward")(fake_forward)
     torch.library.register_fake("hdaf::delta_attention_backward")(fake_backward)
     register_delta_autograd("hdaf::delta_attention_forward", "hdaf::delta_attention_backward")
+    torch.library.register_fake("hdaf::delta_attention_varlen_forward")(fake_varlen_forward)
+    torch.library.register_fake("hdaf::delta_attention_varlen_backward")(fake_varlen_backward)
+    register_varlen_autograd("hdaf::delta_attention_varlen_forward",
+                             "hdaf::delta_attention_varlen_backward")

@@ -1,15 +1,20 @@
 """Pure-PyTorch references of the delta-attention operator (docs/delta_attention.md).
 
-Both are differentiable by autograd and serve as the oracles every kernel is tested against:
+All are differentiable by autograd and serve as the oracles every kernel is tested against:
 
 * :func:`delta_attention_naive` is the paper's literal formula (eq. 11): it materializes the
-  ``[B,(H),T,T,Dr]`` tensor of feature differences ``x_j - x_i`` and contracts it with the
+  ``[B,(H),Tq,Tk,Dr]`` tensor of feature differences ``x_j - x_{t_i}`` and contracts it with the
   gathered columns of ``w``. It is the baseline to beat, in time and in memory.
-* :func:`delta_attention_gather` uses the key identity ``(x_j - x_i)·w[:, r] = P[j,r] - P[i,r]``
-  with ``P = x·w``: a gathered ``[B,(H),T,T]`` bias and a masked softmax.
+* :func:`delta_attention_gather` uses the key identity ``(x_j - x_{t_i})·w[:, r] = P[j,r] - P[t_i,r]``
+  with ``P = x·w``: a gathered ``[B,(H),Tq,Tk]`` bias and a masked softmax.
+* :func:`delta_attention_varlen_naive` computes a packed batch as one block-diagonal attention
+  over all its tokens (positions restart per sequence, pairs across sequences invisible);
+  :func:`delta_attention_varlen_gather` loops over the sequences with the gather reference.
 
-Both take arguments already normalised by :func:`hdaf.functional.delta_attention`
-(``L, U`` and the band ``lo <= j-i <= hi``, causal folded in).
+Grouped-query heads are computed by repeating k and v per query head (the kernels never copy
+them). The query block stands at the end of the keys: query i is at position ``t_i = Tk - Tq + i``.
+All take arguments already normalised by :func:`hdaf.functional.delta_attention` (``L, U`` and
+the band ``lo <= j - t_i <= hi``, causal folded in).
 """
 from __future__ import annotations
 
@@ -18,16 +23,22 @@ from typing import Optional
 import torch
 
 
-def relative_buckets(T: int, L: int, U: int, device) -> torch.Tensor:
-    """``[T,T]`` int64 with ``r(i,j) = clamp(j-i, -L, U) + L``."""
-    pos = torch.arange(T, device=device)
-    return (pos[None, :] - pos[:, None]).clamp(-L, U) + L
+def relative_buckets(T: int, L: int, U: int, device, Tk: Optional[int] = None) -> torch.Tensor:
+    """``[T,Tk]`` int64 with ``r(i,j) = clamp(j - t_i, -L, U) + L``, ``t_i = Tk - T + i``
+    (``Tk`` defaults to ``T``: ``t_i = i``)."""
+    Tk = T if Tk is None else Tk
+    pos_q = torch.arange(T, device=device) + (Tk - T)
+    pos_k = torch.arange(Tk, device=device)
+    return (pos_k[None, :] - pos_q[:, None]).clamp(-L, U) + L
 
 
-def visibility(T: int, lo: int, hi: int, key_padding_mask: Optional[torch.Tensor], device):
-    """Bool ``[B or 1, 1, T, T]``: True where key j is visible from query i."""
-    pos = torch.arange(T, device=device)
-    d = pos[None, :] - pos[:, None]
+def visibility(T: int, lo: int, hi: int, key_padding_mask: Optional[torch.Tensor], device,
+               Tk: Optional[int] = None):
+    """Bool ``[B or 1, 1, T, Tk]``: True where key j is visible from query i (``lo <= j - t_i <= hi``)."""
+    Tk = T if Tk is None else Tk
+    pos_q = torch.arange(T, device=device) + (Tk - T)
+    pos_k = torch.arange(Tk, device=device)
+    d = pos_k[None, :] - pos_q[:, None]
     vis = (d >= lo) & (d <= hi)
     vis = vis[None, None]
     if key_padding_mask is not None:
@@ -46,40 +57,49 @@ def _masked_softmax_attention(logits, vis, v):
     return probs.to(v.dtype) @ v
 
 
+def repeat_kv(t: torch.Tensor, H: int, dim: int = 1) -> torch.Tensor:
+    """Key/value heads repeated to the H query heads (head h reads head ``h // (H / Hkv)``)."""
+    Hkv = t.shape[dim]
+    return t if Hkv == H else t.repeat_interleave(H // Hkv, dim=dim)
+
+
 def delta_attention_naive(q, k, v, x, w, *, L: int, U: int, lo: int, hi: int,
                           key_padding_mask=None, scale: float) -> torch.Tensor:
-    """The paper's formula, materializing ``x_j - x_i`` for every pair: O(T²·Dr) memory.
+    """The paper's formula, materializing ``x_j - x_{t_i}`` for every pair: O(Tq·Tk·Dr) memory.
 
-    q, k: [B,H,T,Dk]; v: [B,H,T,Dv]; x: [B,T,Dr] or [B,H,T,Dr]; w: [Dr,R] or [H,Dr,R].
-    Returns [B,H,T,Dv].
+    q: [B,H,Tq,Dk]; k: [B,Hkv,Tk,Dk]; v: [B,Hkv,Tk,Dv]; x: [B,Tk,Dr] or [B,H,Tk,Dr];
+    w: [Dr,R] or [H,Dr,R]. Returns [B,H,Tq,Dv].
     """
-    T = q.shape[-2]
+    H, Tq, Tk = q.shape[1], q.shape[-2], k.shape[-2]
+    k, v = repeat_kv(k, H), repeat_kv(v, H)
     if x.dim() == 3:
-        x = x[:, None]  # [B,1,T,Dr]
+        x = x[:, None]  # [B,1,Tk,Dr]
     if w.dim() == 2:
         w = w[None]  # [1,Dr,R]
-    r = relative_buckets(T, L, U, q.device)  # [T,T]
-    diff = x[..., None, :, :] - x[..., :, None, :]  # [B,Hx,T(i),T(j),Dr] = x_j - x_i
-    w_ij = w.transpose(-1, -2)[:, r]  # [Hw,T,T,Dr] = w[:, r(i,j)]
-    rpe = (diff * w_ij[None]).sum(-1)  # [B,max(Hx,Hw),T,T]
+    r = relative_buckets(Tq, L, U, q.device, Tk)  # [Tq,Tk]
+    x_query = x[..., Tk - Tq:, :]  # rows of the query positions t_i
+    diff = x[..., None, :, :] - x_query[..., :, None, :]  # [B,Hx,Tq(i),Tk(j),Dr] = x_j - x_{t_i}
+    w_ij = w.transpose(-1, -2)[:, r]  # [Hw,Tq,Tk,Dr] = w[:, r(i,j)]
+    rpe = (diff * w_ij[None]).sum(-1)  # [B,max(Hx,Hw),Tq,Tk]
     logits = scale * (q @ k.transpose(-1, -2) + rpe)
-    vis = visibility(T, lo, hi, key_padding_mask, q.device)
+    vis = visibility(Tq, lo, hi, key_padding_mask, q.device, Tk)
     return _masked_softmax_attention(logits, vis, v)
 
 
 def delta_attention_gather(q, k, v, x, w, *, L: int, U: int, lo: int, hi: int,
                            key_padding_mask=None, scale: float) -> torch.Tensor:
-    """``P = x·w`` and a gathered ``[B,(H),T,T]`` bias ``P[j,r(i,j)] - P[i,r(i,j)]``."""
-    T = q.shape[-2]
-    P = delta_projection(x, w)  # [B,Hp,T,R]
-    r = relative_buckets(T, L, U, q.device)  # [T,T]
+    """``P = x·w`` and a gathered ``[B,(H),Tq,Tk]`` bias ``P[j,r(i,j)] - P[t_i,r(i,j)]``."""
+    H, Tq, Tk = q.shape[1], q.shape[-2], k.shape[-2]
+    k, v = repeat_kv(k, H), repeat_kv(v, H)
+    P = delta_projection(x, w)  # [B,Hp,Tk,R]
+    r = relative_buckets(Tq, L, U, q.device, Tk)  # [Tq,Tk]
     B, Hp = P.shape[0], P.shape[1]
-    idx = r.expand(B, Hp, T, T)
-    # P_i[b,h,i,j] = P[b,h,i,r(i,j)]; P_j[b,h,i,j] = P[b,h,j,r(i,j)] (gather from P transposed)
-    p_query = torch.gather(P, -1, idx)
+    idx = r.expand(B, Hp, Tq, Tk)
+    # P_i[b,h,i,j] = P[b,h,t_i,r(i,j)]; P_j[b,h,i,j] = P[b,h,j,r(i,j)] (gather from P transposed)
+    p_query = torch.gather(P[..., Tk - Tq:, :], -1, idx)
     p_key = torch.gather(P.transpose(-1, -2), -2, idx)
     logits = scale * (q @ k.transpose(-1, -2) + (p_key - p_query))
-    vis = visibility(T, lo, hi, key_padding_mask, q.device)
+    vis = visibility(Tq, lo, hi, key_padding_mask, q.device, Tk)
     return _masked_softmax_attention(logits, vis, v)
 
 
@@ -90,3 +110,73 @@ def delta_projection(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     if w.dim() == 2:
         w = w[None]  # [1,Dr,R]
     return x @ w  # broadcast: [B,max(Hx,Hw),T,R]
+
+
+def varlen_projection(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``P = x·w`` of a packed batch as ``[Total_k,Hp,R]`` (``Hp = 1`` when both are shared)."""
+    if x.dim() == 2:
+        x = x[:, None]  # [Total_k,1,Dr]
+    if w.dim() == 2:
+        w = w[None]  # [1,Dr,R]
+    return (x.transpose(0, 1) @ w).transpose(0, 1)  # [Hp,Total_k,R] -> [Total_k,Hp,R]
+
+
+def _sequence_positions(cu_q: torch.Tensor, cu_k: torch.Tensor):
+    """Per packed token: its sequence and its position in it (queries at ``Tk_b - Tq_b + i``)."""
+    lq, lk = cu_q[1:] - cu_q[:-1], cu_k[1:] - cu_k[:-1]
+    seq_q = torch.repeat_interleave(torch.arange(lq.numel(), device=cu_q.device), lq)
+    seq_k = torch.repeat_interleave(torch.arange(lk.numel(), device=cu_k.device), lk)
+    pos_k = torch.arange(seq_k.numel(), device=cu_k.device) - cu_k[seq_k]
+    pos_q = torch.arange(seq_q.numel(), device=cu_q.device) - cu_q[seq_q] + (lk - lq)[seq_q]
+    return seq_q, pos_q, seq_k, pos_k
+
+
+def delta_attention_varlen_naive(q, k, v, x, w, cu_seqlens_q, cu_seqlens_k, *, L: int, U: int,
+                                 lo: int, hi: int, scale: float) -> torch.Tensor:
+    """A packed batch as one attention over all its tokens, the paper's formula materialized:
+    pairs of different sequences are invisible, positions restart in every sequence.
+
+    q: [Total_q,H,Dk]; k: [Total_k,Hkv,Dk]; v: [Total_k,Hkv,Dv]; x: [Total_k,Dr] or
+    [Total_k,H,Dr]; w: [Dr,R] or [H,Dr,R]. Returns [Total_q,H,Dv]. O(Total_q·Total_k·Dr) memory.
+    """
+    H = q.shape[1]
+    cu_q, cu_k = cu_seqlens_q.long(), cu_seqlens_k.long()
+    seq_q, pos_q, seq_k, pos_k = _sequence_positions(cu_q, cu_k)
+    qh = q.transpose(0, 1)  # [H,Total_q,Dk]
+    kh = repeat_kv(k, H).transpose(0, 1)
+    vh = repeat_kv(v, H).transpose(0, 1)
+    xh = (x[:, None] if x.dim() == 2 else x).transpose(0, 1)  # [Hx,Total_k,Dr]
+    wh = w[None] if w.dim() == 2 else w  # [Hw,Dr,R]
+    x_query = xh[:, cu_k[seq_q] + pos_q]  # [Hx,Total_q,Dr]: x at each query's own key row
+    d = pos_k[None, :] - pos_q[:, None]  # [Total_q,Total_k]
+    r = d.clamp(-L, U) + L
+    diff = xh[:, None, :, :] - x_query[:, :, None, :]  # [Hx,Total_q,Total_k,Dr]
+    rpe = (diff * wh.transpose(-1, -2)[:, r]).sum(-1)  # [H or 1,Total_q,Total_k]
+    logits = scale * (qh @ kh.transpose(-1, -2) + rpe)
+    vis = (seq_q[:, None] == seq_k[None, :]) & (d >= lo) & (d <= hi)
+    out = _masked_softmax_attention(logits, vis[None], vh)  # [H,Total_q,Dv]
+    return out.transpose(0, 1)
+
+
+def delta_attention_varlen_gather(q, k, v, x, w, cu_seqlens_q, cu_seqlens_k, *, L: int, U: int,
+                                  lo: int, hi: int, scale: float) -> torch.Tensor:
+    """A packed batch as a loop of :func:`delta_attention_gather` calls, one per sequence."""
+    H, Dv = q.shape[1], v.shape[-1]
+    outs = []
+    for (q0, q1), (k0, k1) in zip(_spans(cu_seqlens_q), _spans(cu_seqlens_k)):
+        if q1 == q0:
+            continue
+        xs = x[k0:k1]
+        xs = xs[None] if x.dim() == 2 else xs.transpose(0, 1)[None]  # [1,Tk,Dr] or [1,H,Tk,Dr]
+        out = delta_attention_gather(
+            q[q0:q1].transpose(0, 1)[None], k[k0:k1].transpose(0, 1)[None],
+            v[k0:k1].transpose(0, 1)[None], xs, w, L=L, U=U, lo=lo, hi=hi, scale=scale)
+        outs.append(out[0].transpose(0, 1))  # [Tq_b,H,Dv]
+    if not outs:
+        return q.new_zeros((0, H, Dv))
+    return torch.cat(outs, dim=0)
+
+
+def _spans(cu: torch.Tensor):
+    c = cu.tolist()
+    return list(zip(c[:-1], c[1:]))

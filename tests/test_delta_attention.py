@@ -191,9 +191,12 @@ def test_non_contiguous_inputs_are_accepted():
 
 BAD = [
     (lambda a: {**a, "q": a["q"][0]}, ValueError, r"q must be 4-D, got shape \(3, 7, 8\)"),
-    (lambda a: {**a, "k": a["k"][:, :, :5]}, ValueError, r"k must have q's shape .*\(2, 3, 7, 8\).*\(2, 3, 5, 8\)"),
-    (lambda a: {**a, "v": a["v"][:1]}, ValueError, r"v must be \[B,H,T,Dv\].*got \(1, 3, 7, 8\)"),
-    (lambda a: {**a, "x": a["x"][:, :6]}, ValueError, r"x must be \[B,T,Dr\] with B=2, T=7.*got \(2, 6, 5\)"),
+    (lambda a: {**a, "k": a["k"][:, :, :5], "v": a["v"][:, :, :5]}, ValueError, r"q has Tq=7 queries but k has Tk=5 keys: Tq <= Tk is required.*\(2, 3, 7, 8\).*\(2, 3, 5, 8\)"),
+    (lambda a: {**a, "k": a["k"][:1]}, ValueError, r"k must be \[B,Hkv,Tk,Dk\] with B=2, Dk=8 as in q \(2, 3, 7, 8\), got \(1, 3, 7, 8\)"),
+    (lambda a: {**a, "v": a["v"][:1]}, ValueError, r"v must be \[B,Hkv,Tk,Dv\] with B=2, Tk=7 as in k \(2, 3, 7, 8\), got \(1, 3, 7, 8\)"),
+    (lambda a: {**a, "v": a["v"][:, :1]}, ValueError, r"k and v must have the same number of key/value heads, got k \(2, 3, 7, 8\) and v \(2, 1, 7, 8\)"),
+    (lambda a: {**a, "k": a["k"][:, :2], "v": a["v"][:, :2]}, ValueError, r"the query heads H=3 must be a multiple of the key/value heads Hkv=2"),
+    (lambda a: {**a, "x": a["x"][:, :6]}, ValueError, r"x must be \[B,Tk,Dr\] with B=2, Tk=7.*got \(2, 6, 5\)"),
     (lambda a: {**a, "x": a["x"][0]}, ValueError, r"x must be 3-D or 4-D, got shape \(7, 5\)"),
     (lambda a: {**a, "w": a["w"][:4]}, ValueError, r"w must be \[Dr,R\] with Dr=5.*got \(4, 7\)"),
     (lambda a: {**a, "w": a["w"].expand(2, 5, 7)}, ValueError, r"w must be \[H,Dr,R\] with H=3, Dr=5.*got \(2, 5, 7\)"),
@@ -207,7 +210,7 @@ BAD = [
     (lambda a: {**{n: t[:, :, :0] if t.dim() == 4 else t for n, t in a.items() if n in "qkv"},
                 **{n: a[n] for n in ("x", "w")}, "x": a["x"][:, :0]}, ValueError, r"T must be at least 1"),
     (lambda a: {**a, "key_padding_mask": torch.zeros(2, 7)}, TypeError, r"key_padding_mask must have dtype torch.bool.*got torch.float32"),
-    (lambda a: {**a, "key_padding_mask": torch.zeros(2, 6, dtype=torch.bool)}, ValueError, r"key_padding_mask must be \[B,T\]=\(2, 7\), got \(2, 6\)"),
+    (lambda a: {**a, "key_padding_mask": torch.zeros(2, 6, dtype=torch.bool)}, ValueError, r"key_padding_mask must be \[B,Tk\]=\(2, 7\), got \(2, 6\)"),
     (lambda a: {**a, "causal": 1}, TypeError, r"causal must be a bool, got int 1"),
     (lambda a: {**a, "scale": "big"}, TypeError, r"scale must be a finite float or None, got 'big'"),
     (lambda a: {**a, "backend": "fast"}, ValueError, r"backend must be one of .*got 'fast'"),
@@ -244,7 +247,7 @@ def test_cuda_head_dim_limit_is_enforced_by_the_shared_checks(Dk, Dv):
     with pytest.raises(RuntimeError, match=rf"hdaf delta_attention \(CUDA\): head dims up to 128 "
                                            rf"are supported, got Dk={Dk} and Dv={Dv}"):
         torch.ops.hdaf._check_forward_args(*args, "cuda")
-    assert torch.ops.hdaf._check_forward_args(*args, "cpu") == [1, 1, 1, 5, Dk, Dv, 7]
+    assert torch.ops.hdaf._check_forward_args(*args, "cpu") == [1, 1, 1, 5, Dk, Dv, 7, 1, 5]
     q128, _, v128, _, _, _ = make_inputs(B=1, H=1, T=5, Dk=128, requires_grad=False)
     assert torch.ops.hdaf._check_forward_args(q128, q128, v128, P, None, 3, 3, -1, -1, 0.1,
                                               "cuda")[4:6] == [128, 128]
@@ -259,12 +262,15 @@ def test_cuda_head_dim_limit_is_enforced_by_the_shared_checks(Dk, Dv):
 HOOK_BAD = [  # (argument changes, message): the same checks serve the CPU and the CUDA op
     (dict(L=1, U=1), r"P has R=7 buckets but L=1, U=1 need R = L\+U\+1 = 3"),
     (dict(mask=torch.zeros(2, 7)), r"key_padding_mask must be bool \(True marks padding\), got Float"),
-    (dict(mask=torch.zeros(2, 6, dtype=torch.bool)), r"key_padding_mask must be \[B,T\]=\[2, 7\], got \[2, 6\]"),
+    (dict(mask=torch.zeros(2, 6, dtype=torch.bool)), r"key_padding_mask must be \[B,Tk\]=\[2, 7\], got \[2, 6\]"),
     (dict(wl=-2), r"window_left/window_right must be >= -1 \(-1: unbounded\), got -2, -1"),
     (dict(scale=float("inf")), r"scale must be finite, got inf"),
     (dict(v=lambda a: a["v"].float()), r"v has dtype Float but q has Double"),
-    (dict(k=lambda a: a["k"][:, :, :6]), r"k must have q's shape \[2, 3, 7, 8\], got \[2, 3, 6, 8\]"),
-    (dict(P=lambda a: a["P"][:, :, :6]), r"P must be \[B,Hp,T,R\] with B=2, Hp in \{1, 3\}, T=7, got \[2, 1, 6, 7\]"),
+    (dict(k=lambda a: a["k"][:, :, :6], v=lambda a: a["v"][:, :, :6]), r"q has Tq=7 queries but k has Tk=6 keys: Tq <= Tk is required"),
+    (dict(k=lambda a: a["k"][:, :, :, :5]), r"k must be \[B,Hkv,Tk,Dk\] with B=2, Dk=8 as in q, got \[2, 3, 7, 5\]"),
+    (dict(v=lambda a: a["v"][:, :2]), r"v must be \[B,Hkv,Tk,Dv\] with \[B,Hkv,Tk\]=\[2, 3, 7\] as in k, got \[2, 2, 7, 8\]"),
+    (dict(k=lambda a: a["k"][:, :2], v=lambda a: a["v"][:, :2]), r"the query heads H=3 must be a multiple of the key/value heads Hkv=2 \(q \[2, 3, 7, 8\], k \[2, 2, 7, 8\]\)"),
+    (dict(P=lambda a: a["P"][:, :, :6]), r"P must be \[B,Hp,Tk,R\] with B=2, Hp in \{1, 3\}, Tk=7, got \[2, 1, 6, 7\]"),
     (dict(q=lambda a: a["q"].int(), k=lambda a: a["k"].int(), v=lambda a: a["v"].int(),
           P=lambda a: a["P"].int()), r"q must be float16, bfloat16, float32 or float64, got Int"),
 ]

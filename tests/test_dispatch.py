@@ -88,9 +88,9 @@ def test_callers_pass_dtype_and_head_dim(monkeypatch):
     seen = []
     real = dispatch.resolve
 
-    def spy(backend, device, dtype=None, head_dim=None):
+    def spy(backend, device, dtype=None, head_dim=None, features=None):
         seen.append((backend, device.type, dtype, head_dim))
-        return real(backend, device, dtype, head_dim)
+        return real(backend, device, dtype, head_dim, features)
 
     monkeypatch.setattr(dispatch, "resolve", spy)
     monkeypatch.setattr(hdaf.nn.delta_attention, "resolve", spy)

@@ -1,8 +1,11 @@
-// Fused CPU kernels of hdaf::delta_attention_forward / _backward.
+// Fused CPU kernels of hdaf::delta_attention_forward / _backward and of their packed-batch
+// forms hdaf::delta_attention_varlen_forward / _backward.
 //
 // Flash-attention-style: query tiles × key tiles with an online softmax; the delta bias
-// bias_ij = P[j, r(i,j)] - P[i, r(i,j)] is gathered from rows of P = x·w inside the tile
-// loop, so nothing of size T×T is ever allocated. Only key tiles inside the band of the
+// bias_ij = P[j, r(i,j)] - P[t_i, r(i,j)] (t_i = Tk - Tq + i, the query's position) is gathered
+// from rows of P = x·w inside the tile loop, so nothing of size Tq×Tk is ever allocated.
+// Grouped-query heads read their key/value head in place (no copy of k or v), and a packed
+// batch is a list of sequences of their own lengths: its work is Σ Tq_b·Tk_b. Only key tiles inside the band of the
 // window (and causal) constraint are visited: a sliding window costs O(T·window).
 // Tile matmuls go to BLAS (the sgemm_/dgemm_ that torch's x86-64 wheels export, with a
 // plain loop if the symbol is absent); the index math is csrc/include/hdaf/delta_common.h,
@@ -17,7 +20,9 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstring>
+#include <utility>
 #include <limits>
 #include <vector>
 
@@ -81,13 +86,6 @@ void gemm(bool ta, bool tb, int M, int N, int K, T alpha, const T* A, int lda, c
   gemm_loop(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
 }
 
-struct Problem {
-  int64_t B, H, T, Dk, Dv, Hp, R, L, U;
-  Band band;
-  double scale;
-  const bool* mask;  // [B,T] or nullptr
-};
-
 // ---- Row primitives of a tile. float32 gets versions compiled for AVX2+FMA as well as the
 // baseline (GCC function multiversioning picks one at load time), with a polynomial exp that
 // vectorizes; float64 keeps std::exp, which its tolerance needs.
@@ -97,34 +95,38 @@ struct Problem {
 #define HDAF_CLONES
 #endif
 
-// S[jj] = scale * (S[jj] + P[j, r(i,j)] - P[i, r(i,j)]) for the keys j = j0 + jj.
 #define HDAF_INLINE inline __attribute__((always_inline))
 
-// S[jj] = scale * (S[jj] + P[j, r(i,j)] - P[i, r(i,j)]) for the keys j = j0 + jj, jj < bk.
+// S[jj] = scale * (S[jj] + P[j, r] - P[t, r]), r = clamp(j - t, -L, U) + L, for the keys
+// j = j0 + jj, jj < bk, of the query at position t; P's rows are sP elements apart.
 // Split into the three runs of r (clipped low, diagonal, clipped high) so that each loop has
-// invariant strides and vectorizes: on the diagonal run r = j - i + L, hence
-// P[j, r] = P[j*(R+1) + L - i] and P[i, r] = P[i*R + j - i + L].
+// invariant strides and vectorizes: on the diagonal run r = j - t + L, hence
+// P[j, r] = P[j*(sP+1) + L - t] and P[t, r] = P[t*sP + j - t + L].
 template <typename T>
-HDAF_INLINE void bias_row_runs(T* __restrict S, const T* __restrict Pbh, int64_t i, int64_t j0,
-                               int64_t bk, int64_t L, int64_t U, int64_t R, T scale) {
-  const T* Pi = Pbh + i * R;
-  const int64_t lo_end = i - L - j0, hi_begin = i + U + 1 - j0;
+HDAF_INLINE void bias_row_runs(T* __restrict S, const T* __restrict Pbh, int64_t t, int64_t j0,
+                               int64_t bk, int64_t L, int64_t U, int64_t R, int64_t sP,
+                               T scale) {
+  const T* Pt = Pbh + t * sP;
+  const int64_t lo_end = t - L - j0, hi_begin = t + U + 1 - j0;
   const int64_t a = lo_end < 0 ? 0 : (lo_end > bk ? bk : lo_end);
   const int64_t b = hi_begin < a ? a : (hi_begin > bk ? bk : hi_begin);
-  const T p_first = Pi[0], p_last = Pi[R - 1];
-  const T* Pj = Pbh + j0 * R;
-  for (int64_t jj = 0; jj < a; ++jj) S[jj] = scale * (S[jj] + Pj[jj * R] - p_first);
+  const T p_first = Pt[0], p_last = Pt[R - 1];
+  const T* Pj = Pbh + j0 * sP;
+  for (int64_t jj = 0; jj < a; ++jj) S[jj] = scale * (S[jj] + Pj[jj * sP] - p_first);
   if (b > a) {
-    const T* Pdiag = Pbh + j0 * (R + 1) + L - i;  // indexed from jj = 0; read from jj = a
-    const T* Prow = Pi + j0 - i + L;
-    for (int64_t jj = a; jj < b; ++jj) S[jj] = scale * (S[jj] + Pdiag[jj * (R + 1)] - Prow[jj]);
+    // From jj = a on, j - t >= -L: both pointers stay inside P.
+    const T* Pdiag = Pbh + (j0 + a) * (sP + 1) + L - t;
+    const T* Prow = Pt + (j0 + a) - t + L;
+    T* Sa = S + a;
+    for (int64_t jj = 0; jj < b - a; ++jj)
+      Sa[jj] = scale * (Sa[jj] + Pdiag[jj * (sP + 1)] - Prow[jj]);
   }
-  for (int64_t jj = b; jj < bk; ++jj) S[jj] = scale * (S[jj] + Pj[jj * R + R - 1] - p_last);
+  for (int64_t jj = b; jj < bk; ++jj) S[jj] = scale * (S[jj] + Pj[jj * sP + R - 1] - p_last);
 }
 
-HDAF_CLONES void bias_row_f32(float* S, const float* Pbh, int64_t i, int64_t j0, int64_t bk,
-                              int64_t L, int64_t U, int64_t R, float scale) {
-  bias_row_runs<float>(S, Pbh, i, j0, bk, L, U, R, scale);
+HDAF_CLONES void bias_row_f32(float* S, const float* Pbh, int64_t t, int64_t j0, int64_t bk,
+                              int64_t L, int64_t U, int64_t R, int64_t sP, float scale) {
+  bias_row_runs<float>(S, Pbh, t, j0, bk, L, U, R, sP, scale);
 }
 
 // exp for x <= ~0 (the softmax only exponentiates score - max); exactly 0 below the float
@@ -175,13 +177,13 @@ HDAF_CLONES float max_row_f32(const float* __restrict S, int64_t n) {
   return m;
 }
 
-inline void bias_row(float* S, const float* Pbh, int64_t i, int64_t j0, int64_t bk, int64_t L,
-                     int64_t U, int64_t R, float scale) {
-  bias_row_f32(S, Pbh, i, j0, bk, L, U, R, scale);
+inline void bias_row(float* S, const float* Pbh, int64_t t, int64_t j0, int64_t bk, int64_t L,
+                     int64_t U, int64_t R, int64_t sP, float scale) {
+  bias_row_f32(S, Pbh, t, j0, bk, L, U, R, sP, scale);
 }
-inline void bias_row(double* S, const double* Pbh, int64_t i, int64_t j0, int64_t bk, int64_t L,
-                     int64_t U, int64_t R, double scale) {
-  bias_row_runs<double>(S, Pbh, i, j0, bk, L, U, R, scale);
+inline void bias_row(double* S, const double* Pbh, int64_t t, int64_t j0, int64_t bk, int64_t L,
+                     int64_t U, int64_t R, int64_t sP, double scale) {
+  bias_row_runs<double>(S, Pbh, t, j0, bk, L, U, R, sP, scale);
 }
 inline float exp_row(float* S, int64_t n, float m) { return exp_row_f32(S, n, m); }
 inline double exp_row(double* S, int64_t n, double m) {
@@ -195,177 +197,352 @@ inline double max_row(const double* S, int64_t n) {
   return m;
 }
 
-// Scores of one tile: S[ii, jj] = scale * (q_i·k_j + P[j,r] - P[i,r]) where visible, -inf
-// elsewhere. S holds q_i·k_j on entry. Returns false when nothing in the tile is visible.
+// ---- Problems. The padded op (one sequence per batch element) and the packed op (one per
+// cu_seqlens entry) both become a list of sequences with element offsets, sharing the per-head
+// and per-position strides of each tensor; the kernels below see only this description.
+
+struct Strides {
+  int64_t h, t;  // elements between heads, between positions (the last dim is contiguous)
+};
+
+struct Seq {
+  int64_t Tq, Tk;
+  // Element offsets of (head 0, position 0) of this sequence in each tensor. dq, dk, dv and
+  // grad_out share the layouts of q, k, v and out.
+  int64_t q, k, v, P, o, lse, dP;
+  const bool* mask;  // [Tk] (True: padding key) or nullptr
+};
+
+struct Problem {
+  int64_t H, Hkv, G, Hp, Dk, Dv, R, L, U, window_left, window_right;
+  double scale;
+  Strides q, k, v, P, o, lse, dP;  // dP: the per-head gradient buffer (Hd heads, see below)
+  int64_t Hd;                      // heads of that buffer: Hkv when Hp == 1, else H
+  std::vector<Seq> seqs;
+};
+
+// A query tile: the rows (g, i) for the query heads g0 <= g < g1 of one key/value head and the
+// queries i0 <= i < i1, row n = (g - g0) * (i1 - i0) + (i - i0). With Tq >= kBlockQ a tile is
+// part of one head; with shorter Tq (decoding) it stacks whole heads of the group, so a key tile
+// feeds all of them from one read.
+struct Tile {
+  int64_t g0, g1, i0, i1;
+  int64_t rows() const { return (g1 - g0) * (i1 - i0); }
+};
+
+std::vector<Tile> make_tiles(int64_t Tq, int64_t G) {
+  std::vector<Tile> tiles;
+  if (Tq == 0) return tiles;
+  const int64_t heads_per_tile = Tq >= kBlockQ ? 1 : std::max<int64_t>(1, std::min(G, kBlockQ / Tq));
+  for (int64_t g0 = 0; g0 < G; g0 += heads_per_tile)
+    for (int64_t i0 = 0; i0 < Tq; i0 += kBlockQ)
+      tiles.push_back({g0, std::min(G, g0 + heads_per_tile), i0, std::min(Tq, i0 + kBlockQ)});
+  return tiles;
+}
+
+// Keys [begin, end) that the band lets any row of the tile see (positions t = Tk - Tq + i).
+std::pair<int64_t, int64_t> tile_keys(const Problem& p, const Seq& s, const Tile& tile) {
+  const Band band = make_band(s.Tk, p.window_left, p.window_right);
+  const int64_t off = s.Tk - s.Tq;
+  return {band_key_begin(off + tile.i0, band), band_key_end(off + tile.i1, s.Tk, band)};
+}
+
+// Runs fn(task) for task in [0, n) on the intra-op threads, longest first by `cost`, each thread
+// taking the next task when it is free. Every task owns the outputs it writes, so the result
+// does not depend on which thread ran what.
+template <typename F>
+void run_tasks(const std::vector<int64_t>& cost, const F& fn) {
+  const int64_t n = static_cast<int64_t>(cost.size());
+  if (n == 0) return;
+  std::vector<int64_t> order(n);
+  for (int64_t i = 0; i < n; ++i) order[i] = i;
+  std::stable_sort(order.begin(), order.end(),
+                   [&](int64_t a, int64_t b) { return cost[a] > cost[b]; });
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n));
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    for (int64_t t = next.fetch_add(1); t < n; t = next.fetch_add(1)) fn(order[t]);
+  });
+}
+
+// Scores of one tile: S[n, jj] = scale * (q·k_j + P[j,r] - P[t,r]) where visible, -inf
+// elsewhere. S holds q·k_j on entry. Returns false when nothing in the tile is visible.
 // Per row, the band leaves one contiguous run of keys [jlo, jhi) (edge tiles of a window or
 // of causal masking cut it), then padding keys are set to -inf.
 template <typename T>
-bool tile_logits(const Problem& p, T* S, const T* Pbh, const bool* mask_b, int64_t i0,
-                 int64_t bq, int64_t j0, int64_t bk) {
+bool tile_logits(const Problem& p, const Seq& s, int64_t hkv, const Tile& tile, T* S,
+                 const T* P, int64_t j0, int64_t bk) {
   const T scale = static_cast<T>(p.scale);
   const T neg_inf = -std::numeric_limits<T>::infinity();
+  const Band band = make_band(s.Tk, p.window_left, p.window_right);
+  const int64_t off = s.Tk - s.Tq, bq = tile.i1 - tile.i0;
   bool any_row = false;
-  for (int64_t ii = 0; ii < bq; ++ii) {
-    const int64_t i = i0 + ii;
-    T* Srow = S + ii * bk;
-    int64_t jlo = i + p.band.lo - j0, jhi = i + p.band.hi + 1 - j0;
+  for (int64_t n = 0; n < tile.rows(); ++n) {
+    const int64_t h = hkv * p.G + tile.g0 + n / bq;
+    const int64_t t = off + tile.i0 + n % bq;
+    const T* Ph = P + s.P + (p.Hp == 1 ? 0 : h) * p.P.h;
+    T* Srow = S + n * bk;
+    int64_t jlo = t + band.lo - j0, jhi = t + band.hi + 1 - j0;
     jlo = jlo < 0 ? 0 : (jlo > bk ? bk : jlo);
     jhi = jhi < jlo ? jlo : (jhi > bk ? bk : jhi);
     std::fill(Srow, Srow + jlo, neg_inf);
     std::fill(Srow + jhi, Srow + bk, neg_inf);
     if (jhi > jlo) {
-      bias_row(Srow + jlo, Pbh, i, j0 + jlo, jhi - jlo, p.L, p.U, p.R, scale);
+      bias_row(Srow + jlo, Ph, t, j0 + jlo, jhi - jlo, p.L, p.U, p.R, p.P.t, scale);
       any_row = true;
     }
   }
-  if (mask_b == nullptr || !any_row) return any_row;
+  if (s.mask == nullptr || !any_row) return any_row;
   bool any_key = false;
-  for (int64_t jj = 0; jj < bk; ++jj) any_key |= !mask_b[j0 + jj];
+  for (int64_t jj = 0; jj < bk; ++jj) any_key |= !s.mask[j0 + jj];
   if (!any_key) return false;
-  for (int64_t ii = 0; ii < bq; ++ii) {
-    T* Srow = S + ii * bk;
-    for (int64_t jj = 0; jj < bk; ++jj) Srow[jj] = mask_b[j0 + jj] ? neg_inf : Srow[jj];
+  for (int64_t n = 0; n < tile.rows(); ++n) {
+    T* Srow = S + n * bk;
+    for (int64_t jj = 0; jj < bk; ++jj) Srow[jj] = s.mask[j0 + jj] ? neg_inf : Srow[jj];
   }
   return true;
+}
+
+// The tile's rows of a [head, position]-strided tensor: gathered into a dense [rows, D] buffer,
+// or scattered back from one.
+template <typename F>
+void for_tile_rows(const Problem& p, const Tile& tile, int64_t hkv, Strides st, const F& fn) {
+  const int64_t bq = tile.i1 - tile.i0;
+  for (int64_t n = 0; n < tile.rows(); ++n) {
+    const int64_t h = hkv * p.G + tile.g0 + n / bq, i = tile.i0 + n % bq;
+    fn(n, h * st.h + i * st.t);
+  }
+}
+template <typename T>
+void gather_rows(const Problem& p, const Tile& tile, int64_t hkv, const T* base, Strides st,
+                 int64_t D, T* dense) {
+  for_tile_rows(p, tile, hkv, st, [&](int64_t n, int64_t at) {
+    std::memcpy(dense + n * D, base + at, sizeof(T) * D);
+  });
+}
+template <typename T>
+void scatter_rows(const Problem& p, const Tile& tile, int64_t hkv, T* base, Strides st,
+                  int64_t D, const T* dense) {
+  for_tile_rows(p, tile, hkv, st, [&](int64_t n, int64_t at) {
+    std::memcpy(base + at, dense + n * D, sizeof(T) * D);
+  });
 }
 
 template <typename T>
 void forward_kernel(const Problem& p, const T* q, const T* k, const T* v, const T* P, T* out,
                     T* lse) {
-  const int64_t nqb = (p.T + kBlockQ - 1) / kBlockQ;
-  const int64_t T_ = p.T, Dk = p.Dk, Dv = p.Dv, R = p.R;
-  at::parallel_for(0, p.B * p.H * nqb, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> S(kBlockQ * kBlockK), acc(kBlockQ * std::max<int64_t>(Dv, 1));
-    std::vector<SoftmaxState<T>> st(kBlockQ);
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / (p.H * nqb), h = (task / nqb) % p.H, qb = task % nqb;
-      const int64_t bh = b * p.H + h;
-      const int64_t i0 = qb * kBlockQ, i1 = std::min(T_, i0 + kBlockQ), bq = i1 - i0;
-      const T* Qb = q + (bh * T_ + i0) * Dk;
-      const T* Kbh = k + bh * T_ * Dk;
-      const T* Vbh = v + bh * T_ * Dv;
-      const T* Pbh = P + (b * p.Hp + (p.Hp == 1 ? 0 : h)) * T_ * R;
-      const bool* mask_b = p.mask ? p.mask + b * T_ : nullptr;
-      std::fill(acc.begin(), acc.begin() + bq * Dv, T(0));
-      for (int64_t ii = 0; ii < bq; ++ii) st[ii] = softmax_init<T>();
-      const int64_t jb = band_key_begin(i0, p.band), je = band_key_end(i1, T_, p.band);
-      for (int64_t j0 = jb; j0 < je; j0 += kBlockK) {
-        const int64_t bk = std::min(je, j0 + kBlockK) - j0;
-        gemm<T>(false, true, bq, bk, Dk, T(1), Qb, Dk, Kbh + j0 * Dk, Dk, T(0), S.data(), bk);
-        if (!tile_logits(p, S.data(), Pbh, mask_b, i0, bq, j0, bk)) continue;
-        for (int64_t ii = 0; ii < bq; ++ii) {
-          T* Srow = S.data() + ii * bk;
-          const T bmax = max_row(Srow, bk);
-          const T alpha = softmax_rescale(st[ii], bmax);
-          if (st[ii].m == -std::numeric_limits<T>::infinity()) {
-            std::fill(Srow, Srow + bk, T(0));  // nothing visible yet in this row
-            continue;
-          }
-          st[ii].l += exp_row(Srow, bk, st[ii].m);
-          if (alpha != T(1)) {
-            T* arow = acc.data() + ii * Dv;
-            for (int64_t d = 0; d < Dv; ++d) arow[d] *= alpha;
-          }
-        }
-        gemm<T>(false, false, bq, Dv, bk, T(1), S.data(), bk, Vbh + j0 * Dv, Dv, T(1),
-                acc.data(), Dv);
-      }
-      T* Ob = out + (bh * T_ + i0) * Dv;
-      for (int64_t ii = 0; ii < bq; ++ii) {
-        const T inv = softmax_inv_sum(st[ii]);
-        for (int64_t d = 0; d < Dv; ++d) Ob[ii * Dv + d] = acc[ii * Dv + d] * inv;
-        lse[bh * T_ + i0 + ii] = softmax_lse(st[ii]);
+  struct Task {
+    int64_t seq, hkv;
+    Tile tile;
+  };
+  std::vector<Task> tasks;
+  std::vector<int64_t> cost;
+  for (int64_t si = 0; si < static_cast<int64_t>(p.seqs.size()); ++si) {
+    const Seq& s = p.seqs[si];
+    for (const Tile& tile : make_tiles(s.Tq, p.G)) {
+      const auto keys = tile_keys(p, s, tile);
+      for (int64_t hkv = 0; hkv < p.Hkv; ++hkv) {
+        tasks.push_back({si, hkv, tile});
+        cost.push_back(tile.rows() * std::max<int64_t>(keys.second - keys.first, 1));
       }
     }
+  }
+  const int64_t Dk = p.Dk, Dv = p.Dv;
+  const int64_t qrows = kBlockQ;
+  run_tasks(cost, [&](int64_t ti) {
+    // Buffers per task: small next to the task's work, and no state shared between threads.
+    thread_local std::vector<T> Q, S, acc;
+    thread_local std::vector<SoftmaxState<T>> st;
+    Q.resize(qrows * std::max<int64_t>(Dk, 1));
+    S.resize(qrows * kBlockK);
+    acc.resize(qrows * std::max<int64_t>(Dv, 1));
+    st.resize(qrows);
+    const Task& task = tasks[ti];
+    const Seq& s = p.seqs[task.seq];
+    const Tile& tile = task.tile;
+    const int64_t M = tile.rows(), hkv = task.hkv;
+    gather_rows(p, tile, hkv, q + s.q, p.q, Dk, Q.data());
+    const T* Kh = k + s.k + hkv * p.k.h;
+    const T* Vh = v + s.v + hkv * p.v.h;
+    std::fill(acc.begin(), acc.begin() + M * Dv, T(0));
+    for (int64_t n = 0; n < M; ++n) st[n] = softmax_init<T>();
+    const auto keys = tile_keys(p, s, tile);
+    for (int64_t j0 = keys.first; j0 < keys.second; j0 += kBlockK) {
+      const int64_t bk = std::min(keys.second, j0 + kBlockK) - j0;
+      gemm<T>(false, true, M, bk, Dk, T(1), Q.data(), Dk, Kh + j0 * p.k.t, p.k.t, T(0),
+              S.data(), bk);
+      if (!tile_logits(p, s, hkv, tile, S.data(), P, j0, bk)) continue;
+      for (int64_t n = 0; n < M; ++n) {
+        T* Srow = S.data() + n * bk;
+        const T bmax = max_row(Srow, bk);
+        const T alpha = softmax_rescale(st[n], bmax);
+        if (st[n].m == -std::numeric_limits<T>::infinity()) {
+          std::fill(Srow, Srow + bk, T(0));  // nothing visible yet in this row
+          continue;
+        }
+        st[n].l += exp_row(Srow, bk, st[n].m);
+        if (alpha != T(1)) {
+          T* arow = acc.data() + n * Dv;
+          for (int64_t d = 0; d < Dv; ++d) arow[d] *= alpha;
+        }
+      }
+      gemm<T>(false, false, M, Dv, bk, T(1), S.data(), bk, Vh + j0 * p.v.t, p.v.t, T(1),
+              acc.data(), Dv);
+    }
+    const int64_t bq = tile.i1 - tile.i0;
+    for (int64_t n = 0; n < M; ++n) {
+      const T inv = softmax_inv_sum(st[n]);
+      T* arow = acc.data() + n * Dv;
+      for (int64_t d = 0; d < Dv; ++d) arow[d] *= inv;
+      const int64_t h = hkv * p.G + tile.g0 + n / bq, i = tile.i0 + n % bq;
+      lse[s.lse + h * p.lse.h + i * p.lse.t] = softmax_lse(st[n]);
+    }
+    scatter_rows(p, tile, hkv, out + s.o, p.o, Dv, acc.data());
   });
 }
 
-// One task per (batch, head): it owns every row of dk, dv and dP of that head, so the
-// bias gradient needs neither atomics nor a reduction across threads, and the result is
-// bitwise reproducible for a given thread count (and independent of it).
+// One task per (sequence, key/value head): it owns the rows of dk and dv of that head, those of
+// the dP buffer for its heads, and dq of its query heads, so the gradients need neither atomics
+// nor a reduction across threads, and the result is bitwise reproducible (whatever the thread
+// count). The query heads of a group are summed into dk / dv in a fixed order.
 template <typename T>
 void backward_kernel(const Problem& p, const T* dout, const T* q, const T* k, const T* v,
                      const T* P, const T* out, const T* lse, T* dq, T* dk, T* dv, T* dPh) {
-  const int64_t T_ = p.T, Dk = p.Dk, Dv = p.Dv, R = p.R;
+  const int64_t Dk = p.Dk, Dv = p.Dv, R = p.R;
   const T scale = static_cast<T>(p.scale);
-  at::parallel_for(0, p.B * p.H, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> S(kBlockQ * kBlockK), dS(kBlockQ * kBlockK), Di(kBlockQ);
-    for (int64_t bh = begin; bh < end; ++bh) {
-      const int64_t b = bh / p.H, h = bh % p.H;
-      const T* Qbh = q + bh * T_ * Dk;
-      const T* Kbh = k + bh * T_ * Dk;
-      const T* Vbh = v + bh * T_ * Dv;
-      const T* dObh = dout + bh * T_ * Dv;
-      const T* Obh = out + bh * T_ * Dv;
-      const T* Lbh = lse + bh * T_;
-      const T* Pbh = P + (b * p.Hp + (p.Hp == 1 ? 0 : h)) * T_ * R;
-      T* dQbh = dq + bh * T_ * Dk;
-      T* dKbh = dk + bh * T_ * Dk;
-      T* dVbh = dv + bh * T_ * Dv;
-      T* dPbh = dPh + bh * T_ * R;
-      const bool* mask_b = p.mask ? p.mask + b * T_ : nullptr;
-      for (int64_t i0 = 0; i0 < T_; i0 += kBlockQ) {
-        const int64_t i1 = std::min(T_, i0 + kBlockQ), bq = i1 - i0;
-        for (int64_t ii = 0; ii < bq; ++ii) {
-          T s = 0;
-          for (int64_t d = 0; d < Dv; ++d) s += dObh[(i0 + ii) * Dv + d] * Obh[(i0 + ii) * Dv + d];
-          Di[ii] = s;
-        }
-        const int64_t jb = band_key_begin(i0, p.band), je = band_key_end(i1, T_, p.band);
-        for (int64_t j0 = jb; j0 < je; j0 += kBlockK) {
-          const int64_t bk = std::min(je, j0 + kBlockK) - j0;
-          gemm<T>(false, true, bq, bk, Dk, T(1), Qbh + i0 * Dk, Dk, Kbh + j0 * Dk, Dk, T(0),
-                  S.data(), bk);
-          if (!tile_logits(p, S.data(), Pbh, mask_b, i0, bq, j0, bk)) continue;
-          for (int64_t ii = 0; ii < bq; ++ii) {  // probabilities from the saved lse
-            const T l = Lbh[i0 + ii];
-            T* Srow = S.data() + ii * bk;
-            if (l == -std::numeric_limits<T>::infinity()) {
-              std::fill(Srow, Srow + bk, T(0));
-            } else {
-              exp_row(Srow, bk, l);
-            }
-          }
-          // dv_j += Σ_i p_ij dout_i ; dp_ij = dout_i·v_j
-          gemm<T>(true, false, bk, Dv, bq, T(1), S.data(), bk, dObh + i0 * Dv, Dv, T(1),
-                  dVbh + j0 * Dv, Dv);
-          gemm<T>(false, true, bq, bk, Dv, T(1), dObh + i0 * Dv, Dv, Vbh + j0 * Dv, Dv, T(0),
-                  dS.data(), bk);
-          for (int64_t ii = 0; ii < bq; ++ii) {
-            const int64_t i = i0 + ii;
-            T* dSrow = dS.data() + ii * bk;
-            const T* Srow = S.data() + ii * bk;
-            T* dPi = dPbh + i * R;
-            for (int64_t jj = 0; jj < bk; ++jj) {
-              const T g = scale * Srow[jj] * (dSrow[jj] - Di[ii]);  // scale · dS_ij
-              dSrow[jj] = g;
-              if (g != T(0)) {
-                const int64_t j = j0 + jj;
-                const int64_t r = bucket(i, j, p.L, p.U);
-                dPbh[j * R + r] += g;
-                dPi[r] -= g;
-              }
-            }
-          }
-          gemm<T>(false, false, bq, Dk, bk, T(1), dS.data(), bk, Kbh + j0 * Dk, Dk, T(1),
-                  dQbh + i0 * Dk, Dk);
-          gemm<T>(true, false, bk, Dk, bq, T(1), dS.data(), bk, Qbh + i0 * Dk, Dk, T(1),
-                  dKbh + j0 * Dk, Dk);
-        }
+  std::vector<int64_t> cost;
+  for (const Seq& s : p.seqs)
+    for (int64_t hkv = 0; hkv < p.Hkv; ++hkv) {
+      int64_t c = 0;
+      for (const Tile& tile : make_tiles(s.Tq, p.G)) {
+        const auto keys = tile_keys(p, s, tile);
+        c += tile.rows() * std::max<int64_t>(keys.second - keys.first, 1);
       }
+      cost.push_back(c);
+    }
+  run_tasks(cost, [&](int64_t task) {
+    thread_local std::vector<T> Q, dO, dQ, S, dS, Di, Li;
+    Q.resize(kBlockQ * std::max<int64_t>(Dk, 1));
+    dQ.resize(kBlockQ * std::max<int64_t>(Dk, 1));
+    dO.resize(kBlockQ * std::max<int64_t>(Dv, 1));
+    S.resize(kBlockQ * kBlockK);
+    dS.resize(kBlockQ * kBlockK);
+    Di.resize(kBlockQ);
+    Li.resize(kBlockQ);
+    const Seq& s = p.seqs[task / p.Hkv];
+    const int64_t hkv = task % p.Hkv;
+    const T* Kh = k + s.k + hkv * p.k.h;
+    const T* Vh = v + s.v + hkv * p.v.h;
+    T* dKh = dk + s.k + hkv * p.k.h;
+    T* dVh = dv + s.v + hkv * p.v.h;
+    const int64_t off = s.Tk - s.Tq;
+    for (const Tile& tile : make_tiles(s.Tq, p.G)) {
+      const int64_t M = tile.rows(), bq = tile.i1 - tile.i0;
+      gather_rows(p, tile, hkv, q + s.q, p.q, Dk, Q.data());
+      gather_rows(p, tile, hkv, dout + s.o, p.o, Dv, dO.data());
+      std::fill(dQ.begin(), dQ.begin() + M * Dk, T(0));
+      for (int64_t n = 0; n < M; ++n) {
+        const int64_t h = hkv * p.G + tile.g0 + n / bq, i = tile.i0 + n % bq;
+        const T* orow = out + s.o + h * p.o.h + i * p.o.t;
+        const T* dorow = dO.data() + n * Dv;
+        T acc = 0;
+        for (int64_t d = 0; d < Dv; ++d) acc += dorow[d] * orow[d];
+        Di[n] = acc;
+        Li[n] = lse[s.lse + h * p.lse.h + i * p.lse.t];
+      }
+      const auto keys = tile_keys(p, s, tile);
+      for (int64_t j0 = keys.first; j0 < keys.second; j0 += kBlockK) {
+        const int64_t bk = std::min(keys.second, j0 + kBlockK) - j0;
+        gemm<T>(false, true, M, bk, Dk, T(1), Q.data(), Dk, Kh + j0 * p.k.t, p.k.t, T(0),
+                S.data(), bk);
+        if (!tile_logits(p, s, hkv, tile, S.data(), P, j0, bk)) continue;
+        for (int64_t n = 0; n < M; ++n) {  // probabilities from the saved lse
+          T* Srow = S.data() + n * bk;
+          if (Li[n] == -std::numeric_limits<T>::infinity()) {
+            std::fill(Srow, Srow + bk, T(0));
+          } else {
+            exp_row(Srow, bk, Li[n]);
+          }
+        }
+        // dv_j += Σ_i p_ij dout_i ; dp_ij = dout_i·v_j
+        gemm<T>(true, false, bk, Dv, M, T(1), S.data(), bk, dO.data(), Dv, T(1),
+                dVh + j0 * p.v.t, p.v.t);
+        gemm<T>(false, true, M, bk, Dv, T(1), dO.data(), Dv, Vh + j0 * p.v.t, p.v.t, T(0),
+                dS.data(), bk);
+        for (int64_t n = 0; n < M; ++n) {
+          const int64_t h = hkv * p.G + tile.g0 + n / bq, t = off + tile.i0 + n % bq;
+          T* dPb = dPh + s.dP + (p.Hp == 1 ? hkv : h) * p.dP.h;
+          T* dPt = dPb + t * p.dP.t;
+          T* dSrow = dS.data() + n * bk;
+          const T* Srow = S.data() + n * bk;
+          for (int64_t jj = 0; jj < bk; ++jj) {
+            const T g = scale * Srow[jj] * (dSrow[jj] - Di[n]);  // scale · dS_ij
+            dSrow[jj] = g;
+            if (g != T(0)) {
+              const int64_t j = j0 + jj;
+              const int64_t r = bucket(t, j, p.L, p.U);
+              dPb[j * p.dP.t + r] += g;
+              dPt[r] -= g;
+            }
+          }
+        }
+        gemm<T>(false, false, M, Dk, bk, T(1), dS.data(), bk, Kh + j0 * p.k.t, p.k.t, T(1),
+                dQ.data(), Dk);
+        gemm<T>(true, false, bk, Dk, M, T(1), dS.data(), bk, Q.data(), Dk, T(1),
+                dKh + j0 * p.k.t, p.k.t);
+      }
+      scatter_rows(p, tile, hkv, dq + s.q, p.q, Dk, dQ.data());
     }
   });
 }
 
-Problem make_problem(const at::Tensor& q, const at::Tensor& v, const at::Tensor& P,
-                     const bool* mask, int64_t L, int64_t U, int64_t wl, int64_t wr,
-                     double scale) {
+Problem base_problem(int64_t H, int64_t Hkv, int64_t Hp, int64_t Dk, int64_t Dv, int64_t R,
+                     int64_t L, int64_t U, int64_t wl, int64_t wr, double scale) {
   Problem p;
-  p.B = q.size(0), p.H = q.size(1), p.T = q.size(2), p.Dk = q.size(3), p.Dv = v.size(3);
-  p.Hp = P.size(1), p.R = P.size(3), p.L = L, p.U = U;
-  p.band = make_band(p.T, wl, wr);
-  p.scale = scale;
-  p.mask = mask;
+  p.H = H, p.Hkv = Hkv, p.G = H / Hkv, p.Hp = Hp, p.Dk = Dk, p.Dv = Dv, p.R = R, p.L = L,
+  p.U = U, p.window_left = wl, p.window_right = wr, p.scale = scale;
+  p.Hd = Hp == 1 ? Hkv : H;
+  return p;
+}
+
+// q [B,H,Tq,Dk], k [B,Hkv,Tk,Dk], v [B,Hkv,Tk,Dv], P [B,Hp,Tk,R], out [B,H,Tq,Dv], lse [B,H,Tq],
+// the dP buffer [B,Hd,Tk,R]; all contiguous.
+Problem padded_problem(const DeltaSizes& z, const bool* mask, int64_t L, int64_t U, int64_t wl,
+                       int64_t wr, double scale) {
+  Problem p = base_problem(z.H, z.Hkv, z.Hp, z.Dk, z.Dv, z.R, L, U, wl, wr, scale);
+  const int64_t Tq = z.T, Tk = z.Tk;
+  p.q = {Tq * z.Dk, z.Dk};
+  p.k = {Tk * z.Dk, z.Dk};
+  p.v = {Tk * z.Dv, z.Dv};
+  p.P = {Tk * z.R, z.R};
+  p.o = {Tq * z.Dv, z.Dv};
+  p.lse = {Tq, 1};
+  p.dP = {Tk * z.R, z.R};
+  for (int64_t b = 0; b < z.B; ++b) {
+    p.seqs.push_back({Tq, Tk, b * z.H * Tq * z.Dk, b * z.Hkv * Tk * z.Dk, b * z.Hkv * Tk * z.Dv,
+                      b * z.Hp * Tk * z.R, b * z.H * Tq * z.Dv, b * z.H * Tq,
+                      b * p.Hd * Tk * z.R, mask ? mask + b * Tk : nullptr});
+  }
+  return p;
+}
+
+// q [Total_q,H,Dk], k [Total_k,Hkv,Dk], v [Total_k,Hkv,Dv], P [Total_k,Hp,R], out
+// [Total_q,H,Dv], lse [H,Total_q], the dP buffer [Total_k,Hd,R]; all contiguous.
+Problem varlen_problem(const VarlenSizes& z, const int32_t* cu_q, const int32_t* cu_k, int64_t L,
+                       int64_t U, int64_t wl, int64_t wr, double scale) {
+  Problem p = base_problem(z.H, z.Hkv, z.Hp, z.Dk, z.Dv, z.R, L, U, wl, wr, scale);
+  p.q = {z.Dk, z.H * z.Dk};
+  p.k = {z.Dk, z.Hkv * z.Dk};
+  p.v = {z.Dv, z.Hkv * z.Dv};
+  p.P = {z.R, z.Hp * z.R};
+  p.o = {z.Dv, z.H * z.Dv};
+  p.lse = {z.Total_q, 1};
+  p.dP = {z.R, p.Hd * z.R};
+  for (int64_t b = 0; b < z.B; ++b) {
+    const int64_t q0 = cu_q[b], k0 = cu_k[b];
+    p.seqs.push_back({cu_q[b + 1] - q0, cu_k[b + 1] - k0, q0 * p.q.t, k0 * p.k.t, k0 * p.v.t,
+                      k0 * p.P.t, q0 * p.o.t, q0, k0 * p.dP.t, nullptr});
+  }
   return p;
 }
 
@@ -375,44 +552,25 @@ at::ScalarType compute_type(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& q_, const at::Tensor& k_,
-                                               const at::Tensor& v_, const at::Tensor& P_,
-                                               const std::optional<at::Tensor>& mask_, int64_t L,
-                                               int64_t U, int64_t wl, int64_t wr, double scale) {
-  check_forward_args(OpDevice::CPU, q_, k_, v_, P_, mask_, L, U, wl, wr, scale);
-  const auto ct = compute_type(q_.scalar_type());
-  auto q = q_.to(ct).contiguous(), k = k_.to(ct).contiguous(), v = v_.to(ct).contiguous();
-  auto P = P_.to(ct).contiguous();
-  at::Tensor mask = mask_.has_value() ? mask_->contiguous() : at::Tensor();
-  const Problem p = make_problem(q, v, P, mask.defined() ? mask.data_ptr<bool>() : nullptr, L, U,
-                                 wl, wr, scale);
-  auto out = at::empty({p.B, p.H, p.T, p.Dv}, q.options());
-  auto lse = at::empty({p.B, p.H, p.T}, q.options());
-  AT_DISPATCH_FLOATING_TYPES(ct, "hdaf_delta_attention_forward_cpu", [&] {
+at::Tensor dense(const at::Tensor& t, at::ScalarType ct) { return t.to(ct).contiguous(); }
+
+std::tuple<at::Tensor, at::Tensor> run_forward(const Problem& p, const at::Tensor& q,
+                                               const at::Tensor& k, const at::Tensor& v,
+                                               const at::Tensor& P, at::Tensor out,
+                                               at::Tensor lse, at::ScalarType out_type) {
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "hdaf_delta_attention_forward_cpu", [&] {
     forward_kernel<scalar_t>(p, q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(),
                              v.data_ptr<scalar_t>(), P.data_ptr<scalar_t>(),
                              out.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>());
   });
-  return {out.to(q_.scalar_type()), lse};
+  return {out.to(out_type), lse};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
-    const at::Tensor& dout_, const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_,
-    const at::Tensor& P_, const std::optional<at::Tensor>& mask_, const at::Tensor& out_,
-    const at::Tensor& lse_, int64_t L, int64_t U, int64_t wl, int64_t wr, double scale) {
-  const DeltaSizes sizes =
-      check_forward_args(OpDevice::CPU, q_, k_, v_, P_, mask_, L, U, wl, wr, scale);
-  check_backward_args(OpDevice::CPU, sizes, q_, dout_, out_, lse_);
-  const auto ct = compute_type(q_.scalar_type());
-  auto q = q_.to(ct).contiguous(), k = k_.to(ct).contiguous(), v = v_.to(ct).contiguous();
-  auto P = P_.to(ct).contiguous(), dout = dout_.to(ct).contiguous();
-  auto out = out_.to(ct).contiguous(), lse = lse_.to(ct).contiguous();
-  at::Tensor mask = mask_.has_value() ? mask_->contiguous() : at::Tensor();
-  const Problem p = make_problem(q, v, P, mask.defined() ? mask.data_ptr<bool>() : nullptr, L, U,
-                                 wl, wr, scale);
-  auto dq = at::zeros_like(q), dk = at::zeros_like(k), dv = at::zeros_like(v);
-  auto dPh = at::zeros({p.B, p.H, p.T, p.R}, q.options());  // per head; summed below if shared
-  AT_DISPATCH_FLOATING_TYPES(ct, "hdaf_delta_attention_backward_cpu", [&] {
+void run_backward(const Problem& p, const at::Tensor& dout, const at::Tensor& q,
+                  const at::Tensor& k, const at::Tensor& v, const at::Tensor& P,
+                  const at::Tensor& out, const at::Tensor& lse, at::Tensor& dq, at::Tensor& dk,
+                  at::Tensor& dv, at::Tensor& dPh) {
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "hdaf_delta_attention_backward_cpu", [&] {
     backward_kernel<scalar_t>(p, dout.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(),
                               k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
                               P.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
@@ -420,7 +578,79 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
                               dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>(),
                               dPh.data_ptr<scalar_t>());
   });
-  auto dP = p.Hp == 1 ? dPh.sum(1, /*keepdim=*/true) : dPh;
+}
+
+std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& q_, const at::Tensor& k_,
+                                               const at::Tensor& v_, const at::Tensor& P_,
+                                               const std::optional<at::Tensor>& mask_, int64_t L,
+                                               int64_t U, int64_t wl, int64_t wr, double scale) {
+  const DeltaSizes z = check_forward_args(OpDevice::CPU, q_, k_, v_, P_, mask_, L, U, wl, wr,
+                                          scale);
+  const auto ct = compute_type(q_.scalar_type());
+  auto q = dense(q_, ct), k = dense(k_, ct), v = dense(v_, ct), P = dense(P_, ct);
+  at::Tensor mask = mask_.has_value() ? mask_->contiguous() : at::Tensor();
+  const Problem p =
+      padded_problem(z, mask.defined() ? mask.data_ptr<bool>() : nullptr, L, U, wl, wr, scale);
+  auto out = at::empty({z.B, z.H, z.T, z.Dv}, q.options());
+  auto lse = at::empty({z.B, z.H, z.T}, q.options());
+  return run_forward(p, q, k, v, P, out, lse, q_.scalar_type());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
+    const at::Tensor& dout_, const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_,
+    const at::Tensor& P_, const std::optional<at::Tensor>& mask_, const at::Tensor& out_,
+    const at::Tensor& lse_, int64_t L, int64_t U, int64_t wl, int64_t wr, double scale) {
+  const DeltaSizes z =
+      check_forward_args(OpDevice::CPU, q_, k_, v_, P_, mask_, L, U, wl, wr, scale);
+  check_backward_args(OpDevice::CPU, z, q_, dout_, out_, lse_);
+  const auto ct = compute_type(q_.scalar_type());
+  auto q = dense(q_, ct), k = dense(k_, ct), v = dense(v_, ct), P = dense(P_, ct);
+  auto dout = dense(dout_, ct), out = dense(out_, ct), lse = dense(lse_, ct);
+  at::Tensor mask = mask_.has_value() ? mask_->contiguous() : at::Tensor();
+  const Problem p =
+      padded_problem(z, mask.defined() ? mask.data_ptr<bool>() : nullptr, L, U, wl, wr, scale);
+  auto dq = at::zeros_like(q), dk = at::zeros_like(k), dv = at::zeros_like(v);
+  auto dPh = at::zeros({z.B, p.Hd, z.Tk, z.R}, q.options());  // summed below if P is shared
+  run_backward(p, dout, q, k, v, P, out, lse, dq, dk, dv, dPh);
+  auto dP = z.Hp == 1 ? dPh.sum(1, /*keepdim=*/true) : dPh;
+  const auto t = q_.scalar_type();
+  return {dq.to(t), dk.to(t), dv.to(t), dP.to(t)};
+}
+
+std::tuple<at::Tensor, at::Tensor> varlen_forward_cpu(
+    const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_, const at::Tensor& P_,
+    const at::Tensor& cu_q_, const at::Tensor& cu_k_, int64_t max_q, int64_t max_k, int64_t L,
+    int64_t U, int64_t wl, int64_t wr, double scale) {
+  const VarlenSizes z = check_varlen_args(OpDevice::CPU, q_, k_, v_, P_, cu_q_, cu_k_, max_q,
+                                          max_k, L, U, wl, wr, scale);
+  const auto ct = compute_type(q_.scalar_type());
+  auto q = dense(q_, ct), k = dense(k_, ct), v = dense(v_, ct), P = dense(P_, ct);
+  auto cu_q = cu_q_.contiguous(), cu_k = cu_k_.contiguous();
+  const Problem p = varlen_problem(z, cu_q.data_ptr<int32_t>(), cu_k.data_ptr<int32_t>(), L, U,
+                                   wl, wr, scale);
+  auto out = at::empty({z.Total_q, z.H, z.Dv}, q.options());
+  auto lse = at::empty({z.H, z.Total_q}, q.options());
+  return run_forward(p, q, k, v, P, out, lse, q_.scalar_type());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> varlen_backward_cpu(
+    const at::Tensor& dout_, const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_,
+    const at::Tensor& P_, const at::Tensor& cu_q_, const at::Tensor& cu_k_, int64_t max_q,
+    int64_t max_k, const at::Tensor& out_, const at::Tensor& lse_, int64_t L, int64_t U,
+    int64_t wl, int64_t wr, double scale) {
+  const VarlenSizes z = check_varlen_args(OpDevice::CPU, q_, k_, v_, P_, cu_q_, cu_k_, max_q,
+                                          max_k, L, U, wl, wr, scale);
+  check_varlen_backward_args(OpDevice::CPU, z, q_, dout_, out_, lse_);
+  const auto ct = compute_type(q_.scalar_type());
+  auto q = dense(q_, ct), k = dense(k_, ct), v = dense(v_, ct), P = dense(P_, ct);
+  auto dout = dense(dout_, ct), out = dense(out_, ct), lse = dense(lse_, ct);
+  auto cu_q = cu_q_.contiguous(), cu_k = cu_k_.contiguous();
+  const Problem p = varlen_problem(z, cu_q.data_ptr<int32_t>(), cu_k.data_ptr<int32_t>(), L, U,
+                                   wl, wr, scale);
+  auto dq = at::zeros_like(q), dk = at::zeros_like(k), dv = at::zeros_like(v);
+  auto dPh = at::zeros({z.Total_k, p.Hd, z.R}, q.options());
+  run_backward(p, dout, q, k, v, P, out, lse, dq, dk, dv, dPh);
+  auto dP = z.Hp == 1 ? dPh.sum(1, /*keepdim=*/true) : dPh;
   const auto t = q_.scalar_type();
   return {dq.to(t), dk.to(t), dv.to(t), dP.to(t)};
 }
@@ -430,6 +660,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
 TORCH_LIBRARY_IMPL(hdaf, CPU, m) {
   m.impl("delta_attention_forward", &forward_cpu);
   m.impl("delta_attention_backward", &backward_cpu);
+  m.impl("delta_attention_varlen_forward", &varlen_forward_cpu);
+  m.impl("delta_attention_varlen_backward", &varlen_backward_cpu);
 }
 
 }  // namespace hdaf
