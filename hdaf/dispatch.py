@@ -149,7 +149,7 @@ def auto_candidates(device_type: str, dtype: Optional[torch.dtype] = None,
     for name, (dtypes, max_head_dim) in GPU_LIMITS.items():
         lacking = [f for f in features if f not in SUPPORTS[name]]
         if lacking:
-            excluded.append(f"{name}: no {', '.join(FEATURES[f] for f in lacking)}")
+            excluded.append(f"{name}: lacks {'; '.join(FEATURES[f] for f in lacking)}")
         elif dtype is not None and dtype not in dtypes:
             excluded.append(f"{name}: no {dtype} kernel")
         elif head_dim is not None and head_dim > max_head_dim:

@@ -49,7 +49,9 @@ def fake_varlen_forward(q, k, v, P, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
 
 def fake_varlen_backward(grad_out, q, k, v, P, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                          max_seqlen_k, out, lse, L, U, window_left, window_right, scale):
-    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(P))
+    """Gradients of q, k, v, P's shapes, contiguous (whatever the inputs' strides)."""
+    dense = torch.contiguous_format
+    return tuple(torch.empty_like(t, memory_format=dense) for t in (q, k, v, P))
 
 
 def _op(qualname: str):
