@@ -190,10 +190,12 @@ def _kernel_projection(x, w, L: int, Tq: int, Tk: int) -> torch.Tensor:
     R = w.shape[-1]
     if far < 256 or R == 1:  # nothing worth saving
         return delta_projection(x, w)
-    x_far, x_near = x[..., :far, :], x[..., far:, :]
-    P_far = delta_projection(x_far, w[..., :1])  # [B,Hp,far,1]
-    P_near = delta_projection(x_near, w)
-    return torch.cat([torch.nn.functional.pad(P_far, (0, R - 1)), P_near], dim=-2)
+    P_far = delta_projection(x[..., :far, :], w[..., :1])  # [B,Hp,far,1]
+    P_near = delta_projection(x[..., far:, :], w)  # [B,Hp,Tk-far,R]
+    P = P_near.new_zeros(P_near.shape[:-2] + (Tk, R))  # one allocation, written twice
+    P[..., :far, :1] = P_far
+    P[..., far:, :] = P_near
+    return P
 
 
 def delta_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, x: torch.Tensor,
