@@ -5,7 +5,7 @@ delta-attention forward and backward (taken from the launchers themselves, under
 ``capture_launches``) is compiled ahead of time for a ``GPUTarget`` at every block configuration
 of its autotune list, specialised as a real launch is (``tt.divisibility`` on 16-byte multiples,
 stride-1 arguments as constexprs). The cubin is disassembled with the wheel's ``nvdisasm`` and
-its hot loops (outermost backward branches before the final ``EXIT`` that contain a matrix
+its hot loops (innermost backward branches before the final ``EXIT`` that contain a matrix
 instruction, labelled with the launch's ``loop_kinds``) are counted: static instructions per
 iteration per warp, by class, and the non-matrix instructions per 1,024 MACs per warp
 (``(body - matrix) / (MACs per iteration / num_warps / 1024)``). Per kernel: registers and spills
@@ -141,20 +141,21 @@ def classify(opcode: str) -> str:
 
 
 def find_loops(instrs: Sequence[Instr], labels: Dict[str, int]) -> List[Tuple[int, int]]:
-    """Hot loops as (first, last) addresses, in address order: outermost backward branches
-    (``BRA`` to an address at or before itself) placed before the last ``EXIT`` — after it sit
-    the self-branch tail and out-of-line retry paths that jump back into the body — whose body
-    holds a matrix instruction (which drops barrier spin-waits outside the main loops)."""
+    """Hot loops as (first, last) addresses, in address order: backward branches (``BRA`` to an
+    address at or before itself) placed before the last ``EXIT`` — after it sit the
+    self-branch tail and out-of-line retry paths that jump back into the body — whose body holds
+    a matrix instruction (which drops barrier spin-waits) and that hold no other such loop (the
+    dK/dV kernel's walk over the query heads of a group holds the tile loops; it is not hot)."""
     exits = [i.addr for i in instrs if i.base == "EXIT"]
     last_exit = max(exits) if exits else float("inf")
     loops = set()
     for i in instrs:
         if i.base == "BRA" and i.target in labels and labels[i.target] <= i.addr < last_exit:
             loops.add((labels[i.target], i.addr))
-    outer = [lp for lp in loops
-             if not any(o != lp and o[0] <= lp[0] and lp[1] <= o[1] for o in loops)]
     matrix_at = [i.addr for i in instrs if classify(i.opcode) in MATRIX]
-    return sorted(lp for lp in outer if any(lp[0] <= a <= lp[1] for a in matrix_at))
+    with_matrix = [lp for lp in loops if any(lp[0] <= a <= lp[1] for a in matrix_at)]
+    return sorted(lp for lp in with_matrix
+                  if not any(o != lp and lp[0] <= o[0] and o[1] <= lp[1] for o in with_matrix))
 
 
 def loop_counts(instrs: Sequence[Instr], labels: Dict[str, int],

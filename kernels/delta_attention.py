@@ -114,12 +114,13 @@ def _make_prune(kind):
         float32 tiles, and shared-memory misfits."""
         args = {**named_args, **kwargs}
         t = max(16, args["T_KEY"])
+        tq = max(16, args.get("Q_KEY", t))  # BLOCK_M tiles queries in every kernel
         elem = 4 if args.get("IEEE") else 2
         head_dim = max(args["BLOCK_DK"], args["BLOCK_DV"])
         keep = []
         for c in configs:
             bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
-            if bm > t or bn > t or head_dim > _MAX_HEAD_DIM_OF.get((kind, bm, bn, c.num_warps,
+            if bm > tq or bn > t or head_dim > _MAX_HEAD_DIM_OF.get((kind, bm, bn, c.num_warps,
                                                                    c.num_stages), MAX_HEAD_DIM):
                 continue
             if args.get("IEEE") and (bm * bn > 64 * 64 or c.num_stages > 2):
@@ -144,7 +145,7 @@ def _configs(kind: str):
             for m, n, w, s in autotune_shapes(kind)]
 
 
-_TUNE_KEY = ["T_KEY", "W_KEY", "DK", "DV", "HAS_PAD", "USE_DELTA", "IEEE"]
+_TUNE_KEY = ["T_KEY", "Q_KEY", "W_KEY", "DK", "DV", "HAS_PAD", "USE_DELTA", "IEEE"]
 
 #: Per kernel kind, a configuration that replaces autotuning (see :func:`forced_configs`).
 _FORCED: dict = {}
@@ -256,11 +257,16 @@ def _check(q, k, v, P, key_padding_mask, L, U, window_left, window_right, what: 
         if q.device.type not in ("cpu", "cuda"):
             raise ValueError(f"{what}: the Triton kernels run CUDA tensors (or CPU tensors under "
                              f"TRITON_INTERPRET=1), got tensors on {q.device}")
-    B, H, T, Dk = q.shape
-    if k.shape != q.shape:
-        raise ValueError(f"{what}: k must have q's shape {tuple(q.shape)}, got {tuple(k.shape)}")
-    if v.shape[:3] != q.shape[:3]:
-        raise ValueError(f"{what}: v must be [B,H,T,Dv] with [B,H,T]={tuple(q.shape[:3])}, "
+    B, H, Tq, Dk = q.shape
+    if k.shape[0] != B or k.shape[3] != Dk or k.shape[1] < 1 or H % k.shape[1]:
+        raise ValueError(f"{what}: k must be [B,Hkv,Tk,Dk] with B={B}, Dk={Dk} and Hkv dividing "
+                         f"H={H}, got {tuple(k.shape)}")
+    Hkv, T = k.shape[1], k.shape[2]
+    if Tq > T:
+        raise ValueError(f"{what}: q has Tq={Tq} queries but k has only Tk={T} keys (the query "
+                         f"block stands at the end of the keys: Tq <= Tk)")
+    if v.shape[:3] != k.shape[:3]:
+        raise ValueError(f"{what}: v must be [B,Hkv,Tk,Dv] with [B,Hkv,Tk]={tuple(k.shape[:3])}, "
                          f"got {tuple(v.shape)}")
     Dv = v.shape[-1]
     if Dk > MAX_HEAD_DIM or Dv > MAX_HEAD_DIM:
@@ -270,14 +276,14 @@ def _check(q, k, v, P, key_padding_mask, L, U, window_left, window_right, what: 
         raise ValueError(f"{what}: L and U must be non-negative, got L={L}, U={U}")
     R = L + U + 1
     if P.shape[0] != B or P.shape[1] not in (1, H) or P.shape[2] != T or P.shape[3] != R:
-        raise ValueError(f"{what}: P must be [B,Hp,T,R] = [{B},1 or {H},{T},{R}] (R = L+U+1), "
+        raise ValueError(f"{what}: P must be [B,Hp,Tk,R] = [{B},1 or {H},{T},{R}] (R = L+U+1), "
                          f"got {tuple(P.shape)}")
     if window_left < -1 or window_right < -1:
         raise ValueError(f"{what}: window_left/window_right must be >= 0, or -1 for unbounded; "
                          f"got {window_left}, {window_right}")
     if key_padding_mask is not None:
         if key_padding_mask.dtype != torch.bool or tuple(key_padding_mask.shape) != (B, T):
-            raise ValueError(f"{what}: key_padding_mask must be a bool [B,T]=[{B},{T}] tensor, got "
+            raise ValueError(f"{what}: key_padding_mask must be a bool [B,Tk]=[{B},{T}] tensor, got "
                              f"{key_padding_mask.dtype} {tuple(key_padding_mask.shape)}")
         if key_padding_mask.device != q.device:
             raise ValueError(f"{what}: key_padding_mask is on {key_padding_mask.device} but q is "
@@ -304,12 +310,11 @@ def _padded_length(T: int) -> int:
     return triton.cdiv(T, _ROW_PAD) * _ROW_PAD
 
 
-def _key_columns(P, key_padding_mask, qk_scale, use_delta):
-    """float32 [B, Hp, 3, TP]: c·P[:, 0], c·P[:, R−1] and 0, each -inf at padding keys and at
-    the positions T..TP-1 that pad the rows to a whole number of tiles."""
+def _key_columns(P, key_padding_mask, qk_scale, use_delta, tp):
+    """float32 [B, Hp, 3, tp]: c·P[:, 0], c·P[:, R−1] and 0, each -inf at padding keys and at
+    the positions T..tp-1 that pad the rows to a whole number of tiles."""
     B, Hp, T, R = P.shape
-    kcol = torch.full((B, Hp, 3, _padded_length(T)), float("-inf"), dtype=torch.float32,
-                      device=P.device)
+    kcol = torch.full((B, Hp, 3, tp), float("-inf"), dtype=torch.float32, device=P.device)
     if use_delta:
         kcol[..., :2, :T] = P[..., [0, R - 1]].transpose(-1, -2).float() * qk_scale
     else:
@@ -339,9 +344,10 @@ def _launch(kind, grid, *args, **meta):
         _RAW[kind][grid(forced)](*args, **meta, **forced)
 
 
-def _common(q, v, P, key_padding_mask, L, U, window_left, window_right, scale, use_delta):
+def _common(q, k, v, P, key_padding_mask, L, U, window_left, window_right, scale, use_delta):
     """Launch arguments shared by the kernels."""
-    B, H, T, Dk = q.shape
+    B, H, Tq, Dk = q.shape
+    Hkv, T = k.shape[1], k.shape[2]
     Dv = v.shape[-1]
     # a window that reaches every key is no window: offsets beyond ±2T put no tile on an edge
     lo = -2 * T if window_left < 0 or window_left >= T - 1 else -window_left
@@ -350,36 +356,41 @@ def _common(q, v, P, key_padding_mask, L, U, window_left, window_right, scale, u
         kv, has_pad = q, False  # never read
     else:
         kv, has_pad = _key_span(key_padding_mask), True
-    kcol = _key_columns(P, key_padding_mask, scale * _LOG2E, use_delta)
+    # rows of the query-side vectors, and of the key-side ones and dP: every tile a program
+    # touches, past the end of the queries too (they sit at positions T - Tq + i)
+    tpq = _padded_length(Tq)
+    tp = _padded_length(max(T, T - Tq + tpq))
+    kcol = _key_columns(P, key_padding_mask, scale * _LOG2E, use_delta, tp)
     sP, sC = P.stride(), kcol.stride()
     shared = P.shape[1] == 1
     p_strides = (sP[0], 0 if shared else sP[1], sP[2])
     c_strides = (sC[0], 0 if shared else sC[1])
-    meta = dict(H=H, T=T, TP=_padded_length(T), L=L, U=U, lo=lo, hi=hi,
-                T_KEY=triton.next_power_of_2(T),
+    meta = dict(H=H, G=H // Hkv, T=T, TQ=Tq, QOFF=T - Tq, TP=tp, L=L, U=U, lo=lo, hi=hi,
+                T_KEY=triton.next_power_of_2(T), Q_KEY=triton.next_power_of_2(Tq),
                 W_KEY=triton.next_power_of_2(min(hi - lo + 1, 2 * T)),
                 HAS_PAD=has_pad, USE_DELTA=use_delta, IEEE=q.dtype == torch.float32,
                 DK=Dk, DV=Dv,
                 BLOCK_DK=max(16, triton.next_power_of_2(Dk)),
                 BLOCK_DV=max(16, triton.next_power_of_2(Dv)))
-    return kv, kcol, p_strides, c_strides, meta
+    return kv, kcol, p_strides, c_strides, tpq, meta
 
 
 def _forward(q, k, v, P, key_padding_mask, L, U, window_left, window_right, scale,
              use_delta=True):
     _check(q, k, v, P, key_padding_mask, L, U, window_left, window_right,
            "hdaf::triton_delta_attention_forward")
-    B, H, T, _ = q.shape
-    out = q.new_empty((B, H, T, v.shape[-1]))
-    lse = q.new_empty((B, H, T), dtype=torch.float32)
-    if B * H * T == 0:
+    B, H, Tq, _ = q.shape
+    out = q.new_empty((B, H, Tq, v.shape[-1]))
+    lse = q.new_empty((B, H, Tq), dtype=torch.float32)
+    if B * H * Tq == 0:
         return out, lse
     P = P.contiguous()
-    kv, kcol, p_strides, c_strides, meta = _common(q, v, P, key_padding_mask, L, U, window_left,
-                                                   window_right, scale, use_delta)
+    kv, kcol, p_strides, c_strides, _, meta = _common(q, k, v, P, key_padding_mask, L, U,
+                                                      window_left, window_right, scale,
+                                                      use_delta)
 
     def grid(m):
-        return (triton.cdiv(T, m["BLOCK_M"]), B * H)
+        return (triton.cdiv(Tq, m["BLOCK_M"]), B * H)
 
     _launch("fwd", grid, q, k, v, P, kcol, kv, out, lse, *q.stride(), *k.stride(), *v.stride(),
             *p_strides, *c_strides, *out.stride(), *lse.stride(), qk_scale=scale * _LOG2E,
@@ -391,55 +402,58 @@ def _backward(grad_out, q, k, v, P, key_padding_mask, out, lse, L, U, window_lef
               scale, use_delta=True):
     what = "hdaf::triton_delta_attention_backward"
     _check(q, k, v, P, key_padding_mask, L, U, window_left, window_right, what)
-    B, H, T, Dk = q.shape
+    B, H, Tq, Dk = q.shape
+    Hkv, T = k.shape[1], k.shape[2]
     Dv = v.shape[-1]
-    if grad_out.shape != (B, H, T, Dv) or out.shape != (B, H, T, Dv):
-        raise ValueError(f"{what}: grad_out and out must be [B,H,T,Dv]={(B, H, T, Dv)}, got "
+    if grad_out.shape != (B, H, Tq, Dv) or out.shape != (B, H, Tq, Dv):
+        raise ValueError(f"{what}: grad_out and out must be [B,H,Tq,Dv]={(B, H, Tq, Dv)}, got "
                          f"{tuple(grad_out.shape)} and {tuple(out.shape)}")
-    if lse.shape != (B, H, T) or lse.dtype != torch.float32:
-        raise ValueError(f"{what}: lse must be float32 [B,H,T]={(B, H, T)}, got {lse.dtype} "
+    if lse.shape != (B, H, Tq) or lse.dtype != torch.float32:
+        raise ValueError(f"{what}: lse must be float32 [B,H,Tq]={(B, H, Tq)}, got {lse.dtype} "
                          f"{tuple(lse.shape)}")
     grad_out = grad_out.to(q.dtype)
     R = L + U + 1
-    if B * H * T == 0:
+    if B * H * Tq == 0:
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), torch.zeros_like(P)
     P = P.contiguous()
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
-    kv, kcol, p_strides, c_strides, meta = _common(q, v, P, key_padding_mask, L, U, window_left,
-                                                   window_right, scale, use_delta)
+    kv, kcol, p_strides, c_strides, tpq, meta = _common(q, k, v, P, key_padding_mask, L, U,
+                                                        window_left, window_right, scale,
+                                                        use_delta)
     qk_scale = scale * _LOG2E
-    # D, lse2, lse2 + c·P[:, 0], lse2 + c·P[:, R-1]; the padding T..TP-1 sees no key
+    # D, lse2, lse2 + c·P[t_i, 0], lse2 + c·P[t_i, R-1] per query; the padding Tq..tpq-1 sees
+    # no key
+    rows = torch.empty((B, H, 4, tpq), dtype=torch.float32, device=q.device)
+    rows[..., Tq:] = float("inf")
+    rows[:, :, 0, Tq:] = 0.0
+    # the key-row half [0] and the query-row half [1] of dP, per query head, by key position;
+    # padded to TP rows (band tiles store without a row mask), the padding dropped below
     TP = meta["TP"]
-    rows = torch.empty((B, H, 4, TP), dtype=torch.float32, device=q.device)
-    rows[..., T:] = float("inf")
-    rows[:, :, 0, T:] = 0.0
-    # the key-row half [0] and the query-row half [1] of dP, per head; summed once at the end
-    # (padded to TP rows: band tiles store without a row mask; the padding is dropped below)
     dP_halves = torch.zeros((2, B, H, TP, R) if use_delta else (2, 1, 1, 1, 1),
                             dtype=torch.float32, device=q.device)
 
     block_rows = 16 if INTERPRET else 64
     if _CAPTURE is None:
         _count("bwd_preprocess")
-        wrap_triton(bwd_rows_kernel)[(triton.cdiv(T, block_rows), B * H)](
+        wrap_triton(bwd_rows_kernel)[(triton.cdiv(Tq, block_rows), B * H)](
             out, grad_out, lse, P, rows, *out.stride(), *grad_out.stride(), *lse.stride(),
-            *p_strides, H, T, TP, R, qk_scale, USE_DELTA=use_delta, DV=Dv, BLOCK_M=block_rows,
-            BLOCK_DV=meta["BLOCK_DV"])
+            *p_strides, H, Tq, T - Tq, tpq, R, qk_scale, USE_DELTA=use_delta, DV=Dv,
+            BLOCK_M=block_rows, BLOCK_DV=meta["BLOCK_DV"])
 
     common = (*q.stride(), *k.stride(), *v.stride(), *p_strides, *c_strides, *grad_out.stride())
 
-    def grid_n(m):
-        return (triton.cdiv(T, m["BLOCK_N"]), B * H)
+    def grid_n(m):  # one program per key block of each (batch, key/value head)
+        return (triton.cdiv(T, m["BLOCK_N"]), B * Hkv)
 
     def grid_m(m):
-        return (triton.cdiv(T, m["BLOCK_M"]), B * H)
+        return (triton.cdiv(Tq, m["BLOCK_M"]), B * H)
 
     _launch("dkdv", grid_n, q, k, v, P, kcol, kv, grad_out, rows, dk, dv, dP_halves[0], *common,
-            *dk.stride(), *dv.stride(), scale=scale, qk_scale=qk_scale, **meta)
+            *dk.stride(), *dv.stride(), scale=scale, qk_scale=qk_scale, TPQ=tpq, **meta)
     _launch("dq", grid_m, q, k, v, P, kcol, kv, grad_out, rows, dq, dP_halves[1], *common,
-            *dq.stride(), scale=scale, qk_scale=qk_scale, **meta)
+            *dq.stride(), scale=scale, qk_scale=qk_scale, TPQ=tpq, **meta)
     if not use_delta:
         return dq, dk, dv, torch.zeros_like(P)
     dP_halves = dP_halves[:, :, :, :T]

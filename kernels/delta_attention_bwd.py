@@ -48,15 +48,15 @@ def _rows_row(MODE: tl.constexpr):
 
 @triton.jit
 def bwd_rows_kernel(OUT, DO, LSE, P, ROWS, sob, soh, sot, sod, sdb, sdh, sdt, sdd, slb, slh, slt,
-                    spb, sph, spt, H, T, TP, R, qk_scale, USE_DELTA: tl.constexpr,
+                    spb, sph, spt, H, TQ, QOFF, TPQ, R, qk_scale, USE_DELTA: tl.constexpr,
                     DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     off_b = (pid_bh // H).to(tl.int64)
     off_h = (pid_bh % H).to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # query indices; positions QOFF + offs_m
     offs_dv = tl.arange(0, BLOCK_DV)
-    mask_m = offs_m < T
+    mask_m = offs_m < TQ
     mask = mask_m[:, None] & (offs_dv < DV)[None, :]
     o = tl.load(OUT + off_b * sob + off_h * soh + offs_m[:, None] * sot + offs_dv[None, :] * sod,
                 mask=mask, other=0.0).to(tl.float32)
@@ -65,15 +65,15 @@ def bwd_rows_kernel(OUT, DO, LSE, P, ROWS, sob, soh, sot, sod, sdb, sdh, sdt, sd
     lse = tl.load(LSE + off_b * slb + off_h * slh + offs_m * slt, mask=mask_m,
                   other=float("-inf"))
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-    rows = ROWS + pid_bh.to(tl.int64) * 4 * TP + offs_m
-    tl.store(rows + ROW_D * TP, tl.sum(o * do, 1), mask=mask_m)
-    tl.store(rows + ROW_LSE2 * TP, lse2, mask=mask_m)
+    rows = ROWS + pid_bh.to(tl.int64) * 4 * TPQ + offs_m
+    tl.store(rows + ROW_D * TPQ, tl.sum(o * do, 1), mask=mask_m)
+    tl.store(rows + ROW_LSE2 * TPQ, lse2, mask=mask_m)
     if USE_DELTA:
-        p_base = P + off_b * spb + off_h * sph + offs_m * spt
+        p_base = P + off_b * spb + off_h * sph + (offs_m + QOFF) * spt
         p_lo = tl.load(p_base, mask=mask_m, other=0.0).to(tl.float32)
         p_hi = tl.load(p_base + (R - 1), mask=mask_m, other=0.0).to(tl.float32)
-        tl.store(rows + ROW_QL_LO * TP, lse2 + p_lo * qk_scale, mask=mask_m)
-        tl.store(rows + ROW_QL_HI * TP, lse2 + p_hi * qk_scale, mask=mask_m)
+        tl.store(rows + ROW_QL_LO * TPQ, lse2 + p_lo * qk_scale, mask=mask_m)
+        tl.store(rows + ROW_QL_HI * TPQ, lse2 + p_hi * qk_scale, mask=mask_m)
 
 
 @triton.jit
@@ -110,21 +110,22 @@ def _band_dP(ds, d, L, U, acc_lo, acc_hi, dp_ptrs, scale, AXIS: tl.constexpr):
 @triton.jit
 def _dkdv_run(dk, dv, acc_lo, acc_hi, k, v, kc_base, q_base, do_base, rows_base, p_base, dp_base,
               sqt, sqd, sdt, sdd, spt, offs_n, mask_n, offs_dk, offs_dv, n0, m_start, m_end, T, TP,
-              L, U, lo, hi, scale, qk_scale, MODE: tl.constexpr, MASKED: tl.constexpr,
+              TQ, QOFF, TPQ, L, U, lo, hi, scale, qk_scale, MODE: tl.constexpr, MASKED: tl.constexpr,
               IEEE: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BLOCK_M_PROG: tl.constexpr,
               BLOCK_N: tl.constexpr):
     BLOCK_M: tl.constexpr = loop_tile(BLOCK_M_PROG, MODE, MASKED)
     R = L + U + 1
-    ql_rows = rows_base + _rows_row(MODE) * TP
+    ql_rows = rows_base + _rows_row(MODE) * TPQ
     kcol = tl.load(kc_base + kcol_row(MODE) * TP + offs_n)  # padded to TP: no mask
     mask_dk = (offs_dk < DK)[:, None]
     mask_dv = (offs_dv < DV)[None, :]
-    for m0 in range(m_start, m_end, BLOCK_M):
-        offs_m = m0 + tl.arange(0, BLOCK_M)
-        mask_m = offs_m < T
-        qT = tl.load(q_base + offs_m[None, :] * sqt + offs_dk[:, None] * sqd,
+    for m0 in range(m_start, m_end, BLOCK_M):  # query indices
+        offs_q = m0 + tl.arange(0, BLOCK_M)
+        mask_m = offs_q < TQ
+        offs_m = offs_q + QOFF  # positions
+        qT = tl.load(q_base + offs_q[None, :] * sqt + offs_dk[:, None] * sqd,
                      mask=mask_m[None, :] & mask_dk, other=0.0)
-        ql = tl.load(ql_rows + offs_m)  # padded to TP: no mask
+        ql = tl.load(ql_rows + offs_q)  # padded to TPQ: no mask
         sT = dot(k, qT, IEEE)  # [BLOCK_N, BLOCK_M]
         if MODE == BAND:
             bias = band_bias(p_base, spt, offs_m[None, :], offs_n[:, None], T, L, U)
@@ -134,10 +135,10 @@ def _dkdv_run(dk, dv, acc_lo, acc_hi, k, v, kc_base, q_base, do_base, rows_base,
         if MASKED:
             t = window_mask(t, offs_n[:, None] - offs_m[None, :], lo, hi)
         pT = tl.exp2(t - ql[None, :])
-        do = tl.load(do_base + offs_m[:, None] * sdt + offs_dv[None, :] * sdd,
+        do = tl.load(do_base + offs_q[:, None] * sdt + offs_dv[None, :] * sdd,
                      mask=mask_m[:, None] & mask_dv, other=0.0)
         dv += dot(pT.to(do.dtype), do, IEEE)
-        Di = tl.load(rows_base + offs_m)
+        Di = tl.load(rows_base + offs_q)
         dpT = dot(v, tl.trans(do), IEEE)
         dsT = pT * (dpT - Di[None, :])
         dk += dot(dsT.to(qT.dtype), tl.trans(qT), IEEE)
@@ -157,20 +158,19 @@ def bwd_dkdv_kernel(Q, K, V, P, KCOL, KV, DO, ROWS, DK_OUT, DV_OUT, DPK,
                     sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd,
                     spb, sph, spt, scb, sch, sdb, sdh, sdt, sdd,
                     sgkb, sgkh, sgkt, sgkd, sgvb, sgvh, sgvt, sgvd,
-                    H, T, TP, L, U, lo, hi, scale, qk_scale, T_KEY, W_KEY,
-                    HAS_PAD: tl.constexpr, USE_DELTA: tl.constexpr, IEEE: tl.constexpr,
+                    H, G, T, TQ, QOFF, TP, TPQ, L, U, lo, hi, scale, qk_scale, T_KEY, Q_KEY,
+                    W_KEY, HAS_PAD: tl.constexpr, USE_DELTA: tl.constexpr, IEEE: tl.constexpr,
                     DK: tl.constexpr, DV: tl.constexpr, BLOCK_DK: tl.constexpr,
                     BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """One program per key block: dk, dv and the key rows of dP."""
+    """One program per key block of one (batch, key/value head): dk and dv, summed over the G
+    query heads of the group in registers (deterministic, no copy of k/v), and the key rows of
+    each query head's dP."""
     pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    off_b = (pid_bh // H).to(tl.int64)
-    off_h = (pid_bh % H).to(tl.int64)
-    p_base = P + off_b * spb + off_h * sph
-    kc_base = KCOL + off_b * scb + off_h * sch
+    pid_bg = tl.program_id(1)
+    HKV = H // G
+    off_b = (pid_bg // HKV).to(tl.int64)
+    off_g = (pid_bg % HKV).to(tl.int64)
     R = L + U + 1
-    dp_base = DPK + pid_bh.to(tl.int64) * TP * R  # contiguous float32 [B*H, TP, R]
-    rows_base = ROWS + pid_bh.to(tl.int64) * 4 * TP
 
     n0 = pid_n * BLOCK_N
     offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -179,72 +179,88 @@ def bwd_dkdv_kernel(Q, K, V, P, KCOL, KV, DO, ROWS, DK_OUT, DV_OUT, DPK,
     mask_n = offs_n < T
     mask_dk = offs_dk < DK
     mask_dv = offs_dv < DV
-    k = tl.load(K + off_b * skb + off_h * skh + offs_n[:, None] * skt + offs_dk[None, :] * skd,
+    k = tl.load(K + off_b * skb + off_g * skh + offs_n[:, None] * skt + offs_dk[None, :] * skd,
                 mask=mask_n[:, None] & mask_dk[None, :], other=0.0)
-    v = tl.load(V + off_b * svb + off_h * svh + offs_n[:, None] * svt + offs_dv[None, :] * svd,
+    v = tl.load(V + off_b * svb + off_g * svh + offs_n[:, None] * svt + offs_dv[None, :] * svd,
                 mask=mask_n[:, None] & mask_dv[None, :], other=0.0)
-
     dk = tl.zeros([BLOCK_N, BLOCK_DK], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
-    acc_lo = tl.zeros([BLOCK_N], dtype=tl.float32)  # sum of dS over the i in bucket 0
-    acc_hi = tl.zeros([BLOCK_N], dtype=tl.float32)  # sum of dS over the i in bucket R-1
 
-    # query blocks meeting the band n0-hi <= i <= n0+BLOCK_N-1-lo; none when the key block lies
-    # outside the non-padding span
+    # Query tiles are walked in query-index space; n0q is the key block's start in it (query i
+    # stands at position QOFF + i). Query tiles meeting the band n0-hi <= pos <= n0+BLOCK_N-1-lo;
+    # none when the key block lies outside the non-padding span.
+    n0q = n0 - QOFF
     kv_lo, kv_hi = key_span(KV, off_b, T, HAS_PAD)
-    start_m = tl.maximum(n0 - hi, 0) // BLOCK_M * BLOCK_M
-    end_m = tl.minimum(n0 + BLOCK_N - lo, T)
+    start_m = tl.maximum(n0q - hi, 0) // BLOCK_M * BLOCK_M
+    end_m = tl.minimum(n0q + BLOCK_N - lo, TQ)
     end_m = tl.where((n0 < kv_hi) & (n0 + BLOCK_N > kv_lo), end_m, start_m)
-    q_base = Q + off_b * sqb + off_h * sqh
-    do_base = DO + off_b * sdb + off_h * sdh
     # ascending i, so descending j - i: query tiles crossing the window's upper edge, unmasked
     # tiles, then tiles crossing its lower edge
-    e1, e2 = split_runs(start_m, end_m, n0 + BLOCK_N - 1 - hi, n0 - BLOCK_M + 2 - lo, BLOCK_M)
-    if USE_DELTA:
-        # far-high (j - i >= U) first, then the band, then far-low (j - i <= -L)
-        b1, b2 = split_runs(e1, e2, n0 - U - BLOCK_M + 2, n0 + BLOCK_N - 1 + L, BLOCK_M)
-        dk, dv, acc_lo, acc_hi = _dkdv_run(
-            dk, dv, acc_lo, acc_hi, k, v, kc_base, q_base, do_base, rows_base, p_base, dp_base,
-            sqt, sqd, sdt, sdd, spt, offs_n, mask_n, offs_dk, offs_dv, n0, start_m, e1, T, TP, L, U,
-            lo, hi, scale, qk_scale, BAND, True, IEEE, DK, DV, BLOCK_M, BLOCK_N)
-        dk, dv, acc_lo, acc_hi = _dkdv_run(
-            dk, dv, acc_lo, acc_hi, k, v, kc_base, q_base, do_base, rows_base, p_base, dp_base,
-            sqt, sqd, sdt, sdd, spt, offs_n, mask_n, offs_dk, offs_dv, n0, e1, b1, T, TP, L, U, lo,
-            hi, scale, qk_scale, FAR_HI, False, IEEE, DK, DV, BLOCK_M, BLOCK_N)
-        dk, dv, acc_lo, acc_hi = _dkdv_run(
-            dk, dv, acc_lo, acc_hi, k, v, kc_base, q_base, do_base, rows_base, p_base, dp_base,
-            sqt, sqd, sdt, sdd, spt, offs_n, mask_n, offs_dk, offs_dv, n0, b1, b2, T, TP, L, U, lo,
-            hi, scale, qk_scale, BAND, False, IEEE, DK, DV, BLOCK_M, BLOCK_N)
-        dk, dv, acc_lo, acc_hi = _dkdv_run(
-            dk, dv, acc_lo, acc_hi, k, v, kc_base, q_base, do_base, rows_base, p_base, dp_base,
-            sqt, sqd, sdt, sdd, spt, offs_n, mask_n, offs_dk, offs_dv, n0, b2, e2, T, TP, L, U, lo,
-            hi, scale, qk_scale, FAR_LO, False, IEEE, DK, DV, BLOCK_M, BLOCK_N)
-        dk, dv, acc_lo, acc_hi = _dkdv_run(
-            dk, dv, acc_lo, acc_hi, k, v, kc_base, q_base, do_base, rows_base, p_base, dp_base,
-            sqt, sqd, sdt, sdd, spt, offs_n, mask_n, offs_dk, offs_dv, n0, e2, end_m, T, TP, L, U,
-            lo, hi, scale, qk_scale, BAND, True, IEEE, DK, DV, BLOCK_M, BLOCK_N)
-        if R == 1:
-            tl.store(dp_base + offs_n * R, (acc_lo + acc_hi) * scale, mask=mask_n)
-        else:
-            tl.store(dp_base + offs_n * R, acc_lo * scale, mask=mask_n)
-            tl.store(dp_base + offs_n * R + (R - 1), acc_hi * scale, mask=mask_n)
-    else:  # plain flash attention: no P traffic at all
-        dk, dv, acc_lo, acc_hi = _dkdv_run(
-            dk, dv, acc_lo, acc_hi, k, v, kc_base, q_base, do_base, rows_base, p_base, dp_base,
-            sqt, sqd, sdt, sdd, spt, offs_n, mask_n, offs_dk, offs_dv, n0, start_m, e1, T, TP, L, U,
-            lo, hi, scale, qk_scale, PLAIN, True, IEEE, DK, DV, BLOCK_M, BLOCK_N)
-        dk, dv, acc_lo, acc_hi = _dkdv_run(
-            dk, dv, acc_lo, acc_hi, k, v, kc_base, q_base, do_base, rows_base, p_base, dp_base,
-            sqt, sqd, sdt, sdd, spt, offs_n, mask_n, offs_dk, offs_dv, n0, e1, e2, T, TP, L, U, lo,
-            hi, scale, qk_scale, PLAIN, False, IEEE, DK, DV, BLOCK_M, BLOCK_N)
-        dk, dv, acc_lo, acc_hi = _dkdv_run(
-            dk, dv, acc_lo, acc_hi, k, v, kc_base, q_base, do_base, rows_base, p_base, dp_base,
-            sqt, sqd, sdt, sdd, spt, offs_n, mask_n, offs_dk, offs_dv, n0, e2, end_m, T, TP, L, U,
-            lo, hi, scale, qk_scale, PLAIN, True, IEEE, DK, DV, BLOCK_M, BLOCK_N)
+    e1, e2 = split_runs(start_m, end_m, n0q + BLOCK_N - 1 - hi, n0q - BLOCK_M + 2 - lo, BLOCK_M)
+    # far-high (j - i >= U) first, then the band, then far-low (j - i <= -L)
+    b1, b2 = split_runs(e1, e2, n0q - U - BLOCK_M + 2, n0q + BLOCK_N - 1 + L, BLOCK_M)
+    for hh in range(0, G):
+        off_h = off_g * G + hh
+        bh = off_b * H + off_h
+        p_base = P + off_b * spb + off_h * sph
+        kc_base = KCOL + off_b * scb + off_h * sch
+        dp_base = DPK + bh * TP * R  # contiguous float32 [B*H, TP, R]
+        rows_base = ROWS + bh * 4 * TPQ
+        q_base = Q + off_b * sqb + off_h * sqh
+        do_base = DO + off_b * sdb + off_h * sdh
+        acc_lo = tl.zeros([BLOCK_N], dtype=tl.float32)  # this head's dS summed into bucket 0
+        acc_hi = tl.zeros([BLOCK_N], dtype=tl.float32)  # ... into bucket R-1
+        if USE_DELTA:
+            dk, dv, acc_lo, acc_hi = _dkdv_run(
+                dk, dv, acc_lo, acc_hi, k, v, kc_base, q_base, do_base, rows_base, p_base,
+                dp_base, sqt, sqd, sdt, sdd, spt, offs_n, mask_n, offs_dk, offs_dv, n0q, start_m,
+                e1, T, TP, TQ, QOFF, TPQ, L, U, lo, hi, scale, qk_scale, BAND, True, IEEE,
+                DK, DV, BLOCK_M, BLOCK_N)
+            dk, dv, acc_lo, acc_hi = _dkdv_run(
+                dk, dv, acc_lo, acc_hi, k, v, kc_base, q_base, do_base, rows_base, p_base,
+                dp_base, sqt, sqd, sdt, sdd, spt, offs_n, mask_n, offs_dk, offs_dv, n0q, e1,
+                b1, T, TP, TQ, QOFF, TPQ, L, U, lo, hi, scale, qk_scale, FAR_HI, False, IEEE,
+                DK, DV, BLOCK_M, BLOCK_N)
+            dk, dv, acc_lo, acc_hi = _dkdv_run(
+                dk, dv, acc_lo, acc_hi, k, v, kc_base, q_base, do_base, rows_base, p_base,
+                dp_base, sqt, sqd, sdt, sdd, spt, offs_n, mask_n, offs_dk, offs_dv, n0q, b1,
+                b2, T, TP, TQ, QOFF, TPQ, L, U, lo, hi, scale, qk_scale, BAND, False, IEEE,
+                DK, DV, BLOCK_M, BLOCK_N)
+            dk, dv, acc_lo, acc_hi = _dkdv_run(
+                dk, dv, acc_lo, acc_hi, k, v, kc_base, q_base, do_base, rows_base, p_base,
+                dp_base, sqt, sqd, sdt, sdd, spt, offs_n, mask_n, offs_dk, offs_dv, n0q, b2,
+                e2, T, TP, TQ, QOFF, TPQ, L, U, lo, hi, scale, qk_scale, FAR_LO, False, IEEE,
+                DK, DV, BLOCK_M, BLOCK_N)
+            dk, dv, acc_lo, acc_hi = _dkdv_run(
+                dk, dv, acc_lo, acc_hi, k, v, kc_base, q_base, do_base, rows_base, p_base,
+                dp_base, sqt, sqd, sdt, sdd, spt, offs_n, mask_n, offs_dk, offs_dv, n0q, e2,
+                end_m, T, TP, TQ, QOFF, TPQ, L, U, lo, hi, scale, qk_scale, BAND, True, IEEE,
+                DK, DV, BLOCK_M, BLOCK_N)
+            if R == 1:
+                tl.store(dp_base + offs_n * R, (acc_lo + acc_hi) * scale, mask=mask_n)
+            else:
+                tl.store(dp_base + offs_n * R, acc_lo * scale, mask=mask_n)
+                tl.store(dp_base + offs_n * R + (R - 1), acc_hi * scale, mask=mask_n)
+        else:  # plain flash attention: no P traffic at all
+            dk, dv, acc_lo, acc_hi = _dkdv_run(
+                dk, dv, acc_lo, acc_hi, k, v, kc_base, q_base, do_base, rows_base, p_base,
+                dp_base, sqt, sqd, sdt, sdd, spt, offs_n, mask_n, offs_dk, offs_dv, n0q, start_m,
+                e1, T, TP, TQ, QOFF, TPQ, L, U, lo, hi, scale, qk_scale, PLAIN, True, IEEE,
+                DK, DV, BLOCK_M, BLOCK_N)
+            dk, dv, acc_lo, acc_hi = _dkdv_run(
+                dk, dv, acc_lo, acc_hi, k, v, kc_base, q_base, do_base, rows_base, p_base,
+                dp_base, sqt, sqd, sdt, sdd, spt, offs_n, mask_n, offs_dk, offs_dv, n0q, e1,
+                e2, T, TP, TQ, QOFF, TPQ, L, U, lo, hi, scale, qk_scale, PLAIN, False, IEEE,
+                DK, DV, BLOCK_M, BLOCK_N)
+            dk, dv, acc_lo, acc_hi = _dkdv_run(
+                dk, dv, acc_lo, acc_hi, k, v, kc_base, q_base, do_base, rows_base, p_base,
+                dp_base, sqt, sqd, sdt, sdd, spt, offs_n, mask_n, offs_dk, offs_dv, n0q, e2,
+                end_m, T, TP, TQ, QOFF, TPQ, L, U, lo, hi, scale, qk_scale, PLAIN, True, IEEE,
+                DK, DV, BLOCK_M, BLOCK_N)
 
     # A padding key has probability 0 everywhere (KCOL is -inf there), hence dk = dv = 0.
-    gk_base = DK_OUT + off_b * sgkb + off_h * sgkh
-    gv_base = DV_OUT + off_b * sgvb + off_h * sgvh
+    gk_base = DK_OUT + off_b * sgkb + off_g * sgkh
+    gv_base = DV_OUT + off_b * sgvb + off_g * sgvh
     tl.store(gk_base + offs_n[:, None] * sgkt + offs_dk[None, :] * sgkd,
              (dk * scale).to(DK_OUT.dtype.element_ty), mask=mask_n[:, None] & mask_dk[None, :])
     tl.store(gv_base + offs_n[:, None] * sgvt + offs_dv[None, :] * sgvd,
@@ -253,15 +269,16 @@ def bwd_dkdv_kernel(Q, K, V, P, KCOL, KV, DO, ROWS, DK_OUT, DV_OUT, DPK,
 
 @triton.jit
 def _dq_run(dq, acc_lo, acc_hi, acc_far, q, do, rows_base, k_base, v_base, kc_base, p_base, dp_base,
-            skt, skd, svt, svd, spt, offs_m, mask_m, offs_dk, offs_dv, m0, n_start, n_end, T,
-            TP, L, U, lo, hi, scale, qk_scale, MODE: tl.constexpr, MASKED: tl.constexpr,
+            skt, skd, svt, svd, spt, offs_q, offs_m, offs_dk, offs_dv, n_start, n_end, T, TP,
+            TPQ, L, U, lo, hi, scale, qk_scale, MODE: tl.constexpr, MASKED: tl.constexpr,
             IEEE: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr,
             BLOCK_N_PROG: tl.constexpr):
     BLOCK_N: tl.constexpr = loop_tile(BLOCK_N_PROG, MODE, MASKED)
     R = L + U + 1
     kc = kc_base + kcol_row(MODE) * TP
-    ql = tl.load(rows_base + _rows_row(MODE) * TP + offs_m)  # padded to TP: no mask
-    Di = tl.load(rows_base + offs_m)
+    # offs_q: the block's query indices (rows of ROWS); offs_m: their key positions
+    ql = tl.load(rows_base + _rows_row(MODE) * TPQ + offs_q)  # padded to TPQ: no mask
+    Di = tl.load(rows_base + offs_q)
     mask_dk = (offs_dk < DK)[:, None]
     mask_dv = (offs_dv < DV)[:, None]
     sel = bucket_selector(BLOCK_N, MODE, q.dtype)
@@ -298,32 +315,35 @@ def _dq_run(dq, acc_lo, acc_hi, acc_far, q, do, rows_base, k_base, v_base, kc_ba
 def bwd_dq_kernel(Q, K, V, P, KCOL, KV, DO, ROWS, DQ_OUT, DPQ,
                   sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd,
                   spb, sph, spt, scb, sch, sdb, sdh, sdt, sdd, sgqb, sgqh, sgqt, sgqd,
-                  H, T, TP, L, U, lo, hi, scale, qk_scale, T_KEY, W_KEY,
+                  H, G, T, TQ, QOFF, TP, TPQ, L, U, lo, hi, scale, qk_scale, T_KEY, Q_KEY, W_KEY,
                   HAS_PAD: tl.constexpr, USE_DELTA: tl.constexpr, IEEE: tl.constexpr,
                   DK: tl.constexpr, DV: tl.constexpr, BLOCK_DK: tl.constexpr,
                   BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """One program per query block: dq and the query rows of dP."""
+    """One program per query block of one (batch, query head): dq and the query rows of dP
+    (at the queries' key positions QOFF + i)."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     off_b = (pid_bh // H).to(tl.int64)
     off_h = (pid_bh % H).to(tl.int64)
-    k_base = K + off_b * skb + off_h * skh
-    v_base = V + off_b * svb + off_h * svh
+    off_hk = off_h // G
+    k_base = K + off_b * skb + off_hk * skh
+    v_base = V + off_b * svb + off_hk * svh
     p_base = P + off_b * spb + off_h * sph
     kc_base = KCOL + off_b * scb + off_h * sch
     R = L + U + 1
     dp_base = DPQ + pid_bh.to(tl.int64) * TP * R  # contiguous float32 [B*H, TP, R]
-    rows_base = ROWS + pid_bh.to(tl.int64) * 4 * TP
+    rows_base = ROWS + pid_bh.to(tl.int64) * 4 * TPQ
 
-    m0 = pid_m * BLOCK_M
-    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_q = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # query indices
+    mask_m = offs_q < TQ
+    m0 = pid_m * BLOCK_M + QOFF  # positions from here on
+    offs_m = offs_q + QOFF
     offs_dk = tl.arange(0, BLOCK_DK)
     offs_dv = tl.arange(0, BLOCK_DV)
-    mask_m = offs_m < T
     mask_dk = offs_dk < DK
-    q = tl.load(Q + off_b * sqb + off_h * sqh + offs_m[:, None] * sqt + offs_dk[None, :] * sqd,
+    q = tl.load(Q + off_b * sqb + off_h * sqh + offs_q[:, None] * sqt + offs_dk[None, :] * sqd,
                 mask=mask_m[:, None] & mask_dk[None, :], other=0.0)
-    do = tl.load(DO + off_b * sdb + off_h * sdh + offs_m[:, None] * sdt + offs_dv[None, :] * sdd,
+    do = tl.load(DO + off_b * sdb + off_h * sdh + offs_q[:, None] * sdt + offs_dv[None, :] * sdd,
                  mask=mask_m[:, None] & (offs_dv < DV)[None, :], other=0.0)
 
     dq = tl.zeros([BLOCK_M, BLOCK_DK], dtype=tl.float32)
@@ -338,25 +358,25 @@ def bwd_dq_kernel(Q, K, V, P, KCOL, KV, DO, ROWS, DQ_OUT, DPQ,
     if USE_DELTA:
         b1, b2 = split_runs(e1, e2, m0 - L - BLOCK_N + 2, m0 + BLOCK_M - 1 + U, BLOCK_N)
         dq, acc_lo, acc_hi, acc_far = _dq_run(
-            dq, acc_lo, acc_hi, acc_far, q, do, rows_base, k_base, v_base, kc_base, p_base, dp_base, skt,
-            skd, svt, svd, spt, offs_m, mask_m, offs_dk, offs_dv, m0, start_n, e1, T, TP, L, U, lo, hi,
-            scale, qk_scale, BAND, True, IEEE, DK, DV, BLOCK_M, BLOCK_N)
+            dq, acc_lo, acc_hi, acc_far, q, do, rows_base, k_base, v_base, kc_base, p_base,
+            dp_base, skt, skd, svt, svd, spt, offs_q, offs_m, offs_dk, offs_dv, start_n, e1, T, TP,
+            TPQ, L, U, lo, hi, scale, qk_scale, BAND, True, IEEE, DK, DV, BLOCK_M, BLOCK_N)
         dq, acc_lo, acc_hi, acc_far = _dq_run(
-            dq, acc_lo, acc_hi, acc_far, q, do, rows_base, k_base, v_base, kc_base, p_base, dp_base, skt,
-            skd, svt, svd, spt, offs_m, mask_m, offs_dk, offs_dv, m0, e1, b1, T, TP, L, U, lo, hi,
-            scale, qk_scale, FAR_LO, False, IEEE, DK, DV, BLOCK_M, BLOCK_N)
+            dq, acc_lo, acc_hi, acc_far, q, do, rows_base, k_base, v_base, kc_base, p_base,
+            dp_base, skt, skd, svt, svd, spt, offs_q, offs_m, offs_dk, offs_dv, e1, b1, T, TP,
+            TPQ, L, U, lo, hi, scale, qk_scale, FAR_LO, False, IEEE, DK, DV, BLOCK_M, BLOCK_N)
         dq, acc_lo, acc_hi, acc_far = _dq_run(
-            dq, acc_lo, acc_hi, acc_far, q, do, rows_base, k_base, v_base, kc_base, p_base, dp_base, skt,
-            skd, svt, svd, spt, offs_m, mask_m, offs_dk, offs_dv, m0, b1, b2, T, TP, L, U, lo, hi,
-            scale, qk_scale, BAND, False, IEEE, DK, DV, BLOCK_M, BLOCK_N)
+            dq, acc_lo, acc_hi, acc_far, q, do, rows_base, k_base, v_base, kc_base, p_base,
+            dp_base, skt, skd, svt, svd, spt, offs_q, offs_m, offs_dk, offs_dv, b1, b2, T, TP,
+            TPQ, L, U, lo, hi, scale, qk_scale, BAND, False, IEEE, DK, DV, BLOCK_M, BLOCK_N)
         dq, acc_lo, acc_hi, acc_far = _dq_run(
-            dq, acc_lo, acc_hi, acc_far, q, do, rows_base, k_base, v_base, kc_base, p_base, dp_base, skt,
-            skd, svt, svd, spt, offs_m, mask_m, offs_dk, offs_dv, m0, b2, e2, T, TP, L, U, lo, hi,
-            scale, qk_scale, FAR_HI, False, IEEE, DK, DV, BLOCK_M, BLOCK_N)
+            dq, acc_lo, acc_hi, acc_far, q, do, rows_base, k_base, v_base, kc_base, p_base,
+            dp_base, skt, skd, svt, svd, spt, offs_q, offs_m, offs_dk, offs_dv, b2, e2, T, TP,
+            TPQ, L, U, lo, hi, scale, qk_scale, FAR_HI, False, IEEE, DK, DV, BLOCK_M, BLOCK_N)
         dq, acc_lo, acc_hi, acc_far = _dq_run(
-            dq, acc_lo, acc_hi, acc_far, q, do, rows_base, k_base, v_base, kc_base, p_base, dp_base, skt,
-            skd, svt, svd, spt, offs_m, mask_m, offs_dk, offs_dv, m0, e2, end_n, T, TP, L, U, lo, hi,
-            scale, qk_scale, BAND, True, IEEE, DK, DV, BLOCK_M, BLOCK_N)
+            dq, acc_lo, acc_hi, acc_far, q, do, rows_base, k_base, v_base, kc_base, p_base,
+            dp_base, skt, skd, svt, svd, spt, offs_q, offs_m, offs_dk, offs_dv, e2, end_n, T, TP,
+            TPQ, L, U, lo, hi, scale, qk_scale, BAND, True, IEEE, DK, DV, BLOCK_M, BLOCK_N)
         acc_lo, acc_hi = far_sums(acc_lo, acc_hi, acc_far)
         if R == 1:
             tl.store(dp_base + offs_m * R, -(acc_lo + acc_hi) * scale, mask=mask_m)
@@ -365,17 +385,17 @@ def bwd_dq_kernel(Q, K, V, P, KCOL, KV, DO, ROWS, DQ_OUT, DPQ,
             tl.store(dp_base + offs_m * R + (R - 1), -acc_hi * scale, mask=mask_m)
     else:  # plain flash attention: no P traffic at all
         dq, acc_lo, acc_hi, acc_far = _dq_run(
-            dq, acc_lo, acc_hi, acc_far, q, do, rows_base, k_base, v_base, kc_base, p_base, dp_base, skt,
-            skd, svt, svd, spt, offs_m, mask_m, offs_dk, offs_dv, m0, start_n, e1, T, TP, L, U, lo, hi,
-            scale, qk_scale, PLAIN, True, IEEE, DK, DV, BLOCK_M, BLOCK_N)
+            dq, acc_lo, acc_hi, acc_far, q, do, rows_base, k_base, v_base, kc_base, p_base,
+            dp_base, skt, skd, svt, svd, spt, offs_q, offs_m, offs_dk, offs_dv, start_n, e1, T, TP,
+            TPQ, L, U, lo, hi, scale, qk_scale, PLAIN, True, IEEE, DK, DV, BLOCK_M, BLOCK_N)
         dq, acc_lo, acc_hi, acc_far = _dq_run(
-            dq, acc_lo, acc_hi, acc_far, q, do, rows_base, k_base, v_base, kc_base, p_base, dp_base, skt,
-            skd, svt, svd, spt, offs_m, mask_m, offs_dk, offs_dv, m0, e1, e2, T, TP, L, U, lo, hi,
-            scale, qk_scale, PLAIN, False, IEEE, DK, DV, BLOCK_M, BLOCK_N)
+            dq, acc_lo, acc_hi, acc_far, q, do, rows_base, k_base, v_base, kc_base, p_base,
+            dp_base, skt, skd, svt, svd, spt, offs_q, offs_m, offs_dk, offs_dv, e1, e2, T, TP,
+            TPQ, L, U, lo, hi, scale, qk_scale, PLAIN, False, IEEE, DK, DV, BLOCK_M, BLOCK_N)
         dq, acc_lo, acc_hi, acc_far = _dq_run(
-            dq, acc_lo, acc_hi, acc_far, q, do, rows_base, k_base, v_base, kc_base, p_base, dp_base, skt,
-            skd, svt, svd, spt, offs_m, mask_m, offs_dk, offs_dv, m0, e2, end_n, T, TP, L, U, lo, hi,
-            scale, qk_scale, PLAIN, True, IEEE, DK, DV, BLOCK_M, BLOCK_N)
+            dq, acc_lo, acc_hi, acc_far, q, do, rows_base, k_base, v_base, kc_base, p_base,
+            dp_base, skt, skd, svt, svd, spt, offs_q, offs_m, offs_dk, offs_dv, e2, end_n, T, TP,
+            TPQ, L, U, lo, hi, scale, qk_scale, PLAIN, True, IEEE, DK, DV, BLOCK_M, BLOCK_N)
     gq_base = DQ_OUT + off_b * sgqb + off_h * sgqh
-    tl.store(gq_base + offs_m[:, None] * sgqt + offs_dk[None, :] * sgqd,
+    tl.store(gq_base + offs_q[:, None] * sgqt + offs_dk[None, :] * sgqd,
              (dq * scale).to(DQ_OUT.dtype.element_ty), mask=mask_m[:, None] & mask_dk[None, :])

@@ -65,25 +65,30 @@ def _fwd_run(acc, l_i, m_i, q, qrow, k_base, v_base, p_base, kc_base, skt, skd, 
 def fwd_kernel(Q, K, V, P, KCOL, KV, OUT, LSE,
                sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd,
                spb, sph, spt, scb, sch, sob, soh, sot, sod, slb, slh, slt,
-               H, T, TP, L, U, lo, hi, qk_scale, T_KEY, W_KEY,
+               H, G, T, TQ, QOFF, TP, L, U, lo, hi, qk_scale, T_KEY, Q_KEY, W_KEY,
                HAS_PAD: tl.constexpr, USE_DELTA: tl.constexpr, IEEE: tl.constexpr,
                DK: tl.constexpr, DV: tl.constexpr, BLOCK_DK: tl.constexpr,
                BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One program per BLOCK_M queries of one (batch, query head). The TQ queries stand at key
+    positions QOFF.. (QOFF = T − TQ, the end of the keys); query head h reads key/value head
+    h // G."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     off_b = (pid_bh // H).to(tl.int64)
     off_h = (pid_bh % H).to(tl.int64)
-    k_base = K + off_b * skb + off_h * skh
-    v_base = V + off_b * svb + off_h * svh
+    off_hk = off_h // G
+    k_base = K + off_b * skb + off_hk * skh
+    v_base = V + off_b * svb + off_hk * svh
     p_base = P + off_b * spb + off_h * sph
     kc_base = KCOL + off_b * scb + off_h * sch
 
-    m0 = pid_m * BLOCK_M
-    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_q = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # query indices
+    mask_m = offs_q < TQ
+    m0 = pid_m * BLOCK_M + QOFF  # positions from here on
+    offs_m = offs_q + QOFF
     offs_dk = tl.arange(0, BLOCK_DK)
     offs_dv = tl.arange(0, BLOCK_DV)
-    mask_m = offs_m < T
-    q = tl.load(Q + off_b * sqb + off_h * sqh + offs_m[:, None] * sqt + offs_dk[None, :] * sqd,
+    q = tl.load(Q + off_b * sqb + off_h * sqh + offs_q[:, None] * sqt + offs_dk[None, :] * sqd,
                 mask=mask_m[:, None] & (offs_dk < DK)[None, :], other=0.0)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -144,6 +149,6 @@ def fwd_kernel(Q, K, V, P, KCOL, KV, OUT, LSE,
     lse2 = m_i + tl.log2(tl.where(empty, 1.0, l_i))  # log2 domain
     lse = tl.where(empty, float("-inf"), lse2 * 0.6931471805599453)
     o_base = OUT + off_b * sob + off_h * soh
-    tl.store(o_base + offs_m[:, None] * sot + offs_dv[None, :] * sod, out.to(OUT.dtype.element_ty),
+    tl.store(o_base + offs_q[:, None] * sot + offs_dv[None, :] * sod, out.to(OUT.dtype.element_ty),
              mask=mask_m[:, None] & (offs_dv < DV)[None, :])
-    tl.store(LSE + off_b * slb + off_h * slh + offs_m * slt, lse, mask=mask_m)
+    tl.store(LSE + off_b * slb + off_h * slh + offs_q * slt, lse, mask=mask_m)

@@ -119,10 +119,23 @@ def test_classify():
     assert {op: sp.classify(op) for op in expect} == expect
 
 
-def test_find_loops_outermost_with_matrix_before_exit():
+def test_find_loops_with_matrix_before_exit():
     instrs, labels = sp.parse_sass(SASS)
-    # not the spin-wait (no matrix), not the nested [0x200, 0x210], nothing after EXIT
+    # not the spin-wait (no matrix), not the nested [0x200, 0x210] (no matrix), nothing after EXIT
     assert sp.find_loops(instrs, labels) == [(0x80, 0x1d0), (0x1e0, 0x230)]
+
+
+def test_find_loops_takes_the_inner_of_nested_matrix_loops():
+    """A loop around the tile loops (a walk over heads) is not itself a hot loop."""
+    instrs = [sp.Instr(0x00, "S2R", "R0, SR_TID.X", ""),
+              sp.Instr(0x10, "HGMMA.64x64x16.F32.BF16", "R24, gdesc[UR4], R24", ""),
+              sp.Instr(0x20, "FADD", "R1, R1, R2", ""),
+              sp.Instr(0x30, "BRA", "`(.L_x_1)", "@P0"),
+              sp.Instr(0x40, "IADD3", "R4, R4, 0x1, RZ", ""),
+              sp.Instr(0x50, "BRA", "`(.L_x_0)", "@P1"),
+              sp.Instr(0x60, "EXIT", "", "")]
+    labels = {".L_x_0": 0x00, ".L_x_1": 0x10}
+    assert sp.find_loops(instrs, labels) == [(0x10, 0x30)]
 
 
 def test_loop_counts_by_class():

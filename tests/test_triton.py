@@ -430,6 +430,88 @@ def test_autotune_lists_keep_each_configuration_to_its_head_dims():
     assert (64, 128, 8, 2) not in K.autotune_shapes("dkdv", 128)
 
 
+def _grouped_end_aligned_reference(q, k, v, P, mask, L, U, lo, hi, scale, g):
+    """float64 naive reference for grouped heads and an end-aligned query block: k/v repeated
+    over each group, and the Tq queries as the last rows of a full self-attention whose first
+    Tk - Tq query rows are zero and receive no output gradient (so they add nothing to any
+    gradient). P enters as x = P, w = I (x·w = P), so dx is dP."""
+    B, H, Tq, _ = q.shape
+    Hkv, Tk = k.shape[1], k.shape[2]
+    G = H // Hkv
+    R = L + U + 1
+    q_full = torch.cat([q.new_zeros(B, H, Tk - Tq, q.shape[-1]), q], 2)
+    k_rep, v_rep = k.repeat_interleave(G, 1), v.repeat_interleave(G, 1)
+    x = P if P.shape[1] > 1 else P[:, 0]
+    w = torch.eye(R, dtype=P.dtype).expand(H, R, R) if P.shape[1] > 1 else torch.eye(R,
+                                                                                     dtype=P.dtype)
+    out = hdaf.reference.delta_attention_naive(q_full, k_rep, v_rep, x, w, L=L, U=U, lo=lo,
+                                               hi=hi, key_padding_mask=mask, scale=scale)
+    g_full = torch.cat([g.new_zeros(B, H, Tk - Tq, g.shape[-1]), g], 2)
+    dq, dk, dv, dx = torch.autograd.grad(out, (q_full, k_rep, v_rep, x), g_full)
+    dk = dk.view(B, Hkv, G, Tk, -1).sum(2)
+    dv = dv.view(B, Hkv, G, Tk, -1).sum(2)
+    dP = dx if P.shape[1] > 1 else dx[:, None]
+    return out[:, :, Tk - Tq:], dq[:, :, Tk - Tq:], dk, dv, dP
+
+
+GROUPED_CASES = {
+    # grouped heads (H=4 over Hkv=2), Tq = Tk, per-head P, padding with a fully padded element
+    "gqa_T63_pad_phP": dict(B=2, H=4, Hkv=2, Tq=63, Tk=63, L=2, U=6, window=None,
+                            causal=False, pad=[63, 0], per_head=True),
+    # multi-query (Hkv=1), a 3-query block at the end of 40 keys, causal window
+    "mqa_Tq3_Tk40_causal_window": dict(B=1, H=4, Hkv=1, Tq=3, Tk=40, L=3, U=3, window=(9, 0),
+                                       causal=True, pad=None, per_head=False),
+    # decoding: one query after 70 keys, padding at the front, keys far on both sides
+    "decode_Tq1_Tk70_leadpad": dict(B=2, H=2, Hkv=2, Tq=1, Tk=70, L=4, U=5, window=None,
+                                    causal=True, pad="lead", per_head=False),
+    # a 7-query block, unbounded, grouped heads, per-head P
+    "gqa_Tq7_Tk50": dict(B=1, H=2, Hkv=1, Tq=7, Tk=50, L=6, U=2, window=None, causal=False,
+                         pad=None, per_head=True),
+}
+
+
+@pytest.mark.parametrize("case", list(GROUPED_CASES))
+def test_grouped_heads_and_end_aligned_queries_match_naive(case):
+    """The op with k/v [B,Hkv,Tk,D] and q [B,H,Tq,D] (query i at position Tk - Tq + i): output
+    and the four gradients against the float64 reference on repeated k/v, for the far, band and
+    masked tiles of forced 16x16 and 32x32 tiles."""
+    c = GROUPED_CASES[case]
+    B, H, Hkv, Tq, Tk, L, U = (c[n] for n in ("B", "H", "Hkv", "Tq", "Tk", "L", "U"))
+    R = L + U + 1
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(B, H, Tq, 8, generator=g, dtype=torch.float64)
+    k = torch.randn(B, Hkv, Tk, 8, generator=g, dtype=torch.float64)
+    v = torch.randn(B, Hkv, Tk, 12, generator=g, dtype=torch.float64)
+    P = torch.randn(B, H if c["per_head"] else 1, Tk, R, generator=g, dtype=torch.float64)
+    go = torch.randn(B, H, Tq, 12, generator=g, dtype=torch.float64)
+    mask = None
+    if c["pad"] == "lead":
+        mask = torch.zeros(B, Tk, dtype=torch.bool)
+        mask[:, :30] = True
+    elif c["pad"] is not None:
+        mask = torch.arange(Tk)[None, :] >= torch.tensor(c["pad"])[:, None]
+    Wl, Wr = c["window"] or (-1, -1)
+    if c["causal"]:
+        Wr = 0
+    lo = -(Tk - 1) if Wl < 0 else -Wl
+    hi = (Tk - 1) if Wr < 0 else Wr
+    scale = 0.3
+    ref = _grouped_end_aligned_reference(*(t.clone().requires_grad_() for t in (q, k, v, P)),
+                                         mask, L, U, lo, hi, scale, go)
+    ref = [t.detach() for t in ref]
+    for tiles in ((16, 16), (32, 32)):
+        cfg = (*tiles, 1, 1)
+        ins = [t.float().to(DEVICE).requires_grad_() for t in (q, k, v, P)]
+        m = None if mask is None else mask.to(DEVICE)
+        with K.forced_configs(fwd=cfg, dkdv=cfg, dq=cfg):
+            out, _ = torch.ops.hdaf.triton_delta_attention_forward(*ins, m, L, U, Wl, Wr, scale)
+            grads_ = torch.autograd.grad(out, ins, go.float().to(DEVICE))
+        for name, a, b in zip(("out", "dq", "dk", "dv", "dP"), (out, *grads_), ref):
+            assert a.shape == b.shape, (name, a.shape, b.shape)
+            torch.testing.assert_close(a.double().cpu(), b, msg=lambda m_: f"{case} {tiles} "
+                                       f"{name}: {m_}", **TOL[torch.float32])
+
+
 def test_backends_report_triton_available():
     assert "triton" in hdaf.backends()["available"][DEVICE]
 
@@ -449,8 +531,17 @@ def test_launcher_validates_shapes():
     q, k, v, x, w, _ = make_inputs(B=1, H=1, T=4, Dk=8, R=5, dtype=torch.float32,
                                    device=DEVICE, requires_grad=False)
     P = hdaf.reference.delta_projection(x, w)
-    with pytest.raises(ValueError, match=r"P must be \[B,Hp,T,R\]"):
+    with pytest.raises(ValueError, match=r"P must be \[B,Hp,Tk,R\]"):
         torch.ops.hdaf.triton_delta_attention_forward(q, k, v, P, None, 1, 2, -1, -1, 0.1)
+    # grouped heads: Hkv must divide H; the query block: Tq <= Tk
+    q3 = torch.zeros(1, 3, 4, 8, device=DEVICE)
+    with pytest.raises(ValueError, match=r"Hkv dividing H=3, got \(1, 2, 4, 8\)"):
+        torch.ops.hdaf.triton_delta_attention_forward(q3, torch.zeros(1, 2, 4, 8, device=DEVICE),
+                                                      torch.zeros(1, 2, 4, 8, device=DEVICE), P,
+                                                      None, 2, 2, -1, -1, 0.1)
+    with pytest.raises(ValueError, match=r"Tq=5 queries but k has only Tk=4 keys"):
+        torch.ops.hdaf.triton_delta_attention_forward(torch.zeros(1, 1, 5, 8, device=DEVICE), k, v,
+                                                      P, None, 2, 2, -1, -1, 0.1)
 
 
 def test_cpu_without_interpreter_says_triton_needs_a_gpu():
