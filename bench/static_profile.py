@@ -200,18 +200,23 @@ def label_loops(loops: Sequence, loop_kinds: Optional[Sequence[str]]) -> List[st
 
 
 def profile_sass(text: str, kind: str, config: Dict[str, int], dk: int, dv: int,
-                 loop_kinds: Optional[Sequence[str]] = None) -> List[dict]:
-    """Per hot loop: its label, address range, class counts and non-matrix per 1,024 MACs."""
+                 loop_kinds: Optional[Sequence[str]] = None,
+                 loop_tiles: Optional[Sequence[Tuple[int, int]]] = None) -> List[dict]:
+    """Per hot loop: its label, address range, class counts and non-matrix per 1,024 MACs.
+    ``loop_tiles`` gives each loop's own (BLOCK_M, BLOCK_N) when it differs from the program's
+    (the kernels' gathering loops step in narrower tiles); MACs are counted from it."""
     instrs, labels = parse_sass(text)
     loops = find_loops(instrs, labels)
-    macs = macs_per_iteration(kind, config["BLOCK_M"], config["BLOCK_N"], dk, dv)
+    if not loop_tiles or len(loop_tiles) != len(loops):
+        loop_tiles = [(config["BLOCK_M"], config["BLOCK_N"])] * len(loops)
     rows = []
-    for name, lp in zip(label_loops(loops, loop_kinds), loops):
+    for name, lp, (bm, bn) in zip(label_loops(loops, loop_kinds), loops, loop_tiles):
+        macs = macs_per_iteration(kind, bm, bn, dk, dv)
         c = loop_counts(instrs, labels, lp)
         per_kmac = [round(non_matrix_per_kmac(n, c["matrix"], macs, config["num_warps"]), 3)
                     for n in (c["instructions"], c["instructions"] - c["skippable"])]
         rows.append(dict(label=name, first=f"0x{lp[0]:04x}", last=f"0x{lp[1]:04x}", **c,
-                         macs=macs, non_matrix_per_kmac=per_kmac[0],
+                         tile=[bm, bn], macs=macs, non_matrix_per_kmac=per_kmac[0],
                          non_matrix_per_kmac_no_skippable=per_kmac[1]))
     return rows
 
@@ -377,7 +382,11 @@ def _compile_and_profile(job: dict) -> dict:
         with open(os.path.join(job["dump_sass"], job_name(job) + ".sass"), "w") as f:
             f.write(sass)
     D = job["D"]
-    loops = profile_sass(sass, job["kernel"], cfg, D, D, getattr(ln, "loop_kinds", None))
+    kinds = getattr(ln, "loop_kinds", None)
+    K = _kernels()
+    tiles = (K.loop_tile_shapes(job["kernel"], kinds, cfg["BLOCK_M"], cfg["BLOCK_N"])
+             if kinds and hasattr(K, "loop_tile_shapes") else None)
+    loops = profile_sass(sass, job["kernel"], cfg, D, D, kinds, tiles)
     return dict(**(usage or {}), shared=compiled.metadata.shared, loops=loops, error=None)
 
 

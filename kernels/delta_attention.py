@@ -62,6 +62,7 @@ if INTERPRET:
 
 from .delta_attention_bwd import bwd_dkdv_kernel, bwd_dq_kernel, bwd_rows_kernel  # noqa: E402
 from .delta_attention_fwd import fwd_kernel  # noqa: E402
+from .delta_attention_tiles import gather_tile  # noqa: E402
 
 MAX_HEAD_DIM = 128
 _LOG2E = 1.4426950408889634
@@ -76,6 +77,22 @@ launch_counts: collections.Counter = collections.Counter()
 #: the unmasked tile kinds; "plain": no delta term.
 LOOP_KINDS = dict.fromkeys(("fwd", "dkdv", "dq"), ("masked", "far", "band", "far", "masked"))
 LOOP_KINDS_NO_DELTA = dict.fromkeys(("fwd", "dkdv", "dq"), ("masked", "plain", "masked"))
+
+
+
+def loop_tile_shapes(kind: str, loop_kinds, block_m: int, block_n: int):
+    """(BLOCK_M, BLOCK_N) of each hot loop's tile, for a program configuration: the gathering
+    loops ("band", "masked") narrow the loop dimension (keys in the forward and dQ, queries in
+    dK/dV) to ``gather_tile``. The static profile counts each loop's MACs from these."""
+    shapes = []
+    for lk in loop_kinds:
+        gathers = lk in ("band", "masked")
+        if kind == "dkdv":
+            shapes.append((gather_tile(block_m) if gathers else block_m, block_n))
+        else:
+            shapes.append((block_m, gather_tile(block_n) if gathers else block_n))
+    return shapes
+
 
 # ----------------------------------------------------------------------------------------------
 # Block-size configurations
@@ -451,7 +468,8 @@ def _backward(grad_out, q, k, v, P, key_padding_mask, out, lse, L, U, window_lef
         return (triton.cdiv(Tq, m["BLOCK_M"]), B * H)
 
     _launch("dkdv", grid_n, q, k, v, P, kcol, kv, grad_out, rows, dk, dv, dP_halves[0], *common,
-            *dk.stride(), *dv.stride(), scale=scale, qk_scale=qk_scale, TPQ=tpq, **meta)
+            *dk.stride(), *dv.stride(), scale=scale, qk_scale=qk_scale, TPQ=tpq, GROUPED=Hkv != H,
+            **meta)
     _launch("dq", grid_m, q, k, v, P, kcol, kv, grad_out, rows, dq, dP_halves[1], *common,
             *dq.stride(), scale=scale, qk_scale=qk_scale, TPQ=tpq, **meta)
     if not use_delta:

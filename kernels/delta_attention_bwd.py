@@ -119,21 +119,24 @@ def _dkdv_run(dk, dv, acc_lo, acc_hi, k, v, kc_base, q_base, do_base, rows_base,
     kcol = tl.load(kc_base + kcol_row(MODE) * TP + offs_n)  # padded to TP: no mask
     mask_dk = (offs_dk < DK)[:, None]
     mask_dv = (offs_dv < DV)[None, :]
+    # offsets d = j − (QOFF + i) from query indices i; the queries' P rows start at pq_base
+    offs_nq = offs_n - QOFF
+    pq_base = p_base + QOFF * spt
     for m0 in range(m_start, m_end, BLOCK_M):  # query indices
         offs_q = m0 + tl.arange(0, BLOCK_M)
         mask_m = offs_q < TQ
-        offs_m = offs_q + QOFF  # positions
         qT = tl.load(q_base + offs_q[None, :] * sqt + offs_dk[:, None] * sqd,
                      mask=mask_m[None, :] & mask_dk, other=0.0)
         ql = tl.load(ql_rows + offs_q)  # padded to TPQ: no mask
         sT = dot(k, qT, IEEE)  # [BLOCK_N, BLOCK_M]
         if MODE == BAND:
-            bias = band_bias(p_base, spt, offs_m[None, :], offs_n[:, None], T, L, U)
+            bias = band_bias(pq_base, p_base, spt, offs_q[None, :], offs_n[:, None],
+                             offs_nq[:, None] - offs_q[None, :], TQ, T, L, U)
             t = (sT + bias) * qk_scale + kcol[:, None]
         else:
             t = sT * qk_scale + kcol[:, None]
         if MASKED:
-            t = window_mask(t, offs_n[:, None] - offs_m[None, :], lo, hi)
+            t = window_mask(t, offs_nq[:, None] - offs_q[None, :], lo, hi)
         pT = tl.exp2(t - ql[None, :])
         do = tl.load(do_base + offs_q[:, None] * sdt + offs_dv[None, :] * sdd,
                      mask=mask_m[:, None] & mask_dv, other=0.0)
@@ -148,9 +151,76 @@ def _dkdv_run(dk, dv, acc_lo, acc_hi, k, v, kc_base, q_base, do_base, rows_base,
         elif MODE == FAR_HI:
             acc_hi += tl.sum(dsT, 1)
         elif MODE == BAND:
-            acc_lo, acc_hi = _band_dP(dsT, offs_n[:, None] - offs_m[None, :], L, U, acc_lo, acc_hi,
+            acc_lo, acc_hi = _band_dP(dsT, offs_nq[:, None] - offs_q[None, :], L, U, acc_lo, acc_hi,
                                       dp_base + offs_n[:, None] * R + L, scale, 1)
     return dk, dv, acc_lo, acc_hi
+
+
+@triton.jit
+def _dkdv_head(dk, dv, k, v, off_b, off_h, Q, P, KCOL, DO, ROWS, DPK, sqh, sqb, sqt, sqd, spb, sph,
+               spt, scb, sch, sdb, sdh, sdt, sdd, offs_n, mask_n, offs_dk, offs_dv, n0q, start_m,
+               e1, b1, b2, e2, end_m, H, T, TQ, QOFF, TP, TPQ, L, U, lo, hi, scale, qk_scale,
+               USE_DELTA: tl.constexpr, IEEE: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One query head's share of a key block: dk, dv accumulate; the key rows of its dP."""
+    R = L + U + 1
+    bh = off_b * H + off_h
+    p_base = P + off_b * spb + off_h * sph
+    kc_base = KCOL + off_b * scb + off_h * sch
+    dp_base = DPK + bh * TP * R  # contiguous float32 [B*H, TP, R]
+    rows_base = ROWS + bh * 4 * TPQ
+    q_base = Q + off_b * sqb + off_h * sqh
+    do_base = DO + off_b * sdb + off_h * sdh
+    acc_lo = tl.zeros([BLOCK_N], dtype=tl.float32)  # this head's dS summed into bucket 0
+    acc_hi = tl.zeros([BLOCK_N], dtype=tl.float32)  # ... into bucket R-1
+    if USE_DELTA:
+        dk, dv, acc_lo, acc_hi = _dkdv_run(
+            dk, dv, acc_lo, acc_hi, k, v, kc_base, q_base, do_base, rows_base, p_base,
+            dp_base, sqt, sqd, sdt, sdd, spt, offs_n, mask_n, offs_dk, offs_dv, n0q, start_m,
+            e1, T, TP, TQ, QOFF, TPQ, L, U, lo, hi, scale, qk_scale, BAND, True, IEEE,
+            DK, DV, BLOCK_M, BLOCK_N)
+        dk, dv, acc_lo, acc_hi = _dkdv_run(
+            dk, dv, acc_lo, acc_hi, k, v, kc_base, q_base, do_base, rows_base, p_base,
+            dp_base, sqt, sqd, sdt, sdd, spt, offs_n, mask_n, offs_dk, offs_dv, n0q, e1,
+            b1, T, TP, TQ, QOFF, TPQ, L, U, lo, hi, scale, qk_scale, FAR_HI, False, IEEE,
+            DK, DV, BLOCK_M, BLOCK_N)
+        dk, dv, acc_lo, acc_hi = _dkdv_run(
+            dk, dv, acc_lo, acc_hi, k, v, kc_base, q_base, do_base, rows_base, p_base,
+            dp_base, sqt, sqd, sdt, sdd, spt, offs_n, mask_n, offs_dk, offs_dv, n0q, b1,
+            b2, T, TP, TQ, QOFF, TPQ, L, U, lo, hi, scale, qk_scale, BAND, False, IEEE,
+            DK, DV, BLOCK_M, BLOCK_N)
+        dk, dv, acc_lo, acc_hi = _dkdv_run(
+            dk, dv, acc_lo, acc_hi, k, v, kc_base, q_base, do_base, rows_base, p_base,
+            dp_base, sqt, sqd, sdt, sdd, spt, offs_n, mask_n, offs_dk, offs_dv, n0q, b2,
+            e2, T, TP, TQ, QOFF, TPQ, L, U, lo, hi, scale, qk_scale, FAR_LO, False, IEEE,
+            DK, DV, BLOCK_M, BLOCK_N)
+        dk, dv, acc_lo, acc_hi = _dkdv_run(
+            dk, dv, acc_lo, acc_hi, k, v, kc_base, q_base, do_base, rows_base, p_base,
+            dp_base, sqt, sqd, sdt, sdd, spt, offs_n, mask_n, offs_dk, offs_dv, n0q, e2,
+            end_m, T, TP, TQ, QOFF, TPQ, L, U, lo, hi, scale, qk_scale, BAND, True, IEEE,
+            DK, DV, BLOCK_M, BLOCK_N)
+        if R == 1:
+            tl.store(dp_base + offs_n * R, (acc_lo + acc_hi) * scale, mask=mask_n)
+        else:
+            tl.store(dp_base + offs_n * R, acc_lo * scale, mask=mask_n)
+            tl.store(dp_base + offs_n * R + (R - 1), acc_hi * scale, mask=mask_n)
+    else:  # plain flash attention: no P traffic at all
+        dk, dv, acc_lo, acc_hi = _dkdv_run(
+            dk, dv, acc_lo, acc_hi, k, v, kc_base, q_base, do_base, rows_base, p_base,
+            dp_base, sqt, sqd, sdt, sdd, spt, offs_n, mask_n, offs_dk, offs_dv, n0q, start_m,
+            e1, T, TP, TQ, QOFF, TPQ, L, U, lo, hi, scale, qk_scale, PLAIN, True, IEEE,
+            DK, DV, BLOCK_M, BLOCK_N)
+        dk, dv, acc_lo, acc_hi = _dkdv_run(
+            dk, dv, acc_lo, acc_hi, k, v, kc_base, q_base, do_base, rows_base, p_base,
+            dp_base, sqt, sqd, sdt, sdd, spt, offs_n, mask_n, offs_dk, offs_dv, n0q, e1,
+            e2, T, TP, TQ, QOFF, TPQ, L, U, lo, hi, scale, qk_scale, PLAIN, False, IEEE,
+            DK, DV, BLOCK_M, BLOCK_N)
+        dk, dv, acc_lo, acc_hi = _dkdv_run(
+            dk, dv, acc_lo, acc_hi, k, v, kc_base, q_base, do_base, rows_base, p_base,
+            dp_base, sqt, sqd, sdt, sdd, spt, offs_n, mask_n, offs_dk, offs_dv, n0q, e2,
+            end_m, T, TP, TQ, QOFF, TPQ, L, U, lo, hi, scale, qk_scale, PLAIN, True, IEEE,
+            DK, DV, BLOCK_M, BLOCK_N)
+    return dk, dv
 
 
 @triton.jit
@@ -160,8 +230,9 @@ def bwd_dkdv_kernel(Q, K, V, P, KCOL, KV, DO, ROWS, DK_OUT, DV_OUT, DPK,
                     sgkb, sgkh, sgkt, sgkd, sgvb, sgvh, sgvt, sgvd,
                     H, G, T, TQ, QOFF, TP, TPQ, L, U, lo, hi, scale, qk_scale, T_KEY, Q_KEY,
                     W_KEY, HAS_PAD: tl.constexpr, USE_DELTA: tl.constexpr, IEEE: tl.constexpr,
-                    DK: tl.constexpr, DV: tl.constexpr, BLOCK_DK: tl.constexpr,
-                    BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                    GROUPED: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+                    BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr):
     """One program per key block of one (batch, key/value head): dk and dv, summed over the G
     query heads of the group in registers (deterministic, no copy of k/v), and the key rows of
     each query head's dP."""
@@ -199,64 +270,19 @@ def bwd_dkdv_kernel(Q, K, V, P, KCOL, KV, DO, ROWS, DK_OUT, DV_OUT, DPK,
     e1, e2 = split_runs(start_m, end_m, n0q + BLOCK_N - 1 - hi, n0q - BLOCK_M + 2 - lo, BLOCK_M)
     # far-high (j - i >= U) first, then the band, then far-low (j - i <= -L)
     b1, b2 = split_runs(e1, e2, n0q - U - BLOCK_M + 2, n0q + BLOCK_N - 1 + L, BLOCK_M)
-    for hh in range(0, G):
-        off_h = off_g * G + hh
-        bh = off_b * H + off_h
-        p_base = P + off_b * spb + off_h * sph
-        kc_base = KCOL + off_b * scb + off_h * sch
-        dp_base = DPK + bh * TP * R  # contiguous float32 [B*H, TP, R]
-        rows_base = ROWS + bh * 4 * TPQ
-        q_base = Q + off_b * sqb + off_h * sqh
-        do_base = DO + off_b * sdb + off_h * sdh
-        acc_lo = tl.zeros([BLOCK_N], dtype=tl.float32)  # this head's dS summed into bucket 0
-        acc_hi = tl.zeros([BLOCK_N], dtype=tl.float32)  # ... into bucket R-1
-        if USE_DELTA:
-            dk, dv, acc_lo, acc_hi = _dkdv_run(
-                dk, dv, acc_lo, acc_hi, k, v, kc_base, q_base, do_base, rows_base, p_base,
-                dp_base, sqt, sqd, sdt, sdd, spt, offs_n, mask_n, offs_dk, offs_dv, n0q, start_m,
-                e1, T, TP, TQ, QOFF, TPQ, L, U, lo, hi, scale, qk_scale, BAND, True, IEEE,
-                DK, DV, BLOCK_M, BLOCK_N)
-            dk, dv, acc_lo, acc_hi = _dkdv_run(
-                dk, dv, acc_lo, acc_hi, k, v, kc_base, q_base, do_base, rows_base, p_base,
-                dp_base, sqt, sqd, sdt, sdd, spt, offs_n, mask_n, offs_dk, offs_dv, n0q, e1,
-                b1, T, TP, TQ, QOFF, TPQ, L, U, lo, hi, scale, qk_scale, FAR_HI, False, IEEE,
-                DK, DV, BLOCK_M, BLOCK_N)
-            dk, dv, acc_lo, acc_hi = _dkdv_run(
-                dk, dv, acc_lo, acc_hi, k, v, kc_base, q_base, do_base, rows_base, p_base,
-                dp_base, sqt, sqd, sdt, sdd, spt, offs_n, mask_n, offs_dk, offs_dv, n0q, b1,
-                b2, T, TP, TQ, QOFF, TPQ, L, U, lo, hi, scale, qk_scale, BAND, False, IEEE,
-                DK, DV, BLOCK_M, BLOCK_N)
-            dk, dv, acc_lo, acc_hi = _dkdv_run(
-                dk, dv, acc_lo, acc_hi, k, v, kc_base, q_base, do_base, rows_base, p_base,
-                dp_base, sqt, sqd, sdt, sdd, spt, offs_n, mask_n, offs_dk, offs_dv, n0q, b2,
-                e2, T, TP, TQ, QOFF, TPQ, L, U, lo, hi, scale, qk_scale, FAR_LO, False, IEEE,
-                DK, DV, BLOCK_M, BLOCK_N)
-            dk, dv, acc_lo, acc_hi = _dkdv_run(
-                dk, dv, acc_lo, acc_hi, k, v, kc_base, q_base, do_base, rows_base, p_base,
-                dp_base, sqt, sqd, sdt, sdd, spt, offs_n, mask_n, offs_dk, offs_dv, n0q, e2,
-                end_m, T, TP, TQ, QOFF, TPQ, L, U, lo, hi, scale, qk_scale, BAND, True, IEEE,
-                DK, DV, BLOCK_M, BLOCK_N)
-            if R == 1:
-                tl.store(dp_base + offs_n * R, (acc_lo + acc_hi) * scale, mask=mask_n)
-            else:
-                tl.store(dp_base + offs_n * R, acc_lo * scale, mask=mask_n)
-                tl.store(dp_base + offs_n * R + (R - 1), acc_hi * scale, mask=mask_n)
-        else:  # plain flash attention: no P traffic at all
-            dk, dv, acc_lo, acc_hi = _dkdv_run(
-                dk, dv, acc_lo, acc_hi, k, v, kc_base, q_base, do_base, rows_base, p_base,
-                dp_base, sqt, sqd, sdt, sdd, spt, offs_n, mask_n, offs_dk, offs_dv, n0q, start_m,
-                e1, T, TP, TQ, QOFF, TPQ, L, U, lo, hi, scale, qk_scale, PLAIN, True, IEEE,
-                DK, DV, BLOCK_M, BLOCK_N)
-            dk, dv, acc_lo, acc_hi = _dkdv_run(
-                dk, dv, acc_lo, acc_hi, k, v, kc_base, q_base, do_base, rows_base, p_base,
-                dp_base, sqt, sqd, sdt, sdd, spt, offs_n, mask_n, offs_dk, offs_dv, n0q, e1,
-                e2, T, TP, TQ, QOFF, TPQ, L, U, lo, hi, scale, qk_scale, PLAIN, False, IEEE,
-                DK, DV, BLOCK_M, BLOCK_N)
-            dk, dv, acc_lo, acc_hi = _dkdv_run(
-                dk, dv, acc_lo, acc_hi, k, v, kc_base, q_base, do_base, rows_base, p_base,
-                dp_base, sqt, sqd, sdt, sdd, spt, offs_n, mask_n, offs_dk, offs_dv, n0q, e2,
-                end_m, T, TP, TQ, QOFF, TPQ, L, U, lo, hi, scale, qk_scale, PLAIN, True, IEEE,
-                DK, DV, BLOCK_M, BLOCK_N)
+    if GROUPED:  # the G query heads of the key/value head, summed in registers
+        for hh in range(0, G):
+            dk, dv = _dkdv_head(dk, dv, k, v, off_b, off_g * G + hh, Q, P, KCOL, DO, ROWS, DPK,
+                                sqh, sqb, sqt, sqd, spb, sph, spt, scb, sch, sdb, sdh, sdt, sdd,
+                                offs_n, mask_n, offs_dk, offs_dv, n0q, start_m, e1, b1, b2, e2,
+                                end_m, H, T, TQ, QOFF, TP, TPQ, L, U, lo, hi, scale, qk_scale,
+                                USE_DELTA, IEEE, DK, DV, BLOCK_M, BLOCK_N)
+    else:
+        dk, dv = _dkdv_head(dk, dv, k, v, off_b, off_g, Q, P, KCOL, DO, ROWS, DPK, sqh, sqb, sqt,
+                            sqd, spb, sph, spt, scb, sch, sdb, sdh, sdt, sdd, offs_n, mask_n,
+                            offs_dk, offs_dv, n0q, start_m, e1, b1, b2, e2, end_m, H, T, TQ,
+                            QOFF, TP, TPQ, L, U, lo, hi, scale, qk_scale, USE_DELTA, IEEE, DK,
+                            DV, BLOCK_M, BLOCK_N)
 
     # A padding key has probability 0 everywhere (KCOL is -inf there), hence dk = dv = 0.
     gk_base = DK_OUT + off_b * sgkb + off_g * sgkh
@@ -290,7 +316,8 @@ def _dq_run(dq, acc_lo, acc_hi, acc_far, q, do, rows_base, k_base, v_base, kc_ba
         kcol = tl.load(kc + offs_n)  # padded to TP: no mask
         s = dot(q, kT, IEEE)  # [BLOCK_M, BLOCK_N]
         if MODE == BAND:
-            bias = band_bias(p_base, spt, offs_m[:, None], offs_n[None, :], T, L, U)
+            bias = band_bias(p_base, p_base, spt, offs_m[:, None], offs_n[None, :],
+                             offs_n[None, :] - offs_m[:, None], T, T, L, U)
             t = (s + bias) * qk_scale + kcol[None, :]
         else:
             t = s * qk_scale + kcol[None, :]

@@ -41,7 +41,8 @@ def _fwd_run(acc, l_i, m_i, q, qrow, k_base, v_base, p_base, kc_base, skt, skd, 
         kcol = tl.load(kc + offs_n)  # padded to TP: no mask
         qk = dot(q, kT, IEEE)
         if MODE == BAND:
-            bias = band_bias(p_base, spt, offs_m[:, None], offs_n[None, :], T, L, U)
+            bias = band_bias(p_base, p_base, spt, offs_m[:, None], offs_n[None, :],
+                             offs_n[None, :] - offs_m[:, None], T, T, L, U)
             t = (qk + bias) * qk_scale + kcol[None, :]
         else:
             t = qk * qk_scale + kcol[None, :]

@@ -63,29 +63,41 @@ def kcol_row(MODE: tl.constexpr):
         return KCOL_PAD
 
 
-@triton.jit
-def loop_tile(BLOCK: tl.constexpr, MODE: tl.constexpr, MASKED: tl.constexpr):
-    """The loop's tile width: gathering loops (band, masked) step through the program's aligned
-    runs in half-width tiles, which halves the registers their per-element addresses take."""
-    if (MODE == BAND or MASKED) and BLOCK >= 32:
-        return BLOCK // 2
-    else:
-        return BLOCK
+@triton.constexpr_function
+def gather_tile(block: int) -> int:
+    """The tile width of a gathering loop (band or masked) in a program of tile width ``block``:
+    gathering loops step through the program's aligned runs in narrower tiles, which cuts the
+    registers their per-element addresses and gathered values take (no spills at 8 warps)."""
+    return block // 2 if block >= 32 else block
+
+
+@triton.constexpr_function
+def _value(x):
+    return getattr(x, "value", x)
+
+
+@triton.constexpr_function
+def loop_tile(block, mode, masked):
+    """The loop's tile width: ``gather_tile(block)`` for band and masked loops, else ``block``
+    (the same rule the launcher reports to the static profile)."""
+    block, mode, masked = _value(block), _value(mode), _value(masked)
+    return gather_tile(block) if (mode == _value(BAND) or masked) else block
 
 
 @triton.jit
-def band_bias(p_base, spt, offs_i, offs_j, T, L, U):
-    """float32 tile of P[j, r(i,j)] − P[i, r(i,j)] (unscaled), gathered per pair.
+def band_bias(pq_base, pk_base, spt, offs_i, offs_j, d, TI, TJ, L, U):
+    """float32 tile of P[j, r] − P[i, r] (unscaled), r = clamp(d, −L, U) + L, gathered per pair.
 
-    offs_i / offs_j are already broadcast to the tile's orientation ([M,1] and [1,N], or the
-    transpose), so one helper serves the forward/dQ tiles and the transposed dK/dV tiles. P's
-    bucket stride is 1 (the launcher makes P contiguous). Rows past the end of the sequence
-    read row T−1 instead of being masked: their probabilities are 0 anyway (KCOL is −inf at
-    such keys, the backward's row vectors +inf at such queries), and a clamp per row vector
-    is cheaper than a mask per element."""
-    r = tl.minimum(tl.maximum(offs_j - offs_i, -L), U) + L
-    gk = tl.load(p_base + tl.minimum(offs_j, T - 1) * spt + r)
-    gq = tl.load(p_base + tl.minimum(offs_i, T - 1) * spt + r)
+    offs_i (query rows, counted from pq_base) and offs_j (key rows, counted from pk_base) are
+    broadcast to the tile's orientation ([M,1] and [1,N], or the transpose), and d = j − i is
+    the pairs' offset, so one helper serves the forward/dQ tiles and the transposed dK/dV
+    tiles. P's bucket stride is 1 (the launcher makes P contiguous). Rows past the end (TI
+    queries, TJ keys) read the last row instead of being masked: their probabilities are 0
+    anyway (KCOL is −inf at such keys, the backward's row vectors +inf at such queries), and a
+    clamp per row vector is cheaper than a mask per element."""
+    r = tl.minimum(tl.maximum(d, -L), U) + L
+    gk = tl.load(pk_base + tl.minimum(offs_j, TJ - 1) * spt + r)
+    gq = tl.load(pq_base + tl.minimum(offs_i, TI - 1) * spt + r)
     return gk.to(tl.float32) - gq.to(tl.float32)
 
 
