@@ -252,7 +252,8 @@ def _count(name: str) -> None:
         launch_counts[name] += 1
 
 
-def _check(q, k, v, P, key_padding_mask, L, U, window_left, window_right, what: str):
+def _check(q, k, v, P, key_padding_mask, L, U, window_left, window_right, what: str,
+           check_lengths: bool = True):
     for name, t in (("q", q), ("k", k), ("v", v), ("P", P)):
         if t.dim() != 4:
             raise ValueError(f"{what}: {name} must be 4-D, got shape {tuple(t.shape)}")
@@ -279,7 +280,7 @@ def _check(q, k, v, P, key_padding_mask, L, U, window_left, window_right, what: 
         raise ValueError(f"{what}: k must be [B,Hkv,Tk,Dk] with B={B}, Dk={Dk} and Hkv dividing "
                          f"H={H}, got {tuple(k.shape)}")
     Hkv, T = k.shape[1], k.shape[2]
-    if Tq > T:
+    if Tq > T and check_lengths:
         raise ValueError(f"{what}: q has Tq={Tq} queries but k has only Tk={T} keys (the query "
                          f"block stands at the end of the keys: Tq <= Tk)")
     if v.shape[:3] != k.shape[:3]:
@@ -292,7 +293,8 @@ def _check(q, k, v, P, key_padding_mask, L, U, window_left, window_right, what: 
     if L < 0 or U < 0:
         raise ValueError(f"{what}: L and U must be non-negative, got L={L}, U={U}")
     R = L + U + 1
-    if P.shape[0] != B or P.shape[1] not in (1, H) or P.shape[2] != T or P.shape[3] != R:
+    if (P.shape[0] != B or P.shape[1] not in (1, H) or P.shape[3] != R
+            or (check_lengths and P.shape[2] != T)):
         raise ValueError(f"{what}: P must be [B,Hp,Tk,R] = [{B},1 or {H},{T},{R}] (R = L+U+1), "
                          f"got {tuple(P.shape)}")
     if window_left < -1 or window_right < -1:
@@ -327,21 +329,6 @@ def _padded_length(T: int) -> int:
     return triton.cdiv(T, _ROW_PAD) * _ROW_PAD
 
 
-def _key_columns(P, key_padding_mask, qk_scale, use_delta, tp):
-    """float32 [B, Hp, 3, tp]: c·P[:, 0], c·P[:, R−1] and 0, each -inf at padding keys and at
-    the positions T..tp-1 that pad the rows to a whole number of tiles."""
-    B, Hp, T, R = P.shape
-    kcol = torch.full((B, Hp, 3, tp), float("-inf"), dtype=torch.float32, device=P.device)
-    if use_delta:
-        kcol[..., :2, :T] = P[..., [0, R - 1]].transpose(-1, -2).float() * qk_scale
-    else:
-        kcol[..., :2, :T] = 0.0
-    kcol[..., 2, :T] = 0.0
-    if key_padding_mask is not None:
-        kcol[..., :T].masked_fill_(key_padding_mask[:, None, None, :], float("-inf"))
-    return kcol
-
-
 def _launch(kind, grid, *args, **meta):
     """Launch the autotuned kernel, or the raw one with the configuration forced_configs set;
     under capture_launches, record the launch instead."""
@@ -361,11 +348,74 @@ def _launch(kind, grid, *args, **meta):
         _RAW[kind][grid(forced)](*args, **meta, **forced)
 
 
-def _common(q, k, v, P, key_padding_mask, L, U, window_left, window_right, scale, use_delta):
+@dataclasses.dataclass
+class _Layout:
+    """Where each batch element (or packed sequence) lies in the tensors: the kernels read
+    (batch, head, row, column) strides; a packed batch has batch stride 0 and per-sequence start
+    rows from cu_seqlens (VARLEN)."""
+    B: int
+    H: int
+    Hkv: int
+    Tq: int  # queries per element (packed: the longest sequence)
+    T: int  # keys per element (packed: the longest sequence)
+    cu_q: Optional[torch.Tensor] = None
+    cu_k: Optional[torch.Tensor] = None
+
+    @property
+    def varlen(self) -> bool:
+        return self.cu_q is not None
+
+    def strides(self, t: torch.Tensor) -> tuple:
+        """(batch, head, row, column) strides of q/k/v/out-like tensors."""
+        if self.varlen:  # [Total, heads, D]
+            return (0, t.stride(1), t.stride(0), t.stride(2))
+        return t.stride()
+
+    def lse_strides(self, lse: torch.Tensor) -> tuple:
+        """(batch, head, row) strides of lse: [B,H,Tq], or [H,Total_q] packed."""
+        return (0, lse.stride(0), lse.stride(1)) if self.varlen else lse.stride()
+
+    def p_strides(self, P: torch.Tensor) -> tuple:
+        """(batch, head, row) strides of P: [B,Hp,T,R], or [Total_k,Hp,R] packed; a head
+        stride of 0 when P is shared by the heads."""
+        shared = P.shape[1] == 1
+        if self.varlen:
+            return (0, 0 if shared else P.stride(1), P.stride(0))
+        return (P.stride(0), 0 if shared else P.stride(1), P.stride(2))
+
+
+def _sequence_rows(cu: torch.Tensor):
+    """(sequence, position) of every row of a packed tensor."""
+    lengths = (cu[1:] - cu[:-1]).long()
+    seq = torch.repeat_interleave(torch.arange(lengths.numel(), device=cu.device), lengths)
+    pos = torch.arange(seq.numel(), device=cu.device) - cu[:-1].long()[seq]
+    return seq, pos
+
+
+def _key_columns(P, key_padding_mask, qk_scale, use_delta, tp, lay):
+    """float32 [B, Hp, 3, tp]: c·P[:, 0], c·P[:, R−1] and 0 per key position, each -inf at
+    padding keys and at the positions that pad every element's keys to a whole number of
+    tiles (for a packed batch: per sequence)."""
+    R, Hp = P.shape[-1], P.shape[1]
+    kcol = torch.full((lay.B, Hp, 3, tp), float("-inf"), dtype=torch.float32, device=P.device)
+    ends = P[..., [0, R - 1]].float() * qk_scale if use_delta else None
+    if lay.varlen:  # P [Total_k, Hp, R]
+        seq, pos = _sequence_rows(lay.cu_k)
+        kcol[seq, :, 2, pos] = 0.0
+        kcol[seq, :, :2, pos] = ends if use_delta else 0.0
+        return kcol
+    T = P.shape[2]
+    kcol[..., :2, :T] = ends.transpose(-1, -2) if use_delta else 0.0
+    kcol[..., 2, :T] = 0.0
+    if key_padding_mask is not None:
+        kcol[..., :T].masked_fill_(key_padding_mask[:, None, None, :], float("-inf"))
+    return kcol
+
+
+def _common(q, v, P, key_padding_mask, L, U, window_left, window_right, scale, use_delta, lay):
     """Launch arguments shared by the kernels."""
-    B, H, Tq, Dk = q.shape
-    Hkv, T = k.shape[1], k.shape[2]
-    Dv = v.shape[-1]
+    Dk, Dv = q.shape[-1], v.shape[-1]
+    T, Tq = lay.T, lay.Tq
     # a window that reaches every key is no window: offsets beyond ±2T put no tile on an edge
     lo = -2 * T if window_left < 0 or window_left >= T - 1 else -window_left
     hi = 2 * T if window_right < 0 or window_right >= T - 1 else window_right
@@ -376,20 +426,85 @@ def _common(q, k, v, P, key_padding_mask, L, U, window_left, window_right, scale
     # rows of the query-side vectors, and of the key-side ones and dP: every tile a program
     # touches, past the end of the queries too (they sit at positions T - Tq + i)
     tpq = _padded_length(Tq)
-    tp = _padded_length(max(T, T - Tq + tpq))
-    kcol = _key_columns(P, key_padding_mask, scale * _LOG2E, use_delta, tp)
-    sP, sC = P.stride(), kcol.stride()
-    shared = P.shape[1] == 1
-    p_strides = (sP[0], 0 if shared else sP[1], sP[2])
-    c_strides = (sC[0], 0 if shared else sC[1])
-    meta = dict(H=H, G=H // Hkv, T=T, TQ=Tq, QOFF=T - Tq, TP=tp, L=L, U=U, lo=lo, hi=hi,
+    tp = _padded_length(T + _ROW_PAD if lay.varlen else max(T, T - Tq + tpq))
+    kcol = _key_columns(P, key_padding_mask, scale * _LOG2E, use_delta, tp, lay)
+    sC = kcol.stride()
+    c_strides = (sC[0], 0 if kcol.shape[1] == 1 else sC[1])
+    cu_q, cu_k = (lay.cu_q, lay.cu_k) if lay.varlen else (kv, kv)  # never read unless VARLEN
+    meta = dict(H=lay.H, G=lay.H // lay.Hkv, T=T, TQ=Tq, TP=tp, L=L, U=U, lo=lo, hi=hi,
                 T_KEY=triton.next_power_of_2(T), Q_KEY=triton.next_power_of_2(Tq),
                 W_KEY=triton.next_power_of_2(min(hi - lo + 1, 2 * T)),
-                HAS_PAD=has_pad, USE_DELTA=use_delta, IEEE=q.dtype == torch.float32,
-                DK=Dk, DV=Dv,
+                HAS_PAD=has_pad, USE_DELTA=use_delta, VARLEN=lay.varlen,
+                IEEE=q.dtype == torch.float32, DK=Dk, DV=Dv,
                 BLOCK_DK=max(16, triton.next_power_of_2(Dk)),
                 BLOCK_DV=max(16, triton.next_power_of_2(Dv)))
-    return kv, kcol, p_strides, c_strides, tpq, meta
+    return kv, kcol, c_strides, cu_q, cu_k, tpq, meta
+
+
+def _run_forward(q, k, v, P, key_padding_mask, L, U, window_left, window_right, scale, use_delta,
+                 lay, out, lse):
+    P = P.contiguous()
+    kv, kcol, c_strides, cu_q, cu_k, _, meta = _common(q, v, P, key_padding_mask, L, U,
+                                                       window_left, window_right, scale,
+                                                       use_delta, lay)
+
+    def grid(m):
+        return (triton.cdiv(lay.Tq, m["BLOCK_M"]), lay.B * lay.H)
+
+    _launch("fwd", grid, q, k, v, P, kcol, kv, out, lse, cu_q, cu_k, *lay.strides(q),
+            *lay.strides(k), *lay.strides(v), *lay.p_strides(P), *c_strides, *lay.strides(out),
+            *lay.lse_strides(lse), qk_scale=scale * _LOG2E, **meta)
+
+
+def _run_backward(grad_out, q, k, v, P, key_padding_mask, out, lse, L, U, window_left,
+                  window_right, scale, use_delta, lay):
+    """(dq, dk, dv, dP per query head and key position [B, H, TP, R] summed over its two
+    halves, or None without the delta term)."""
+    B, H, Hkv, Tq, T = lay.B, lay.H, lay.Hkv, lay.Tq, lay.T
+    R = L + U + 1
+    P = P.contiguous()
+    dq = torch.empty_like(q)
+    dk = torch.empty_like(k)
+    dv = torch.empty_like(v)
+    kv, kcol, c_strides, cu_q, cu_k, tpq, meta = _common(q, v, P, key_padding_mask, L, U,
+                                                         window_left, window_right, scale,
+                                                         use_delta, lay)
+    qk_scale = scale * _LOG2E
+    # per query: D, lse2, lse2 + c·P[t_i, 0], lse2 + c·P[t_i, R-1]; rows no query fills (past
+    # the end of each element's queries) see no key: D = 0, the others +inf
+    rows = torch.full((B, H, 4, tpq), float("inf"), dtype=torch.float32, device=q.device)
+    rows[:, :, 0] = 0.0
+    # the key-row half [0] and the query-row half [1] of dP, per query head, by key position;
+    # padded to TP rows (band tiles store without a row mask)
+    TP = meta["TP"]
+    dP_halves = torch.zeros((2, B, H, TP, R) if use_delta else (2, 1, 1, 1, 1),
+                            dtype=torch.float32, device=q.device)
+    p_strides = lay.p_strides(P)
+
+    block_rows = 16 if INTERPRET else 64
+    if _CAPTURE is None:
+        _count("bwd_preprocess")
+        wrap_triton(bwd_rows_kernel)[(triton.cdiv(Tq, block_rows), B * H)](
+            out, grad_out, lse, P, rows, cu_q, cu_k, *lay.strides(out), *lay.strides(grad_out),
+            *lay.lse_strides(lse), *p_strides, H, T, Tq, tpq, R, qk_scale,
+            USE_DELTA=use_delta, VARLEN=lay.varlen, DV=v.shape[-1], BLOCK_M=block_rows,
+            BLOCK_DV=meta["BLOCK_DV"])
+
+    common = (*lay.strides(q), *lay.strides(k), *lay.strides(v), *p_strides, *c_strides,
+              *lay.strides(grad_out))
+
+    def grid_n(m):  # one program per key block of each (element, key/value head)
+        return (triton.cdiv(T, m["BLOCK_N"]), B * Hkv)
+
+    def grid_m(m):
+        return (triton.cdiv(Tq, m["BLOCK_M"]), B * H)
+
+    _launch("dkdv", grid_n, q, k, v, P, kcol, kv, grad_out, rows, dk, dv, dP_halves[0], cu_q,
+            cu_k, *common, *lay.strides(dk), *lay.strides(dv), scale=scale, qk_scale=qk_scale,
+            TPQ=tpq, GROUPED=Hkv != H, **meta)
+    _launch("dq", grid_m, q, k, v, P, kcol, kv, grad_out, rows, dq, dP_halves[1], cu_q, cu_k,
+            *common, *lay.strides(dq), scale=scale, qk_scale=qk_scale, TPQ=tpq, **meta)
+    return dq, dk, dv, (dP_halves.sum(0) if use_delta else None)
 
 
 def _forward(q, k, v, P, key_padding_mask, L, U, window_left, window_right, scale,
@@ -401,17 +516,9 @@ def _forward(q, k, v, P, key_padding_mask, L, U, window_left, window_right, scal
     lse = q.new_empty((B, H, Tq), dtype=torch.float32)
     if B * H * Tq == 0:
         return out, lse
-    P = P.contiguous()
-    kv, kcol, p_strides, c_strides, _, meta = _common(q, k, v, P, key_padding_mask, L, U,
-                                                      window_left, window_right, scale,
-                                                      use_delta)
-
-    def grid(m):
-        return (triton.cdiv(Tq, m["BLOCK_M"]), B * H)
-
-    _launch("fwd", grid, q, k, v, P, kcol, kv, out, lse, *q.stride(), *k.stride(), *v.stride(),
-            *p_strides, *c_strides, *out.stride(), *lse.stride(), qk_scale=scale * _LOG2E,
-            **meta)
+    lay = _Layout(B, H, k.shape[1], Tq, k.shape[2])
+    _run_forward(q, k, v, P, key_padding_mask, L, U, window_left, window_right, scale, use_delta,
+                 lay, out, lse)
     return out, lse
 
 
@@ -428,57 +535,81 @@ def _backward(grad_out, q, k, v, P, key_padding_mask, out, lse, L, U, window_lef
     if lse.shape != (B, H, Tq) or lse.dtype != torch.float32:
         raise ValueError(f"{what}: lse must be float32 [B,H,Tq]={(B, H, Tq)}, got {lse.dtype} "
                          f"{tuple(lse.shape)}")
-    grad_out = grad_out.to(q.dtype)
-    R = L + U + 1
     if B * H * Tq == 0:
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), torch.zeros_like(P)
-    P = P.contiguous()
-    dq = torch.empty_like(q)
-    dk = torch.empty_like(k)
-    dv = torch.empty_like(v)
-    kv, kcol, p_strides, c_strides, tpq, meta = _common(q, k, v, P, key_padding_mask, L, U,
-                                                        window_left, window_right, scale,
-                                                        use_delta)
-    qk_scale = scale * _LOG2E
-    # D, lse2, lse2 + c·P[t_i, 0], lse2 + c·P[t_i, R-1] per query; the padding Tq..tpq-1 sees
-    # no key
-    rows = torch.empty((B, H, 4, tpq), dtype=torch.float32, device=q.device)
-    rows[..., Tq:] = float("inf")
-    rows[:, :, 0, Tq:] = 0.0
-    # the key-row half [0] and the query-row half [1] of dP, per query head, by key position;
-    # padded to TP rows (band tiles store without a row mask), the padding dropped below
-    TP = meta["TP"]
-    dP_halves = torch.zeros((2, B, H, TP, R) if use_delta else (2, 1, 1, 1, 1),
-                            dtype=torch.float32, device=q.device)
-
-    block_rows = 16 if INTERPRET else 64
-    if _CAPTURE is None:
-        _count("bwd_preprocess")
-        wrap_triton(bwd_rows_kernel)[(triton.cdiv(Tq, block_rows), B * H)](
-            out, grad_out, lse, P, rows, *out.stride(), *grad_out.stride(), *lse.stride(),
-            *p_strides, H, Tq, T - Tq, tpq, R, qk_scale, USE_DELTA=use_delta, DV=Dv,
-            BLOCK_M=block_rows, BLOCK_DV=meta["BLOCK_DV"])
-
-    common = (*q.stride(), *k.stride(), *v.stride(), *p_strides, *c_strides, *grad_out.stride())
-
-    def grid_n(m):  # one program per key block of each (batch, key/value head)
-        return (triton.cdiv(T, m["BLOCK_N"]), B * Hkv)
-
-    def grid_m(m):
-        return (triton.cdiv(Tq, m["BLOCK_M"]), B * H)
-
-    _launch("dkdv", grid_n, q, k, v, P, kcol, kv, grad_out, rows, dk, dv, dP_halves[0], *common,
-            *dk.stride(), *dv.stride(), scale=scale, qk_scale=qk_scale, TPQ=tpq, GROUPED=Hkv != H,
-            **meta)
-    _launch("dq", grid_m, q, k, v, P, kcol, kv, grad_out, rows, dq, dP_halves[1], *common,
-            *dq.stride(), scale=scale, qk_scale=qk_scale, TPQ=tpq, **meta)
-    if not use_delta:
+    lay = _Layout(B, H, Hkv, Tq, T)
+    dq, dk, dv, dP = _run_backward(grad_out.to(q.dtype), q, k, v, P, key_padding_mask, out, lse,
+                                   L, U, window_left, window_right, scale, use_delta, lay)
+    if dP is None:
         return dq, dk, dv, torch.zeros_like(P)
-    dP_halves = dP_halves[:, :, :, :T]
-    if P.shape[1] == 1 and H != 1:  # P shared by the heads: one reduction over halves and heads
-        dP = dP_halves.sum(dim=(0, 2)).unsqueeze(1)
-    else:
-        dP = dP_halves.sum(dim=0)
+    dP = dP[:, :, :T]  # [B, H, T, R]
+    if P.shape[1] == 1 and H != 1:  # P shared by the heads
+        dP = dP.sum(1, keepdim=True)
+    return dq, dk, dv, dP.to(P.dtype)
+
+
+def _check_varlen(q, k, v, P, cu_q, cu_k, L, U, what):
+    for name, t, dim in (("q", q, 3), ("k", k, 3), ("v", v, 3), ("P", P, 3)):
+        if t.dim() != dim:
+            raise ValueError(f"{what}: {name} must be {dim}-D, got shape {tuple(t.shape)}")
+    # the per-element rules (dtypes, devices, head dims, head ratio, P's columns) are those of
+    # the padded op: check them on [1, heads, rows, D] views
+    _check(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+           P.transpose(0, 1)[None], None, L, U, -1, -1, what, check_lengths=False)
+    for name, cu in (("cu_seqlens_q", cu_q), ("cu_seqlens_k", cu_k)):
+        if cu.dim() != 1 or cu.dtype != torch.int32 or cu.device != q.device:
+            raise ValueError(f"{what}: {name} must be a 1-D int32 tensor on {q.device}, got "
+                             f"{cu.dtype} {tuple(cu.shape)} on {cu.device}")
+    if cu_q.numel() != cu_k.numel() or cu_q.numel() < 1:
+        raise ValueError(f"{what}: cu_seqlens_q and cu_seqlens_k must both have B+1 >= 1 "
+                         f"entries, got {cu_q.numel()} and {cu_k.numel()}")
+    if P.shape[0] != k.shape[0]:
+        raise ValueError(f"{what}: P must be [Total_k,Hp,R] with Total_k={k.shape[0]}, got "
+                         f"{tuple(P.shape)}")
+
+
+def _varlen_forward(q, k, v, P, cu_q, cu_k, max_q, max_k, L, U, window_left, window_right,
+                    scale, use_delta=True):
+    _check_varlen(q, k, v, P, cu_q, cu_k, L, U, "hdaf::triton_delta_attention_varlen_forward")
+    Total_q, H, _ = q.shape
+    out = q.new_zeros((Total_q, H, v.shape[-1]))
+    lse = q.new_full((H, Total_q), float("-inf"), dtype=torch.float32)
+    B = cu_q.numel() - 1
+    if Total_q == 0 or B == 0 or max_q <= 0 or max_k <= 0:
+        return out, lse
+    lay = _Layout(B, H, k.shape[1], int(max_q), int(max_k), cu_q, cu_k)
+    _run_forward(q, k, v, P, None, L, U, window_left, window_right, scale, use_delta, lay, out,
+                 lse)
+    return out, lse
+
+
+def _varlen_backward(grad_out, q, k, v, P, cu_q, cu_k, max_q, max_k, out, lse, L, U,
+                     window_left, window_right, scale, use_delta=True):
+    what = "hdaf::triton_delta_attention_varlen_backward"
+    _check_varlen(q, k, v, P, cu_q, cu_k, L, U, what)
+    Total_q, H, _ = q.shape
+    if grad_out.shape != out.shape or out.shape != (Total_q, H, v.shape[-1]):
+        raise ValueError(f"{what}: grad_out and out must be [Total_q,H,Dv]="
+                         f"{(Total_q, H, v.shape[-1])}, got {tuple(grad_out.shape)} and "
+                         f"{tuple(out.shape)}")
+    if lse.shape != (H, Total_q) or lse.dtype != torch.float32:
+        raise ValueError(f"{what}: lse must be float32 [H,Total_q]={(H, Total_q)}, got "
+                         f"{lse.dtype} {tuple(lse.shape)}")
+    B = cu_q.numel() - 1
+    zeros = tuple(torch.zeros_like(t, memory_format=torch.contiguous_format)
+                  for t in (q, k, v, P))
+    if Total_q == 0 or B == 0 or max_q <= 0 or max_k <= 0:
+        return zeros
+    lay = _Layout(B, H, k.shape[1], int(max_q), int(max_k), cu_q, cu_k)
+    dq, dk, dv, dP = _run_backward(grad_out.to(q.dtype), q.contiguous(), k.contiguous(),
+                                   v.contiguous(), P, None, out, lse, L, U, window_left,
+                                   window_right, scale, use_delta, lay)
+    if dP is None:
+        return dq, dk, dv, zeros[3]
+    seq, pos = _sequence_rows(cu_k)
+    dP = dP[seq, :, pos]  # [Total_k, H, R]
+    if P.shape[1] == 1 and H != 1:
+        dP = dP.sum(1, keepdim=True)
     return dq, dk, dv, dP.to(P.dtype)
 
 
@@ -502,7 +633,34 @@ def triton_delta_attention_backward(
                      window_right, scale)
 
 
+@triton_op("hdaf::triton_delta_attention_varlen_forward", mutates_args=())
+def triton_delta_attention_varlen_forward(
+        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, P: torch.Tensor,
+        cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, max_seqlen_q: int,
+        max_seqlen_k: int, L: int, U: int, window_left: int, window_right: int,
+        scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Packed batch: (out [Total_q,H,Dv], lse [H,Total_q] float32); docs/delta_attention.md."""
+    return _varlen_forward(q, k, v, P, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                           L, U, window_left, window_right, scale)
+
+
+@triton_op("hdaf::triton_delta_attention_varlen_backward", mutates_args=())
+def triton_delta_attention_varlen_backward(
+        grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+        P: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
+        max_seqlen_q: int, max_seqlen_k: int, out: torch.Tensor, lse: torch.Tensor, L: int,
+        U: int, window_left: int, window_right: int,
+        scale: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Packed batch: (grad_q, grad_k, grad_v, grad_P); deterministic (no atomics)."""
+    return _varlen_backward(grad_out, q, k, v, P, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                            max_seqlen_k, out, lse, L, U, window_left, window_right, scale)
+
+
 triton_delta_attention_forward.register_fake(_ops.fake_forward)
 triton_delta_attention_backward.register_fake(_ops.fake_backward)
 _ops.register_delta_autograd("hdaf::triton_delta_attention_forward",
                              "hdaf::triton_delta_attention_backward")
+triton_delta_attention_varlen_forward.register_fake(_ops.fake_varlen_forward)
+triton_delta_attention_varlen_backward.register_fake(_ops.fake_varlen_backward)
+_ops.register_varlen_autograd("hdaf::triton_delta_attention_varlen_forward",
+                              "hdaf::triton_delta_attention_varlen_backward")

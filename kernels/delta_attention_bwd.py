@@ -23,7 +23,8 @@ import triton
 import triton.language as tl
 
 from .delta_attention_tiles import (BAND, FAR_HI, FAR_LO, PLAIN, band_bias, dot, kcol_row,
-                                    key_span, loop_tile, split_runs, window_mask)
+                                    key_span, loop_tile, sequence, split_runs,
+                                    window_mask)
 
 #: Columns of the far tiles' dS-sum accumulator (the narrowest matrix-instruction N).
 SEL_W: tl.constexpr = tl.constexpr(16)
@@ -47,29 +48,32 @@ def _rows_row(MODE: tl.constexpr):
 
 
 @triton.jit
-def bwd_rows_kernel(OUT, DO, LSE, P, ROWS, sob, soh, sot, sod, sdb, sdh, sdt, sdd, slb, slh, slt,
-                    spb, sph, spt, H, TQ, QOFF, TPQ, R, qk_scale, USE_DELTA: tl.constexpr,
-                    DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr):
+def bwd_rows_kernel(OUT, DO, LSE, P, ROWS, CU_Q, CU_K, sob, soh, sot, sod, sdb, sdh, sdt, sdd,
+                    slb, slh, slt, spb, sph, spt, H, T, TQ, TPQ, R, qk_scale,
+                    USE_DELTA: tl.constexpr, VARLEN: tl.constexpr, DV: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     off_b = (pid_bh // H).to(tl.int64)
     off_h = (pid_bh % H).to(tl.int64)
+    q_start, k_start, T, TQ = sequence(CU_Q, CU_K, off_b, T, TQ, VARLEN)
+    QOFF = T - TQ
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # query indices; positions QOFF + offs_m
     offs_dv = tl.arange(0, BLOCK_DV)
     mask_m = offs_m < TQ
     mask = mask_m[:, None] & (offs_dv < DV)[None, :]
-    o = tl.load(OUT + off_b * sob + off_h * soh + offs_m[:, None] * sot + offs_dv[None, :] * sod,
-                mask=mask, other=0.0).to(tl.float32)
-    do = tl.load(DO + off_b * sdb + off_h * sdh + offs_m[:, None] * sdt + offs_dv[None, :] * sdd,
-                 mask=mask, other=0.0).to(tl.float32)
-    lse = tl.load(LSE + off_b * slb + off_h * slh + offs_m * slt, mask=mask_m,
+    o = tl.load(OUT + off_b * sob + q_start * sot + off_h * soh + offs_m[:, None] * sot
+                + offs_dv[None, :] * sod, mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(DO + off_b * sdb + q_start * sdt + off_h * sdh + offs_m[:, None] * sdt
+                 + offs_dv[None, :] * sdd, mask=mask, other=0.0).to(tl.float32)
+    lse = tl.load(LSE + off_b * slb + off_h * slh + (q_start + offs_m) * slt, mask=mask_m,
                   other=float("-inf"))
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
     rows = ROWS + pid_bh.to(tl.int64) * 4 * TPQ + offs_m
     tl.store(rows + ROW_D * TPQ, tl.sum(o * do, 1), mask=mask_m)
     tl.store(rows + ROW_LSE2 * TPQ, lse2, mask=mask_m)
     if USE_DELTA:
-        p_base = P + off_b * spb + off_h * sph + (offs_m + QOFF) * spt
+        p_base = P + off_b * spb + k_start * spt + off_h * sph + (offs_m + QOFF) * spt
         p_lo = tl.load(p_base, mask=mask_m, other=0.0).to(tl.float32)
         p_hi = tl.load(p_base + (R - 1), mask=mask_m, other=0.0).to(tl.float32)
         tl.store(rows + ROW_QL_LO * TPQ, lse2 + p_lo * qk_scale, mask=mask_m)
@@ -157,7 +161,8 @@ def _dkdv_run(dk, dv, acc_lo, acc_hi, k, v, kc_base, q_base, do_base, rows_base,
 
 
 @triton.jit
-def _dkdv_head(dk, dv, k, v, off_b, off_h, Q, P, KCOL, DO, ROWS, DPK, sqh, sqb, sqt, sqd, spb, sph,
+def _dkdv_head(dk, dv, k, v, off_b, off_h, q_start, k_start, Q, P, KCOL, DO, ROWS, DPK, sqh, sqb,
+               sqt, sqd, spb, sph,
                spt, scb, sch, sdb, sdh, sdt, sdd, offs_n, mask_n, offs_dk, offs_dv, n0q, start_m,
                e1, b1, b2, e2, end_m, H, T, TQ, QOFF, TP, TPQ, L, U, lo, hi, scale, qk_scale,
                USE_DELTA: tl.constexpr, IEEE: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
@@ -165,12 +170,12 @@ def _dkdv_head(dk, dv, k, v, off_b, off_h, Q, P, KCOL, DO, ROWS, DPK, sqh, sqb, 
     """One query head's share of a key block: dk, dv accumulate; the key rows of its dP."""
     R = L + U + 1
     bh = off_b * H + off_h
-    p_base = P + off_b * spb + off_h * sph
+    p_base = P + off_b * spb + k_start * spt + off_h * sph
     kc_base = KCOL + off_b * scb + off_h * sch
     dp_base = DPK + bh * TP * R  # contiguous float32 [B*H, TP, R]
     rows_base = ROWS + bh * 4 * TPQ
-    q_base = Q + off_b * sqb + off_h * sqh
-    do_base = DO + off_b * sdb + off_h * sdh
+    q_base = Q + off_b * sqb + q_start * sqt + off_h * sqh
+    do_base = DO + off_b * sdb + q_start * sdt + off_h * sdh
     acc_lo = tl.zeros([BLOCK_N], dtype=tl.float32)  # this head's dS summed into bucket 0
     acc_hi = tl.zeros([BLOCK_N], dtype=tl.float32)  # ... into bucket R-1
     if USE_DELTA:
@@ -224,13 +229,13 @@ def _dkdv_head(dk, dv, k, v, off_b, off_h, Q, P, KCOL, DO, ROWS, DPK, sqh, sqb, 
 
 
 @triton.jit
-def bwd_dkdv_kernel(Q, K, V, P, KCOL, KV, DO, ROWS, DK_OUT, DV_OUT, DPK,
+def bwd_dkdv_kernel(Q, K, V, P, KCOL, KV, DO, ROWS, DK_OUT, DV_OUT, DPK, CU_Q, CU_K,
                     sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd,
                     spb, sph, spt, scb, sch, sdb, sdh, sdt, sdd,
                     sgkb, sgkh, sgkt, sgkd, sgvb, sgvh, sgvt, sgvd,
-                    H, G, T, TQ, QOFF, TP, TPQ, L, U, lo, hi, scale, qk_scale, T_KEY, Q_KEY,
-                    W_KEY, HAS_PAD: tl.constexpr, USE_DELTA: tl.constexpr, IEEE: tl.constexpr,
-                    GROUPED: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+                    H, G, T, TQ, TP, TPQ, L, U, lo, hi, scale, qk_scale, T_KEY, Q_KEY,
+                    W_KEY, HAS_PAD: tl.constexpr, USE_DELTA: tl.constexpr, VARLEN: tl.constexpr,
+                    IEEE: tl.constexpr, GROUPED: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
                     BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr,
                     BLOCK_N: tl.constexpr):
     """One program per key block of one (batch, key/value head): dk and dv, summed over the G
@@ -242,6 +247,8 @@ def bwd_dkdv_kernel(Q, K, V, P, KCOL, KV, DO, ROWS, DK_OUT, DV_OUT, DPK,
     off_b = (pid_bg // HKV).to(tl.int64)
     off_g = (pid_bg % HKV).to(tl.int64)
     R = L + U + 1
+    q_start, k_start, T, TQ = sequence(CU_Q, CU_K, off_b, T, TQ, VARLEN)
+    QOFF = T - TQ
 
     n0 = pid_n * BLOCK_N
     offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -250,10 +257,10 @@ def bwd_dkdv_kernel(Q, K, V, P, KCOL, KV, DO, ROWS, DK_OUT, DV_OUT, DPK,
     mask_n = offs_n < T
     mask_dk = offs_dk < DK
     mask_dv = offs_dv < DV
-    k = tl.load(K + off_b * skb + off_g * skh + offs_n[:, None] * skt + offs_dk[None, :] * skd,
-                mask=mask_n[:, None] & mask_dk[None, :], other=0.0)
-    v = tl.load(V + off_b * svb + off_g * svh + offs_n[:, None] * svt + offs_dv[None, :] * svd,
-                mask=mask_n[:, None] & mask_dv[None, :], other=0.0)
+    k = tl.load(K + off_b * skb + k_start * skt + off_g * skh + offs_n[:, None] * skt
+                + offs_dk[None, :] * skd, mask=mask_n[:, None] & mask_dk[None, :], other=0.0)
+    v = tl.load(V + off_b * svb + k_start * svt + off_g * svh + offs_n[:, None] * svt
+                + offs_dv[None, :] * svd, mask=mask_n[:, None] & mask_dv[None, :], other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_DK], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
 
@@ -264,7 +271,7 @@ def bwd_dkdv_kernel(Q, K, V, P, KCOL, KV, DO, ROWS, DK_OUT, DV_OUT, DPK,
     kv_lo, kv_hi = key_span(KV, off_b, T, HAS_PAD)
     start_m = tl.maximum(n0q - hi, 0) // BLOCK_M * BLOCK_M
     end_m = tl.minimum(n0q + BLOCK_N - lo, TQ)
-    end_m = tl.where((n0 < kv_hi) & (n0 + BLOCK_N > kv_lo), end_m, start_m)
+    end_m = tl.where((n0 < kv_hi) & (n0 + BLOCK_N > kv_lo) & (n0 < T), end_m, start_m)
     # ascending i, so descending j - i: query tiles crossing the window's upper edge, unmasked
     # tiles, then tiles crossing its lower edge
     e1, e2 = split_runs(start_m, end_m, n0q + BLOCK_N - 1 - hi, n0q - BLOCK_M + 2 - lo, BLOCK_M)
@@ -272,21 +279,21 @@ def bwd_dkdv_kernel(Q, K, V, P, KCOL, KV, DO, ROWS, DK_OUT, DV_OUT, DPK,
     b1, b2 = split_runs(e1, e2, n0q - U - BLOCK_M + 2, n0q + BLOCK_N - 1 + L, BLOCK_M)
     if GROUPED:  # the G query heads of the key/value head, summed in registers
         for hh in range(0, G):
-            dk, dv = _dkdv_head(dk, dv, k, v, off_b, off_g * G + hh, Q, P, KCOL, DO, ROWS, DPK,
+            dk, dv = _dkdv_head(dk, dv, k, v, off_b, off_g * G + hh, q_start, k_start, Q, P, KCOL, DO, ROWS, DPK,
                                 sqh, sqb, sqt, sqd, spb, sph, spt, scb, sch, sdb, sdh, sdt, sdd,
                                 offs_n, mask_n, offs_dk, offs_dv, n0q, start_m, e1, b1, b2, e2,
                                 end_m, H, T, TQ, QOFF, TP, TPQ, L, U, lo, hi, scale, qk_scale,
                                 USE_DELTA, IEEE, DK, DV, BLOCK_M, BLOCK_N)
     else:
-        dk, dv = _dkdv_head(dk, dv, k, v, off_b, off_g, Q, P, KCOL, DO, ROWS, DPK, sqh, sqb, sqt,
+        dk, dv = _dkdv_head(dk, dv, k, v, off_b, off_g, q_start, k_start, Q, P, KCOL, DO, ROWS, DPK, sqh, sqb, sqt,
                             sqd, spb, sph, spt, scb, sch, sdb, sdh, sdt, sdd, offs_n, mask_n,
                             offs_dk, offs_dv, n0q, start_m, e1, b1, b2, e2, end_m, H, T, TQ,
                             QOFF, TP, TPQ, L, U, lo, hi, scale, qk_scale, USE_DELTA, IEEE, DK,
                             DV, BLOCK_M, BLOCK_N)
 
     # A padding key has probability 0 everywhere (KCOL is -inf there), hence dk = dv = 0.
-    gk_base = DK_OUT + off_b * sgkb + off_g * sgkh
-    gv_base = DV_OUT + off_b * sgvb + off_g * sgvh
+    gk_base = DK_OUT + off_b * sgkb + k_start * sgkt + off_g * sgkh
+    gv_base = DV_OUT + off_b * sgvb + k_start * sgvt + off_g * sgvh
     tl.store(gk_base + offs_n[:, None] * sgkt + offs_dk[None, :] * sgkd,
              (dk * scale).to(DK_OUT.dtype.element_ty), mask=mask_n[:, None] & mask_dk[None, :])
     tl.store(gv_base + offs_n[:, None] * sgvt + offs_dv[None, :] * sgvd,
@@ -339,11 +346,12 @@ def _dq_run(dq, acc_lo, acc_hi, acc_far, q, do, rows_base, k_base, v_base, kc_ba
 
 
 @triton.jit
-def bwd_dq_kernel(Q, K, V, P, KCOL, KV, DO, ROWS, DQ_OUT, DPQ,
+def bwd_dq_kernel(Q, K, V, P, KCOL, KV, DO, ROWS, DQ_OUT, DPQ, CU_Q, CU_K,
                   sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd,
                   spb, sph, spt, scb, sch, sdb, sdh, sdt, sdd, sgqb, sgqh, sgqt, sgqd,
-                  H, G, T, TQ, QOFF, TP, TPQ, L, U, lo, hi, scale, qk_scale, T_KEY, Q_KEY, W_KEY,
-                  HAS_PAD: tl.constexpr, USE_DELTA: tl.constexpr, IEEE: tl.constexpr,
+                  H, G, T, TQ, TP, TPQ, L, U, lo, hi, scale, qk_scale, T_KEY, Q_KEY, W_KEY,
+                  HAS_PAD: tl.constexpr, USE_DELTA: tl.constexpr, VARLEN: tl.constexpr,
+                  IEEE: tl.constexpr,
                   DK: tl.constexpr, DV: tl.constexpr, BLOCK_DK: tl.constexpr,
                   BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One program per query block of one (batch, query head): dq and the query rows of dP
@@ -353,9 +361,11 @@ def bwd_dq_kernel(Q, K, V, P, KCOL, KV, DO, ROWS, DQ_OUT, DPQ,
     off_b = (pid_bh // H).to(tl.int64)
     off_h = (pid_bh % H).to(tl.int64)
     off_hk = off_h // G
-    k_base = K + off_b * skb + off_hk * skh
-    v_base = V + off_b * svb + off_hk * svh
-    p_base = P + off_b * spb + off_h * sph
+    q_start, k_start, T, TQ = sequence(CU_Q, CU_K, off_b, T, TQ, VARLEN)
+    QOFF = T - TQ
+    k_base = K + off_b * skb + k_start * skt + off_hk * skh
+    v_base = V + off_b * svb + k_start * svt + off_hk * svh
+    p_base = P + off_b * spb + k_start * spt + off_h * sph
     kc_base = KCOL + off_b * scb + off_h * sch
     R = L + U + 1
     dp_base = DPQ + pid_bh.to(tl.int64) * TP * R  # contiguous float32 [B*H, TP, R]
@@ -368,10 +378,11 @@ def bwd_dq_kernel(Q, K, V, P, KCOL, KV, DO, ROWS, DQ_OUT, DPQ,
     offs_dk = tl.arange(0, BLOCK_DK)
     offs_dv = tl.arange(0, BLOCK_DV)
     mask_dk = offs_dk < DK
-    q = tl.load(Q + off_b * sqb + off_h * sqh + offs_q[:, None] * sqt + offs_dk[None, :] * sqd,
-                mask=mask_m[:, None] & mask_dk[None, :], other=0.0)
-    do = tl.load(DO + off_b * sdb + off_h * sdh + offs_q[:, None] * sdt + offs_dv[None, :] * sdd,
-                 mask=mask_m[:, None] & (offs_dv < DV)[None, :], other=0.0)
+    q = tl.load(Q + off_b * sqb + q_start * sqt + off_h * sqh + offs_q[:, None] * sqt
+                + offs_dk[None, :] * sqd, mask=mask_m[:, None] & mask_dk[None, :], other=0.0)
+    do = tl.load(DO + off_b * sdb + q_start * sdt + off_h * sdh + offs_q[:, None] * sdt
+                 + offs_dv[None, :] * sdd, mask=mask_m[:, None] & (offs_dv < DV)[None, :],
+                 other=0.0)
 
     dq = tl.zeros([BLOCK_M, BLOCK_DK], dtype=tl.float32)
     acc_lo = tl.zeros([BLOCK_M], dtype=tl.float32)  # band tiles' sums of dS into bucket 0
@@ -381,6 +392,7 @@ def bwd_dq_kernel(Q, K, V, P, KCOL, KV, DO, ROWS, DQ_OUT, DPQ,
     kv_lo, kv_hi = key_span(KV, off_b, T, HAS_PAD)
     start_n = tl.maximum(tl.maximum(m0 + lo, kv_lo), 0) // BLOCK_N * BLOCK_N
     end_n = tl.minimum(tl.minimum(m0 + BLOCK_M + hi, T), kv_hi)
+    end_n = tl.where(pid_m * BLOCK_M < TQ, end_n, start_n)  # a block past a short sequence
     e1, e2 = split_runs(start_n, end_n, m0 + BLOCK_M - 1 + lo, m0 + hi - BLOCK_N + 2, BLOCK_N)
     if USE_DELTA:
         b1, b2 = split_runs(e1, e2, m0 - L - BLOCK_N + 2, m0 + BLOCK_M - 1 + U, BLOCK_N)
@@ -423,6 +435,6 @@ def bwd_dq_kernel(Q, K, V, P, KCOL, KV, DO, ROWS, DQ_OUT, DPQ,
             dq, acc_lo, acc_hi, acc_far, q, do, rows_base, k_base, v_base, kc_base, p_base,
             dp_base, skt, skd, svt, svd, spt, offs_q, offs_m, offs_dk, offs_dv, e2, end_n, T, TP,
             TPQ, L, U, lo, hi, scale, qk_scale, PLAIN, True, IEEE, DK, DV, BLOCK_M, BLOCK_N)
-    gq_base = DQ_OUT + off_b * sgqb + off_h * sgqh
+    gq_base = DQ_OUT + off_b * sgqb + q_start * sgqt + off_h * sgqh
     tl.store(gq_base + offs_q[:, None] * sgqt + offs_dk[None, :] * sgqd,
              (dq * scale).to(DQ_OUT.dtype.element_ty), mask=mask_m[:, None] & mask_dk[None, :])

@@ -19,7 +19,8 @@ import triton
 import triton.language as tl
 
 from .delta_attention_tiles import (BAND, FAR_HI, FAR_LO, PLAIN, band_bias, dot, kcol_row,
-                                    key_span, loop_tile, split_runs, window_mask)
+                                    key_span, loop_tile, sequence, split_runs,
+                                    window_mask)
 
 
 @triton.jit
@@ -63,24 +64,26 @@ def _fwd_run(acc, l_i, m_i, q, qrow, k_base, v_base, p_base, kc_base, skt, skd, 
 
 
 @triton.jit
-def fwd_kernel(Q, K, V, P, KCOL, KV, OUT, LSE,
+def fwd_kernel(Q, K, V, P, KCOL, KV, OUT, LSE, CU_Q, CU_K,
                sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd,
                spb, sph, spt, scb, sch, sob, soh, sot, sod, slb, slh, slt,
-               H, G, T, TQ, QOFF, TP, L, U, lo, hi, qk_scale, T_KEY, Q_KEY, W_KEY,
-               HAS_PAD: tl.constexpr, USE_DELTA: tl.constexpr, IEEE: tl.constexpr,
-               DK: tl.constexpr, DV: tl.constexpr, BLOCK_DK: tl.constexpr,
+               H, G, T, TQ, TP, L, U, lo, hi, qk_scale, T_KEY, Q_KEY, W_KEY,
+               HAS_PAD: tl.constexpr, USE_DELTA: tl.constexpr, VARLEN: tl.constexpr,
+               IEEE: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BLOCK_DK: tl.constexpr,
                BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """One program per BLOCK_M queries of one (batch, query head). The TQ queries stand at key
-    positions QOFF.. (QOFF = T − TQ, the end of the keys); query head h reads key/value head
-    h // G."""
+    """One program per BLOCK_M queries of one (batch element or packed sequence, query head).
+    The TQ queries stand at key positions QOFF.. (QOFF = T − TQ, the end of the keys); query
+    head h reads key/value head h // G."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     off_b = (pid_bh // H).to(tl.int64)
     off_h = (pid_bh % H).to(tl.int64)
     off_hk = off_h // G
-    k_base = K + off_b * skb + off_hk * skh
-    v_base = V + off_b * svb + off_hk * svh
-    p_base = P + off_b * spb + off_h * sph
+    q_start, k_start, T, TQ = sequence(CU_Q, CU_K, off_b, T, TQ, VARLEN)
+    QOFF = T - TQ
+    k_base = K + off_b * skb + k_start * skt + off_hk * skh
+    v_base = V + off_b * svb + k_start * svt + off_hk * svh
+    p_base = P + off_b * spb + k_start * spt + off_h * sph
     kc_base = KCOL + off_b * scb + off_h * sch
 
     offs_q = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # query indices
@@ -89,8 +92,9 @@ def fwd_kernel(Q, K, V, P, KCOL, KV, OUT, LSE,
     offs_m = offs_q + QOFF
     offs_dk = tl.arange(0, BLOCK_DK)
     offs_dv = tl.arange(0, BLOCK_DV)
-    q = tl.load(Q + off_b * sqb + off_h * sqh + offs_q[:, None] * sqt + offs_dk[None, :] * sqd,
-                mask=mask_m[:, None] & (offs_dk < DK)[None, :], other=0.0)
+    q = tl.load(Q + off_b * sqb + q_start * sqt + off_h * sqh + offs_q[:, None] * sqt
+                + offs_dk[None, :] * sqd, mask=mask_m[:, None] & (offs_dk < DK)[None, :],
+                other=0.0)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -100,6 +104,7 @@ def fwd_kernel(Q, K, V, P, KCOL, KV, OUT, LSE,
     kv_lo, kv_hi = key_span(KV, off_b, T, HAS_PAD)
     start_n = tl.maximum(tl.maximum(m0 + lo, kv_lo), 0) // BLOCK_N * BLOCK_N
     end_n = tl.minimum(tl.minimum(m0 + BLOCK_M + hi, T), kv_hi)
+    end_n = tl.where(pid_m * BLOCK_M < TQ, end_n, start_n)  # a block past a short sequence
     # key tiles crossing the window's lower edge, then unmasked tiles, then tiles crossing its
     # upper edge (masked loops gather, so they also serve every tile kind)
     e1, e2 = split_runs(start_n, end_n, m0 + BLOCK_M - 1 + lo, m0 + hi - BLOCK_N + 2, BLOCK_N)
@@ -149,7 +154,7 @@ def fwd_kernel(Q, K, V, P, KCOL, KV, OUT, LSE,
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse2 = m_i + tl.log2(tl.where(empty, 1.0, l_i))  # log2 domain
     lse = tl.where(empty, float("-inf"), lse2 * 0.6931471805599453)
-    o_base = OUT + off_b * sob + off_h * soh
+    o_base = OUT + off_b * sob + q_start * sot + off_h * soh
     tl.store(o_base + offs_q[:, None] * sot + offs_dv[None, :] * sod, out.to(OUT.dtype.element_ty),
              mask=mask_m[:, None] & (offs_dv < DV)[None, :])
-    tl.store(LSE + off_b * slb + off_h * slh + offs_q * slt, lse, mask=mask_m)
+    tl.store(LSE + off_b * slb + off_h * slh + (q_start + offs_q) * slt, lse, mask=mask_m)

@@ -108,6 +108,21 @@ def window_mask(t, d, lo, hi):
 
 
 @triton.jit
+def sequence(CU_Q, CU_K, off_b, T, TQ, VARLEN: tl.constexpr):
+    """(q_start, k_start, T, TQ) of batch element off_b: the first query row and key row in the
+    tensors, and its key and query counts — from cu_seqlens for a packed batch (VARLEN), else
+    rows 0 and the launch's T, TQ."""
+    if VARLEN:
+        q_start = tl.load(CU_Q + off_b)
+        k_start = tl.load(CU_K + off_b)
+        TQ = tl.load(CU_Q + off_b + 1) - q_start
+        T = tl.load(CU_K + off_b + 1) - k_start
+        return q_start.to(tl.int64), k_start.to(tl.int64), T, TQ
+    else:
+        return 0, 0, T, TQ
+
+
+@triton.jit
 def key_span(KV, off_b, T, HAS_PAD: tl.constexpr):
     """[kv_lo, kv_hi): the span of the batch element's non-padding keys ([0, T) without a mask)."""
     if HAS_PAD:
