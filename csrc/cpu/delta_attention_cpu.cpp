@@ -43,8 +43,17 @@ void dgemm_(const char*, const char*, const int*, const int*, const int*, const 
 namespace hdaf {
 namespace {
 
-constexpr int64_t kBlockQ = 64;   // query rows per tile
-constexpr int64_t kBlockK = 128;  // key rows per tile
+// Tile sizes (query rows x key rows). The forward takes large tiles where rows see many keys:
+// fewer, larger BLAS calls (less packing per multiply-add), as ATen's CPU flash attention does
+// (256 x 512); under a narrow window (fewer than kWideBand visible offsets) large tiles would
+// mostly compute masked scores, so it keeps the small ones. The backward keeps the small ones
+// throughout: it holds two score tiles (S and dS), which at the large size leave the cache.
+struct Blocks {
+  int64_t q, k;
+};
+constexpr Blocks kSmall{64, 128};
+constexpr Blocks kLarge{256, 512};
+constexpr int64_t kWideBand = 1024;
 
 // Row-major C[M,N] = alpha * op(A) * op(B) + beta * C. Column-major BLAS sees each row-major
 // matrix transposed, so it computes Cᵀ = op(B)ᵀ op(A)ᵀ with the same transpose flags.
@@ -100,19 +109,23 @@ void gemm(bool ta, bool tb, int M, int N, int K, T alpha, const T* A, int lda, c
 // S[jj] = scale * (S[jj] + P[j, r] - P[t, r]), r = clamp(j - t, -L, U) + L, for the keys
 // j = j0 + jj, jj < bk, of the query at position t; P's rows are sP elements apart.
 // Split into the three runs of r (clipped low, diagonal, clipped high) so that each loop has
-// invariant strides and vectorizes: on the diagonal run r = j - t + L, hence
-// P[j, r] = P[j*(sP+1) + L - t] and P[t, r] = P[t*sP + j - t + L].
+// invariant strides and vectorizes. The clipped runs read P's first and last columns from
+// `col_lo` / `col_hi`, contiguous copies of them pre-multiplied by scale (indexed by j), so they
+// are one FMA per key; on the diagonal run r = j - t + L, hence P[j, r] = P[j*(sP+1) + L - t]
+// and P[t, r] = P[t*sP + j - t + L].
 template <typename T>
-HDAF_INLINE void bias_row_runs(T* __restrict S, const T* __restrict Pbh, int64_t t, int64_t j0,
-                               int64_t bk, int64_t L, int64_t U, int64_t R, int64_t sP,
-                               T scale) {
+HDAF_INLINE void bias_row_runs(T* __restrict S, const T* __restrict Pbh,
+                               const T* __restrict col_lo, const T* __restrict col_hi, int64_t t,
+                               int64_t j0, int64_t bk, int64_t L, int64_t U, int64_t R,
+                               int64_t sP, T scale) {
   const T* Pt = Pbh + t * sP;
   const int64_t lo_end = t - L - j0, hi_begin = t + U + 1 - j0;
   const int64_t a = lo_end < 0 ? 0 : (lo_end > bk ? bk : lo_end);
   const int64_t b = hi_begin < a ? a : (hi_begin > bk ? bk : hi_begin);
-  const T p_first = Pt[0], p_last = Pt[R - 1];
-  const T* Pj = Pbh + j0 * sP;
-  for (int64_t jj = 0; jj < a; ++jj) S[jj] = scale * (S[jj] + Pj[jj * sP] - p_first);
+  const T q_first = scale * Pt[0], q_last = scale * Pt[R - 1];
+  const T* lo = col_lo + j0;
+  const T* hi = col_hi + j0;
+  for (int64_t jj = 0; jj < a; ++jj) S[jj] = scale * S[jj] + (lo[jj] - q_first);
   if (b > a) {
     // From jj = a on, j - t >= -L: both pointers stay inside P.
     const T* Pdiag = Pbh + (j0 + a) * (sP + 1) + L - t;
@@ -121,23 +134,24 @@ HDAF_INLINE void bias_row_runs(T* __restrict S, const T* __restrict Pbh, int64_t
     for (int64_t jj = 0; jj < b - a; ++jj)
       Sa[jj] = scale * (Sa[jj] + Pdiag[jj * (sP + 1)] - Prow[jj]);
   }
-  for (int64_t jj = b; jj < bk; ++jj) S[jj] = scale * (S[jj] + Pj[jj * sP + R - 1] - p_last);
+  for (int64_t jj = b; jj < bk; ++jj) S[jj] = scale * S[jj] + (hi[jj] - q_last);
 }
 
-HDAF_CLONES void bias_row_f32(float* S, const float* Pbh, int64_t t, int64_t j0, int64_t bk,
-                              int64_t L, int64_t U, int64_t R, int64_t sP, float scale) {
-  bias_row_runs<float>(S, Pbh, t, j0, bk, L, U, R, sP, scale);
+HDAF_CLONES void bias_row_f32(float* S, const float* Pbh, const float* col_lo,
+                              const float* col_hi, int64_t t, int64_t j0, int64_t bk, int64_t L,
+                              int64_t U, int64_t R, int64_t sP, float scale) {
+  bias_row_runs<float>(S, Pbh, col_lo, col_hi, t, j0, bk, L, U, R, sP, scale);
 }
 
-// exp for x <= ~0 (the softmax only exponentiates score - max); exactly 0 below the float
-// range, so -inf (a masked key) gives 0. Cephes' expf polynomial, about 1 ulp. Builtins and
-// ternaries only: library calls would not inline into the AVX2 clone, and the loop would
-// stay scalar.
+// exp for x <= ~0 (the softmax only exponentiates score - max, or score - lse); exactly 0 below
+// the float range, so -inf (a masked key) gives 0. Cephes' expf polynomial, about 1 ulp. No clamp
+// of the argument: below `lo` (-inf included) the reduction's values are discarded by the final
+// select, and a NaN propagates. Builtins and ternaries only: library calls would not inline
+// into the AVX2 clone, and the loop would stay scalar.
 HDAF_INLINE float exp_poly(float x) {
   const float lo = -87.33654475f;
-  const float xc = x < lo ? lo : (x > 88.0f ? 88.0f : x);
-  const float n = __builtin_floorf(xc * 1.44269504088896341f + 0.5f);
-  float r = xc - n * 0.693359375f;
+  const float n = __builtin_floorf(x * 1.44269504088896341f + 0.5f);
+  float r = x - n * 0.693359375f;
   r = r - n * -2.12194440e-4f;
   float p = 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;
@@ -177,13 +191,15 @@ HDAF_CLONES float max_row_f32(const float* __restrict S, int64_t n) {
   return m;
 }
 
-inline void bias_row(float* S, const float* Pbh, int64_t t, int64_t j0, int64_t bk, int64_t L,
-                     int64_t U, int64_t R, int64_t sP, float scale) {
-  bias_row_f32(S, Pbh, t, j0, bk, L, U, R, sP, scale);
+inline void bias_row(float* S, const float* Pbh, const float* col_lo, const float* col_hi,
+                     int64_t t, int64_t j0, int64_t bk, int64_t L, int64_t U, int64_t R,
+                     int64_t sP, float scale) {
+  bias_row_f32(S, Pbh, col_lo, col_hi, t, j0, bk, L, U, R, sP, scale);
 }
-inline void bias_row(double* S, const double* Pbh, int64_t t, int64_t j0, int64_t bk, int64_t L,
-                     int64_t U, int64_t R, int64_t sP, double scale) {
-  bias_row_runs<double>(S, Pbh, t, j0, bk, L, U, R, sP, scale);
+inline void bias_row(double* S, const double* Pbh, const double* col_lo, const double* col_hi,
+                     int64_t t, int64_t j0, int64_t bk, int64_t L, int64_t U, int64_t R,
+                     int64_t sP, double scale) {
+  bias_row_runs<double>(S, Pbh, col_lo, col_hi, t, j0, bk, L, U, R, sP, scale);
 }
 inline float exp_row(float* S, int64_t n, float m) { return exp_row_f32(S, n, m); }
 inline double exp_row(double* S, int64_t n, double m) {
@@ -211,6 +227,7 @@ struct Seq {
   // grad_out share the layouts of q, k, v and out.
   int64_t q, k, v, P, o, lse, dP;
   const bool* mask;  // [Tk] (True: padding key) or nullptr
+  int64_t col;       // offset of key 0 in the key-column buffer (see key_columns)
 };
 
 struct Problem {
@@ -218,11 +235,12 @@ struct Problem {
   double scale;
   Strides q, k, v, P, o, lse, dP;  // dP: the per-head gradient buffer (Hd heads, see below)
   int64_t Hd;                      // heads of that buffer: Hkv when Hp == 1, else H
+  int64_t col_rows;                // keys of all sequences: the key-column buffer's row length
   std::vector<Seq> seqs;
 };
 
 // A query tile: the rows (g, i) for the query heads g0 <= g < g1 of one key/value head and the
-// queries i0 <= i < i1, row n = (g - g0) * (i1 - i0) + (i - i0). With Tq >= kBlockQ a tile is
+// queries i0 <= i < i1, row n = (g - g0) * (i1 - i0) + (i - i0). With Tq >= block_q a tile is
 // part of one head; with shorter Tq (decoding) it stacks whole heads of the group, so a key tile
 // feeds all of them from one read.
 struct Tile {
@@ -230,14 +248,22 @@ struct Tile {
   int64_t rows() const { return (g1 - g0) * (i1 - i0); }
 };
 
-std::vector<Tile> make_tiles(int64_t Tq, int64_t G) {
+std::vector<Tile> make_tiles(int64_t Tq, int64_t G, int64_t block_q) {
   std::vector<Tile> tiles;
   if (Tq == 0) return tiles;
-  const int64_t heads_per_tile = Tq >= kBlockQ ? 1 : std::max<int64_t>(1, std::min(G, kBlockQ / Tq));
+  const int64_t heads_per_tile =
+      Tq >= block_q ? 1 : std::max<int64_t>(1, std::min(G, block_q / Tq));
   for (int64_t g0 = 0; g0 < G; g0 += heads_per_tile)
-    for (int64_t i0 = 0; i0 < Tq; i0 += kBlockQ)
-      tiles.push_back({g0, std::min(G, g0 + heads_per_tile), i0, std::min(Tq, i0 + kBlockQ)});
+    for (int64_t i0 = 0; i0 < Tq; i0 += block_q)
+      tiles.push_back({g0, std::min(G, g0 + heads_per_tile), i0, std::min(Tq, i0 + block_q)});
   return tiles;
+}
+
+// The forward's tiles: large unless the window lets a row see fewer than kWideBand keys.
+Blocks forward_blocks(const Problem& p) {
+  const bool narrow = p.window_left >= 0 && p.window_right >= 0 &&
+                      p.window_left + p.window_right + 1 < kWideBand;
+  return narrow ? kSmall : kLarge;
 }
 
 // Keys [begin, end) that the band lets any row of the tile see (positions t = Tk - Tq + i).
@@ -271,7 +297,7 @@ void run_tasks(const std::vector<int64_t>& cost, const F& fn) {
 // of causal masking cut it), then padding keys are set to -inf.
 template <typename T>
 bool tile_logits(const Problem& p, const Seq& s, int64_t hkv, const Tile& tile, T* S,
-                 const T* P, int64_t j0, int64_t bk) {
+                 const T* P, const T* cols, int64_t j0, int64_t bk) {
   const T scale = static_cast<T>(p.scale);
   const T neg_inf = -std::numeric_limits<T>::infinity();
   const Band band = make_band(s.Tk, p.window_left, p.window_right);
@@ -280,7 +306,10 @@ bool tile_logits(const Problem& p, const Seq& s, int64_t hkv, const Tile& tile, 
   for (int64_t n = 0; n < tile.rows(); ++n) {
     const int64_t h = hkv * p.G + tile.g0 + n / bq;
     const int64_t t = off + tile.i0 + n % bq;
-    const T* Ph = P + s.P + (p.Hp == 1 ? 0 : h) * p.P.h;
+    const int64_t hp = p.Hp == 1 ? 0 : h;
+    const T* Ph = P + s.P + hp * p.P.h;
+    const T* col_lo = cols + hp * p.col_rows + s.col;
+    const T* col_hi = col_lo + p.Hp * p.col_rows;
     T* Srow = S + n * bk;
     int64_t jlo = t + band.lo - j0, jhi = t + band.hi + 1 - j0;
     jlo = jlo < 0 ? 0 : (jlo > bk ? bk : jlo);
@@ -288,7 +317,8 @@ bool tile_logits(const Problem& p, const Seq& s, int64_t hkv, const Tile& tile, 
     std::fill(Srow, Srow + jlo, neg_inf);
     std::fill(Srow + jhi, Srow + bk, neg_inf);
     if (jhi > jlo) {
-      bias_row(Srow + jlo, Ph, t, j0 + jlo, jhi - jlo, p.L, p.U, p.R, p.P.t, scale);
+      bias_row(Srow + jlo, Ph, col_lo, col_hi, t, j0 + jlo, jhi - jlo, p.L, p.U, p.R, p.P.t,
+               scale);
       any_row = true;
     }
   }
@@ -328,18 +358,36 @@ void scatter_rows(const Problem& p, const Tile& tile, int64_t hkv, T* base, Stri
   });
 }
 
+// The key-column buffer [2, Hp, col_rows]: scale * P[j, 0] and scale * P[j, R-1] of every key
+// of every sequence, contiguous, so the clipped runs of the bias are one FMA per key.
 template <typename T>
-void forward_kernel(const Problem& p, const T* q, const T* k, const T* v, const T* P, T* out,
-                    T* lse) {
+void key_columns(const Problem& p, const T* P, T* cols) {
+  const T scale = static_cast<T>(p.scale);
+  for (const Seq& s : p.seqs)
+    for (int64_t hp = 0; hp < p.Hp; ++hp) {
+      const T* Ph = P + s.P + hp * p.P.h;
+      T* lo = cols + hp * p.col_rows + s.col;
+      T* hi = lo + p.Hp * p.col_rows;
+      for (int64_t j = 0; j < s.Tk; ++j) {
+        lo[j] = scale * Ph[j * p.P.t];
+        hi[j] = scale * Ph[j * p.P.t + p.R - 1];
+      }
+    }
+}
+
+template <typename T>
+void forward_kernel(const Problem& p, const T* q, const T* k, const T* v, const T* P,
+                    const T* cols, T* out, T* lse) {
   struct Task {
     int64_t seq, hkv;
     Tile tile;
   };
+  const Blocks blocks = forward_blocks(p);
   std::vector<Task> tasks;
   std::vector<int64_t> cost;
   for (int64_t si = 0; si < static_cast<int64_t>(p.seqs.size()); ++si) {
     const Seq& s = p.seqs[si];
-    for (const Tile& tile : make_tiles(s.Tq, p.G)) {
+    for (const Tile& tile : make_tiles(s.Tq, p.G, blocks.q)) {
       const auto keys = tile_keys(p, s, tile);
       for (int64_t hkv = 0; hkv < p.Hkv; ++hkv) {
         tasks.push_back({si, hkv, tile});
@@ -348,13 +396,13 @@ void forward_kernel(const Problem& p, const T* q, const T* k, const T* v, const 
     }
   }
   const int64_t Dk = p.Dk, Dv = p.Dv;
-  const int64_t qrows = kBlockQ;
+  const int64_t qrows = blocks.q;
   run_tasks(cost, [&](int64_t ti) {
     // Buffers per task: small next to the task's work, and no state shared between threads.
     thread_local std::vector<T> Q, S, acc;
     thread_local std::vector<SoftmaxState<T>> st;
     Q.resize(qrows * std::max<int64_t>(Dk, 1));
-    S.resize(qrows * kBlockK);
+    S.resize(qrows * blocks.k);
     acc.resize(qrows * std::max<int64_t>(Dv, 1));
     st.resize(qrows);
     const Task& task = tasks[ti];
@@ -367,11 +415,11 @@ void forward_kernel(const Problem& p, const T* q, const T* k, const T* v, const 
     std::fill(acc.begin(), acc.begin() + M * Dv, T(0));
     for (int64_t n = 0; n < M; ++n) st[n] = softmax_init<T>();
     const auto keys = tile_keys(p, s, tile);
-    for (int64_t j0 = keys.first; j0 < keys.second; j0 += kBlockK) {
-      const int64_t bk = std::min(keys.second, j0 + kBlockK) - j0;
+    for (int64_t j0 = keys.first; j0 < keys.second; j0 += blocks.k) {
+      const int64_t bk = std::min(keys.second, j0 + blocks.k) - j0;
       gemm<T>(false, true, M, bk, Dk, T(1), Q.data(), Dk, Kh + j0 * p.k.t, p.k.t, T(0),
               S.data(), bk);
-      if (!tile_logits(p, s, hkv, tile, S.data(), P, j0, bk)) continue;
+      if (!tile_logits(p, s, hkv, tile, S.data(), P, cols, j0, bk)) continue;
       for (int64_t n = 0; n < M; ++n) {
         T* Srow = S.data() + n * bk;
         const T bmax = max_row(Srow, bk);
@@ -407,14 +455,15 @@ void forward_kernel(const Problem& p, const T* q, const T* k, const T* v, const 
 // count). The query heads of a group are summed into dk / dv in a fixed order.
 template <typename T>
 void backward_kernel(const Problem& p, const T* dout, const T* q, const T* k, const T* v,
-                     const T* P, const T* out, const T* lse, T* dq, T* dk, T* dv, T* dPh) {
+                     const T* P, const T* cols, const T* out, const T* lse, T* dq, T* dk, T* dv,
+                     T* dPh) {
   const int64_t Dk = p.Dk, Dv = p.Dv, R = p.R;
   const T scale = static_cast<T>(p.scale);
   std::vector<int64_t> cost;
   for (const Seq& s : p.seqs)
     for (int64_t hkv = 0; hkv < p.Hkv; ++hkv) {
       int64_t c = 0;
-      for (const Tile& tile : make_tiles(s.Tq, p.G)) {
+      for (const Tile& tile : make_tiles(s.Tq, p.G, kSmall.q)) {
         const auto keys = tile_keys(p, s, tile);
         c += tile.rows() * std::max<int64_t>(keys.second - keys.first, 1);
       }
@@ -422,13 +471,14 @@ void backward_kernel(const Problem& p, const T* dout, const T* q, const T* k, co
     }
   run_tasks(cost, [&](int64_t task) {
     thread_local std::vector<T> Q, dO, dQ, S, dS, Di, Li;
-    Q.resize(kBlockQ * std::max<int64_t>(Dk, 1));
-    dQ.resize(kBlockQ * std::max<int64_t>(Dk, 1));
-    dO.resize(kBlockQ * std::max<int64_t>(Dv, 1));
-    S.resize(kBlockQ * kBlockK);
-    dS.resize(kBlockQ * kBlockK);
-    Di.resize(kBlockQ);
-    Li.resize(kBlockQ);
+    constexpr int64_t BQ = kSmall.q, BK = kSmall.k;
+    Q.resize(BQ * std::max<int64_t>(Dk, 1));
+    dQ.resize(BQ * std::max<int64_t>(Dk, 1));
+    dO.resize(BQ * std::max<int64_t>(Dv, 1));
+    S.resize(BQ * BK);
+    dS.resize(BQ * BK);
+    Di.resize(BQ);
+    Li.resize(BQ);
     const Seq& s = p.seqs[task / p.Hkv];
     const int64_t hkv = task % p.Hkv;
     const T* Kh = k + s.k + hkv * p.k.h;
@@ -436,7 +486,7 @@ void backward_kernel(const Problem& p, const T* dout, const T* q, const T* k, co
     T* dKh = dk + s.k + hkv * p.k.h;
     T* dVh = dv + s.v + hkv * p.v.h;
     const int64_t off = s.Tk - s.Tq;
-    for (const Tile& tile : make_tiles(s.Tq, p.G)) {
+    for (const Tile& tile : make_tiles(s.Tq, p.G, BQ)) {
       const int64_t M = tile.rows(), bq = tile.i1 - tile.i0;
       gather_rows(p, tile, hkv, q + s.q, p.q, Dk, Q.data());
       gather_rows(p, tile, hkv, dout + s.o, p.o, Dv, dO.data());
@@ -451,11 +501,11 @@ void backward_kernel(const Problem& p, const T* dout, const T* q, const T* k, co
         Li[n] = lse[s.lse + h * p.lse.h + i * p.lse.t];
       }
       const auto keys = tile_keys(p, s, tile);
-      for (int64_t j0 = keys.first; j0 < keys.second; j0 += kBlockK) {
-        const int64_t bk = std::min(keys.second, j0 + kBlockK) - j0;
+      for (int64_t j0 = keys.first; j0 < keys.second; j0 += BK) {
+        const int64_t bk = std::min(keys.second, j0 + BK) - j0;
         gemm<T>(false, true, M, bk, Dk, T(1), Q.data(), Dk, Kh + j0 * p.k.t, p.k.t, T(0),
                 S.data(), bk);
-        if (!tile_logits(p, s, hkv, tile, S.data(), P, j0, bk)) continue;
+        if (!tile_logits(p, s, hkv, tile, S.data(), P, cols, j0, bk)) continue;
         for (int64_t n = 0; n < M; ++n) {  // probabilities from the saved lse
           T* Srow = S.data() + n * bk;
           if (Li[n] == -std::numeric_limits<T>::infinity()) {
@@ -521,8 +571,9 @@ Problem padded_problem(const DeltaSizes& z, const bool* mask, int64_t L, int64_t
   for (int64_t b = 0; b < z.B; ++b) {
     p.seqs.push_back({Tq, Tk, b * z.H * Tq * z.Dk, b * z.Hkv * Tk * z.Dk, b * z.Hkv * Tk * z.Dv,
                       b * z.Hp * Tk * z.R, b * z.H * Tq * z.Dv, b * z.H * Tq,
-                      b * p.Hd * Tk * z.R, mask ? mask + b * Tk : nullptr});
+                      b * p.Hd * Tk * z.R, mask ? mask + b * Tk : nullptr, b * Tk});
   }
+  p.col_rows = z.B * Tk;
   return p;
 }
 
@@ -541,8 +592,9 @@ Problem varlen_problem(const VarlenSizes& z, const int32_t* cu_q, const int32_t*
   for (int64_t b = 0; b < z.B; ++b) {
     const int64_t q0 = cu_q[b], k0 = cu_k[b];
     p.seqs.push_back({cu_q[b + 1] - q0, cu_k[b + 1] - k0, q0 * p.q.t, k0 * p.k.t, k0 * p.v.t,
-                      k0 * p.P.t, q0 * p.o.t, q0, k0 * p.dP.t, nullptr});
+                      k0 * p.P.t, q0 * p.o.t, q0, k0 * p.dP.t, nullptr, k0});
   }
+  p.col_rows = z.Total_k;
   return p;
 }
 
@@ -558,10 +610,13 @@ std::tuple<at::Tensor, at::Tensor> run_forward(const Problem& p, const at::Tenso
                                                const at::Tensor& k, const at::Tensor& v,
                                                const at::Tensor& P, at::Tensor out,
                                                at::Tensor lse, at::ScalarType out_type) {
+  auto cols = at::empty({2, p.Hp, p.col_rows}, q.options());
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "hdaf_delta_attention_forward_cpu", [&] {
+    key_columns<scalar_t>(p, P.data_ptr<scalar_t>(), cols.data_ptr<scalar_t>());
     forward_kernel<scalar_t>(p, q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(),
                              v.data_ptr<scalar_t>(), P.data_ptr<scalar_t>(),
-                             out.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>());
+                             cols.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
+                             lse.data_ptr<scalar_t>());
   });
   return {out.to(out_type), lse};
 }
@@ -570,10 +625,13 @@ void run_backward(const Problem& p, const at::Tensor& dout, const at::Tensor& q,
                   const at::Tensor& k, const at::Tensor& v, const at::Tensor& P,
                   const at::Tensor& out, const at::Tensor& lse, at::Tensor& dq, at::Tensor& dk,
                   at::Tensor& dv, at::Tensor& dPh) {
+  auto cols = at::empty({2, p.Hp, p.col_rows}, q.options());
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "hdaf_delta_attention_backward_cpu", [&] {
+    key_columns<scalar_t>(p, P.data_ptr<scalar_t>(), cols.data_ptr<scalar_t>());
     backward_kernel<scalar_t>(p, dout.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(),
                               k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
-                              P.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
+                              P.data_ptr<scalar_t>(), cols.data_ptr<scalar_t>(),
+                              out.data_ptr<scalar_t>(),
                               lse.data_ptr<scalar_t>(), dq.data_ptr<scalar_t>(),
                               dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>(),
                               dPh.data_ptr<scalar_t>());
