@@ -103,14 +103,14 @@ def loop_tile_shapes(kind: str, loop_kinds, block_m: int, block_n: int):
 # programs own BLOCK_N keys (the matrix instructions' M dimension) and loop over query tiles.
 # Each list is ordered best first by the static sm_90 profile (bench/static_profile.py), and no
 # entry spills in a hot loop at the head dims it is kept for (a configuration whose registers
-# overflow at head dim 128 is listed for head dims up to 64 only). The last entries are for short
-# sequences and float32, which _prune keeps when nothing larger fits.
+# overflow at head dim 128 is listed for head dims up to 64 only). Every entry gives each
+# tl.dot an M dimension of at least 64 per warpgroup, so all of them lower to wgmma on sm_90
+# (smaller tiles would fall back to mma.sync); _prune keeps the smallest entry when nothing
+# else fits (short sequences, float32).
 _FWD_SHAPES = [(128, 128, 8, 3, 64), (128, 64, 8, 2, 128), (128, 64, 8, 3, 128),
-               (64, 64, 4, 3, 128), (64, 32, 4, 2, 128), (32, 32, 4, 2, 128), (16, 16, 2, 2, 128)]
-_DKDV_SHAPES = [(64, 128, 8, 2, 64), (32, 128, 8, 2, 128), (32, 64, 4, 2, 64),
-                (32, 32, 4, 2, 128), (16, 16, 2, 1, 128)]
-_DQ_SHAPES = [(64, 64, 4, 2, 64), (128, 64, 8, 2, 64), (128, 32, 8, 2, 128), (64, 32, 4, 2, 128),
-              (32, 32, 4, 2, 128), (16, 16, 2, 1, 128)]
+               (64, 64, 4, 3, 128), (64, 32, 4, 2, 128)]
+_DKDV_SHAPES = [(64, 128, 8, 2, 64), (32, 128, 8, 2, 128), (32, 64, 4, 2, 64)]
+_DQ_SHAPES = [(64, 64, 4, 2, 64), (128, 64, 8, 2, 64), (128, 32, 8, 2, 128), (64, 32, 4, 2, 128)]
 #: Estimated shared memory a configuration may use (bytes): below sm_80's 164 KiB opt-in limit
 #: with room for Triton's layout-conversion scratch.
 _SMEM_BUDGET = 144 * 1024
