@@ -181,6 +181,15 @@ def _features(H: int, Hkv: int, Tq: int, Tk: int, varlen: bool = False) -> dict:
     return out
 
 
+def shape_only(t: torch.Tensor) -> bool:
+    """True for tensors without data: the meta device, or fake tensors outside torch.compile's
+    tracing (under tracing the backend's own op must reach the graph, so those go the usual way)."""
+    if t.device.type == "meta":
+        return True
+    from torch._subclasses.fake_tensor import FakeTensor
+    return isinstance(t, FakeTensor) and not torch.compiler.is_compiling()
+
+
 def _kernel_projection(x, w, L: int, Tq: int, Tk: int) -> torch.Tensor:
     """``P = x·w`` for the kernels, ``[B,Hp,Tk,R]``. Key rows ``j < Tk - Tq - L`` are read in
     column 0 only (``j - t_i < -L`` for every query; docs/delta_attention.md), so for a short
@@ -239,6 +248,12 @@ def delta_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, x: torch.
                                      key_padding_mask, scale, backend)
     B, H, Tq, _ = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
+    if shape_only(q):  # meta / fake tensors: the op's fake implementation gives the shapes
+        if _ops._C is not None:
+            out, _lse = torch.ops.hdaf.delta_attention_forward(
+                q, k, v, delta_projection(x, w), key_padding_mask, L, U, Wl, Wr, scale)
+            return out
+        return _ops.fake_forward(q, k, v, None, key_padding_mask, L, U, Wl, Wr, scale)[0]
     features = _features(H, Hkv, Tq, Tk)
     name = _backends.resolve(backend, q.device, q.dtype, max(q.shape[-1], v.shape[-1]),
                              features=features)
@@ -277,8 +292,9 @@ def _check_cu_seqlens(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, To
             raise TypeError(f"{name} must be an int, got {type(m).__name__} {m!r}")
         if m < 0:
             raise ValueError(f"{name} must be >= 0, got {m}")
-    if torch.compiler.is_compiling():
-        return  # reading the values would break the graph; the op checks them when it runs
+    if torch.compiler.is_compiling() or shape_only(cu_seqlens_q) or shape_only(cu_seqlens_k):
+        return  # no values to read (meta / fake), or reading them would break the graph; the op
+        # checks them when it runs
     cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
     for name, cu, total, tname, m, mname in (
             ("cu_seqlens_q", cq, Total_q, "Total_q", max_seqlen_q, "max_seqlen_q"),
@@ -359,6 +375,13 @@ def delta_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, x:
     _check_cu_seqlens(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, Total_q, Total_k,
                       q.device)
     L, U, Wl, Wr, scale = _options(w, Dk, max_distance, window, causal, scale, backend)
+    if shape_only(q):  # meta / fake tensors: the op's fake implementation gives the shapes
+        args = (cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), L, U, Wl, Wr,
+                scale)
+        if _ops._C is not None:
+            return torch.ops.hdaf.delta_attention_varlen_forward(
+                q, k, v, varlen_projection(x, w), *args)[0]
+        return _ops.fake_varlen_forward(q, k, v, None, *args)[0]
     features = _features(H, Hkv, 0, 0, varlen=True)
     name = _backends.resolve(backend, q.device, q.dtype, max(Dk, v.shape[-1]),
                              features=features)

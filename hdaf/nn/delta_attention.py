@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ..dispatch import resolve
-from ..functional import IntOrPair, _pair, delta_attention
+from ..functional import IntOrPair, _pair, delta_attention, shape_only
 
 
 class DeltaAttention(nn.Module):
@@ -95,11 +95,14 @@ class DeltaAttention(nn.Module):
         q, k, v = self.in_proj(x).view(B, T, 3, H, D).permute(2, 0, 3, 1, 4).unbind(0)
         feats = self.delta_proj(x) if self.delta_proj is not None else x
         w = self.rpe if self.use_delta else torch.zeros_like(self.rpe)
-        # Resolve once: the concrete backend both serves the call and is reported.
-        self.last_backend = resolve(self.backend, x.device, q.dtype, D)
+        # Resolve once: the concrete backend both serves the call and is reported. Meta / fake
+        # inputs have no data to compute on: the op's fake implementation gives the shapes.
+        self.last_backend = ("fake" if shape_only(x) else
+                             resolve(self.backend, x.device, q.dtype, D))
         out = delta_attention(q, k, v, feats, w, max_distance=(self.L, self.U), window=self.window,
                               causal=self.causal, key_padding_mask=key_padding_mask,
-                              backend=self.last_backend)
+                              backend=self.backend if self.last_backend == "fake"
+                              else self.last_backend)
         out = self.dropout(self.out_proj(out.transpose(1, 2).reshape(B, T, E)))
         return out if self.batch_first else out.transpose(0, 1)
 

@@ -17,7 +17,7 @@ from torch import nn
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
 from ..dispatch import BACKENDS, resolve
-from ..functional import IntOrPair, _pair, delta_attention
+from ..functional import IntOrPair, _pair, delta_attention, shape_only
 
 # Delta options a caller (or hdaf.nn.convert_mha) may set beside nn.MultiheadAttention's own.
 DELTA_OPTIONS = ("delta_dim", "max_distance", "window", "share_rpe_across_heads", "backend")
@@ -234,10 +234,14 @@ class DeltaMultiheadAttention(nn.Module):
         x = self.delta_proj(query) if self.delta_proj is not None else query
         # Under autocast q is in the autocast dtype; the op takes one dtype for all inputs.
         x, w = x.to(q.dtype), self.rpe.to(q.dtype)
-        # Resolve once: the concrete backend both serves the call and is reported.
-        self.last_backend = resolve(self.backend, q.device, q.dtype, D)
+        # Resolve once: the concrete backend both serves the call and is reported. Meta / fake
+        # inputs have no data to compute on: the op's fake implementation gives the shapes.
+        self.last_backend = ("fake" if shape_only(q) else
+                             resolve(self.backend, q.device, q.dtype, D))
         out = delta_attention(q, k, v, x, w, max_distance=(self.L, self.U), window=self.window,
-                              causal=causal, key_padding_mask=pad, backend=self.last_backend)
+                              causal=causal, key_padding_mask=pad,
+                              backend=self.backend if self.last_backend == "fake"
+                              else self.last_backend)
         out = self.out_proj(out.transpose(1, 2).reshape(B, T, E))
         if unbatched:
             return out.squeeze(0), None
