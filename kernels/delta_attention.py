@@ -162,21 +162,25 @@ def _configs(kind: str):
             for m, n, w, s in autotune_shapes(kind)]
 
 
-_TUNE_KEY = ["T_KEY", "Q_KEY", "W_KEY", "DK", "DV", "HAS_PAD", "USE_DELTA", "IEEE"]
+_TUNE_KEY = ["T_KEY", "Q_KEY", "W_KEY", "DK", "DV", "HAS_PAD", "USE_DELTA", "SPLIT", "IEEE"]
 
 #: Per kernel kind, a configuration that replaces autotuning (see :func:`forced_configs`).
 _FORCED: dict = {}
 
 
 @contextlib.contextmanager
-def forced_configs(fwd=None, dkdv=None, dq=None):
+def forced_configs(fwd=None, dkdv=None, dq=None, splits=None):
     """Run the kernels with fixed configurations instead of the autotuned ones (eager only).
 
-    Each argument is ``None`` (keep autotuning) or ``(BLOCK_M, BLOCK_N, num_warps, num_stages)``.
+    Each of fwd, dkdv, dq is ``None`` (keep autotuning) or ``(BLOCK_M, BLOCK_N, num_warps,
+    num_stages)``; ``splits`` fixes how many key ranges the forward splits into (flash-decoding;
+    padded batches only), instead of the rule in :func:`_decode_splits`.
     Tests use it to walk far and band tiles of several shapes under the interpreter, and the GPU
     check to run every configuration of the autotune lists one by one (so a bad one is named).
     """
     saved = dict(_FORCED)
+    if splits is not None:
+        _FORCED["splits"] = int(splits)
     for kind, cfg in (("fwd", fwd), ("dkdv", dkdv), ("dq", dq)):
         if cfg is not None:
             bm, bn, warps, stages = cfg
@@ -441,19 +445,62 @@ def _common(q, v, P, key_padding_mask, L, U, window_left, window_right, scale, u
     return kv, kcol, c_strides, cu_q, cu_k, tpq, meta
 
 
+#: Keys per split of a decoding forward: a multiple of every key tile.
+_SPLIT_QUANTUM = 256
+
+
+def _decode_splits(lay, device) -> int:
+    """How many key ranges a forward splits into (flash-decoding): more than one only when the
+    query blocks alone leave most of the GPU's multiprocessors idle and the keys are long."""
+    if "splits" in _FORCED:
+        return 1 if lay.varlen else _FORCED["splits"]
+    if lay.varlen or INTERPRET or device.type != "cuda" or lay.T < 4 * _SPLIT_QUANTUM:
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    programs = lay.B * lay.H * triton.cdiv(lay.Tq, 64)
+    if programs >= sms:
+        return 1
+    return max(1, min(triton.cdiv(lay.T, 2 * _SPLIT_QUANTUM), triton.cdiv(2 * sms, programs)))
+
+
+def _combine_splits(part, Dv, out, lse):
+    """out and lse from the splits' partial results: PART [splits, B*H, Tq, BLOCK_DV + 2]."""
+    m, l_sum, acc = part[..., -2], part[..., -1], part[..., :Dv]
+    top = m.amax(0)
+    top = torch.where(top == float("-inf"), 0.0, top)
+    wgt = torch.exp2(m - top)  # 0 for a split that saw no key of the row
+    total = (l_sum * wgt).sum(0)
+    empty = total == 0
+    safe = torch.where(empty, 1.0, total)
+    o = (acc * wgt[..., None]).sum(0) / safe[..., None]
+    lse_ = torch.where(empty, float("-inf"), (top + torch.log2(safe)) * 0.6931471805599453)
+    out.copy_(o.view(out.shape))
+    lse.copy_(lse_.view(lse.shape))
+
+
 def _run_forward(q, k, v, P, key_padding_mask, L, U, window_left, window_right, scale, use_delta,
                  lay, out, lse):
     P = P.contiguous()
     kv, kcol, c_strides, cu_q, cu_k, _, meta = _common(q, v, P, key_padding_mask, L, U,
                                                        window_left, window_right, scale,
                                                        use_delta, lay)
+    splits = _decode_splits(lay, q.device)
+    split_n = triton.cdiv(triton.cdiv(lay.T, splits), _SPLIT_QUANTUM) * _SPLIT_QUANTUM
+    splits = triton.cdiv(lay.T, split_n)
+    part = kv  # never read without SPLIT
+    if splits > 1:
+        part = torch.empty((splits, lay.B * lay.H, lay.Tq, meta["BLOCK_DV"] + 2),
+                           dtype=torch.float32, device=q.device)
 
     def grid(m):
-        return (triton.cdiv(lay.Tq, m["BLOCK_M"]), lay.B * lay.H)
+        return (triton.cdiv(lay.Tq, m["BLOCK_M"]), lay.B * lay.H, splits)
 
-    _launch("fwd", grid, q, k, v, P, kcol, kv, out, lse, cu_q, cu_k, *lay.strides(q),
+    _launch("fwd", grid, q, k, v, P, kcol, kv, out, lse, cu_q, cu_k, part, *lay.strides(q),
             *lay.strides(k), *lay.strides(v), *lay.p_strides(P), *c_strides, *lay.strides(out),
-            *lay.lse_strides(lse), qk_scale=scale * _LOG2E, **meta)
+            *lay.lse_strides(lse), qk_scale=scale * _LOG2E, SPLIT_N=split_n, SPLIT=splits > 1,
+            **meta)
+    if splits > 1 and _CAPTURE is None:
+        _combine_splits(part, v.shape[-1], out, lse)
 
 
 def _run_backward(grad_out, q, k, v, P, key_padding_mask, out, lse, L, U, window_left,

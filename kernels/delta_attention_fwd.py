@@ -64,16 +64,20 @@ def _fwd_run(acc, l_i, m_i, q, qrow, k_base, v_base, p_base, kc_base, skt, skd, 
 
 
 @triton.jit
-def fwd_kernel(Q, K, V, P, KCOL, KV, OUT, LSE, CU_Q, CU_K,
+def fwd_kernel(Q, K, V, P, KCOL, KV, OUT, LSE, CU_Q, CU_K, PART,
                sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd,
                spb, sph, spt, scb, sch, sob, soh, sot, sod, slb, slh, slt,
-               H, G, T, TQ, TP, L, U, lo, hi, qk_scale, T_KEY, Q_KEY, W_KEY,
+               H, G, T, TQ, TP, L, U, lo, hi, qk_scale, SPLIT_N, T_KEY, Q_KEY, W_KEY,
                HAS_PAD: tl.constexpr, USE_DELTA: tl.constexpr, VARLEN: tl.constexpr,
-               IEEE: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BLOCK_DK: tl.constexpr,
+               SPLIT: tl.constexpr, IEEE: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+               BLOCK_DK: tl.constexpr,
                BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One program per BLOCK_M queries of one (batch element or packed sequence, query head).
     The TQ queries stand at key positions QOFF.. (QOFF = T − TQ, the end of the keys); query
-    head h reads key/value head h // G."""
+    head h reads key/value head h // G. With SPLIT (decoding: few query blocks, long keys) the
+    third grid dimension splits the keys into SPLIT_N-key ranges (flash-decoding): each program
+    writes its unnormalised partial output, running maximum and sum to PART, and the launcher
+    combines them."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     off_b = (pid_bh // H).to(tl.int64)
@@ -105,6 +109,10 @@ def fwd_kernel(Q, K, V, P, KCOL, KV, OUT, LSE, CU_Q, CU_K,
     start_n = tl.maximum(tl.maximum(m0 + lo, kv_lo), 0) // BLOCK_N * BLOCK_N
     end_n = tl.minimum(tl.minimum(m0 + BLOCK_M + hi, T), kv_hi)
     end_n = tl.where(pid_m * BLOCK_M < TQ, end_n, start_n)  # a block past a short sequence
+    if SPLIT:  # this program's share of the keys (SPLIT_N is a multiple of every tile)
+        split_lo = tl.program_id(2) * SPLIT_N
+        start_n = tl.maximum(start_n, split_lo)
+        end_n = tl.maximum(tl.minimum(end_n, split_lo + SPLIT_N), start_n)
     # key tiles crossing the window's lower edge, then unmasked tiles, then tiles crossing its
     # upper edge (masked loops gather, so they also serve every tile kind)
     e1, e2 = split_runs(start_n, end_n, m0 + BLOCK_M - 1 + lo, m0 + hi - BLOCK_N + 2, BLOCK_N)
@@ -150,11 +158,18 @@ def fwd_kernel(Q, K, V, P, KCOL, KV, OUT, LSE, CU_Q, CU_K,
                                  end_n, T, TP, L, U, lo, hi, qk_scale, PLAIN, True, IEEE, DK, DV,
                                  BLOCK_M, BLOCK_N)
 
-    empty = l_i == 0.0
-    out = acc / tl.where(empty, 1.0, l_i)[:, None]
-    lse2 = m_i + tl.log2(tl.where(empty, 1.0, l_i))  # log2 domain
-    lse = tl.where(empty, float("-inf"), lse2 * 0.6931471805599453)
-    o_base = OUT + off_b * sob + q_start * sot + off_h * soh
-    tl.store(o_base + offs_q[:, None] * sot + offs_dv[None, :] * sod, out.to(OUT.dtype.element_ty),
-             mask=mask_m[:, None] & (offs_dv < DV)[None, :])
-    tl.store(LSE + off_b * slb + off_h * slh + (q_start + offs_q) * slt, lse, mask=mask_m)
+    if SPLIT:  # PART [splits, B*H, TQ, BLOCK_DV + 2]: acc, then m (log2 domain) and l
+        part = (PART + (tl.program_id(2) * tl.num_programs(1) + pid_bh).to(tl.int64) * TQ
+                * (BLOCK_DV + 2) + offs_q[:, None] * (BLOCK_DV + 2))
+        tl.store(part + offs_dv[None, :], acc, mask=mask_m[:, None])
+        tl.store(part + BLOCK_DV, m_i[:, None], mask=mask_m[:, None])
+        tl.store(part + (BLOCK_DV + 1), l_i[:, None], mask=mask_m[:, None])
+    else:
+        empty = l_i == 0.0
+        out = acc / tl.where(empty, 1.0, l_i)[:, None]
+        lse2 = m_i + tl.log2(tl.where(empty, 1.0, l_i))  # log2 domain
+        lse = tl.where(empty, float("-inf"), lse2 * 0.6931471805599453)
+        o_base = OUT + off_b * sob + q_start * sot + off_h * soh
+        tl.store(o_base + offs_q[:, None] * sot + offs_dv[None, :] * sod,
+                 out.to(OUT.dtype.element_ty), mask=mask_m[:, None] & (offs_dv < DV)[None, :])
+        tl.store(LSE + off_b * slb + off_h * slh + (q_start + offs_q) * slt, lse, mask=mask_m)

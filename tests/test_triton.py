@@ -614,6 +614,40 @@ def test_public_varlen_and_grouped_calls_run_the_triton_kernels():
               torch.float32, tag="grouped, Tq < Tk: ")
 
 
+@pytest.mark.parametrize("Tq,window,pad", [(1, None, True), (3, (300, 0), False),
+                                            (20, (40, 40), True)],
+                         ids=["Tq1_pad", "Tq3_causal_window", "Tq20_window_pad"])
+def test_decoding_split_keys_match_one_pass(Tq, window, pad):
+    """Flash-decoding: the forward split into 256-key ranges (three or more programs per query
+    block) combines to the one-pass result, output and lse (rows that see no key: 0 and -inf),
+    and the backward from it gives the same gradients."""
+    g = torch.Generator().manual_seed(5)
+    B, H, Hkv, Tk, L, U = 2, 4, 2, 700, 6, 3
+    q = torch.randn(B, H, Tq, 8, generator=g)
+    k = torch.randn(B, Hkv, Tk, 8, generator=g)
+    v = torch.randn(B, Hkv, Tk, 12, generator=g)
+    P = torch.randn(B, 1, Tk, L + U + 1, generator=g)
+    mask = None
+    if pad:
+        mask = torch.zeros(B, Tk, dtype=torch.bool)
+        mask[0, :450] = True
+        mask[1, 300:] = True  # batch 1: the last 400 keys are padding
+    Wl, Wr = window or (-1, -1)
+    ins = [t.to(DEVICE).requires_grad_() for t in (q, k, v, P)]
+    m = None if mask is None else mask.to(DEVICE)
+    go = torch.randn(B, H, Tq, 12, generator=g).to(DEVICE)
+    results = []
+    for splits in (1, 3):
+        with K.forced_configs(fwd=(16, 16, 1, 1), dkdv=(16, 16, 1, 1), dq=(16, 16, 1, 1),
+                              splits=splits):
+            out, lse = torch.ops.hdaf.triton_delta_attention_forward(*ins, m, L, U, Wl, Wr, 0.3)
+            results.append([out, lse, *torch.autograd.grad(out, ins, go)])
+    for name, a, b in zip(("out", "lse", "dq", "dk", "dv", "dP"), *results):
+        torch.testing.assert_close(b, a, msg=f"split {name}", **TOL[torch.float32])
+    if window == (40, 40):  # the keys within 40 of the last 20 queries of batch 1 are padding
+        assert (results[1][1][1] == float("-inf")).any()
+
+
 def test_backends_report_triton_available():
     assert "triton" in hdaf.backends()["available"][DEVICE]
 

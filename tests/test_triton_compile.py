@@ -4,7 +4,8 @@ The interpreter (tests/test_triton.py) runs the kernels' Python, not Triton's co
 that interprets fine can still fail to lower (a branch yielding two types, a layout the backend
 refuses). This compiles each kernel ahead of time for both architectures — the float16 path with a
 padding mask, a causal window and Dk != Dv, the float32 (IEEE) path, and the bfloat16 path
-without the delta term, and a packed batch with grouped heads — through ``triton.compile`` with a ``GPUTarget``, from the arguments
+without the delta term, a packed batch with grouped heads, and a decoding forward split over
+the keys — through ``triton.compile`` with a ``GPUTarget``, from the arguments
 the launchers pass (``capture_launches``), specialised as a real launch specialises them; in a
 child process, since this test process runs the interpreter. On a GPU the compiled kernels also run in tests/test_triton.py.
 """
@@ -69,12 +70,23 @@ CHILD = textwrap.dedent('''
             K._varlen_backward(q, q, k, k, P, cu, cu, 195, 195, q, lse, 4, 4, -1, -1, 0.125)
         return launches
 
+    def capture_decode():
+        # one query over 4096 keys, grouped heads, the forward split into 8 key ranges
+        q = torch.empty(1, 8, 1, 128, dtype=torch.bfloat16)
+        k = torch.empty(1, 2, 4096, 128, dtype=torch.bfloat16)
+        P = torch.empty(1, 1, 4096, 9, dtype=torch.bfloat16)
+        with K.capture_launches() as launches, K.forced_configs(splits=8):
+            K._forward(q, k, k, P, None, 4, 4, -1, 0, 0.088)
+        assert launches[0].kwargs["SPLIT"], "the decode forward was not split"
+        return launches
+
     cases = [capture(*c) for c in ((torch.float16, True, 64, 32, True),
                                    (torch.float32, False, 32, 16, True),
                                    (torch.bfloat16, False, 64, 64, False))]
-    for launches, (dtype, use_delta) in zip(cases + [capture_grouped_varlen()],
+    for launches, (dtype, use_delta) in zip(cases + [capture_grouped_varlen(), capture_decode()],
                                             ((torch.float16, True), (torch.float32, True),
-                                             (torch.bfloat16, False), (torch.bfloat16, True))):
+                                             (torch.bfloat16, False), (torch.bfloat16, True),
+                                             (torch.bfloat16, True))):
         for ln in launches:
             cfg = ln.configs[0]
             for cap in (80, 90):
@@ -93,4 +105,4 @@ def test_kernels_compile_for_sm80_and_sm90_without_a_gpu():
                          text=True, timeout=1200)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
     compiled = [ln for ln in res.stdout.splitlines() if ln.startswith("COMPILED")]
-    assert len(compiled) == 3 * 4 * 2, res.stdout
+    assert len(compiled) == (3 * 4 + 1) * 2, res.stdout
