@@ -286,19 +286,19 @@ def _precompile_job(job):
 
 
 def precompile_jobs(dtype_names, Ds, T):
-    """One job per position in the longest autotuning list and per (dtype, D): job i pins the
-    i-th forward configuration and, while the lists last, the i-th dK/dV and dQ ones."""
+    """One job per position in the longest autotuning list and per (dtype, D), over the
+    configurations autotuning tries at that head dim: job i pins the i-th forward, dK/dV and dQ
+    configuration (the last one of a shorter list again), so every candidate is compiled."""
     from hdaf.kernels import delta_attention as K
 
-    shapes = {kind: K.autotune_shapes(kind) for kind in ("fwd", "dkdv", "dq")}
-    n = max(len(v) for v in shapes.values())
     jobs = []
     for dtype_name, D in itertools.product(dtype_names, Ds):
+        shapes = {kind: K.autotune_shapes(kind, D) for kind in ("fwd", "dkdv", "dq")}
+        n = max(len(v) for v in shapes.values())
         for i in range(n):
-            fwd = shapes["fwd"][i % len(shapes["fwd"])]
-            bwd = i < min(len(shapes["dkdv"]), len(shapes["dq"]))
-            jobs.append((dtype_name, D, T, fwd, shapes["dkdv"][i] if bwd else None,
-                         shapes["dq"][i] if bwd else None))
+            fwd, dkdv, dq = (shapes[kind][min(i, len(shapes[kind]) - 1)]
+                             for kind in ("fwd", "dkdv", "dq"))
+            jobs.append((dtype_name, D, T, fwd, dkdv, dq))
     return jobs
 
 
