@@ -1,4 +1,4 @@
-"""hdaf.integrations.transformers: delta attention added to pretrained BERT-family encoders.
+"""hdaf.integrations.transformers: delta attention added to BERT-family encoders and decoder LLMs.
 
 Tiny randomly initialised models (hidden 32, 2 layers, 4 heads), float32, CPU, offline.
 """
@@ -220,9 +220,14 @@ def test_from_pretrained_refuses_an_unconverted_checkpoint(tmp_path):
 
 def test_refuses_unsupported_models():
     gpt2 = transformers.GPT2Model(transformers.GPT2Config(vocab_size=VOCAB, n_embd=E, n_layer=1,
-                                                          n_head=H, n_positions=64))
-    with pytest.raises(ValueError, match=r"module h\.0\.attn \(GPT2Attention\) is not a self-attention"):
+                                                          n_head=H, n_positions=64,
+                                                          add_cross_attention=True))
+    with pytest.raises(ValueError, match=r"h\.0\.crossattention \(GPT2Attention\): it is cross-attention"):
         hdaf_tf.add_delta_attention(gpt2)
+    t5 = transformers.T5EncoderModel(transformers.T5Config(vocab_size=VOCAB, d_model=E, d_kv=8,
+                                                           d_ff=64, num_layers=1, num_heads=H))
+    with pytest.raises(ValueError, match=r"\(T5Attention\) is not a self-attention hdaf recognises"):
+        hdaf_tf.add_delta_attention(t5)
     with pytest.raises(ValueError, match=r"BertSelfAttention\): it is causal"):
         hdaf_tf.add_delta_attention(_model("bert", is_decoder=True))
     with pytest.raises(TypeError, match="PreTrainedModel, got Linear"):
@@ -248,3 +253,216 @@ def test_masks_other_than_key_padding_are_refused():
             _hidden(model, ids, causal)
         with pytest.raises(ValueError, match="attention bias"):
             _hidden(model, ids, additive + 0.5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoder LLMs: causal, grouped-query heads, sliding window, KV-cache generation.
+# Tiny random models (hidden 32, 2 layers, 4 query heads), float32, CPU.
+
+DECODERS = ("llama", "qwen2", "mistral", "gpt2")
+GEN = dict(max_new_tokens=20, min_new_tokens=20, do_sample=False)
+
+
+def _decoder_config(arch: str):
+    common = dict(vocab_size=VOCAB, hidden_size=E, num_hidden_layers=LAYERS, num_attention_heads=H,
+                  intermediate_size=64, max_position_embeddings=128, pad_token_id=0,
+                  bos_token_id=1, eos_token_id=2)
+    if arch == "llama":  # grouped-query: 2 key/value heads for 4 query heads
+        return transformers.LlamaConfig(num_key_value_heads=2, **common)
+    if arch == "qwen2":  # multi-query: 1 key/value head
+        return transformers.Qwen2Config(num_key_value_heads=1, **common)
+    if arch == "mistral":  # a sliding window shorter than the test sequences
+        return transformers.MistralConfig(num_key_value_heads=2, sliding_window=6, **common)
+    if arch == "gpt2":
+        return transformers.GPT2Config(vocab_size=VOCAB, n_embd=E, n_layer=LAYERS, n_head=H,
+                                       n_positions=128, pad_token_id=0, bos_token_id=1,
+                                       eos_token_id=2)
+    raise AssertionError(arch)
+
+
+def _decoder(arch: str, seed: int = 0):
+    torch.manual_seed(seed)
+    return transformers.AutoModelForCausalLM.from_config(_decoder_config(arch)).eval()
+
+
+def _left_padded(T: int = 11, seed: int = 1):
+    """Token ids [3,T] and a 0/1 mask: row 0 full, rows 1 and 2 with 4 and T-1 padding tokens
+    on the left (the last row has one real token), as generate() batches prompts."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, VOCAB, (3, T), generator=g)
+    starts = torch.tensor([0, 4, T - 1])
+    mask = (torch.arange(T)[None] >= starts[:, None]).long()
+    return ids.masked_fill(mask == 0, 0), mask
+
+
+@pytest.mark.parametrize("arch", DECODERS)
+def test_decoder_identical_to_the_original_at_w0(arch):
+    base = _decoder(arch)
+    conv = _convert(copy.deepcopy(base), max_distance=8)
+    assert conv.config._attn_implementation == "hdaf_delta"
+    assert len(hdaf_tf.delta_parameters(conv)) == 2 * LAYERS
+    ids, mask = _left_padded()
+    real = mask.bool()  # padded queries see no key: the operator gives 0 there, sdpa its own fill
+    with torch.no_grad():
+        torch.testing.assert_close(conv(input_ids=ids, attention_mask=mask).logits[real],
+                                   base(input_ids=ids, attention_mask=mask).logits[real],
+                                   atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(conv(input_ids=ids).logits, base(input_ids=ids).logits,
+                                   atol=1e-5, rtol=1e-5)
+        want = base.generate(ids, attention_mask=mask, **GEN)
+        got = conv.generate(ids, attention_mask=mask, **GEN)
+    assert got.shape == (3, ids.shape[1] + 20)
+    assert torch.equal(got, want)
+
+
+def _decode_in_steps(model, ids, mask, chunks):
+    """Logits of ``ids`` fed through the model's KV cache in pieces of the given lengths."""
+    out, cache, start = [], None, 0
+    for n in chunks:
+        step = model(input_ids=ids[:, start:start + n], attention_mask=mask[:, :start + n],
+                     cache=cache, use_cache=True)
+        cache = step.cache
+        out.append(step.logits)
+        start += n
+    assert start == ids.shape[1]
+    return torch.cat(out, dim=1), cache
+
+
+@pytest.mark.parametrize("arch", DECODERS)
+def test_decoder_cached_decoding_equals_the_full_forward(arch):
+    """w != 0: token-by-token decoding (after a prompt, and with a multi-token chunk: a query
+    block at the end of the cached keys) gives the full-sequence forward's logits."""
+    model = _convert(_decoder(arch), max_distance=(3, 2), share_rpe_across_heads=arch != "qwen2",
+                     delta_dim=5)
+    _randomize_delta(model)
+    ids, mask = _left_padded(T=13)
+    real = mask.bool()
+    with torch.no_grad():
+        full = model(input_ids=ids, attention_mask=mask).logits
+        stepped, cache = _decode_in_steps(model, ids, mask, [4] + [1] * 5 + [3, 1])
+        one_by_one, _ = _decode_in_steps(model, ids, mask, [1] * 13)
+        plain = _convert(_decoder(arch), max_distance=(3, 2),
+                         share_rpe_across_heads=arch != "qwen2", delta_dim=5)
+        off = plain(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(stepped[real], full[real], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(one_by_one[real], full[real], atol=1e-5, rtol=1e-5)
+    assert (full - off)[real].abs().max() > 1e-3  # the delta term is in play
+    rows, end = cache.hdaf_delta_x[0]
+    assert end == 13 and rows.shape[1] == (6 if arch == "mistral" else 13)  # window W - 1 + 1
+
+
+def test_decoder_left_padding_equals_each_prompt_alone():
+    """w != 0: greedy generation of a left-padded batch equals generating each prompt unpadded."""
+    model = _convert(_decoder("llama"), max_distance=4)
+    _randomize_delta(model, std=0.3)
+    ids, mask = _left_padded()
+    with torch.no_grad():
+        batch = model.generate(ids, attention_mask=mask, **GEN)
+        for b in range(ids.shape[0]):
+            alone = model.generate(ids[b:b + 1, mask[b].bool()], **GEN)
+            assert torch.equal(batch[b, -20:], alone[0, -20:]), b
+
+
+def test_decoder_masks_reach_the_operator_as_key_padding(monkeypatch):
+    """Causal and sliding-window masks become key padding [B,1,1,Tk] (no Tq x Tk tensor); a
+    mask hdaf does not recognise is materialized and checked."""
+    from transformers import masking_utils as mu
+
+    seen = []
+    real_forward = hdaf_tf.delta_attention_forward
+
+    def spy(module, q, k, v, mask, **kw):
+        seen.append(None if mask is None else tuple(mask.shape))
+        return real_forward(module, q, k, v, mask, **kw)
+
+    ids, mask = _left_padded()
+    try:
+        for arch in ("llama", "mistral"):
+            seen.clear()
+            model = _convert(_decoder(arch))
+            transformers.AttentionInterface.register("hdaf_delta", spy)  # after the conversion's
+            with torch.no_grad():
+                model(input_ids=ids, attention_mask=mask)
+            assert seen == [(3, 1, 1, 11)] * LAYERS, (arch, seen)
+        # A materialized causal + sliding-window mask is accepted after the check ...
+        model = _convert(_decoder("mistral"))
+        transformers.AttentionInterface.register("hdaf_delta", spy)
+        _randomize_delta(model)
+        with torch.no_grad():
+            ref = model(input_ids=ids, attention_mask=mask).logits
+            monkeypatch.setattr(hdaf_tf, "_sliding_window_of", lambda fn: None)
+            seen.clear()
+            got = model(input_ids=ids, attention_mask=mask).logits
+        assert seen == [(3, 1, 11, 11)] * LAYERS
+        torch.testing.assert_close(got[mask.bool()], ref[mask.bool()], atol=1e-5, rtol=1e-5)
+    finally:
+        hdaf_tf.register()
+    # ... and a mask that is not causal + padding + window is refused.
+    keep = torch.ones(11, 11, dtype=torch.bool).tril()
+    keep[5, 2] = False
+    with pytest.raises(ValueError, match="not causal attention with key padding"):
+        hdaf_tf._decoder_padding_mask(keep[None, None], 1, 11, 11, (5, 0))
+
+
+def test_decoder_save_pretrained_round_trip(tmp_path):
+    model = _convert(_decoder("qwen2"), max_distance=(3, 5), share_rpe_across_heads=False,
+                     delta_dim=6, backend="gather")
+    _randomize_delta(model)
+    ids, mask = _left_padded()
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=mask).logits
+        ref_gen = model.generate(ids, attention_mask=mask, **GEN)
+    model.save_pretrained(tmp_path)
+    loaded = hdaf_tf.from_pretrained(transformers.AutoModelForCausalLM, str(tmp_path),
+                                     backend="cpu").eval()
+    attn = loaded.model.layers[1].self_attn
+    assert attn.hdaf_delta.backend == "cpu" and attn.hdaf_delta.causal
+    assert attn.hdaf_delta.rpe.shape == (H, 6, 9)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids, attention_mask=mask).logits, ref,
+                                   atol=1e-5, rtol=1e-5)
+        assert torch.equal(loaded.generate(ids, attention_mask=mask, **GEN), ref_gen)
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral"])
+def test_decoder_torch_compile_forward(arch):
+    model = _convert(_decoder(arch), max_distance=4)
+    _randomize_delta(model)
+    ids, mask = _left_padded()
+    real = mask.bool()
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=mask).logits
+        got = torch.compile(model, fullgraph=True)(input_ids=ids, attention_mask=mask,
+                                                   use_cache=False).logits
+    torch.testing.assert_close(got[real], ref[real], atol=1e-5, rtol=1e-5)
+
+
+def test_decoder_cache_crop_beam_search_and_static_cache():
+    """The stored delta features follow the cache: crop (assisted decoding), beam search's
+    reordering; a static cache is refused."""
+    model = _convert(_decoder("llama"), max_distance=4)
+    _randomize_delta(model, std=0.3)
+    ids, mask = _left_padded()
+    with torch.no_grad():
+        full = model(input_ids=ids, attention_mask=mask).logits
+        _, cache = _decode_in_steps(model, ids[:, :9], mask[:, :9], [6, 3])
+        cache.crop(-2)  # back to 7 positions, then on from there
+        step = model(input_ids=ids[:, 7:], attention_mask=mask, cache=cache).logits
+        torch.testing.assert_close(step[mask[:, 7:].bool()], full[:, 7:][mask[:, 7:].bool()],
+                                   atol=1e-5, rtol=1e-5)
+        cache.reorder_cache(torch.tensor([2, 0, 1]))  # beam search's reordering
+        nxt = torch.tensor([[5], [6], [7]])
+        mask2 = torch.cat([mask[[2, 0, 1]], torch.ones(3, 1, dtype=mask.dtype)], 1)
+        got = model(input_ids=nxt, attention_mask=mask2, cache=cache).logits[:, -1]
+        ids2 = torch.cat([ids[[2, 0, 1]], nxt], 1)
+        want = model(input_ids=ids2, attention_mask=mask2).logits[:, -1]
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        beam = dict(attention_mask=mask, num_beams=3, max_new_tokens=8, do_sample=False)
+        assert torch.equal(model.generate(ids, **beam), model.generate(ids, use_cache=False, **beam))
+        # A cache filled by an unconverted model has no delta features to go with its keys.
+        _, plain = _decode_in_steps(_decoder("llama"), ids[:, :4], mask[:, :4], [4])
+        with pytest.raises(RuntimeError, match="filled or changed outside"):
+            model(input_ids=ids[:, 4:5], attention_mask=mask[:, :5], cache=plain)
+        static = transformers.StaticCache(config=model.config, max_cache_len=32)
+        with pytest.raises(NotImplementedError, match="static or offloaded cache"):
+            model(input_ids=ids, attention_mask=mask, cache=static)
