@@ -259,7 +259,7 @@ def test_masks_other_than_key_padding_are_refused():
 # Decoder LLMs: causal, grouped-query heads, sliding window, KV-cache generation.
 # Tiny random models (hidden 32, 2 layers, 4 query heads), float32, CPU.
 
-DECODERS = ("llama", "qwen2", "mistral", "gpt2")
+DECODERS = ("llama", "qwen2", "qwen3", "mistral", "gpt2")
 GEN = dict(max_new_tokens=20, min_new_tokens=20, do_sample=False)
 
 
@@ -271,6 +271,8 @@ def _decoder_config(arch: str):
         return transformers.LlamaConfig(num_key_value_heads=2, **common)
     if arch == "qwen2":  # multi-query: 1 key/value head
         return transformers.Qwen2Config(num_key_value_heads=1, **common)
+    if arch == "qwen3":  # q/k norms before the rotary embedding; head_dim set apart
+        return transformers.Qwen3Config(num_key_value_heads=2, head_dim=8, **common)
     if arch == "mistral":  # a sliding window shorter than the test sequences
         return transformers.MistralConfig(num_key_value_heads=2, sliding_window=6, **common)
     if arch == "gpt2":
