@@ -47,8 +47,13 @@ def _results(pattern: str) -> List[str]:
                   for p in glob.glob(os.path.join(REPO, "bench", "results", pattern)))
 
 
+#: CPU results with a table of their own (not the operator's CPU bench).
+GQA_VARLEN_JSON = "bench/results/cpu_gqa_varlen.json"
+
+
 def cpu_block() -> str:
-    blocks = [_run("bench/report.py", "--readme", p).rstrip("\n") for p in _results("cpu_*.json")]
+    blocks = [_run("bench/report.py", "--readme", p).rstrip("\n") for p in _results("cpu_*.json")
+              if p != GQA_VARLEN_JSON]
     if not blocks:
         return ("Not measured: no CPU bench result is committed. "
                 "`pytest bench/bench_delta_attention.py --benchmark-only "
@@ -85,16 +90,26 @@ def static_block() -> str:
     md = md.split("\n## Every configuration", 1)[0]
     out = []
     for line in md.strip("\n").splitlines():
-        if line.startswith("# "):  # the page title: the README has its own heading
+        # the page title (the README has its own heading) and the definitions, which the
+        # results page keeps
+        if line.startswith(("# ", "Shape:", "Best = ")):
             continue
         out.append(f"**{line[3:]}**" if line.startswith("## ") else line)
     full = STATIC_JSON[:-len(".json")] + ".md"
-    text = "\n".join(out).strip("\n")
+    text = re.sub(r"\n{3,}", "\n\n", "\n".join(out)).strip("\n")
     return text + f"\n\nEvery configuration: [`{full}`]({full})."
 
 
+def gqa_varlen_block() -> str:
+    if not os.path.exists(os.path.join(REPO, GQA_VARLEN_JSON)):
+        return ("Not measured: `python -m pytest bench/bench_gqa_varlen.py --benchmark-only "
+                f"--benchmark-json={GQA_VARLEN_JSON}` writes the result.")
+    return _run("bench/bench_gqa_varlen.py", "--summary", GQA_VARLEN_JSON).strip("\n")
+
+
 GENERATORS: Dict[str, Callable[[], str]] = {
-    "cpu": cpu_block, "gpu": gpu_block, "static_sm90": static_block}
+    "cpu": cpu_block, "gpu": gpu_block, "static_sm90": static_block,
+    "gqa_varlen": gqa_varlen_block}
 
 
 def render(text: str, generators: Dict[str, Callable[[], str]] = GENERATORS) -> str:
