@@ -468,6 +468,12 @@ GROUPED_CASES = {
     # a 7-query block, unbounded, grouped heads, per-head P
     "gqa_Tq7_Tk50": dict(B=1, H=2, Hkv=1, Tq=7, Tk=50, L=6, U=2, window=None, causal=False,
                          pad=None, per_head=True),
+    # T = 1: one query, one key, grouped heads
+    "gqa_T1": dict(B=2, H=2, Hkv=1, Tq=1, Tk=1, L=2, U=2, window=None, causal=True, pad=None,
+                   per_head=False),
+    # T = 300, three queries at the end, Hkv = H, a window, padding
+    "Tq3_Tk300_window_pad": dict(B=1, H=2, Hkv=2, Tq=3, Tk=300, L=5, U=5, window=(60, 20),
+                                 causal=False, pad=[260], per_head=True),
 }
 
 
@@ -520,6 +526,9 @@ VARLEN_CASES = {
     # query blocks shorter than their keys (decode-like), per-head P, unbounded
     "end_aligned_blocks_phP": dict(q_lens=[1, 3, 0, 7], k_lens=[30, 3, 5, 70], H=2, Hkv=1,
                                    L=4, U=2, window=None, per_head=True),
+    # a 300-long sequence among short and empty ones, Hkv = H
+    "with_300": dict(q_lens=[300, 0, 1, 7], k_lens=[300, 0, 1, 7], H=2, Hkv=2, L=3, U=3,
+                     window=(40, 0), per_head=False),
 }
 
 
