@@ -11,7 +11,8 @@ import torch
 from . import dispatch as _backends
 from . import ops as _ops  # noqa: F401  (registers fake + autograd of the compiled op)
 from .reference import (delta_attention_gather, delta_attention_naive, delta_attention_varlen_gather,
-                        delta_attention_varlen_naive, delta_projection, varlen_projection)
+                        delta_attention_varlen_naive, delta_projection, idle_rows,
+                        varlen_projection, without_idle_rows)
 
 IntOrPair = Union[int, Sequence[int], None]
 
@@ -207,6 +208,28 @@ def _kernel_projection(x, w, L: int, Tq: int, Tk: int) -> torch.Tensor:
     return P
 
 
+def _padding_firewall(q, k, v, x, key_padding_mask, Wl: int, Wr: int):
+    """The rows of ``k`` and ``v`` at padding keys, of ``q`` at queries with no visible key, and
+    of ``x`` at positions in no visible pair (:func:`hdaf.reference.idle_rows`) set to 0 before a
+    kernel runs (gradient 0 there, through ``masked_fill``). A kernel
+    multiplies whole tiles, so a NaN or Inf in such a row would otherwise reach other rows of
+    its tile through a zero probability (0·NaN = NaN): the spec's rule that padding keys and
+    fully masked rows never matter (docs/delta_attention.md, "Non-finite values and edge
+    cases"). O(B·T·D), once per call."""
+    B, _, Tq, _ = q.shape
+    Tk = k.shape[2]
+    pad = key_padding_mask[:, None, :, None]
+    k, v = k.masked_fill(pad, 0), v.masked_fill(pad, 0)
+    # live[b, i]: some non-padding key j with -Wl <= j - t_i <= Wr (prefix sums over the keys)
+    seen = torch.nn.functional.pad((~key_padding_mask).to(torch.int32).cumsum(-1), (1, 0))
+    t = torch.arange(Tq, device=q.device) + (Tk - Tq)
+    first = (t - Wl).clamp(0, Tk) if Wl >= 0 else torch.zeros_like(t)
+    end = (t + Wr + 1).clamp(0, Tk) if Wr >= 0 else torch.full_like(t, Tk)
+    live = (seen[:, end] - seen[:, first]) > 0  # [B,Tq]
+    x = without_idle_rows(x, idle_rows(key_padding_mask, live))
+    return q.masked_fill(~live[:, None, :, None], 0), k, v, x
+
+
 def delta_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, x: torch.Tensor,
                     w: torch.Tensor, *, max_distance: IntOrPair = None, window: IntOrPair = None,
                     causal: bool = False, key_padding_mask: Optional[torch.Tensor] = None,
@@ -263,6 +286,8 @@ def delta_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, x: torch.
         fn = delta_attention_naive if name == "naive" else delta_attention_gather
         return fn(q, k, v, x, w, L=L, U=U, lo=lo, hi=hi, key_padding_mask=key_padding_mask,
                   scale=scale)
+    if key_padding_mask is not None:
+        q, k, v, x = _padding_firewall(q, k, v, x, key_padding_mask, Wl, Wr)
     P = _kernel_projection(x, w, L, Tq, Tk)
     if name == "triton":
         fwd = torch.ops.hdaf.triton_delta_attention_forward

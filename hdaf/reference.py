@@ -77,13 +77,43 @@ def delta_attention_naive(q, k, v, x, w, *, L: int, U: int, lo: int, hi: int,
     if w.dim() == 2:
         w = w[None]  # [1,Dr,R]
     r = relative_buckets(Tq, L, U, q.device, Tk)  # [Tq,Tk]
-    x_query = x[..., Tk - Tq:, :]  # rows of the query positions t_i
-    diff = x[..., None, :, :] - x_query[..., :, None, :]  # [B,Hx,Tq(i),Tk(j),Dr] = x_j - x_{t_i}
+    vis = visibility(Tq, lo, hi, key_padding_mask, q.device, Tk)
+    q, k, v, x_key, x_query = _firewall(q, k, v, x, x[..., Tk - Tq:, :], vis, key_padding_mask)
+    diff = x_key[..., None, :, :] - x_query[..., :, None, :]  # [B,Hx,Tq(i),Tk(j),Dr] = x_j - x_{t_i}
     w_ij = w.transpose(-1, -2)[:, r]  # [Hw,Tq,Tk,Dr] = w[:, r(i,j)]
     rpe = (diff * w_ij[None]).sum(-1)  # [B,max(Hx,Hw),Tq,Tk]
     logits = scale * (q @ k.transpose(-1, -2) + rpe)
-    vis = visibility(Tq, lo, hi, key_padding_mask, q.device, Tk)
     return _masked_softmax_attention(logits, vis, v)
+
+
+def idle_rows(key_padding_mask: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
+    """``[B,Tk]`` bool: positions that enter no visible pair, a padding key whose own query (if
+    the position has one: ``j >= Tk - Tq``) sees no key. ``live``: ``[B,Tq]``, queries with a
+    visible key. Their ``x`` rows are set to 0 before ``P = x·w``: that matmul's backward
+    (``dw = xᵀ·dP``) would otherwise multiply a NaN there by its zero ``dP`` row."""
+    Tk, Tq = key_padding_mask.shape[-1], live.shape[-1]
+    return key_padding_mask & ~torch.nn.functional.pad(live, (Tk - Tq, 0), value=False)
+
+
+def without_idle_rows(x: torch.Tensor, idle: torch.Tensor) -> torch.Tensor:
+    """``x`` (``[B,Tk,Dr]`` or ``[B,H,Tk,Dr]``) with the rows of ``idle`` ``[B,Tk]`` set to 0."""
+    idle = idle[:, :, None] if x.dim() == 3 else idle[:, None, :, None]
+    return x.masked_fill(idle, 0)
+
+
+def _firewall(q, k, v, x_key, x_query, vis, key_padding_mask):
+    """Inputs no visible pair reads, replaced by 0 through a ``where`` (which also gives them
+    gradient 0): the rows of padding keys in ``k``, ``v`` and ``x`` (as a key), and the rows of
+    fully masked queries in ``q`` and ``x`` (as a query). A NaN or Inf there then never reaches
+    an output or a gradient through a product with a zero probability (0·NaN = NaN), as the
+    spec requires (docs/delta_attention.md, "Non-finite values and edge cases")."""
+    zero = torch.zeros((), dtype=q.dtype, device=q.device)
+    if key_padding_mask is not None:
+        keep = ~key_padding_mask[:, None, :, None]  # [B,1,Tk,1]
+        k, v, x_key = (torch.where(keep, t, zero) for t in (k, v, x_key))
+    live = vis.any(dim=-1)[..., None]  # [B or 1,1,Tq,1]: rows with a visible key
+    q, x_query = torch.where(live, q, zero), torch.where(live, x_query, zero)
+    return q, k, v, x_key, x_query
 
 
 def delta_attention_gather(q, k, v, x, w, *, L: int, U: int, lo: int, hi: int,
@@ -91,15 +121,18 @@ def delta_attention_gather(q, k, v, x, w, *, L: int, U: int, lo: int, hi: int,
     """``P = x·w`` and a gathered ``[B,(H),Tq,Tk]`` bias ``P[j,r(i,j)] - P[t_i,r(i,j)]``."""
     H, Tq, Tk = q.shape[1], q.shape[-2], k.shape[-2]
     k, v = repeat_kv(k, H), repeat_kv(v, H)
-    P = delta_projection(x, w)  # [B,Hp,Tk,R]
     r = relative_buckets(Tq, L, U, q.device, Tk)  # [Tq,Tk]
+    vis = visibility(Tq, lo, hi, key_padding_mask, q.device, Tk)
+    if key_padding_mask is not None:
+        x = without_idle_rows(x, idle_rows(key_padding_mask, vis.any(-1)[:, 0]))
+    P = delta_projection(x, w)  # [B,Hp,Tk,R]
+    q, k, v, P_key, P_query = _firewall(q, k, v, P, P[..., Tk - Tq:, :], vis, key_padding_mask)
     B, Hp = P.shape[0], P.shape[1]
     idx = r.expand(B, Hp, Tq, Tk)
     # P_i[b,h,i,j] = P[b,h,t_i,r(i,j)]; P_j[b,h,i,j] = P[b,h,j,r(i,j)] (gather from P transposed)
-    p_query = torch.gather(P[..., Tk - Tq:, :], -1, idx)
-    p_key = torch.gather(P.transpose(-1, -2), -2, idx)
+    p_query = torch.gather(P_query, -1, idx)
+    p_key = torch.gather(P_key.transpose(-1, -2), -2, idx)
     logits = scale * (q @ k.transpose(-1, -2) + (p_key - p_query))
-    vis = visibility(Tq, lo, hi, key_padding_mask, q.device, Tk)
     return _masked_softmax_attention(logits, vis, v)
 
 

@@ -184,11 +184,17 @@ HDAF_CLONES float exp_row_f32(float* __restrict S, int64_t n, float m) {
   return sum_row(S, n);
 }
 
+// The row's maximum, NaN when a score is NaN: a comparison-based max skips NaN, which would
+// give a row with a NaN score the output 0 of a fully masked row instead of NaN.
 HDAF_CLONES float max_row_f32(const float* __restrict S, int64_t n) {
   float m = -std::numeric_limits<float>::infinity();
-#pragma omp simd reduction(max : m)
-  for (int64_t jj = 0; jj < n; ++jj) m = S[jj] > m ? S[jj] : m;
-  return m;
+  int nan = 0;
+#pragma omp simd reduction(max : m) reduction(| : nan)
+  for (int64_t jj = 0; jj < n; ++jj) {
+    m = S[jj] > m ? S[jj] : m;
+    nan |= S[jj] != S[jj];
+  }
+  return nan ? std::numeric_limits<float>::quiet_NaN() : m;
 }
 
 inline void bias_row(float* S, const float* Pbh, const float* col_lo, const float* col_hi,
@@ -209,8 +215,12 @@ inline double exp_row(double* S, int64_t n, double m) {
 inline float max_row(const float* S, int64_t n) { return max_row_f32(S, n); }
 inline double max_row(const double* S, int64_t n) {
   double m = -std::numeric_limits<double>::infinity();
-  for (int64_t jj = 0; jj < n; ++jj) m = S[jj] > m ? S[jj] : m;
-  return m;
+  bool nan = false;
+  for (int64_t jj = 0; jj < n; ++jj) {
+    m = S[jj] > m ? S[jj] : m;
+    nan |= S[jj] != S[jj];
+  }
+  return nan ? std::numeric_limits<double>::quiet_NaN() : m;
 }
 
 // ---- Problems. The padded op (one sequence per batch element) and the packed op (one per

@@ -82,10 +82,12 @@ HDAF_HD SoftmaxState<acc_t> softmax_init() {
 
 // Merge a block whose maximum is block_max. Returns the factor by which the
 // previously accumulated output and sum must be rescaled (exp(m_old - m_new));
-// the caller then adds exp(s - m_new) for the block's scores.
+// the caller then adds exp(s - m_new) for the block's scores. A NaN maximum (a NaN
+// score) sticks: m, l, the output and lse of the row all become NaN, never 0
+// (docs/delta_attention.md, "Non-finite values and edge cases").
 template <typename acc_t>
 HDAF_HD acc_t softmax_rescale(SoftmaxState<acc_t>& st, acc_t block_max) {
-  const acc_t m_new = block_max > st.m ? block_max : st.m;
+  const acc_t m_new = (block_max > st.m || block_max != block_max) ? block_max : st.m;
   if (m_new == -std::numeric_limits<acc_t>::infinity()) {
     return acc_t(1);  // nothing visible yet: keep the empty state
   }
@@ -97,14 +99,15 @@ HDAF_HD acc_t softmax_rescale(SoftmaxState<acc_t>& st, acc_t block_max) {
 
 // Final normalizer and log-sum-exp; a fully masked row gives inv = 0 (output 0)
 // and lse = -inf (backward probabilities exp(s - lse) are then never formed).
+// A NaN sum (a row with a NaN score) gives NaN for both.
 template <typename acc_t>
 HDAF_HD acc_t softmax_inv_sum(const SoftmaxState<acc_t>& st) {
-  return st.l > acc_t(0) ? acc_t(1) / st.l : acc_t(0);
+  return (st.l > acc_t(0) || st.l != st.l) ? acc_t(1) / st.l : acc_t(0);
 }
 template <typename acc_t>
 HDAF_HD acc_t softmax_lse(const SoftmaxState<acc_t>& st) {
-  return st.l > acc_t(0) ? st.m + std::log(st.l)
-                         : -std::numeric_limits<acc_t>::infinity();
+  return (st.l > acc_t(0) || st.l != st.l) ? st.m + std::log(st.l)
+                                           : -std::numeric_limits<acc_t>::infinity();
 }
 
 }  // namespace hdaf
