@@ -435,6 +435,11 @@ def _common(q, v, P, key_padding_mask, L, U, window_left, window_right, scale, u
     sC = kcol.stride()
     c_strides = (sC[0], 0 if kcol.shape[1] == 1 else sC[1])
     cu_q, cu_k = (lay.cu_q, lay.cu_k) if lay.varlen else (kv, kv)  # never read unless VARLEN
+    # the key rows band tiles gather: P with padding keys' rows zeroed, so that a non-finite
+    # P row of a padding key (whose query is live) reaches no other row through 0·NaN
+    pk = P
+    if key_padding_mask is not None and use_delta:
+        pk = P.masked_fill(key_padding_mask[:, None, :, None], 0.0)
     meta = dict(H=lay.H, G=lay.H // lay.Hkv, T=T, TQ=Tq, TP=tp, L=L, U=U, lo=lo, hi=hi,
                 T_KEY=triton.next_power_of_2(T), Q_KEY=triton.next_power_of_2(Tq),
                 W_KEY=triton.next_power_of_2(min(hi - lo + 1, 2 * T)),
@@ -442,7 +447,7 @@ def _common(q, v, P, key_padding_mask, L, U, window_left, window_right, scale, u
                 IEEE=q.dtype == torch.float32, DK=Dk, DV=Dv,
                 BLOCK_DK=max(16, triton.next_power_of_2(Dk)),
                 BLOCK_DV=max(16, triton.next_power_of_2(Dv)))
-    return kv, kcol, c_strides, cu_q, cu_k, tpq, meta
+    return kv, kcol, pk, c_strides, cu_q, cu_k, tpq, meta
 
 
 #: Keys per split of a decoding forward: a multiple of every key tile.
@@ -481,9 +486,9 @@ def _combine_splits(part, Dv, out, lse):
 def _run_forward(q, k, v, P, key_padding_mask, L, U, window_left, window_right, scale, use_delta,
                  lay, out, lse):
     P = P.contiguous()
-    kv, kcol, c_strides, cu_q, cu_k, _, meta = _common(q, v, P, key_padding_mask, L, U,
-                                                       window_left, window_right, scale,
-                                                       use_delta, lay)
+    kv, kcol, pk, c_strides, cu_q, cu_k, _, meta = _common(q, v, P, key_padding_mask, L, U,
+                                                           window_left, window_right, scale,
+                                                           use_delta, lay)
     splits = _decode_splits(lay, q.device)
     split_n = triton.cdiv(triton.cdiv(lay.T, splits), _SPLIT_QUANTUM) * _SPLIT_QUANTUM
     splits = triton.cdiv(lay.T, split_n)
@@ -495,7 +500,7 @@ def _run_forward(q, k, v, P, key_padding_mask, L, U, window_left, window_right, 
     def grid(m):
         return (triton.cdiv(lay.Tq, m["BLOCK_M"]), lay.B * lay.H, splits)
 
-    _launch("fwd", grid, q, k, v, P, kcol, kv, out, lse, cu_q, cu_k, part, *lay.strides(q),
+    _launch("fwd", grid, q, k, v, P, pk, kcol, kv, out, lse, cu_q, cu_k, part, *lay.strides(q),
             *lay.strides(k), *lay.strides(v), *lay.p_strides(P), *c_strides, *lay.strides(out),
             *lay.lse_strides(lse), qk_scale=scale * _LOG2E, SPLIT_N=split_n, SPLIT=splits > 1,
             **meta)
@@ -513,9 +518,9 @@ def _run_backward(grad_out, q, k, v, P, key_padding_mask, out, lse, L, U, window
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
-    kv, kcol, c_strides, cu_q, cu_k, tpq, meta = _common(q, v, P, key_padding_mask, L, U,
-                                                         window_left, window_right, scale,
-                                                         use_delta, lay)
+    kv, kcol, pk, c_strides, cu_q, cu_k, tpq, meta = _common(q, v, P, key_padding_mask, L, U,
+                                                             window_left, window_right, scale,
+                                                             use_delta, lay)
     qk_scale = scale * _LOG2E
     # per query: D, lse2, lse2 + c·P[t_i, 0], lse2 + c·P[t_i, R-1]; rows no query fills (past
     # the end of each element's queries) see no key: D = 0, the others +inf
@@ -546,10 +551,10 @@ def _run_backward(grad_out, q, k, v, P, key_padding_mask, out, lse, L, U, window
     def grid_m(m):
         return (triton.cdiv(Tq, m["BLOCK_M"]), B * H)
 
-    _launch("dkdv", grid_n, q, k, v, P, kcol, kv, grad_out, rows, dk, dv, dP_halves[0], cu_q,
+    _launch("dkdv", grid_n, q, k, v, P, pk, kcol, kv, grad_out, rows, dk, dv, dP_halves[0], cu_q,
             cu_k, *common, *lay.strides(dk), *lay.strides(dv), scale=scale, qk_scale=qk_scale,
             TPQ=tpq, GROUPED=Hkv != H, **meta)
-    _launch("dq", grid_m, q, k, v, P, kcol, kv, grad_out, rows, dq, dP_halves[1], cu_q, cu_k,
+    _launch("dq", grid_m, q, k, v, P, pk, kcol, kv, grad_out, rows, dq, dP_halves[1], cu_q, cu_k,
             *common, *lay.strides(dq), scale=scale, qk_scale=qk_scale, TPQ=tpq, **meta)
     return dq, dk, dv, (dP_halves.sum(0) if use_delta else None)
 

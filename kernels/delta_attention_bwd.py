@@ -81,22 +81,21 @@ def bwd_rows_kernel(OUT, DO, LSE, P, ROWS, CU_Q, CU_K, sob, soh, sot, sod, sdb, 
 
 
 @triton.jit
-def bucket_selector(BLOCK: tl.constexpr, MODE: tl.constexpr, dtype: tl.constexpr):
-    """[BLOCK, SEL_W] with ones in column 0 (far-low) or 1 (far-high): dot(dS, it) adds the
-    tile's partner sums of dS to that column of a [rows, SEL_W] accumulator on the tensor cores,
-    with no reduction across threads."""
-    col = 0 if MODE == FAR_LO else 1
+def bucket_selector(BLOCK: tl.constexpr, dtype: tl.constexpr):
+    """[BLOCK, SEL_W] with ones in column 0: dot(dS, it) adds the tile's partner sums of dS to
+    column 0 of a [rows, SEL_W] accumulator on the tensor cores, with no reduction across
+    threads. (The other columns get sums of dS·0, which a NaN in dS makes NaN: they are never
+    read.)"""
     cols = tl.zeros([BLOCK, SEL_W], dtype=tl.int32) + tl.arange(0, SEL_W)[None, :]
-    return (cols == col).to(dtype)
+    return (cols == 0).to(dtype)
 
 
 @triton.jit
-def far_sums(acc_lo, acc_hi, acc_far):
-    """Add the far tiles' dS sums (columns 0 and 1 of acc_far) to the band tiles' sums."""
-    cols = tl.arange(0, SEL_W)[None, :]
-    acc_lo += tl.sum(tl.where(cols == 0, acc_far, 0.0), 1)
-    acc_hi += tl.sum(tl.where(cols == 1, acc_far, 0.0), 1)
-    return acc_lo, acc_hi
+def take_far_sums(acc, acc_far):
+    """acc plus column 0 of the far-run accumulator, and the accumulator emptied for the next
+    far run (each far run's bucket gets only its own sums)."""
+    acc += tl.sum(tl.where(tl.arange(0, SEL_W)[None, :] == 0, acc_far, 0.0), 1)
+    return acc, tl.zeros_like(acc_far)
 
 
 @triton.jit
@@ -112,7 +111,8 @@ def _band_dP(ds, d, L, U, acc_lo, acc_hi, dp_ptrs, scale, AXIS: tl.constexpr):
 
 
 @triton.jit
-def _dkdv_run(dk, dv, acc_lo, acc_hi, k, v, kc_base, q_base, do_base, rows_base, p_base, dp_base,
+def _dkdv_run(dk, dv, acc_lo, acc_hi, k, v, kc_base, q_base, do_base, rows_base, p_base, pk_base,
+              dp_base,
               sqt, sqd, sdt, sdd, spt, offs_n, mask_n, offs_dk, offs_dv, n0, m_start, m_end, T, TP,
               TQ, QOFF, TPQ, L, U, lo, hi, scale, qk_scale, MODE: tl.constexpr, MASKED: tl.constexpr,
               IEEE: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BLOCK_M_PROG: tl.constexpr,
@@ -134,7 +134,7 @@ def _dkdv_run(dk, dv, acc_lo, acc_hi, k, v, kc_base, q_base, do_base, rows_base,
         ql = tl.load(ql_rows + offs_q)  # padded to TPQ: no mask
         sT = dot(k, qT, IEEE)  # [BLOCK_N, BLOCK_M]
         if MODE == BAND:
-            bias = band_bias(pq_base, p_base, spt, offs_q[None, :], offs_n[:, None],
+            bias = band_bias(pq_base, pk_base, spt, offs_q[None, :], offs_n[:, None],
                              offs_nq[:, None] - offs_q[None, :], TQ, T, L, U)
             t = (sT + bias) * qk_scale + kcol[:, None]
         else:
@@ -161,7 +161,7 @@ def _dkdv_run(dk, dv, acc_lo, acc_hi, k, v, kc_base, q_base, do_base, rows_base,
 
 
 @triton.jit
-def _dkdv_head(dk, dv, k, v, off_b, off_h, q_start, k_start, Q, P, KCOL, DO, ROWS, DPK, sqh, sqb,
+def _dkdv_head(dk, dv, k, v, off_b, off_h, q_start, k_start, Q, P, PK, KCOL, DO, ROWS, DPK, sqh, sqb,
                sqt, sqd, spb, sph,
                spt, scb, sch, sdb, sdh, sdt, sdd, offs_n, mask_n, offs_dk, offs_dv, n0q, start_m,
                e1, b1, b2, e2, end_m, H, T, TQ, QOFF, TP, TPQ, L, U, lo, hi, scale, qk_scale,
@@ -171,6 +171,7 @@ def _dkdv_head(dk, dv, k, v, off_b, off_h, q_start, k_start, Q, P, KCOL, DO, ROW
     R = L + U + 1
     bh = off_b * H + off_h
     p_base = P + off_b * spb + k_start * spt + off_h * sph
+    pk_base = PK + off_b * spb + k_start * spt + off_h * sph  # key rows: 0 at padding keys
     kc_base = KCOL + off_b * scb + off_h * sch
     dp_base = DPK + bh * TP * R  # contiguous float32 [B*H, TP, R]
     rows_base = ROWS + bh * 4 * TPQ
@@ -180,27 +181,27 @@ def _dkdv_head(dk, dv, k, v, off_b, off_h, q_start, k_start, Q, P, KCOL, DO, ROW
     acc_hi = tl.zeros([BLOCK_N], dtype=tl.float32)  # ... into bucket R-1
     if USE_DELTA:
         dk, dv, acc_lo, acc_hi = _dkdv_run(
-            dk, dv, acc_lo, acc_hi, k, v, kc_base, q_base, do_base, rows_base, p_base,
+            dk, dv, acc_lo, acc_hi, k, v, kc_base, q_base, do_base, rows_base, p_base, pk_base,
             dp_base, sqt, sqd, sdt, sdd, spt, offs_n, mask_n, offs_dk, offs_dv, n0q, start_m,
             e1, T, TP, TQ, QOFF, TPQ, L, U, lo, hi, scale, qk_scale, BAND, True, IEEE,
             DK, DV, BLOCK_M, BLOCK_N)
         dk, dv, acc_lo, acc_hi = _dkdv_run(
-            dk, dv, acc_lo, acc_hi, k, v, kc_base, q_base, do_base, rows_base, p_base,
+            dk, dv, acc_lo, acc_hi, k, v, kc_base, q_base, do_base, rows_base, p_base, pk_base,
             dp_base, sqt, sqd, sdt, sdd, spt, offs_n, mask_n, offs_dk, offs_dv, n0q, e1,
             b1, T, TP, TQ, QOFF, TPQ, L, U, lo, hi, scale, qk_scale, FAR_HI, False, IEEE,
             DK, DV, BLOCK_M, BLOCK_N)
         dk, dv, acc_lo, acc_hi = _dkdv_run(
-            dk, dv, acc_lo, acc_hi, k, v, kc_base, q_base, do_base, rows_base, p_base,
+            dk, dv, acc_lo, acc_hi, k, v, kc_base, q_base, do_base, rows_base, p_base, pk_base,
             dp_base, sqt, sqd, sdt, sdd, spt, offs_n, mask_n, offs_dk, offs_dv, n0q, b1,
             b2, T, TP, TQ, QOFF, TPQ, L, U, lo, hi, scale, qk_scale, BAND, False, IEEE,
             DK, DV, BLOCK_M, BLOCK_N)
         dk, dv, acc_lo, acc_hi = _dkdv_run(
-            dk, dv, acc_lo, acc_hi, k, v, kc_base, q_base, do_base, rows_base, p_base,
+            dk, dv, acc_lo, acc_hi, k, v, kc_base, q_base, do_base, rows_base, p_base, pk_base,
             dp_base, sqt, sqd, sdt, sdd, spt, offs_n, mask_n, offs_dk, offs_dv, n0q, b2,
             e2, T, TP, TQ, QOFF, TPQ, L, U, lo, hi, scale, qk_scale, FAR_LO, False, IEEE,
             DK, DV, BLOCK_M, BLOCK_N)
         dk, dv, acc_lo, acc_hi = _dkdv_run(
-            dk, dv, acc_lo, acc_hi, k, v, kc_base, q_base, do_base, rows_base, p_base,
+            dk, dv, acc_lo, acc_hi, k, v, kc_base, q_base, do_base, rows_base, p_base, pk_base,
             dp_base, sqt, sqd, sdt, sdd, spt, offs_n, mask_n, offs_dk, offs_dv, n0q, e2,
             end_m, T, TP, TQ, QOFF, TPQ, L, U, lo, hi, scale, qk_scale, BAND, True, IEEE,
             DK, DV, BLOCK_M, BLOCK_N)
@@ -211,17 +212,17 @@ def _dkdv_head(dk, dv, k, v, off_b, off_h, q_start, k_start, Q, P, KCOL, DO, ROW
             tl.store(dp_base + offs_n * R + (R - 1), acc_hi * scale, mask=mask_n)
     else:  # plain flash attention: no P traffic at all
         dk, dv, acc_lo, acc_hi = _dkdv_run(
-            dk, dv, acc_lo, acc_hi, k, v, kc_base, q_base, do_base, rows_base, p_base,
+            dk, dv, acc_lo, acc_hi, k, v, kc_base, q_base, do_base, rows_base, p_base, pk_base,
             dp_base, sqt, sqd, sdt, sdd, spt, offs_n, mask_n, offs_dk, offs_dv, n0q, start_m,
             e1, T, TP, TQ, QOFF, TPQ, L, U, lo, hi, scale, qk_scale, PLAIN, True, IEEE,
             DK, DV, BLOCK_M, BLOCK_N)
         dk, dv, acc_lo, acc_hi = _dkdv_run(
-            dk, dv, acc_lo, acc_hi, k, v, kc_base, q_base, do_base, rows_base, p_base,
+            dk, dv, acc_lo, acc_hi, k, v, kc_base, q_base, do_base, rows_base, p_base, pk_base,
             dp_base, sqt, sqd, sdt, sdd, spt, offs_n, mask_n, offs_dk, offs_dv, n0q, e1,
             e2, T, TP, TQ, QOFF, TPQ, L, U, lo, hi, scale, qk_scale, PLAIN, False, IEEE,
             DK, DV, BLOCK_M, BLOCK_N)
         dk, dv, acc_lo, acc_hi = _dkdv_run(
-            dk, dv, acc_lo, acc_hi, k, v, kc_base, q_base, do_base, rows_base, p_base,
+            dk, dv, acc_lo, acc_hi, k, v, kc_base, q_base, do_base, rows_base, p_base, pk_base,
             dp_base, sqt, sqd, sdt, sdd, spt, offs_n, mask_n, offs_dk, offs_dv, n0q, e2,
             end_m, T, TP, TQ, QOFF, TPQ, L, U, lo, hi, scale, qk_scale, PLAIN, True, IEEE,
             DK, DV, BLOCK_M, BLOCK_N)
@@ -229,7 +230,7 @@ def _dkdv_head(dk, dv, k, v, off_b, off_h, q_start, k_start, Q, P, KCOL, DO, ROW
 
 
 @triton.jit
-def bwd_dkdv_kernel(Q, K, V, P, KCOL, KV, DO, ROWS, DK_OUT, DV_OUT, DPK, CU_Q, CU_K,
+def bwd_dkdv_kernel(Q, K, V, P, PK, KCOL, KV, DO, ROWS, DK_OUT, DV_OUT, DPK, CU_Q, CU_K,
                     sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd,
                     spb, sph, spt, scb, sch, sdb, sdh, sdt, sdd,
                     sgkb, sgkh, sgkt, sgkd, sgvb, sgvh, sgvt, sgvd,
@@ -279,13 +280,15 @@ def bwd_dkdv_kernel(Q, K, V, P, KCOL, KV, DO, ROWS, DK_OUT, DV_OUT, DPK, CU_Q, C
     b1, b2 = split_runs(e1, e2, n0q - U - BLOCK_M + 2, n0q + BLOCK_N - 1 + L, BLOCK_M)
     if GROUPED:  # the G query heads of the key/value head, summed in registers
         for hh in range(0, G):
-            dk, dv = _dkdv_head(dk, dv, k, v, off_b, off_g * G + hh, q_start, k_start, Q, P, KCOL, DO, ROWS, DPK,
+            dk, dv = _dkdv_head(dk, dv, k, v, off_b, off_g * G + hh, q_start, k_start, Q, P, PK, KCOL, DO, ROWS,
+                                DPK,
                                 sqh, sqb, sqt, sqd, spb, sph, spt, scb, sch, sdb, sdh, sdt, sdd,
                                 offs_n, mask_n, offs_dk, offs_dv, n0q, start_m, e1, b1, b2, e2,
                                 end_m, H, T, TQ, QOFF, TP, TPQ, L, U, lo, hi, scale, qk_scale,
                                 USE_DELTA, IEEE, DK, DV, BLOCK_M, BLOCK_N)
     else:
-        dk, dv = _dkdv_head(dk, dv, k, v, off_b, off_g, q_start, k_start, Q, P, KCOL, DO, ROWS, DPK, sqh, sqb, sqt,
+        dk, dv = _dkdv_head(dk, dv, k, v, off_b, off_g, q_start, k_start, Q, P, PK, KCOL, DO, ROWS,
+                                DPK, sqh, sqb, sqt,
                             sqd, spb, sph, spt, scb, sch, sdb, sdh, sdt, sdd, offs_n, mask_n,
                             offs_dk, offs_dv, n0q, start_m, e1, b1, b2, e2, end_m, H, T, TQ,
                             QOFF, TP, TPQ, L, U, lo, hi, scale, qk_scale, USE_DELTA, IEEE, DK,
@@ -301,7 +304,8 @@ def bwd_dkdv_kernel(Q, K, V, P, KCOL, KV, DO, ROWS, DK_OUT, DV_OUT, DPK, CU_Q, C
 
 
 @triton.jit
-def _dq_run(dq, acc_lo, acc_hi, acc_far, q, do, rows_base, k_base, v_base, kc_base, p_base, dp_base,
+def _dq_run(dq, acc_lo, acc_hi, acc_far, q, do, rows_base, k_base, v_base, kc_base, p_base, pk_base,
+            dp_base,
             skt, skd, svt, svd, spt, offs_q, offs_m, offs_dk, offs_dv, n_start, n_end, T, TP,
             TPQ, L, U, lo, hi, scale, qk_scale, MODE: tl.constexpr, MASKED: tl.constexpr,
             IEEE: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -314,7 +318,7 @@ def _dq_run(dq, acc_lo, acc_hi, acc_far, q, do, rows_base, k_base, v_base, kc_ba
     Di = tl.load(rows_base + offs_q)
     mask_dk = (offs_dk < DK)[:, None]
     mask_dv = (offs_dv < DV)[:, None]
-    sel = bucket_selector(BLOCK_N, MODE, q.dtype)
+    sel = bucket_selector(BLOCK_N, q.dtype)
     for n0 in range(n_start, n_end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < T
@@ -323,7 +327,7 @@ def _dq_run(dq, acc_lo, acc_hi, acc_far, q, do, rows_base, k_base, v_base, kc_ba
         kcol = tl.load(kc + offs_n)  # padded to TP: no mask
         s = dot(q, kT, IEEE)  # [BLOCK_M, BLOCK_N]
         if MODE == BAND:
-            bias = band_bias(p_base, p_base, spt, offs_m[:, None], offs_n[None, :],
+            bias = band_bias(p_base, pk_base, spt, offs_m[:, None], offs_n[None, :],
                              offs_n[None, :] - offs_m[:, None], T, T, L, U)
             t = (s + bias) * qk_scale + kcol[None, :]
         else:
@@ -346,7 +350,7 @@ def _dq_run(dq, acc_lo, acc_hi, acc_far, q, do, rows_base, k_base, v_base, kc_ba
 
 
 @triton.jit
-def bwd_dq_kernel(Q, K, V, P, KCOL, KV, DO, ROWS, DQ_OUT, DPQ, CU_Q, CU_K,
+def bwd_dq_kernel(Q, K, V, P, PK, KCOL, KV, DO, ROWS, DQ_OUT, DPQ, CU_Q, CU_K,
                   sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd,
                   spb, sph, spt, scb, sch, sdb, sdh, sdt, sdd, sgqb, sgqh, sgqt, sgqd,
                   H, G, T, TQ, TP, TPQ, L, U, lo, hi, scale, qk_scale, T_KEY, Q_KEY, W_KEY,
@@ -366,6 +370,7 @@ def bwd_dq_kernel(Q, K, V, P, KCOL, KV, DO, ROWS, DQ_OUT, DPQ, CU_Q, CU_K,
     k_base = K + off_b * skb + k_start * skt + off_hk * skh
     v_base = V + off_b * svb + k_start * svt + off_hk * svh
     p_base = P + off_b * spb + k_start * spt + off_h * sph
+    pk_base = PK + off_b * spb + k_start * spt + off_h * sph  # key rows: 0 at padding keys
     kc_base = KCOL + off_b * scb + off_h * sch
     R = L + U + 1
     dp_base = DPQ + pid_bh.to(tl.int64) * TP * R  # contiguous float32 [B*H, TP, R]
@@ -387,7 +392,7 @@ def bwd_dq_kernel(Q, K, V, P, KCOL, KV, DO, ROWS, DQ_OUT, DPQ, CU_Q, CU_K,
     dq = tl.zeros([BLOCK_M, BLOCK_DK], dtype=tl.float32)
     acc_lo = tl.zeros([BLOCK_M], dtype=tl.float32)  # band tiles' sums of dS into bucket 0
     acc_hi = tl.zeros([BLOCK_M], dtype=tl.float32)  # ... into bucket R-1
-    acc_far = tl.zeros([BLOCK_M, SEL_W], dtype=tl.float32)  # far tiles': columns 0 and 1
+    acc_far = tl.zeros([BLOCK_M, SEL_W], dtype=tl.float32)  # the current far run's, column 0
 
     kv_lo, kv_hi = key_span(KV, off_b, T, HAS_PAD)
     start_n = tl.maximum(tl.maximum(m0 + lo, kv_lo), 0) // BLOCK_N * BLOCK_N
@@ -397,26 +402,27 @@ def bwd_dq_kernel(Q, K, V, P, KCOL, KV, DO, ROWS, DQ_OUT, DPQ, CU_Q, CU_K,
     if USE_DELTA:
         b1, b2 = split_runs(e1, e2, m0 - L - BLOCK_N + 2, m0 + BLOCK_M - 1 + U, BLOCK_N)
         dq, acc_lo, acc_hi, acc_far = _dq_run(
-            dq, acc_lo, acc_hi, acc_far, q, do, rows_base, k_base, v_base, kc_base, p_base,
+            dq, acc_lo, acc_hi, acc_far, q, do, rows_base, k_base, v_base, kc_base, p_base, pk_base,
             dp_base, skt, skd, svt, svd, spt, offs_q, offs_m, offs_dk, offs_dv, start_n, e1, T, TP,
             TPQ, L, U, lo, hi, scale, qk_scale, BAND, True, IEEE, DK, DV, BLOCK_M, BLOCK_N)
         dq, acc_lo, acc_hi, acc_far = _dq_run(
-            dq, acc_lo, acc_hi, acc_far, q, do, rows_base, k_base, v_base, kc_base, p_base,
+            dq, acc_lo, acc_hi, acc_far, q, do, rows_base, k_base, v_base, kc_base, p_base, pk_base,
             dp_base, skt, skd, svt, svd, spt, offs_q, offs_m, offs_dk, offs_dv, e1, b1, T, TP,
             TPQ, L, U, lo, hi, scale, qk_scale, FAR_LO, False, IEEE, DK, DV, BLOCK_M, BLOCK_N)
+        acc_lo, acc_far = take_far_sums(acc_lo, acc_far)
         dq, acc_lo, acc_hi, acc_far = _dq_run(
-            dq, acc_lo, acc_hi, acc_far, q, do, rows_base, k_base, v_base, kc_base, p_base,
+            dq, acc_lo, acc_hi, acc_far, q, do, rows_base, k_base, v_base, kc_base, p_base, pk_base,
             dp_base, skt, skd, svt, svd, spt, offs_q, offs_m, offs_dk, offs_dv, b1, b2, T, TP,
             TPQ, L, U, lo, hi, scale, qk_scale, BAND, False, IEEE, DK, DV, BLOCK_M, BLOCK_N)
         dq, acc_lo, acc_hi, acc_far = _dq_run(
-            dq, acc_lo, acc_hi, acc_far, q, do, rows_base, k_base, v_base, kc_base, p_base,
+            dq, acc_lo, acc_hi, acc_far, q, do, rows_base, k_base, v_base, kc_base, p_base, pk_base,
             dp_base, skt, skd, svt, svd, spt, offs_q, offs_m, offs_dk, offs_dv, b2, e2, T, TP,
             TPQ, L, U, lo, hi, scale, qk_scale, FAR_HI, False, IEEE, DK, DV, BLOCK_M, BLOCK_N)
+        acc_hi, acc_far = take_far_sums(acc_hi, acc_far)
         dq, acc_lo, acc_hi, acc_far = _dq_run(
-            dq, acc_lo, acc_hi, acc_far, q, do, rows_base, k_base, v_base, kc_base, p_base,
+            dq, acc_lo, acc_hi, acc_far, q, do, rows_base, k_base, v_base, kc_base, p_base, pk_base,
             dp_base, skt, skd, svt, svd, spt, offs_q, offs_m, offs_dk, offs_dv, e2, end_n, T, TP,
             TPQ, L, U, lo, hi, scale, qk_scale, BAND, True, IEEE, DK, DV, BLOCK_M, BLOCK_N)
-        acc_lo, acc_hi = far_sums(acc_lo, acc_hi, acc_far)
         if R == 1:
             tl.store(dp_base + offs_m * R, -(acc_lo + acc_hi) * scale, mask=mask_m)
         else:
@@ -424,15 +430,15 @@ def bwd_dq_kernel(Q, K, V, P, KCOL, KV, DO, ROWS, DQ_OUT, DPQ, CU_Q, CU_K,
             tl.store(dp_base + offs_m * R + (R - 1), -acc_hi * scale, mask=mask_m)
     else:  # plain flash attention: no P traffic at all
         dq, acc_lo, acc_hi, acc_far = _dq_run(
-            dq, acc_lo, acc_hi, acc_far, q, do, rows_base, k_base, v_base, kc_base, p_base,
+            dq, acc_lo, acc_hi, acc_far, q, do, rows_base, k_base, v_base, kc_base, p_base, pk_base,
             dp_base, skt, skd, svt, svd, spt, offs_q, offs_m, offs_dk, offs_dv, start_n, e1, T, TP,
             TPQ, L, U, lo, hi, scale, qk_scale, PLAIN, True, IEEE, DK, DV, BLOCK_M, BLOCK_N)
         dq, acc_lo, acc_hi, acc_far = _dq_run(
-            dq, acc_lo, acc_hi, acc_far, q, do, rows_base, k_base, v_base, kc_base, p_base,
+            dq, acc_lo, acc_hi, acc_far, q, do, rows_base, k_base, v_base, kc_base, p_base, pk_base,
             dp_base, skt, skd, svt, svd, spt, offs_q, offs_m, offs_dk, offs_dv, e1, e2, T, TP,
             TPQ, L, U, lo, hi, scale, qk_scale, PLAIN, False, IEEE, DK, DV, BLOCK_M, BLOCK_N)
         dq, acc_lo, acc_hi, acc_far = _dq_run(
-            dq, acc_lo, acc_hi, acc_far, q, do, rows_base, k_base, v_base, kc_base, p_base,
+            dq, acc_lo, acc_hi, acc_far, q, do, rows_base, k_base, v_base, kc_base, p_base, pk_base,
             dp_base, skt, skd, svt, svd, spt, offs_q, offs_m, offs_dk, offs_dv, e2, end_n, T, TP,
             TPQ, L, U, lo, hi, scale, qk_scale, PLAIN, True, IEEE, DK, DV, BLOCK_M, BLOCK_N)
     gq_base = DQ_OUT + off_b * sgqb + q_start * sgqt + off_h * sgqh

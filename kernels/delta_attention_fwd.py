@@ -24,13 +24,16 @@ from .delta_attention_tiles import (BAND, FAR_HI, FAR_LO, PLAIN, band_bias, dot,
 
 
 @triton.jit
-def _fwd_run(acc, l_i, m_i, q, qrow, k_base, v_base, p_base, kc_base, skt, skd, svt, svd, spt,
+def _fwd_run(acc, l_i, m_i, q, qrow, k_base, v_base, p_base, pk_base, kc_base, skt, skd, svt, svd, spt,
              offs_m, mask_m, offs_dk, offs_dv, m0, n_start, n_end, T, TP, L, U, lo, hi, qk_scale,
              MODE: tl.constexpr, MASKED: tl.constexpr, IEEE: tl.constexpr, DK: tl.constexpr,
              DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N_PROG: tl.constexpr):
     BLOCK_N: tl.constexpr = loop_tile(BLOCK_N_PROG, MODE, MASKED)
     if MODE == FAR_LO or MODE == FAR_HI:
-        m_i = m_i + qrow  # the run's frame: logits without the query term -c·P[i, e]
+        # the run's frame: logits without the query term -c·P[i, e]; an empty run shifts
+        # nothing (a non-finite P[i, e] of a bucket the row never uses must not reach it)
+        qrow = tl.where(n_start < n_end, qrow, 0.0)
+        m_i = m_i + qrow
     kc = kc_base + kcol_row(MODE) * TP
     mask_dk = (offs_dk < DK)[:, None]
     mask_dv = (offs_dv < DV)[None, :]
@@ -42,7 +45,7 @@ def _fwd_run(acc, l_i, m_i, q, qrow, k_base, v_base, p_base, kc_base, skt, skd, 
         kcol = tl.load(kc + offs_n)  # padded to TP: no mask
         qk = dot(q, kT, IEEE)
         if MODE == BAND:
-            bias = band_bias(p_base, p_base, spt, offs_m[:, None], offs_n[None, :],
+            bias = band_bias(p_base, pk_base, spt, offs_m[:, None], offs_n[None, :],
                              offs_n[None, :] - offs_m[:, None], T, T, L, U)
             t = (qk + bias) * qk_scale + kcol[None, :]
         else:
@@ -64,7 +67,7 @@ def _fwd_run(acc, l_i, m_i, q, qrow, k_base, v_base, p_base, kc_base, skt, skd, 
 
 
 @triton.jit
-def fwd_kernel(Q, K, V, P, KCOL, KV, OUT, LSE, CU_Q, CU_K, PART,
+def fwd_kernel(Q, K, V, P, PK, KCOL, KV, OUT, LSE, CU_Q, CU_K, PART,
                sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd,
                spb, sph, spt, scb, sch, sob, soh, sot, sod, slb, slh, slt,
                H, G, T, TQ, TP, L, U, lo, hi, qk_scale, SPLIT_N, T_KEY, Q_KEY, W_KEY,
@@ -88,6 +91,7 @@ def fwd_kernel(Q, K, V, P, KCOL, KV, OUT, LSE, CU_Q, CU_K, PART,
     k_base = K + off_b * skb + k_start * skt + off_hk * skh
     v_base = V + off_b * svb + k_start * svt + off_hk * svh
     p_base = P + off_b * spb + k_start * spt + off_h * sph
+    pk_base = PK + off_b * spb + k_start * spt + off_h * sph  # key rows: 0 at padding keys
     kc_base = KCOL + off_b * scb + off_h * sch
 
     offs_q = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # query indices
@@ -124,36 +128,36 @@ def fwd_kernel(Q, K, V, P, KCOL, KV, OUT, LSE, CU_Q, CU_K, PART,
         qrow_hi = qrow_hi * qk_scale
         # far-low: j - i <= -L for the whole tile; far-high: j - i >= U for the whole tile
         b1, b2 = split_runs(e1, e2, m0 - L - BLOCK_N + 2, m0 + BLOCK_M - 1 + U, BLOCK_N)
-        acc, l_i, m_i = _fwd_run(acc, l_i, m_i, q, qrow_lo, k_base, v_base, p_base, kc_base,
+        acc, l_i, m_i = _fwd_run(acc, l_i, m_i, q, qrow_lo, k_base, v_base, p_base, pk_base, kc_base,
                                  skt, skd, svt, svd, spt, offs_m, mask_m, offs_dk, offs_dv, m0,
                                  start_n, e1, T, TP, L, U, lo, hi, qk_scale, BAND, True, IEEE, DK,
                                  DV, BLOCK_M, BLOCK_N)
-        acc, l_i, m_i = _fwd_run(acc, l_i, m_i, q, qrow_lo, k_base, v_base, p_base, kc_base,
+        acc, l_i, m_i = _fwd_run(acc, l_i, m_i, q, qrow_lo, k_base, v_base, p_base, pk_base, kc_base,
                                  skt, skd, svt, svd, spt, offs_m, mask_m, offs_dk, offs_dv, m0,
                                  e1, b1, T, TP, L, U, lo, hi, qk_scale, FAR_LO, False, IEEE, DK, DV,
                                  BLOCK_M, BLOCK_N)
-        acc, l_i, m_i = _fwd_run(acc, l_i, m_i, q, qrow_lo, k_base, v_base, p_base, kc_base,
+        acc, l_i, m_i = _fwd_run(acc, l_i, m_i, q, qrow_lo, k_base, v_base, p_base, pk_base, kc_base,
                                  skt, skd, svt, svd, spt, offs_m, mask_m, offs_dk, offs_dv, m0,
                                  b1, b2, T, TP, L, U, lo, hi, qk_scale, BAND, False, IEEE, DK, DV,
                                  BLOCK_M, BLOCK_N)
-        acc, l_i, m_i = _fwd_run(acc, l_i, m_i, q, qrow_hi, k_base, v_base, p_base, kc_base,
+        acc, l_i, m_i = _fwd_run(acc, l_i, m_i, q, qrow_hi, k_base, v_base, p_base, pk_base, kc_base,
                                  skt, skd, svt, svd, spt, offs_m, mask_m, offs_dk, offs_dv, m0,
                                  b2, e2, T, TP, L, U, lo, hi, qk_scale, FAR_HI, False, IEEE, DK, DV,
                                  BLOCK_M, BLOCK_N)
-        acc, l_i, m_i = _fwd_run(acc, l_i, m_i, q, qrow_hi, k_base, v_base, p_base, kc_base,
+        acc, l_i, m_i = _fwd_run(acc, l_i, m_i, q, qrow_hi, k_base, v_base, p_base, pk_base, kc_base,
                                  skt, skd, svt, svd, spt, offs_m, mask_m, offs_dk, offs_dv, m0,
                                  e2, end_n, T, TP, L, U, lo, hi, qk_scale, BAND, True, IEEE, DK, DV,
                                  BLOCK_M, BLOCK_N)
     else:  # plain flash attention: no P traffic at all
-        acc, l_i, m_i = _fwd_run(acc, l_i, m_i, q, l_i, k_base, v_base, p_base, kc_base, skt,
+        acc, l_i, m_i = _fwd_run(acc, l_i, m_i, q, l_i, k_base, v_base, p_base, pk_base, kc_base, skt,
                                  skd, svt, svd, spt, offs_m, mask_m, offs_dk, offs_dv, m0,
                                  start_n, e1, T, TP, L, U, lo, hi, qk_scale, PLAIN, True, IEEE, DK,
                                  DV, BLOCK_M, BLOCK_N)
-        acc, l_i, m_i = _fwd_run(acc, l_i, m_i, q, l_i, k_base, v_base, p_base, kc_base, skt,
+        acc, l_i, m_i = _fwd_run(acc, l_i, m_i, q, l_i, k_base, v_base, p_base, pk_base, kc_base, skt,
                                  skd, svt, svd, spt, offs_m, mask_m, offs_dk, offs_dv, m0, e1, e2,
                                  T, TP, L, U, lo, hi, qk_scale, PLAIN, False, IEEE, DK, DV, BLOCK_M,
                                  BLOCK_N)
-        acc, l_i, m_i = _fwd_run(acc, l_i, m_i, q, l_i, k_base, v_base, p_base, kc_base, skt,
+        acc, l_i, m_i = _fwd_run(acc, l_i, m_i, q, l_i, k_base, v_base, p_base, pk_base, kc_base, skt,
                                  skd, svt, svd, spt, offs_m, mask_m, offs_dk, offs_dv, m0, e2,
                                  end_n, T, TP, L, U, lo, hi, qk_scale, PLAIN, True, IEEE, DK, DV,
                                  BLOCK_M, BLOCK_N)
