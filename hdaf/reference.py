@@ -183,11 +183,26 @@ def delta_attention_varlen_naive(q, k, v, x, w, cu_seqlens_q, cu_seqlens_k, *, L
     x_query = xh[:, cu_k[seq_q] + pos_q]  # [Hx,Total_q,Dr]: x at each query's own key row
     d = pos_k[None, :] - pos_q[:, None]  # [Total_q,Total_k]
     r = d.clamp(-L, U) + L
-    diff = xh[:, None, :, :] - x_query[:, :, None, :]  # [Hx,Total_q,Total_k,Dr]
-    rpe = (diff * wh.transpose(-1, -2)[:, r]).sum(-1)  # [H or 1,Total_q,Total_k]
-    logits = scale * (qh @ kh.transpose(-1, -2) + rpe)
     vis = (seq_q[:, None] == seq_k[None, :]) & (d >= lo) & (d <= hi)
-    out = _masked_softmax_attention(logits, vis[None], vh)  # [H,Total_q,Dv]
+    # Every product pair by pair, each factor of a hidden pair replaced by 0 first: a NaN in
+    # one sequence then never reaches another through 0·NaN (the sequences are as independent
+    # as separate calls, docs/delta_attention.md), at O(Total_q·Total_k·D) memory like diff.
+    zero = torch.zeros((), dtype=q.dtype, device=q.device)
+    pair = vis[..., None]  # [Total_q,Total_k,1]
+
+    def pairs(a_i, b_j):  # [..,Total_q,D], [..,Total_k,D] -> [..,Total_q,Total_k,D] each
+        return (torch.where(pair, a_i[..., :, None, :], zero),
+                torch.where(pair, b_j[..., None, :, :], zero))
+
+    qi, kj = pairs(qh, kh)
+    xi, xj = pairs(x_query, xh)
+    rpe = ((xj - xi) * torch.where(pair, wh.transpose(-1, -2)[:, r], zero)).sum(-1)
+    logits = scale * ((qi * kj).sum(-1) + rpe)  # [H,Total_q,Total_k]
+    neg_inf = torch.finfo(logits.dtype).min
+    probs = torch.softmax(logits.masked_fill(~vis, neg_inf), dim=-1)
+    probs = torch.where(vis & vis.any(-1, keepdim=True), probs, zero)
+    vj = torch.where(pair, vh[..., None, :, :], zero)  # [H,Total_q,Total_k,Dv]
+    out = (probs[..., None] * vj).sum(-2)  # [H,Total_q,Dv]
     return out.transpose(0, 1)
 
 

@@ -188,3 +188,23 @@ def test_triton_known_disagreements(case):
                 "nan_in_unused_far_column_reaches_dq": (g["q"], ref_g["q"]),
                 "padding_x_row_reaches_other_rows": (out, ref_out)}[case]
     assert torch.equal(torch.isfinite(got), torch.isfinite(ref))
+
+
+@pytest.mark.parametrize("name", ["q", "k", "v", "x"])
+@pytest.mark.parametrize("backend", [b for b in ("naive", "gather", "cpu") if b in BACKENDS])
+def test_packed_sequences_are_independent_under_nan(backend, name):
+    """A NaN in one sequence of a packed batch stays in it: the naive reference's one
+    block-diagonal attention multiplied it by the zero probabilities of the other sequences
+    (0·NaN) in its forward (v) and backward (q, k)."""
+    g = torch.Generator().manual_seed(0)
+    cu = torch.tensor([0, 5, 12], dtype=torch.int32)
+    shapes = {"q": (12, 2, 4), "k": (12, 2, 4), "v": (12, 2, 3), "x": (12, 3), "w": (3, 5)}
+    inputs = {n: torch.randn(s, generator=g, dtype=torch.float64) for n, s in shapes.items()}
+    inputs[name][2] = NAN  # a row of sequence 0
+    leaves = [inputs[n].requires_grad_() for n in "qkvxw"]
+    out = hdaf.delta_attention_varlen(*leaves, cu, cu, 7, 7, backend=backend)
+    grads = torch.autograd.grad(out, leaves, torch.ones_like(out))
+    assert torch.isnan(out[:5]).any()
+    assert torch.isfinite(out[5:]).all()
+    for n, t in zip("qkvx", grads[:4]):
+        assert torch.isfinite(t[5:]).all(), n
