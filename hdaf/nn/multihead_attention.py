@@ -151,6 +151,15 @@ class DeltaMultiheadAttention(nn.Module):
             nn.init.zeros_(self.out_proj.bias)
         nn.init.zeros_(self.rpe)
 
+    def reset_parameters(self) -> None:
+        """Initialise every parameter as construction does, the output projection and ``Wx``
+        included (``_reset_parameters``, nn.MultiheadAttention's hook, leaves them as they are):
+        what a module materialised with ``to_empty`` from the meta device needs."""
+        self.out_proj.reset_parameters()
+        if self.delta_proj is not None:
+            self.delta_proj.reset_parameters()
+        self._reset_parameters()
+
     @classmethod
     def from_mha(cls, mha: nn.MultiheadAttention, **delta_options) -> "DeltaMultiheadAttention":
         """A ``DeltaMultiheadAttention`` with ``mha``'s settings and weights (copied) and ``w = 0``,
