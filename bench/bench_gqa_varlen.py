@@ -175,7 +175,7 @@ def bench_decode(benchmark, impl, Tk):
     benchmark.group = f"decode Tk={Tk}"
     _info(benchmark, case="decode", impl=impl, mode="fwd", B=1, H=DH, Hkv=DHKV, D=DD, Tq=1, Tk=Tk,
           peak_extra_bytes=peak)
-    benchmark.pedantic(step, rounds=15, iterations=1, warmup_rounds=1)
+    benchmark.pedantic(step, rounds=31, iterations=1, warmup_rounds=1)
 
 
 # ---- summary of a run ---------------------------------------------------------------------------
