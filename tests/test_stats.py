@@ -8,7 +8,8 @@ import math
 import numpy as np
 import pytest
 
-from hdaf.training.multiseed import aggregate, parse_seeds, summary_markdown, sweep_markdown
+from hdaf.training.multiseed import (_compare_pairs, aggregate, parse_seeds, summary_markdown,
+                                     sweep_markdown)
 from hdaf.training.report import COLUMNS
 from hdaf.training.stats import fmt_ci, fmt_p, paired, summarize, t_critical
 
@@ -162,6 +163,12 @@ def test_aggregate_fixed_per_seed_results():
     assert c6["n"] == 2 and c6["diffs"] == pytest.approx([2.0, 4.0]) and c6["mean_diff"] == pytest.approx(3.0)
     t = 3.0 / (math.sqrt(2.0) / math.sqrt(2))                # sd of (2, 4) = sqrt(2)
     assert c6["t"] == pytest.approx(t)
+    # a run's fused head against its own unimodal head, paired by seed
+    own = aggregate(per_seed, spec, [["a", "a", "fused", "text"]])["comparisons"][0]
+    assert (own["a_label"], own["b_label"], own["head_b"]) == ("A", "A text", "text")
+    assert own["stats"]["Acc6"]["diffs"] == pytest.approx([20.0, 24.0, 22.0])
+    with pytest.raises(ValueError, match="head_a, head_b"):
+        _compare_pairs({"compare": [["a", "b", "fused", "text", "x"]]}, {})
     md = summary_markdown(out, "T")
     assert "| A | 52.0 ± 2.0 |" in md and "| A − B | +3.0 [" in md and "2/2" in md
     sweep = {"key": "data.synthetic.speaker_offset", "seeds": [0, 1, 2], "points": [

@@ -10,6 +10,7 @@ import torch
 
 from .dataset import SegmentDataset
 from .mosei import load_csd_folder
+from .normalize import normalize_segments
 from .pkl import load_pkl
 from .report import DataReport
 from .synthetic import ensure_synthetic
@@ -56,6 +57,7 @@ def load_data(dcfg: dict, log=print) -> Tuple[Dict[str, SegmentDataset], DataRep
                 os.replace(tmp, cache)
     else:
         raise ValueError(f"data.source must be 'synthetic', 'csd' or 'pkl', got {source!r}")
+    samples = normalize_segments(samples, dcfg.get("normalize") or "none")
     for s, v in samples.items():
         if not v:
             raise ValueError(f"data: split '{s}' is empty after preprocessing; see the report:\n{rep}")

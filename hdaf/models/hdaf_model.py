@@ -40,6 +40,7 @@ class HDAFConfig(_ConfigMixin):
     window: Optional[int] = None
     share_rpe_across_heads: bool = True
     use_delta: bool = True       # False: plain attention everywhere (the ablation)
+    fusion_delta: bool = True    # the delta term in the attention over the fused sequence too
     d_cca: int = 16              # d_r << d_o
     cca_ridge: float = 1e-3
     fusion_heads: int = 8
@@ -75,7 +76,8 @@ class HDAF(nn.Module):
         self.projectors = nn.ModuleDict({m: DCCAProjector(c.d_model, c.d_cca) for m in MODALITIES})
         self.fuse_in = nn.Linear(len(MODALITIES) * c.d_cca, c.d_model)
         self.fused_attn = DeltaAttention(c.d_model, c.fusion_heads, max_distance=c.max_distance,
-                                         window=c.window, use_delta=c.use_delta, dropout=c.dropout,
+                                         window=c.window, use_delta=c.use_delta and c.fusion_delta,
+                                         dropout=c.dropout,
                                          share_rpe_across_heads=c.share_rpe_across_heads,
                                          backend=c.backend)
         self.norm = nn.LayerNorm(c.d_model)

@@ -60,6 +60,7 @@ DEFAULTS: Dict[str, Any] = {
         "files": {},            # role -> file name overrides (words, text, audio, vision, labels)
         "remove_sp": True,
         "strict": False,
+        "normalize": "none",    # none | center | standardize: per segment and feature (hdaf.data.normalize)
         "max_segments": None,
         "cache_dir": None,
         "synthetic": {},        # overrides of hdaf.data.synthetic.DEFAULTS

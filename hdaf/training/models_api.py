@@ -101,7 +101,28 @@ def _modality_params(model, m):
 
 def stage_param_groups(model: torch.nn.Module, stage: str, scfg: dict) -> List[dict]:
     """Adam parameter groups of a stage; the unimodal stage gets Table 1's lr per modality when
-    the model can list a modality's parameters."""
+    the model can list a modality's parameters.  ``delta_lr_scale`` (default 1) gives the delta
+    term's own weights (``rpe``, ``delta_proj``) their group's learning rate times that factor."""
+    groups = _stage_param_groups(model, stage, scfg)
+    scale = float(scfg.get("delta_lr_scale") or 1.0)
+    if scale == 1.0:
+        return groups
+    delta = {id(p) for n, p in model.named_parameters()
+             if n.endswith(".rpe") or ".delta_proj." in n}
+    out = []
+    for g in groups:
+        lr = float(g.get("lr", scfg["lr"]))
+        rest = [p for p in g["params"] if id(p) not in delta]
+        mine = [p for p in g["params"] if id(p) in delta]
+        if rest:
+            out.append({**g, "params": rest})
+        if mine:
+            out.append({**g, "params": mine, "lr": lr * scale,
+                        "name": f"{g.get('name', 'all')}:delta"})
+    return out
+
+
+def _stage_param_groups(model: torch.nn.Module, stage: str, scfg: dict) -> List[dict]:
     if stage == "end_to_end":
         return [{"params": [p for p in model.parameters()]}]
     params = list(model.stage_parameters(stage))

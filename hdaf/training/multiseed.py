@@ -14,9 +14,9 @@ config key, e.g. ``data.synthetic.speaker_offset``) in ``<run_dir>/<leaf>=<value
 ``<run_dir>/sweep.{md,json,png}``.
 
 Outputs of ``run_seeds`` (``<run_dir>/results.{md,json}``): per table row, the per-seed values of
-every column and their ``stats.summarize``; per ``experiment.compare`` pair ``[a, b]`` (default:
-HDAF aligned vs the no-delta ablation and vs MulT, where run), ``stats.paired`` of ``a - b`` per
-column.  The statistics are in ``hdaf.training.stats``.
+every column and their ``stats.summarize``; per ``experiment.compare`` pair ``[a, b]``, ``[a, b, head]`` or ``[a, b, head_a, head_b]``
+(default ``DEFAULT_COMPARE``, where run: HDAF aligned vs the no-delta ablation, vs MulT and vs
+each of its unimodal heads, and unaligned vs aligned), ``stats.paired`` of ``a - b`` per column.  The statistics are in ``hdaf.training.stats``.
 """
 from __future__ import annotations
 
@@ -32,7 +32,13 @@ from .config import set_key
 from .report import COLUMNS, row_values, to_markdown
 from .stats import fmt_ci, fmt_p, paired, summarize
 
-DEFAULT_COMPARE = [["hdaf_aligned", "hdaf_no_delta"], ["hdaf_aligned", "mult_aligned"]]
+# The paper's claims: fused HDAF against its delta-term-off ablation, MulT, each of its own
+# unimodal heads (same run, paired by seed) and unaligned against aligned input.
+DEFAULT_COMPARE = [["hdaf_aligned", "hdaf_no_delta"], ["hdaf_aligned", "mult_aligned"],
+                   ["hdaf_aligned", "hdaf_aligned", "fused", "text"],
+                   ["hdaf_aligned", "hdaf_aligned", "fused", "audio"],
+                   ["hdaf_aligned", "hdaf_aligned", "fused", "vision"],
+                   ["hdaf_unaligned", "hdaf_aligned"]]
 SHOWN = ("Acc6", "F1")  # columns shown in the markdown; every column is in the JSON
 
 
@@ -81,9 +87,9 @@ def _compare_pairs(exp: dict, runs: Dict[str, dict]) -> List[List[str]]:
     if pairs is None:
         pairs = [p for p in DEFAULT_COMPARE if p[0] in runs and p[1] in runs]
     for p in pairs:
-        if not (isinstance(p, (list, tuple)) and len(p) in (2, 3)):
-            raise ValueError("experiment.compare: each entry is [run_a, run_b] or "
-                             f"[run_a, run_b, head], got {p!r}")
+        if not (isinstance(p, (list, tuple)) and len(p) in (2, 3, 4)):
+            raise ValueError("experiment.compare: each entry is [run_a, run_b], "
+                             f"[run_a, run_b, head] or [run_a, run_b, head_a, head_b], got {p!r}")
     return [list(p) for p in pairs]
 
 
@@ -112,11 +118,12 @@ def aggregate(per_seed: Dict[int, Dict[str, dict]], table_spec, pairs, confidenc
     for p in pairs:
         a, b = p[0], p[1]
         head = p[2] if len(p) > 2 else "fused"
+        head_b = p[3] if len(p) > 3 else head
         va = {s: row_values(_metrics_of(per_seed[s].get(a), head)) for s in seeds}
-        vb = {s: row_values(_metrics_of(per_seed[s].get(b), head)) for s in seeds}
+        vb = {s: row_values(_metrics_of(per_seed[s].get(b), head_b)) for s in seeds}
         out["comparisons"].append({
-            "a": a, "b": b, "head": head, "a_label": labels.get((a, head), a),
-            "b_label": labels.get((b, head), b),
+            "a": a, "b": b, "head": head, "head_b": head_b, "a_label": labels.get((a, head), a),
+            "b_label": labels.get((b, head_b), b if head_b == "fused" else f"{b} ({head_b})"),
             "stats": {c: paired([va[s][i] for s in seeds], [vb[s][i] for s in seeds], confidence)
                       for i, c in enumerate(COLUMNS)}})
     return out
