@@ -10,7 +10,8 @@ Metadata values are strings; the SDK writes ``str(value)``, hdaf writes JSON whe
 is not already a string.  :func:`read_csd` gives back the JSON-decoded value when a string parses
 as JSON, else the string itself.
 
-Every failure raises :class:`CSDError` naming the file (and the video id where there is one).
+Every failure raises :class:`CSDError` naming the file (and the video id and the field, ``features``
+or ``intervals``, where there is one).
 """
 from __future__ import annotations
 
@@ -34,15 +35,18 @@ METADATA_KEYS = (
 class CSDError(ValueError):
     """A computational sequence file is missing, unreadable or inconsistent."""
 
-    def __init__(self, message: str, path: Optional[str] = None, video_id: Optional[str] = None):
+    def __init__(self, message: str, path: Optional[str] = None, video_id: Optional[str] = None,
+                 field: Optional[str] = None):
         parts = []
         if path is not None:
             parts.append(f"file {path}")
         if video_id is not None:
             parts.append(f"video id {video_id!r}")
+        if field is not None:
+            parts.append(f"field {field!r}")
         prefix = (", ".join(parts) + ": ") if parts else ""
         super().__init__(prefix + message)
-        self.path, self.video_id = path, video_id
+        self.path, self.video_id, self.field = path, video_id, field
 
 
 def _decode(value):
@@ -116,31 +120,26 @@ class ComputationalSequence:
     def __getitem__(self, vid: str) -> Tuple[np.ndarray, np.ndarray]:
         if vid not in self._data:
             raise CSDError("unknown video id (not in this computational sequence)", self.path, vid)
+        raw, field = {}, None
         try:
             grp = self._data[vid]
-            if "features" not in grp or "intervals" not in grp:
-                raise CSDError(f"entry lacks 'features' or 'intervals' (has {list(grp.keys())})",
-                               self.path, vid)
-            feats = grp["features"][()]
-            ivs = np.asarray(grp["intervals"][()], dtype=np.float64)
+            if not isinstance(grp, h5py.Group):
+                raise CSDError("entry is a dataset, expected a group holding 'features' and "
+                               "'intervals'", self.path, vid)
+            for field in ("features", "intervals"):
+                if field not in grp:
+                    raise CSDError(f"dataset missing (the entry has {sorted(grp.keys())})",
+                                   self.path, vid, field)
+                if not isinstance(grp[field], h5py.Dataset):
+                    raise CSDError("is a group, expected a dataset", self.path, vid, field)
+                raw[field] = grp[field][()]
         except CSDError:
             raise
         except Exception as exc:  # truncated dataset chunks raise OSError here
             raise CSDError(f"cannot read entry (corrupted or truncated file?): "
-                           f"{type(exc).__name__}: {exc}", self.path, vid) from None
-        if ivs.ndim != 2 or ivs.shape[1] != 2:
-            raise CSDError(f"intervals must be T x 2, got shape {ivs.shape}", self.path, vid)
-        if feats.ndim == 1:
-            feats = feats[:, None]
-        if feats.shape[0] != ivs.shape[0]:
-            raise CSDError(f"features and intervals have different lengths "
-                           f"({feats.shape[0]} vs {ivs.shape[0]})", self.path, vid)
-        if feats.dtype.kind in ("S", "O", "U"):
-            feats = np.array([_as_str(f) for f in feats[:, 0]], dtype=object)
-        else:
-            feats = np.asarray(feats, dtype=np.float32)
-        if not np.all(np.isfinite(ivs)):
-            raise CSDError("intervals contain NaN or inf", self.path, vid)
+                           f"{type(exc).__name__}: {exc}", self.path, vid, field) from None
+        ivs = _check_intervals(raw["intervals"], self.path, vid)
+        feats = _check_features(raw["features"], len(ivs), self.path, vid)
         return feats, ivs
 
     def close(self) -> None:
@@ -157,6 +156,54 @@ class ComputationalSequence:
 
     def __repr__(self) -> str:
         return f"ComputationalSequence({self.path!r}, root={self.root_name!r}, entries={len(self)})"
+
+
+def _check_intervals(raw, path: str, vid: str) -> np.ndarray:
+    """``T x 2`` finite numbers (seconds) as float64, or a :class:`CSDError`."""
+    ivs = np.asarray(raw)
+    if ivs.dtype.kind not in "iuf":
+        raise CSDError(f"intervals must be numbers (seconds), got dtype {ivs.dtype}", path, vid,
+                       "intervals")
+    if ivs.ndim != 2 or ivs.shape[1] != 2:
+        raise CSDError(f"intervals must be T x 2, got shape {ivs.shape}", path, vid, "intervals")
+    ivs = ivs.astype(np.float64)
+    bad = ~np.isfinite(ivs).all(1)
+    if bad.any():
+        r = int(np.argmax(bad))
+        raise CSDError(f"intervals contain NaN or inf: row {r} is {ivs[r].tolist()}", path, vid,
+                       "intervals")
+    return ivs
+
+
+def _check_features(raw, n: int, path: str, vid: str) -> np.ndarray:
+    """``T x D`` numbers as float32, or strings (the words file) as a 1-D object array.
+
+    Integers are read as numbers; booleans, complex numbers and compound types are errors (a
+    cast would silently change the values).  Values beyond float32's range become inf and are
+    then handled as non-finite values.
+    """
+    feats = np.asarray(raw)
+    kind = feats.dtype.kind
+    if kind in ("S", "O", "U"):
+        if not (feats.ndim == 1 or (feats.ndim == 2 and feats.shape[1] == 1)):
+            raise CSDError(f"string features (a words file) must be T x 1, got shape {feats.shape}",
+                           path, vid, "features")
+    elif kind in ("i", "u", "f"):
+        if feats.ndim not in (1, 2):
+            raise CSDError(f"features must be T x D numbers, got shape {feats.shape}", path, vid,
+                           "features")
+    else:
+        raise CSDError(f"features must be float or integer numbers (strings in a words file), "
+                       f"got dtype {feats.dtype}", path, vid, "features")
+    if feats.ndim == 1:
+        feats = feats[:, None]
+    if feats.shape[0] != n:
+        raise CSDError(f"features and intervals have different lengths: {feats.shape[0]} rows "
+                       f"here, {n} in 'intervals'", path, vid, "features")
+    if kind in ("S", "O", "U"):
+        return np.array([_as_str(f) for f in feats[:, 0]], dtype=object)
+    with np.errstate(over="ignore"):
+        return np.asarray(feats, dtype=np.float32)
 
 
 def _as_str(x) -> str:

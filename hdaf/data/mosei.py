@@ -108,16 +108,18 @@ def _inside(mid: np.ndarray, a: float, b: float) -> np.ndarray:
 
 def check_labels(labels: np.ndarray, path: str, vid: str) -> np.ndarray:
     """The six emotion columns of a labels entry, checked to lie in [0, 3]."""
+    if np.asarray(labels).dtype == object:
+        raise CSDError("labels must be numbers, got strings", path, vid, "features")
     lab = np.asarray(labels, dtype=np.float64)
     if lab.ndim != 2 or lab.shape[1] not in (6, 7):
         raise CSDError(f"labels must be N x 7 (sentiment + 6 emotions) or N x 6, got shape "
-                       f"{lab.shape}", path, vid)
+                       f"{lab.shape}", path, vid, "features")
     emo = lab[:, -6:]
     bad = ~np.isfinite(emo) | (emo < -1e-6) | (emo > LABEL_MAX + 1e-6)
     if bad.any():
         r, c = np.argwhere(bad)[0]
         raise CSDError(f"emotion label out of range [0, 3]: segment {r} {EMOTIONS[c]} = {float(emo[r, c])!r}",
-                       path, vid)
+                       path, vid, "features")
     return np.clip(emo, 0.0, LABEL_MAX).astype(np.float32)
 
 
@@ -166,13 +168,14 @@ def _segment(vid, j, seg, feats, ivs, words, cfg: _Config, rep: DataReport, sec:
         wmid_assign = {}
         for m in ("audio", "vision"):
             mids = _mid(ivs[m])[fidx[m]]
+            free = np.ones(len(mids), dtype=bool)
             per_word = []
-            assigned = 0
             for (ws, we) in wiv:
-                sel = fidx[m][(mids >= ws) & (mids < we)]
-                per_word.append(sel)
-                assigned += len(sel)
-            rep.add(sec, f"{m}_frames_outside_words_dropped", len(fidx[m]) - assigned)
+                # overlapping words: a frame goes to the first word that holds its midpoint
+                hit = free & (mids >= ws) & (mids < we)
+                per_word.append(fidx[m][hit])
+                free &= ~hit
+            rep.add(sec, f"{m}_frames_outside_words_dropped", int(free.sum()))
             wmid_assign[m] = per_word
         rows = {m: [] for m in MODALITIES}
         masks = {m: [] for m in MODALITIES}
@@ -244,6 +247,81 @@ def _segment(vid, j, seg, feats, ivs, words, cfg: _Config, rep: DataReport, sec:
     return out
 
 
+# Two intervals overlap when one starts more than this before the previous one ends (seconds):
+# touching intervals written with rounding error are not overlaps.
+OVERLAP_TOL = 1e-6
+
+
+def _inverted_rows(iv: np.ndarray, path: str, vid: str, cfg: _Config) -> np.ndarray:
+    """Rows whose interval ends before it starts; an error under ``strict``."""
+    bad = np.nonzero(iv[:, 1] < iv[:, 0])[0]
+    if len(bad) and cfg.strict:
+        r = int(bad[0])
+        raise CSDError(f"row {r} has an inverted interval (end {iv[r, 1]!r} < start {iv[r, 0]!r}; "
+                       "data.strict is on, otherwise the row is dropped and counted)",
+                       path, vid, "intervals")
+    return bad
+
+
+def _overlaps(iv: np.ndarray) -> int:
+    """How many intervals start before the previous one ends (counted, not dropped)."""
+    return int((iv[1:, 0] < iv[:-1, 1] - OVERLAP_TOL).sum()) if len(iv) > 1 else 0
+
+
+def _read_video(seqs, vid: str, cfg: _Config, rep: DataReport, sec: str, widths: dict):
+    """Features and intervals of every modality (and the words) of one video, checked.
+
+    Errors name the file, the video id and the field; rows with an inverted interval are
+    dropped and counted (an error under ``strict``); overlaps with the previous row are counted.
+    """
+    feats, ivs = {}, {}
+    for m in MODALITIES:
+        path = seqs[m].path
+        feats[m], ivs[m] = seqs[m][vid]
+        if feats[m].dtype == object:
+            raise CSDError(f"{m} features must be numbers, got strings (is this a words file?)",
+                           path, vid, "features")
+        d = feats[m].shape[1]
+        if d == 0:
+            raise CSDError(f"{m} features have no columns (shape {feats[m].shape})", path, vid,
+                           "features")
+        if m == "vision":  # any width, the same for every video
+            want, first = widths.setdefault(m, (d, vid))
+            if d != want:
+                raise CSDError(f"vision features are {d}-dimensional here but {want}-dimensional "
+                               f"in video {first!r}", path, vid, "features")
+        elif d != DIMS[m]:
+            raise CSDError(f"{m} features must be {DIMS[m]}-dimensional, got {d}", path, vid,
+                           "features")
+    words = None
+    if "words" in seqs:
+        wpath = seqs["words"].path
+        words, wiv = seqs["words"][vid]
+        if words.dtype != object:
+            raise CSDError(f"the words file must hold strings, got numbers ({words.dtype})",
+                           wpath, vid, "features")
+        if len(words) != len(ivs["text"]):
+            raise CSDError(f"words file has {len(words)} words but the word-vector file "
+                           f"{seqs['text'].path} has {len(ivs['text'])}", wpath, vid, "features")
+        differ = np.nonzero(np.abs(wiv - ivs["text"]).max(1) > OVERLAP_TOL)[0]
+        if len(differ):
+            r = int(differ[0])
+            raise CSDError(f"word {r} has the interval {wiv[r].tolist()} here but "
+                           f"{ivs['text'][r].tolist()} in the word-vector file {seqs['text'].path}",
+                           wpath, vid, "intervals")
+    for m, unit in (("text", "words"), ("audio", "frames"), ("vision", "frames")):
+        bad = _inverted_rows(ivs[m], seqs[m].path, vid, cfg)
+        if len(bad):
+            keep = np.ones(len(ivs[m]), dtype=bool)
+            keep[bad] = False
+            feats[m], ivs[m] = feats[m][keep], ivs[m][keep]
+            if m == "text" and words is not None:
+                words = words[keep]
+            rep.add(sec, f"{m}_{unit}_dropped_inverted_interval", len(bad), example=vid)
+        rep.add(sec, f"{m}_{unit}_overlapping_previous", _overlaps(ivs[m]), example=vid)
+    return feats, ivs, words
+
+
 def load_csd_folder(data_dir: str, mode: str = "aligned", aligned_combine: str = "stack",
                     max_frames_per_word: int = 8, max_len: Optional[dict] = None,
                     split: str = "auto", seed: int = 0, fractions=(0.8, 0.1, 0.1),
@@ -254,8 +332,8 @@ def load_csd_folder(data_dir: str, mode: str = "aligned", aligned_combine: str =
 
     A sample is ``{"id", "video_id", "text", "text_mask", "audio", "audio_mask", "vision",
     "vision_mask", "labels"}`` (numpy; masks ``True`` = padding; labels the six emotions).
-    ``strict=True`` turns "video missing from a modality file" into an error instead of a counted
-    drop.  ``max_segments`` caps segments per split (counted) for quick runs.
+    ``strict=True`` turns "video missing from a modality file" and "inverted interval" into errors
+    instead of counted drops.  ``max_segments`` caps segments per split (counted) for quick runs.
     """
     cfg = _Config(mode, aligned_combine, max_frames_per_word, max_len, remove_sp, strict)
     rep = report or DataReport(f"data report ({mode})")
@@ -274,6 +352,7 @@ def load_csd_folder(data_dir: str, mode: str = "aligned", aligned_combine: str =
         ids = labels.keys()
         folds = resolve_split(split, ids, data_dir=data_dir, seed=seed, fractions=fractions, report=rep)
         out = {s: [] for s in SPLITS}
+        widths = {}
         in_split = {v: s for s in SPLITS for v in folds[s]}
         unused = [v for v in ids if v not in in_split]
         if unused:
@@ -293,20 +372,7 @@ def load_csd_folder(data_dir: str, mode: str = "aligned", aligned_combine: str =
                                        "file", seqs[r].path, vid)
                     rep.add(s, f"segments_dropped_video_missing_in_{missing[0]}", len(emo), example=vid)
                     continue
-                feats, ivs = {}, {}
-                for m in MODALITIES:
-                    feats[m], ivs[m] = seqs[m][vid]
-                    want = DIMS.get(m)
-                    if m != "vision" and feats[m].shape[1] != want:
-                        raise CSDError(f"{m} features must be {want}-dimensional, got "
-                                       f"{feats[m].shape[1]}", seqs[m].path, vid)
-                words = None
-                if "words" in seqs:
-                    words, wiv = seqs["words"][vid]
-                    if len(words) != len(ivs["text"]):
-                        raise CSDError(f"words file has {len(words)} words but the word-vector file "
-                                       f"{seqs['text'].path} has {len(ivs['text'])}",
-                                       seqs["words"].path, vid)
+                feats, ivs, words = _read_video(seqs, vid, cfg, rep, s, widths)
                 # frames / words outside every labelled segment of this video
                 for m, unit in (("text", "words"), ("audio", "frames"), ("vision", "frames")):
                     mid = _mid(ivs[m])
@@ -314,7 +380,14 @@ def load_csd_folder(data_dir: str, mode: str = "aligned", aligned_combine: str =
                     for (a, b) in seg_iv:
                         inany |= (mid >= a) & (mid < b)
                     rep.add(s, f"{m}_{unit}_outside_labelled_segments", int((~inany).sum()))
+                inverted = _inverted_rows(seg_iv, labels.path, vid, cfg)
+                if len(inverted):
+                    rep.add(s, "segments_dropped_inverted_interval", len(inverted),
+                            example=f"{vid}[{inverted[0]}]")
+                rep.add(s, "segments_overlapping_previous", _overlaps(seg_iv), example=vid)
                 for j in range(len(emo)):
+                    if j in inverted:
+                        continue
                     sample = _segment(vid, j, seg_iv[j], feats, ivs, words, cfg, rep, s)
                     if sample is None:
                         continue
