@@ -12,7 +12,7 @@ Environment variables:
     TORCH_CUDA_ARCH_LIST      default "8.0;9.0" when no GPU is visible
     MAX_JOBS                  parallel compile jobs (ninja), respected by torch's BuildExtension
     DEBUG=1                   -O0 -g
-    HDAF_BUILD_CUTE=1         also build the opt-in CuTe forward (csrc/cuda_cute, issue 12; the op
+    HDAF_BUILD_CUTE=1         also build the opt-in CuTe forward (csrc/cuda_cute; the op
                               hdaf::cuda_cute_delta_attention_forward, never used by `auto`, not yet
                               run on a GPU). Needs the CUTLASS/CuTe headers: `pip install
                               nvidia-cutlass`, or CUTLASS_INCLUDE_DIR=<folder holding cute/, cutlass/>
