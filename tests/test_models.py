@@ -73,14 +73,32 @@ def test_padding_changes_nothing_at_real_positions(name, lengths):
         torch.testing.assert_close(oa["logits"], oc["logits"], atol=1e-10, rtol=0)
 
 
-def test_gradients_reach_every_trainable_parameter():
+@pytest.mark.parametrize("fusion_delta", [False, True])
+def test_gradients_reach_every_trainable_parameter(fusion_delta):
+    """Every weight trains, except the fused layer's RPE when that layer is plain attention
+    (the paper's eq. 15; allocated, unused)."""
     torch.manual_seed(0)
-    model = build_model("hdaf", SMALL)
+    model = build_model("hdaf", {**SMALL, "fusion_delta": fusion_delta})
     out = model(make_batch())
     loss = out["logits"].sum() + out["cca_loss"] + sum(v.sum() for v in out["unimodal_logits"].values())
     loss.backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
-    assert not missing, missing
+    assert missing == ([] if fusion_delta else ["fused_attn.rpe"])
+    assert model.fused_attn.use_delta is fusion_delta
+    assert all(m.encoders[k].attn.use_delta for m in [model] for k in m.encoders)
+
+
+def test_checkpoint_from_before_the_fusion_switch_keeps_its_delta_term():
+    from hdaf.training.models_api import load_model
+    torch.manual_seed(0)
+    model = build_model("hdaf", {**SMALL, "fusion_delta": True})
+    config = {k: v for k, v in model.config.to_dict().items() if k != "fusion_delta"}
+    blob = {"model_name": "hdaf", "model_config": config, "dims": config["input_dims"],
+            "model": model.state_dict()}
+    loaded, _ = load_model(blob, "cpu")
+    assert loaded.fused_attn.use_delta
+    batch = make_batch()
+    torch.testing.assert_close(loaded(batch)["logits"], model.eval()(batch)["logits"])
 
 
 def test_cca_matches_closed_form():

@@ -40,7 +40,7 @@ class HDAFConfig(_ConfigMixin):
     window: Optional[int] = None
     share_rpe_across_heads: bool = True
     use_delta: bool = True       # False: plain attention everywhere (the ablation)
-    fusion_delta: bool = True    # the delta term in the attention over the fused sequence too
+    fusion_delta: bool = False   # the paper's eq. 15: plain attention over the fused sequence
     d_cca: int = 16              # d_r << d_o
     cca_ridge: float = 1e-3
     fusion_heads: int = 8

@@ -151,7 +151,10 @@ def model_meta(model, model_section: dict, model_cfg: dict, dims: dict, head: st
 
 def load_model(blob: dict, device) -> Tuple[torch.nn.Module, str]:
     """Rebuild the model of a ``final.pt`` / ``stage_*.pt`` blob and load its weights."""
-    model, _ = build({"name": blob["model_name"], "config": blob["model_config"]}, blob["dims"])
+    config = dict(blob["model_config"])
+    if blob["model_name"] == "hdaf" and "fusion_delta" not in config:
+        config["fusion_delta"] = True  # saved before the switch existed: trained with the delta term there
+    model, _ = build({"name": blob["model_name"], "config": config}, blob["dims"])
     model.load_state_dict(blob["model"])
     model.to(device).eval()
     return model, blob.get("head") or head_of(model, {"config": blob["model_config"]})
