@@ -176,3 +176,33 @@ def test_aggregate_fixed_per_seed_results():
          "comparisons": [{"label": "A − B", "stats": cmp["stats"]}]}]}
     smd = sweep_markdown(sweep)
     assert "| `speaker_offset` | A | A − B | p (t) |" in smd and "| 0 | 52.0 [" in smd
+
+
+def test_claims_table_checks_the_three_targets():
+    from hdaf.training.multiseed import DEFAULT_COMPARE, claims_markdown
+    fused = {"hdaf_aligned": [0.90, 0.92, 0.94, 0.91], "hdaf_unaligned": [0.89, 0.95, 0.92, 0.93],
+             "hdaf_no_delta": [0.90, 0.91, 0.94, 0.90], "mult_aligned": [0.92, 0.93, 0.94, 0.93]}
+    heads = {"text": [0.3] * 4, "audio": [0.85, 0.86, 0.84, 0.85], "vision": [0.88, 0.91, 0.90, 0.87]}
+    per_seed = {s: {r: {"fused": _metrics(v[s], v[s]),
+                        "unimodal": {h: _metrics(hv[s], hv[s]) for h, hv in heads.items()}
+                        if r == "hdaf_aligned" else {}}
+                    for r, v in fused.items()} for s in range(4)}
+    spec = [["U", [["Text only", "hdaf_aligned", "text"], ["Acoustics only", "hdaf_aligned", "audio"],
+                   ["Visuals only", "hdaf_aligned", "vision"]]],
+            ["F", [["Aligned", "hdaf_aligned", "fused"], ["Unaligned", "hdaf_unaligned", "fused"],
+                   ["No delta", "hdaf_no_delta", "fused"], ["MulT", "mult_aligned", "fused"]]]]
+    summary = aggregate(per_seed, spec, DEFAULT_COMPARE)
+    md = claims_markdown(summary)
+    lines = {ln.split(" | ")[0]: ln for ln in md.splitlines()}
+    # 91.75 - 93.0 = -1.25 < -1: missed
+    assert "| HDAF aligned − MulT aligned | -1.2 [" in md and "≥ −1: **missed**" in lines["| HDAF aligned − MulT aligned"]
+    # vision is the best head (mean 89.0); fused - vision = +2.75, per seed (2, 1, 4, 4)
+    best = lines["| HDAF fused − best unimodal head (Visuals only)"]
+    assert "+2.8 [" in best and "4/4" in best
+    assert ("**met**" in best) == (paired(fused["hdaf_aligned"], heads["vision"])["p_t"] < 0.05)
+    assert "within ±2: **met**" in lines["| HDAF unaligned − aligned"]
+    assert "reported" in lines["| HDAF − HDAF with the delta term off"]
+    assert "| HDAF fused − best unimodal head" in summary_markdown(summary, "T")
+    # without MulT there is no claims table
+    no_mult = aggregate(per_seed, spec, [p for p in DEFAULT_COMPARE if "mult_aligned" not in p])
+    assert claims_markdown(no_mult) is None

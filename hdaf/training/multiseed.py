@@ -161,6 +161,9 @@ def summary_markdown(summary: dict, title: str) -> str:
                 cells += [fmt_ci(st, signed=True), fmt_p(st["p_t"]), fmt_p(st["p_wilcoxon"]),
                           f"{st['n_a_better']}/{st['n']}"]
             lines.append(f"| {cmp['a_label']} − {cmp['b_label']} | " + " | ".join(cells) + " |")
+    claims = claims_markdown(summary)
+    if claims:
+        lines += ["", claims]
     lines += ["", "CI: mean ± t(n−1)·sd/√n; paired t: scipy.stats.ttest_rel; Wilcoxon: "
               f"scipy.stats.wilcoxon (signed-rank, two-sided; with {n} seeds its smallest p is "
               f"{2 / 2 ** n:.3g}).  Per-seed values: results.json."]
@@ -168,6 +171,61 @@ def summary_markdown(summary: dict, title: str) -> str:
         {"title": g["title"], "rows": [{"label": r["label"], "values": r["mean"], "note": None}
                                        for r in g["rows"]]} for g in summary["groups"]]}
     lines += ["", to_markdown(means, title=f"{title}: means over {n} seeds, every column")]
+    return "\n".join(lines)
+
+
+def _comparison(summary: dict, a: str, b: str, head_a: str = "fused", head_b: str = "fused"):
+    for c in summary.get("comparisons", []):
+        if (c["a"], c["b"], c["head"], c.get("head_b", c["head"])) == (a, b, head_a, head_b):
+            return c
+    return None
+
+
+def claims_markdown(summary: dict, column: str = "Acc6") -> Optional[str]:
+    """The paper's three claims, checked against their targets from a multi-seed summary (the
+    comparisons of ``DEFAULT_COMPARE``); ``None`` when the summary lacks the runs they need.
+
+    * HDAF aligned ≥ MulT aligned − 1 point (the paper's own margin is −1.0): the mean paired
+      difference;
+    * fused HDAF above its best unimodal head (the head with the highest mean), paired t p < 0.05;
+    * unaligned within ±2 points of aligned: the mean paired difference;
+    * the delta term's gain over ``use_delta=false``: reported, no target.
+    """
+    heads = [h for h in ("text", "audio", "vision")
+             if _comparison(summary, "hdaf_aligned", "hdaf_aligned", "fused", h)]
+    need = [_comparison(summary, "hdaf_aligned", "mult_aligned"),
+            _comparison(summary, "hdaf_unaligned", "hdaf_aligned")]
+    if not heads or any(c is None for c in need):
+        return None
+    means = {}
+    for g in summary["groups"]:
+        for r in g["rows"]:
+            if r["run"] == "hdaf_aligned" and r["head"] in heads:
+                means[r["head"]] = r["stats"][COLUMNS.index(column)]["mean"]
+    best = max(heads, key=lambda h: -math.inf if math.isnan(means.get(h, math.nan)) else means[h])
+    conf = int(round(100 * summary["confidence"]))
+    lines = [f"| Claim ({column}) | A − B, mean [{conf}% CI] | p (paired t) | "
+             "seeds A > B | target |", "|---|---|---|---|---|"]
+
+    def row(claim, cmp, verdict):
+        st = cmp["stats"][column]
+        lines.append(f"| {claim} | {fmt_ci(st, signed=True)} | {fmt_p(st['p_t'])} | "
+                     f"{st['n_a_better']}/{st['n']} | {verdict} |")
+
+    def ok(flag):
+        return "**met**" if flag else "**missed**"
+
+    c = need[0]
+    row("HDAF aligned − MulT aligned", c, f"≥ −1: {ok(c['stats'][column]['mean_diff'] >= -1.0)}")
+    c = _comparison(summary, "hdaf_aligned", "hdaf_aligned", "fused", best)
+    st = c["stats"][column]
+    row(f"HDAF fused − best unimodal head ({c['b_label']})", c,
+        f"> 0 with p < 0.05: {ok(st['mean_diff'] > 0 and st['p_t'] < 0.05)}")
+    c = need[1]
+    row("HDAF unaligned − aligned", c, f"within ±2: {ok(abs(c['stats'][column]['mean_diff']) <= 2.0)}")
+    c = _comparison(summary, "hdaf_aligned", "hdaf_no_delta")
+    if c is not None:
+        row("HDAF − HDAF with the delta term off", c, "reported")
     return "\n".join(lines)
 
 
