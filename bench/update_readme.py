@@ -1,4 +1,4 @@
-"""Regenerate README.md's performance tables (and the figure) from the committed results.
+"""Regenerate README.md's and docs/studies.md's tables (and the figure) from the committed results.
 
     python bench/update_readme.py            # rewrite the marked blocks, redraw the figure
     python bench/update_readme.py --check    # exit 1 when a block differs from what is printed here
@@ -10,6 +10,12 @@ the output of one generator, run on committed JSON:
     gpu           python bench/report_gpu.py bench/results/gpu_*.json --headline   (one per file)
     static_sm90   python bench/static_profile.py --report bench/results/static_sm90.json
                   (its summary; the per-configuration tables stay in static_sm90.md)
+    main_job      docs/results/main_job.md (runs/main/results.md of ./scripts/main.sh)
+    claims        hdaf.training.multiseed.claims_markdown(docs/results/main_job_seeds.json)
+
+and in docs/studies.md ``diagnosis`` (docs/results/diagnosis/*.json, the validation-split
+ablations listed in its index.json), ``main_seeds`` (summary_markdown of the multi-seed JSON)
+and ``claims``.
 
 Where no JSON is committed the block says so, with the command that would produce it. The figure
 (``bench/plot_bench.py``: time against T per provider, from the CPU JSON) is redrawn unless
@@ -107,9 +113,90 @@ def gqa_varlen_block() -> str:
     return _run("bench/bench_gqa_varlen.py", "--summary", GQA_VARLEN_JSON).strip("\n")
 
 
+#: The main job's committed results: one seed (what ``./scripts/main.sh`` prints), the same
+#: configuration over several seeds, and the validation-split ablations that chose it.
+MAIN_JOB_MD = "docs/results/main_job.md"
+MAIN_SEEDS_JSON = "docs/results/main_job_seeds.json"
+DIAGNOSIS_INDEX = "docs/results/diagnosis/index.json"
+STUDIES = os.path.join(REPO, "docs", "studies.md")
+
+
+def _read(rel: str) -> str:
+    with open(os.path.join(REPO, rel), encoding="utf-8") as f:
+        return f.read()
+
+
+def main_job_block() -> str:
+    if not os.path.exists(os.path.join(REPO, MAIN_JOB_MD)):
+        return f"Not run: `./scripts/main.sh` writes `runs/main/results.md`; copy it to `{MAIN_JOB_MD}`."
+    return _read(MAIN_JOB_MD).strip("\n")
+
+
+def _summary() -> dict:
+    import json
+    return json.loads(_read(MAIN_SEEDS_JSON))
+
+
+def claims_block() -> str:
+    if not os.path.exists(os.path.join(REPO, MAIN_SEEDS_JSON)):
+        return f"Not run: no multi-seed result of the main job is committed (`{MAIN_SEEDS_JSON}`)."
+    sys.path.insert(0, REPO)
+    from hdaf.training.multiseed import claims_markdown
+    s = _summary()
+    seeds = s["seeds"]
+    return (f"{s['split'].capitalize()} split, {len(seeds)} seeds ({seeds[0]}–{seeds[-1]}), each "
+            "its own draw of the synthetic data; differences paired by seed:\n\n"
+            + claims_markdown(s))
+
+
+def seeds_block() -> str:
+    """The multi-seed table of the main job (means and intervals; comparisons)."""
+    if not os.path.exists(os.path.join(REPO, MAIN_SEEDS_JSON)):
+        return f"Not run: `{MAIN_SEEDS_JSON}` is not committed."
+    sys.path.insert(0, REPO)
+    from hdaf.training.multiseed import summary_markdown
+    md = summary_markdown(_summary(), "Emotion classification, the main job's synthetic data, test split")
+    return md.split("\n\n**", 1)[0].strip("\n")  # up to the every-column table
+
+
+def diagnosis_block() -> str:
+    """One row per validation-split ablation: Acc6 mean [95% CI] of each model it ran."""
+    import json
+    import math
+
+    index = json.loads(_read(DIAGNOSIS_INDEX))
+    cols = [("hdaf_aligned", "fused", "HDAF aligned"), ("hdaf_unaligned", "fused", "HDAF unaligned"),
+            ("hdaf_aligned", "best", "best unimodal head"), ("hdaf_no_delta", "fused", "delta term off"),
+            ("mult_aligned", "fused", "MulT")]
+    lines = ["| ablation (`name`) | " + " | ".join(c[2] for c in cols) + " |",
+             "|---|" + "---|" * len(cols)]
+    for a in index["ablations"]:
+        res = json.loads(_read(os.path.join(os.path.dirname(DIAGNOSIS_INDEX), a["name"] + ".json")))
+        rows = {(r["run"], r["head"]): r for g in res["groups"] for r in g["rows"] if r["seeds_run"]}
+        cells = []
+        for run, head, _ in cols:
+            if head == "best":
+                cand = [r for (ru, h), r in rows.items() if ru == run and h != "fused"]
+                if not cand:
+                    cells.append("–")
+                    continue
+                r = max(cand, key=lambda r: r["stats"][0]["mean"])
+                cells.append(f"{r['stats'][0]['mean']:.1f} [{r['stats'][0]['ci_low']:.1f}, "
+                             f"{r['stats'][0]['ci_high']:.1f}] ({r['head']})")
+                continue
+            r = rows.get((run, head))
+            st = r["stats"][0] if r else None
+            cells.append("–" if st is None or math.isnan(st["mean"]) else
+                         f"{st['mean']:.1f} [{st['ci_low']:.1f}, {st['ci_high']:.1f}]")
+        lines.append(f"| {a['what']} (`{a['name']}`) | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 GENERATORS: Dict[str, Callable[[], str]] = {
     "cpu": cpu_block, "gpu": gpu_block, "static_sm90": static_block,
-    "gqa_varlen": gqa_varlen_block}
+    "gqa_varlen": gqa_varlen_block, "main_job": main_job_block, "claims": claims_block}
+STUDY_GENERATORS: Dict[str, Callable[[], str]] = {
+    "diagnosis": diagnosis_block, "main_seeds": seeds_block, "claims": claims_block}
 
 
 def render(text: str, generators: Dict[str, Callable[[], str]] = GENERATORS) -> str:
@@ -130,24 +217,31 @@ def main(argv=None) -> int:
                     help="change nothing; exit 1 when README.md's tables differ from the generators'")
     ap.add_argument("--no-plot", action="store_true", help="do not redraw " + FIGURE)
     ap.add_argument("--readme", default=README, help="the file to update (default README.md)")
+    ap.add_argument("--studies", default=STUDIES, help="the studies page (default docs/studies.md)")
     args = ap.parse_args(argv)
-    with open(args.readme, encoding="utf-8") as f:
-        old = f.read()
-    new = render(old)
-    if args.check:
-        if new == old:
-            print(f"{os.path.relpath(args.readme)}: tables match the committed results")
-            return 0
-        sys.stdout.writelines(difflib.unified_diff(
-            old.splitlines(True), new.splitlines(True), "README.md (committed)",
-            "README.md (generated)"))
-        print("README.md's tables differ from the generators': run python bench/update_readme.py",
-              file=sys.stderr)
+    stale = []
+    for path, gens in ((args.readme, GENERATORS), (args.studies, STUDY_GENERATORS)):
+        with open(path, encoding="utf-8") as f:
+            old = f.read()
+        new = render(old, gens)
+        name = os.path.relpath(path)
+        if args.check:
+            if new == old:
+                print(f"{name}: tables match the committed results")
+                continue
+            sys.stdout.writelines(difflib.unified_diff(
+                old.splitlines(True), new.splitlines(True), f"{name} (committed)",
+                f"{name} (generated)"))
+            stale.append(name)
+            continue
+        if new != old:
+            with open(path, "w", encoding="utf-8") as f:
+                f.write(new)
+        print(f"{name}: {'updated' if new != old else 'unchanged'}")
+    if stale:
+        print(f"{', '.join(stale)}: tables differ from the generators': run python "
+              "bench/update_readme.py", file=sys.stderr)
         return 1
-    if new != old:
-        with open(args.readme, "w", encoding="utf-8") as f:
-            f.write(new)
-    print(f"{os.path.relpath(args.readme)}: {'updated' if new != old else 'unchanged'}")
     cpu = _results("cpu_*.json")
     if not args.no_plot and cpu:
         _run("bench/plot_bench.py", cpu[0], "--out", FIGURE)

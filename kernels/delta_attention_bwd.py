@@ -99,13 +99,17 @@ def take_far_sums(acc, acc_far):
 
 
 @triton.jit
-def _band_dP(ds, d, L, U, acc_lo, acc_hi, dp_ptrs, scale, AXIS: tl.constexpr):
+def _band_dP(ds, d, partner_ok, L, U, acc_lo, acc_hi, dp_ptrs, scale, AXIS: tl.constexpr):
     """A band tile's share of dP: the clipped pairs summed into acc_lo / acc_hi along AXIS (the
-    partner axis), the unclipped ones stored (one partner per row and bucket) at dp_ptrs + d."""
+    partner axis), the unclipped ones stored (one partner per row and bucket) at dp_ptrs + d.
+
+    Partners past the end of the sequence (``partner_ok`` False) are no pairs: their dS is 0
+    for finite inputs, but a non-finite row makes it NaN (NaN·0 in q·k), which must reach no
+    bucket (the spec's non-finite rule), hence the select. Rows past the end land in the dP
+    buffer's padding rows."""
+    ds = tl.where(partner_ok, ds, 0.0)
     acc_lo += tl.sum(tl.where(d <= -L, ds, 0.0), AXIS)
     acc_hi += tl.sum(tl.where((d >= U) & (d > -L), ds, 0.0), AXIS)
-    # rows and partners past the end of the sequence have dS = 0 and land in the dP buffer's
-    # padding rows or in entries no real pair owns: no mask beyond the band's own
     tl.store(dp_ptrs + d, ds * scale, mask=(d > -L) & (d < U))
     return acc_lo, acc_hi
 
@@ -155,7 +159,8 @@ def _dkdv_run(dk, dv, acc_lo, acc_hi, k, v, kc_base, q_base, do_base, rows_base,
         elif MODE == FAR_HI:
             acc_hi += tl.sum(dsT, 1)
         elif MODE == BAND:
-            acc_lo, acc_hi = _band_dP(dsT, offs_nq[:, None] - offs_q[None, :], L, U, acc_lo, acc_hi,
+            acc_lo, acc_hi = _band_dP(dsT, offs_nq[:, None] - offs_q[None, :], mask_m[None, :], L, U,
+                                      acc_lo, acc_hi,
                                       dp_base + offs_n[:, None] * R + L, scale, 1)
     return dk, dv, acc_lo, acc_hi
 
@@ -344,7 +349,8 @@ def _dq_run(dq, acc_lo, acc_hi, acc_far, q, do, rows_base, k_base, v_base, kc_ba
         if MODE == FAR_LO or MODE == FAR_HI:  # the row sums of dS, on the tensor cores
             acc_far += dot(ds16, sel, IEEE)
         elif MODE == BAND:
-            acc_lo, acc_hi = _band_dP(ds, offs_n[None, :] - offs_m[:, None], L, U, acc_lo, acc_hi,
+            acc_lo, acc_hi = _band_dP(ds, offs_n[None, :] - offs_m[:, None], mask_n[None, :], L, U,
+                                      acc_lo, acc_hi,
                                       dp_base + offs_m[:, None] * R + L, -scale, 1)
     return dq, acc_lo, acc_hi, acc_far
 

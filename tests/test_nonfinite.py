@@ -171,11 +171,7 @@ def _triton_case(case):
 
 @pytest.mark.skipif("triton" not in BACKENDS, reason="Triton (or its interpreter) not available")
 @pytest.mark.parametrize("case", [
-    pytest.param("nan_row_reaches_unused_dw_column", marks=pytest.mark.xfail(
-        strict=True, reason="known disagreement of the Triton kernels with the spec's non-finite "
-        "rule: a NaN query row makes q·k NaN at the key columns past the end of the sequence in "
-        "its tile, and -inf added to NaN stays NaN, so the band tile's clipped dP sum takes it; "
-        "masking those columns costs a select per element; strict: passes once fixed")),
+    "nan_row_reaches_unused_dw_column",
     "nan_in_unused_far_column_reaches_dq",
     "padding_x_row_reaches_other_rows"])
 def test_triton_known_disagreements(case):
@@ -208,3 +204,25 @@ def test_packed_sequences_are_independent_under_nan(backend, name):
     assert torch.isfinite(out[5:]).all()
     for n, t in zip("qkvx", grads[:4]):
         assert torch.isfinite(t[5:]).all(), n
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="Triton (or its interpreter) not available")
+@pytest.mark.parametrize("T", [5, 70])
+@pytest.mark.parametrize("max_distance", [(0, 1), (2, 2), (1, 4)])
+@pytest.mark.parametrize("name", ["q", "k", "x"])
+@pytest.mark.parametrize("row", ["first", "last"])
+def test_triton_nan_row_reaches_only_its_pairs_buckets(T, max_distance, name, row):
+    """A NaN in one row of q, k or x: the Triton backward's band tiles took dS of the partners
+    past the end of the sequence (NaN·0 in q·k) into the clipped sums and the dP buffer, so dw
+    columns of buckets no real pair of that row uses came out NaN (the last query row, whose
+    forward offsets all point past the end, showed it for every window)."""
+    R = sum(max_distance) + 1
+    inputs = _inputs(torch.float32, B=1, H=1, T=T, Dk=4, Dv=3, Dr=2, R=R)
+    i = 0 if row == "first" else T - 1
+    target = {"q": inputs[0][0, 0, i], "k": inputs[1][0, 0, i], "x": inputs[3][0, i]}[name]
+    target[0] = NAN
+    out, g = _run("triton", inputs, max_distance=max_distance)
+    ref_out, ref_g = _run("naive", [t.double() for t in inputs], max_distance=max_distance)
+    assert torch.equal(torch.isfinite(out), torch.isfinite(ref_out))
+    for key in GRAD_NAMES:
+        assert torch.equal(torch.isfinite(g[key]), torch.isfinite(ref_g[key])), key
