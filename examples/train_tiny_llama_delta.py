@@ -65,7 +65,8 @@ N_VALUES, GROUP, N_GROUPS = 16, 5, 10          # value tokens, values per group,
 COUNT0 = N_VALUES                              # count tokens <0> … <GROUP-1>
 BOS = COUNT0 + GROUP
 VOCAB = BOS + 1
-DEFAULT_OUT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_OUT = os.path.join(REPO_ROOT,
                            "bench", "results", "example_tiny_llama.json")
 SEQ_LEN = 1 + N_GROUPS * (GROUP + 1)
 # Positions whose logits predict a count token (the last value of each group): the scored ones.
@@ -285,7 +286,9 @@ def run(args, argv):
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "machine": machine(),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
-        "args": vars(args),
+        # the output path relative to the repository (no machine's folders in the record)
+        "args": {**vars(args), "out": os.path.relpath(os.path.abspath(args.out), REPO_ROOT)
+                 if args.out else args.out},
         "task": {"name": args.task, "values": N_VALUES, "group": GROUP,
                  "groups_per_sequence": N_GROUPS, "seq_len": SEQ_LEN, "vocab": VOCAB,
                  "scored_positions_per_sequence": N_GROUPS, "context_free": base_rates},
