@@ -118,3 +118,29 @@ def test_readme_is_short_and_about_the_package():
     assert not re.search(history, text, re.I)
     heads = [h for h in re.findall(r"^## (.+)$", text, re.M)]
     assert heads[:3] == ["Install", "Usage", "Backends"] and heads[-1] == "Documentation"
+
+
+def test_studies_tables_are_checked_too(tmp_path):
+    """docs/studies.md's ablation and multi-seed tables come from docs/results/: a stale one
+    fails --check, and the update restores the committed page."""
+    with open(os.path.join(REPO, "docs", "studies.md"), encoding="utf-8") as f:
+        page = f.read()
+    stale = re.sub(r"(<!-- table:diagnosis -->\n)(.*?)(<!-- /table:diagnosis -->)", r"\1| stale |\n\3",
+                   page, flags=re.S)
+    assert stale != page
+    path = tmp_path / "studies.md"
+    path.write_text(stale, encoding="utf-8")
+    script = os.path.join(BENCH, "update_readme.py")
+    res = subprocess.run([sys.executable, script, "--check", "--studies", str(path)],
+                         capture_output=True, text=True)
+    assert res.returncode == 1 and "-| stale |" in res.stdout
+    subprocess.run([sys.executable, script, "--no-plot", "--studies", str(path)], check=True,
+                   capture_output=True)
+    assert path.read_text(encoding="utf-8") == page
+
+
+def test_main_job_and_claims_blocks_come_from_the_committed_results():
+    readme = _readme()
+    assert update_readme.main_job_block() in readme
+    claims = update_readme.claims_block()
+    assert claims in readme and claims.count("**met**") + claims.count("**missed**") == 3
