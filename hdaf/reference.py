@@ -221,7 +221,9 @@ def delta_attention_varlen_gather(q, k, v, x, w, cu_seqlens_q, cu_seqlens_k, *, 
             v[k0:k1].transpose(0, 1)[None], xs, w, L=L, U=U, lo=lo, hi=hi, scale=scale)
         outs.append(out[0].transpose(0, 1))  # [Tq_b,H,Dv]
     if not outs:
-        return q.new_zeros((0, H, Dv))
+        # no query anywhere: an empty output that is still part of the graph, so backward gives
+        # the spec's empty/zero gradients instead of failing (the 0 never meets a value)
+        return q.new_zeros((0, H, Dv)) + sum(t.sum() for t in (q, k, v, x, w)) * 0
     return torch.cat(outs, dim=0)
 
 

@@ -518,3 +518,18 @@ def test_cuda_op_refuses_the_features_on_fake_cuda_tensors():
     assert proc.returncode == 0, f"child died ({proc.returncode}):\n{proc.stdout}\n{proc.stderr[-3000:]}"
     assert "gqa REFUSED hdaf delta_attention (CUDA): grouped-query heads" in proc.stdout, proc.stdout
     assert "tq<tk REFUSED hdaf delta_attention (CUDA): a query block shorter" in proc.stdout, proc.stdout
+
+
+@pytest.mark.parametrize("backend", ["naive"] + BACKENDS)
+def test_varlen_without_any_query_is_empty_with_zero_gradients(backend):
+    """A packed batch whose sequences hold keys but no query: an empty output that backward
+    goes through (the spec's empty-batch row), zero gradients everywhere. The gather path
+    returned a fresh empty tensor outside the graph, so backward raised (found by the packed
+    fuzzer)."""
+    q, k, v, x, w, cq, ck, mq, mk = make_varlen([0, 0], [3, 5])
+    out = hdaf.delta_attention_varlen(q, k, v, x, w, cq, ck, max(1, mq), mk, max_distance=3,
+                                      backend=backend)
+    assert out.shape == (0, 4, 8)
+    out.sum().backward()
+    for t in (q, k, v, x, w):
+        assert t.grad is not None and t.grad.shape == t.shape and not t.grad.any()
