@@ -317,14 +317,18 @@ def _projection_spreads(prob, name: str) -> bool:
             or (name == "dw" and not torch.isfinite(leaves["x"]).all()))
 
 
-def _fuzz(backend):
+def _fuzz(backend, strategy=None, checker=None, examples=None, name="matches_naive"):
+    """A derandomized, bounded hypothesis test of ``backend``: ``checker(backend, drawn)`` on
+    examples of ``strategy(backend)`` (default: the padded problems and their check)."""
+    strategy, checker = strategy or problems, checker or check
+
     @pytest.mark.skipif(not available(backend), reason=f"backend {backend!r} not available")
-    @settings(max_examples=EXAMPLES_OF[backend], derandomize=True, deadline=None,
+    @settings(max_examples=examples or EXAMPLES_OF[backend], derandomize=True, deadline=None,
               suppress_health_check=list(HealthCheck), database=None)
-    @given(prob=problems(backend))
+    @given(prob=strategy(backend))
     def test(prob):
-        check(backend, prob)
-    test.__name__ = f"test_fuzz_{backend}_matches_naive"
+        checker(backend, prob)
+    test.__name__ = f"test_fuzz_{backend}_{name}"
     return test
 
 
@@ -417,14 +421,8 @@ def check_packed(backend: str, p):
 
 
 def _fuzz_packed(backend):
-    @pytest.mark.skipif(not available(backend), reason=f"backend {backend!r} not available")
-    @settings(max_examples=max(5, EXAMPLES_OF[backend] // 2), derandomize=True, deadline=None,
-              suppress_health_check=list(HealthCheck), database=None)
-    @given(p=packed_problems(backend))
-    def test(p):
-        check_packed(backend, p)
-    test.__name__ = f"test_fuzz_{backend}_packed_matches_per_sequence_naive"
-    return test
+    return _fuzz(backend, packed_problems, check_packed, max(5, EXAMPLES_OF[backend] // 2),
+                 "packed_matches_per_sequence_naive")
 
 
 test_fuzz_gather_packed_matches_per_sequence_naive = _fuzz_packed("gather")
