@@ -26,6 +26,8 @@ from __future__ import annotations
 import argparse
 import difflib
 import glob
+import json
+import math
 import os
 import re
 import subprocess
@@ -134,7 +136,6 @@ def main_job_block() -> str:
 
 
 def _summary() -> dict:
-    import json
     return json.loads(_read(MAIN_SEEDS_JSON))
 
 
@@ -158,9 +159,6 @@ def seeds_block() -> str:
 
 def diagnosis_block() -> str:
     """One row per validation-split ablation: Acc6 mean [95% CI] of each model it ran."""
-    import json
-    import math
-
     index = json.loads(_read(DIAGNOSIS_INDEX))
     cols = [("hdaf_aligned", "fused", "HDAF aligned"), ("hdaf_unaligned", "fused", "HDAF unaligned"),
             ("hdaf_aligned", "best", "best unimodal head"), ("hdaf_no_delta", "fused", "delta term off"),
@@ -169,22 +167,19 @@ def diagnosis_block() -> str:
              "|---|" + "---|" * len(cols)]
     for a in index["ablations"]:
         res = json.loads(_read(os.path.join(os.path.dirname(DIAGNOSIS_INDEX), a["name"] + ".json")))
-        rows = {(r["run"], r["head"]): r for g in res["groups"] for r in g["rows"] if r["seeds_run"]}
+        acc6 = res["columns"].index("Acc6")
+        stats = {(r["run"], r["head"]): r["stats"][acc6]
+                 for g in res["groups"] for r in g["rows"] if r["seeds_run"]}
         cells = []
         for run, head, _ in cols:
-            if head == "best":
-                cand = [r for (ru, h), r in rows.items() if ru == run and h != "fused"]
-                if not cand:
-                    cells.append("–")
-                    continue
-                r = max(cand, key=lambda r: r["stats"][0]["mean"])
-                cells.append(f"{r['stats'][0]['mean']:.1f} [{r['stats'][0]['ci_low']:.1f}, "
-                             f"{r['stats'][0]['ci_high']:.1f}] ({r['head']})")
-                continue
-            r = rows.get((run, head))
-            st = r["stats"][0] if r else None
+            suffix = ""
+            if head == "best":  # the unimodal head with the highest mean, named
+                cand = [(st["mean"], h) for (ru, h), st in stats.items() if ru == run and h != "fused"]
+                head = max(cand)[1] if cand else None
+                suffix = f" ({head})"
+            st = stats.get((run, head))
             cells.append("–" if st is None or math.isnan(st["mean"]) else
-                         f"{st['mean']:.1f} [{st['ci_low']:.1f}, {st['ci_high']:.1f}]")
+                         f"{st['mean']:.1f} [{st['ci_low']:.1f}, {st['ci_high']:.1f}]{suffix}")
         lines.append(f"| {a['what']} (`{a['name']}`) | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
