@@ -40,7 +40,7 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 import hdaf  # noqa: E402
-from conftest import GRAD_NAMES, TOL  # noqa: E402
+from conftest import GRAD_NAMES, TOL, grads  # noqa: E402
 from hdaf.dispatch import unavailable_reason  # noqa: E402
 from hdaf.reference import (idle_rows, relative_buckets, repeat_kv, visibility,  # noqa: E402
                             without_idle_rows)
@@ -380,13 +380,6 @@ def _packed_leaves(p, dtype, device="cpu"):
             for s in shapes]
 
 
-def _grads(out, leaves):
-    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(1),
-                       dtype=torch.float64).to(out.dtype).to(out.device)
-    return [g if g is not None else torch.zeros_like(t)
-            for g, t in zip(torch.autograd.grad(out, leaves, dout, allow_unused=True), leaves)]
-
-
 def check_packed(backend: str, p):
     lq, lk, kw = p["lq"], p["lk"], p["kw"]
     cu_q = torch.tensor([0] + torch.tensor(lq).cumsum(0).tolist(), dtype=torch.int32)
@@ -395,7 +388,7 @@ def check_packed(backend: str, p):
     leaves = _packed_leaves(p, p["dtype"], device)
     out = hdaf.delta_attention_varlen(*leaves, cu_q.to(device), cu_k.to(device), max(lq), max(lk),
                                       backend=backend, **kw)
-    got = [out] + _grads(out, leaves)
+    got = [out, *grads(out, leaves)]
     # the oracle: each sequence alone through naive, float64, concatenated (rows and gradients)
     ref_leaves = _packed_leaves(p, torch.float64)
     q, k, v, x, w = ref_leaves
@@ -410,7 +403,7 @@ def check_packed(backend: str, p):
         outs.append(o[0].transpose(0, 1))
     ref_out = torch.cat(outs) if outs else torch.zeros(0, p["H"], p["Dv"], dtype=torch.float64)
     if ref_out.numel():
-        ref = [ref_out] + _grads(ref_out, ref_leaves)
+        ref = [ref_out, *grads(ref_out, ref_leaves)]
     else:
         ref = [ref_out] + [torch.zeros_like(t) for t in ref_leaves]
     tol = TOL[p["dtype"]]
