@@ -161,8 +161,10 @@ setup(
         os.path.join(HERE, "README.md")) else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
+    # hdaf/kernels is a link to the top-level kernels/ folder, which has no __init__.py so that it
+    # never shadows Hugging Face's `kernels` package (kernels/README.md); find_packages skips such
+    # a folder, so it is named here.
     packages=find_packages(include=["hdaf", "hdaf.*"]) + ["hdaf.kernels"],
-    package_dir={"hdaf.kernels": "kernels"},
     ext_modules=extensions(),
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     install_requires=["torch>=2.13,<2.15", "numpy", "h5py", "tqdm", "scikit-learn", "scipy",

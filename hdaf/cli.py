@@ -61,6 +61,27 @@ def _fmt_info(info, indent=0) -> str:
     return "\n".join(lines)
 
 
+# The distributions whose versions decide what gets built, what the tests see and the main job's
+# figures; `hdaf info` prints them so that a change in the registry shows in any log.
+KEY_PACKAGES = ("pip", "setuptools", "torch", "triton", "numpy", "scipy", "scikit-learn", "h5py",
+                "transformers", "kernels", "huggingface-hub", "tokenizers", "safetensors",
+                "pytest", "pytest-benchmark", "hypothesis", "ninja", "cmu-multimodal-sdk")
+
+
+def package_versions() -> dict:
+    """Python's version and each of :data:`KEY_PACKAGES`' installed version ("-" if absent)."""
+    import importlib.metadata
+    import platform
+
+    out = {"python": platform.python_version()}
+    for name in KEY_PACKAGES:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = "-"
+    return out
+
+
 def cmd_info(args) -> int:
     import hdaf
 
@@ -70,6 +91,7 @@ def cmd_info(args) -> int:
     except Exception as exc:
         print(f"hdaf.backends() failed: {type(exc).__name__}: {exc}")
         return 1
+    info = dict(info, packages=package_versions())
     if args.json:
         print(json.dumps(info, indent=2, default=str))
     else:

@@ -6,8 +6,8 @@
 #
 # Phases of the full run (no --quick):
 #   build      hdaf._C for the local GPU with `setup.py build_ext --inplace` (works where pip
-#              cannot reach a registry and `pip install -e .` fails); kernels/ linked as
-#              hdaf/kernels when hdaf is not installed; PYTHONPATH set to the checkout
+#              cannot reach a registry and `pip install -e .` fails); PYTHONPATH set to the
+#              checkout (hdaf/kernels is the committed link to kernels/)
 #   info       python -m hdaf info; both GPU backends (cuda, triton) must be available
 #   tests      pytest tests/ in one process: every GPU test of Triton and CUDA, every dtype
 #   sanitizer  scripts/gpu_sanitizer_sweep.py plain, then under compute-sanitizer memcheck
@@ -228,10 +228,6 @@ step_build() {
 print('ninja:', 'yes, sources compile in parallel' if n() else 'NO: sources compile one at a time')"
   echo "building for TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST with MAX_JOBS=$MAX_JOBS"
   HDAF_FORCE_CUDA_BUILD=1 "$PY" setup.py build_ext --inplace
-  if ! "$PY" -c "import hdaf.kernels" 2>/dev/null && [[ ! -e hdaf/kernels ]]; then
-    ln -s ../kernels hdaf/kernels  # what the installed package maps to hdaf.kernels
-    echo "linked kernels/ as hdaf/kernels"
-  fi
   "$PY" -c "import hdaf, hdaf.kernels; print('import hdaf:', hdaf.__file__)"
 }
 

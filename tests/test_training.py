@@ -256,6 +256,9 @@ def test_info_command(capsys):
     assert main(["info"]) == 0
     out = capsys.readouterr().out
     assert "torch" in out and "auto" in out
+    import importlib.metadata
+    assert "  torch:" in out.split("packages:")[1]                # the resolved versions
+    assert importlib.metadata.version("numpy") in out.split("packages:")[1]
 
 
 def test_experiment_table(tmp_path, data_dir, capsys):
