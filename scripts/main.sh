@@ -7,4 +7,11 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 # shellcheck disable=SC1091
 . "$ROOT/scripts/setup_env.sh"
 cd "$ROOT"
+# CPU results depend on the instruction set torch's kernels dispatch to (AVX-512 and AVX2 sum in
+# different orders): pin AVX2, unless the caller set these, so that the table is the same on
+# AVX2 and AVX-512 machines. configs/main.yaml pins the thread count (`threads: 1`).
+if grep -qw avx2 /proc/cpuinfo 2>/dev/null; then
+  export ATEN_CPU_CAPABILITY="${ATEN_CPU_CAPABILITY:-avx2}" MKL_CBWR="${MKL_CBWR:-AVX2}" \
+         ONEDNN_MAX_CPU_ISA="${ONEDNN_MAX_CPU_ISA:-AVX2}"
+fi
 python -m hdaf experiment --config configs/main.yaml "$@"

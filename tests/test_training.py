@@ -222,6 +222,54 @@ def test_existing_run_needs_resume_or_overwrite(tmp_path, data_dir):
     train(cfg, overwrite=True, log=_quiet)
 
 
+# ----------------------------------------------------------------------------- numerics
+def test_threads_key_is_checked_and_restored():
+    from hdaf.training import numerics
+
+    for bad in (0, -1, 1.5, "2", True):
+        with pytest.raises(ValueError, match="'threads'"):
+            numerics.check_threads(bad)
+    prev = torch.get_num_threads()
+    with numerics.pinned_threads(1) as n:
+        assert n == 1 and torch.get_num_threads() == 1
+    assert torch.get_num_threads() == prev
+    with numerics.pinned_threads(None) as n:
+        assert n == prev
+    d = numerics.describe(1)
+    assert d["torch_threads"] == 1 and d["aten_cpu_capability"] and set(numerics.ISA_ENV) <= set(d)
+
+
+def _mult_weights(tmp_path, data_dir, outer_threads, threads):
+    """MulT at its real width (where LayerNorm's and Linear's backward split their reductions
+    over threads), one short epoch, trained with ``threads`` while the process has
+    ``outer_threads``."""
+    cfg = tiny_config(tmp_path / f"t{outer_threads}_{threads}", data_dir, schedule="end_to_end")
+    cfg["model"] = {"name": "mult", "config": {"dropout": 0.3}}
+    cfg["train"]["end_to_end"].update({"epochs": 1, "batch_size": 8, "lr": 1e-3})
+    cfg["threads"] = threads
+    prev = torch.get_num_threads()
+    torch.set_num_threads(outer_threads)
+    try:
+        _train(cfg)
+        assert torch.get_num_threads() == outer_threads   # restored after training
+    finally:
+        torch.set_num_threads(prev)
+    return _state(cfg["run_dir"])
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs 2 cores to run 2 threads")
+def test_pinned_threads_make_training_independent_of_the_thread_count(tmp_path, data_dir):
+    """With ``threads: 1`` a training gives the same weights whatever thread count the process
+    had; without it, one and two threads give different weights (the control: if torch ever
+    stops depending on the thread count, the pinned half still holds)."""
+    pinned = [_mult_weights(tmp_path, data_dir, n, threads=1) for n in (1, 2)]
+    for k in pinned[0]:
+        assert torch.equal(pinned[0][k], pinned[1][k]), k
+    free = [_mult_weights(tmp_path, data_dir, n, threads=None) for n in (1, 2)]
+    if all(torch.equal(free[0][k], free[1][k]) for k in free[0]):
+        pytest.skip("this torch gives the same weights on 1 and 2 threads even unpinned")
+
+
 # ----------------------------------------------------------------------------- DDP
 def _free_port() -> int:
     with socket.socket() as s:

@@ -45,6 +45,8 @@ DEFAULTS: Dict[str, Any] = {
     "seed": 0,
     "run_dir": "runs/default",
     "device": "auto",          # auto | cpu | cuda | cuda:N
+    "threads": None,           # torch intra-op threads while training; an int pins them, which
+                               # CPU results depend on (hdaf.training.numerics); null: torch's default
     "data": {
         "source": "synthetic",  # synthetic | csd | pkl
         "dir": "data/synthetic_mosei",

@@ -18,7 +18,7 @@ import os
 import time
 from typing import Dict
 
-from . import multiseed
+from . import multiseed, numerics
 from .config import deep_update, dump
 from .report import build_table, plot_curves, save_table, to_markdown
 
@@ -115,6 +115,7 @@ def run_single(cfg: dict, only=None, log=print) -> dict:
     table["timings_s"] = timings
     table["total_s"] = round(time.time() - t0, 1)
     table["split"] = base["eval"]["split"]
+    table["numerics"] = numerics.describe(base.get("threads"))
     title = (f"Emotion classification, {base['data'].get('source')} data "
              f"({base['data'].get('dir') or base['data'].get('path')}), {table['split']} split")
     paths = save_table(table, root, title=title)

@@ -31,6 +31,7 @@ from ..data.dataset import ResumableSampler, make_loader, to_device
 from ..data.loading import load_data
 from . import checkpoint as ckpt
 from . import distributed as D
+from . import numerics
 from .config import dump
 from .evaluate import evaluate_model, save_metrics
 from .models_api import build, head_of, model_meta, stage_names, stage_param_groups
@@ -99,7 +100,8 @@ def train(cfg: dict, resume: bool = False, overwrite: bool = False, log=None) ->
     prev = (torch.are_deterministic_algorithms_enabled(),
             torch.is_deterministic_algorithms_warn_only_enabled())
     try:
-        return _train(cfg, resume, overwrite, log)
+        with numerics.pinned_threads(cfg.get("threads")):
+            return _train(cfg, resume, overwrite, log)
     finally:  # the flag is process-wide: leave it as found
         torch.use_deterministic_algorithms(prev[0], warn_only=prev[1])
 
@@ -147,6 +149,8 @@ def _train(cfg: dict, resume: bool, overwrite: bool, log) -> dict:
     log(f"[train] model={cfg['model']['name']} params={sum(p.numel() for p in model.parameters()):,} "
         f"device={info.device} world_size={info.world_size} stages={stages} head={head} "
         f"delta_attention_backend={','.join(attn) or 'none'}")
+    if str(info.device).startswith("cpu"):
+        log("[train] cpu numerics: " + ", ".join(f"{k}={v}" for k, v in numerics.describe().items()))
 
     state = {"stage_index": 0, "epoch": 0, "batch": 0, "global_step": 0, "history": [],
              "loss_sum": 0.0, "loss_count": 0, "best": None}
