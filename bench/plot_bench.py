@@ -13,7 +13,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import report  # noqa: E402
+from bench_rows import load  # noqa: E402
 
 STYLE = {  # provider: (label, colour, marker, line)
     "sdpa": ("SDPA, no bias (the floor)", "black", "o", "-"),
@@ -33,7 +33,7 @@ def plot(path: str, out: str) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    machine, _, rows = report.load(path)
+    machine, _, rows = load(path)
     rows = [r for r in rows if r["window"] is None]
     gpu = any(r["D"] is not None for r in rows)
     if gpu:  # one dtype and head dim: the first of bf16 D=64 or whatever was measured

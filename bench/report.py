@@ -17,24 +17,8 @@ import argparse
 import json
 from collections import defaultdict
 
-
-def load(path):
-    with open(path) as f:
-        data = json.load(f)
-    rows = []
-    for b in data["benchmarks"]:
-        info = b.get("extra_info", {})
-        if "provider" not in info:
-            continue
-        rows.append(dict(provider=info["provider"], T=info["T"], mode=info["mode"],
-                         window=info.get("window"), median_ms=b["stats"]["median"] * 1e3,
-                         iqr_ms=b["stats"]["iqr"] * 1e3, peak=info.get("peak_extra_bytes"),
-                         device=info.get("device"), dtype=info.get("dtype"), D=info.get("D"),
-                         ms=info.get("ms"), tflops=info.get("tflops"), gpu=info.get("gpu"),
-                         torch=info.get("torch"), B=info.get("B"), H=info.get("H"),
-                         R=info.get("R"), threads=info.get("threads"),
-                         head_dim=info.get("head_dim")))
-    return data.get("machine_info", {}), data.get("commit_info", {}), rows
+import report_gpu
+from bench_rows import load
 
 
 def fmt_mb(b):
@@ -187,8 +171,6 @@ def main():
     machine, commit, rows = load(args.json)
     gpu_rows = [r for r in rows if r["D"] is not None]  # bench_delta_attention_gpu.py rows
     if gpu_rows or args.auto_table:
-        import report_gpu
-
         print(report_gpu.auto_table(gpu_rows) if args.auto_table
               else report_gpu.render(machine, commit, gpu_rows))
         return

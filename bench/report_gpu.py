@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections import defaultdict
+
+from bench_rows import load
 
 ORDER = ["sdpa", "triton", "cuda", "flex", "sdpa_bias", "sdpa_window"]
 NAMES = {"sdpa": "SDPA, no bias (floor)", "triton": "hdaf `triton`", "cuda": "hdaf `cuda`",
@@ -255,10 +256,7 @@ def main(argv=None):
     ap.add_argument("--headline", action="store_true",
                     help="only the README's table (bf16, T >= 4096) and the line naming the run")
     args = ap.parse_args(argv)
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    import report  # bench/report.py: the rows of the JSON
-
-    machine, commit, rows = report.load(args.json)
+    machine, commit, rows = load(args.json)
     rows = [r for r in rows if r["D"] is not None]
     with open(args.json) as f:
         run = json.load(f).get("run")

@@ -27,6 +27,10 @@ SUPPORTS = {
     "triton": frozenset(FEATURES), "cuda": frozenset(),
 }
 _TRITON_VARLEN_OP = "triton_delta_attention_varlen_forward"
+#: Backends whose kernels have a plain path, compiled without the delta term: a call without it
+#: (``x`` and ``w`` None) hands them a ``P`` with no bucket column, and they read no ``P`` at
+#: all. The others compute such a call with one zero bucket (``P = 0``): the same result.
+PLAIN_PATH = frozenset({"triton"})
 
 
 @torch._dynamo.assume_constant_result  # registration is fixed at import: fold it under compile

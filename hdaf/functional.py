@@ -95,6 +95,32 @@ def _check_xw(x, w, lead: Tuple[int, ...], H: int, x_names: Tuple[str, str]) -> 
     return R
 
 
+def _delta_term(x, w, max_distance, k, rows: Tuple[int, ...]):
+    """``(x, w, max_distance, plain)``. Given both ``x`` and ``w``, they unchanged and
+    ``plain=False``. Given neither (no delta term), ``plain=True`` and a zero term every backend
+    computes: ``x`` of zero width ``rows + (0,)`` and ``w`` ``[0, 1]`` (one bucket), so
+    ``P = x·w = 0`` and the bias is exactly 0; the backends of
+    :data:`hdaf.dispatch.PLAIN_PATH` then skip it altogether. ``max_distance`` is unused there
+    (checked only)."""
+    if x is None and w is None:
+        _pair("max_distance", max_distance)
+        return k.new_zeros(rows + (0,)), k.new_zeros((0, 1)), None, True
+    if x is None or w is None:
+        raise TypeError("x and w must both be tensors (the delta term) or both be None (no delta "
+                        f"term), got x={_what(x)} and w={_what(w)}")
+    return x, w, max_distance, False
+
+
+def _what(t) -> str:
+    return f"a tensor of shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else repr(t)
+
+
+def _plain_projection(P: torch.Tensor, plain: bool, backend: str) -> torch.Tensor:
+    """``P`` for the kernels: without the delta term, with no bucket column for the backends
+    whose kernels have a plain path (R = 0 selects it; they then read no ``P`` at all)."""
+    return P[..., :0] if plain and backend in _backends.PLAIN_PATH else P
+
+
 def _per_head_x_ok(x, lead, H) -> bool:
     if len(lead) == 2:  # padded: [B,H,Tk,Dr]
         return tuple(x.shape[:3]) == (lead[0], H, lead[1])
@@ -230,8 +256,9 @@ def _padding_firewall(q, k, v, x, key_padding_mask, Wl: int, Wr: int):
     return q.masked_fill(~live[:, None, :, None], 0), k, v, x
 
 
-def delta_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, x: torch.Tensor,
-                    w: torch.Tensor, *, max_distance: IntOrPair = None, window: IntOrPair = None,
+def delta_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    x: Optional[torch.Tensor] = None, w: Optional[torch.Tensor] = None, *,
+                    max_distance: IntOrPair = None, window: IntOrPair = None,
                     causal: bool = False, key_padding_mask: Optional[torch.Tensor] = None,
                     scale: Optional[float] = None, backend: str = "auto") -> torch.Tensor:
     """Multi-head attention whose logits carry the delta relative-position term.
@@ -249,9 +276,13 @@ def delta_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, x: torch.
         v: (batch, nheads_kv, seqlen_k, headdim_v); headdim_v may differ from headdim_k.
         x: (batch, seqlen_k, delta_dim) shared by all heads, or (batch, nheads, seqlen_k,
             delta_dim): one row per key position (the query rows are its last seqlen_q).
-        w: (delta_dim, R) shared by all heads, or (nheads, delta_dim, R).
+            None (with ``w`` None): no delta term, plain attention; backends with a plain path
+            (``hdaf.dispatch.PLAIN_PATH``: "triton") then run it, the others add a zero term.
+            A ``w`` of zeros is still a delta term (it has a gradient): see
+            docs/delta_attention.md, "Without the delta term".
+        w: (delta_dim, R) shared by all heads, or (nheads, delta_dim, R); None with ``x``.
         max_distance: ``m`` means ``(m, m)``; ``(L, U)`` with ``L + U + 1 == R``.
-            None: ``L = U = (R-1)/2`` (R must be odd).
+            None: ``L = U = (R-1)/2`` (R must be odd). Unused without the delta term.
         window: None (unbounded), ``w`` meaning ``(w, w)``, or ``(Wl, Wr)``: key j is visible from
             query i only when ``-Wl <= j - t_i <= Wr``. Kernels skip invisible tiles: O(T·window).
         causal: key j is visible from query i only when ``j <= t_i``.
@@ -267,6 +298,8 @@ def delta_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, x: torch.
 
     Usage: tests/test_delta_attention.py, tests/test_gqa_varlen.py.
     """
+    _check_tensor("k", k, (4,))
+    x, w, max_distance, plain = _delta_term(x, w, max_distance, k, (k.shape[0], k.shape[2]))
     L, U, Wl, Wr, scale = _normalize(q, k, v, x, w, max_distance, window, causal,
                                      key_padding_mask, scale, backend)
     B, H, Tq, _ = q.shape
@@ -288,7 +321,7 @@ def delta_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, x: torch.
                   scale=scale)
     if key_padding_mask is not None:
         q, k, v, x = _padding_firewall(q, k, v, x, key_padding_mask, Wl, Wr)
-    P = _kernel_projection(x, w, L, Tq, Tk)
+    P = _plain_projection(_kernel_projection(x, w, L, Tq, Tk), plain, name)
     if name == "triton":
         fwd = torch.ops.hdaf.triton_delta_attention_forward
     else:  # "cpu" and "cuda" are the two dispatch keys of the one compiled op
@@ -344,8 +377,8 @@ def _lengths(cu):
     return [b - a for a, b in zip(cu[:-1], cu[1:])]
 
 
-def delta_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, x: torch.Tensor,
-                           w: torch.Tensor, cu_seqlens_q: torch.Tensor,
+def delta_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           x: Optional[torch.Tensor], w: Optional[torch.Tensor], cu_seqlens_q: torch.Tensor,
                            cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, *,
                            max_distance: IntOrPair = None, window: IntOrPair = None,
                            causal: bool = False, scale: Optional[float] = None,
@@ -363,8 +396,9 @@ def delta_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, x:
         q: (total_q, nheads, headdim_k): the queries of all sequences, one after the other.
         k: (total_k, nheads_kv, headdim_k); nheads_kv divides nheads.
         v: (total_k, nheads_kv, headdim_v).
-        x: (total_k, delta_dim) shared by all heads, or (total_k, nheads, delta_dim).
-        w: (delta_dim, R) shared by all heads, or (nheads, delta_dim, R).
+        x: (total_k, delta_dim) shared by all heads, or (total_k, nheads, delta_dim); None
+            (with ``w`` None): no delta term, as in :func:`delta_attention`.
+        w: (delta_dim, R) shared by all heads, or (nheads, delta_dim, R); None with ``x``.
         cu_seqlens_q: (batch + 1,) int32 on q's device, 0 first, total_q last, non-decreasing.
         cu_seqlens_k: (batch + 1,) int32, likewise; every sequence has Tq_b <= Tk_b (a sequence
             of length 0 is allowed and produces nothing).
@@ -382,6 +416,7 @@ def delta_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, x:
     _check_tensor("q", q, (3,))
     _check_tensor("k", k, (3,))
     _check_tensor("v", v, (3,))
+    x, w, max_distance, plain = _delta_term(x, w, max_distance, k, (k.shape[0],))
     _check_tensor("x", x, (2, 3))
     _check_tensor("w", w, (2, 3))
     Total_q, H, Dk = q.shape
@@ -416,7 +451,7 @@ def delta_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, x:
         hi = big if Wr < 0 else Wr
         fn = delta_attention_varlen_naive if name == "naive" else delta_attention_varlen_gather
         return fn(q, k, v, x, w, cu_seqlens_q, cu_seqlens_k, L=L, U=U, lo=lo, hi=hi, scale=scale)
-    P = varlen_projection(x, w)
+    P = _plain_projection(varlen_projection(x, w), plain, name)
     if name == "triton":
         fwd = torch.ops.hdaf.triton_delta_attention_varlen_forward
     else:

@@ -17,6 +17,9 @@ padding keys. A far tile's bias is then one contiguous vector load; padding cost
 Key blocks outside each batch element's span of non-padding keys are skipped by loop bounds
 (computed on the host, :func:`_key_span`); no kernel reduces a mask inside a loop.
 
+**Without the delta term** (a ``P`` with no bucket column, R = 0, or ``use_delta=False``) the
+kernels compile their plain path: flash attention with no ``P`` traffic, and ``grad_P`` is 0.
+
 **Determinism.** No atomics: every program writes its own rows, and the two halves of ``dP``
 (key rows, query rows) are added by one ``torch.sum``. Results are bitwise reproducible for a
 given block configuration; on a GPU the configuration is autotuned per (sequence-length bucket,
@@ -297,10 +300,10 @@ def _check(q, k, v, P, key_padding_mask, L, U, window_left, window_right, what: 
     if L < 0 or U < 0:
         raise ValueError(f"{what}: L and U must be non-negative, got L={L}, U={U}")
     R = L + U + 1
-    if (P.shape[0] != B or P.shape[1] not in (1, H) or P.shape[3] != R
+    if (P.shape[0] != B or P.shape[1] not in (1, H) or P.shape[3] not in (R, 0)
             or (check_lengths and P.shape[2] != T)):
-        raise ValueError(f"{what}: P must be [B,Hp,Tk,R] = [{B},1 or {H},{T},{R}] (R = L+U+1), "
-                         f"got {tuple(P.shape)}")
+        raise ValueError(f"{what}: P must be [B,Hp,Tk,R] = [{B},1 or {H},{T},{R}] (R = L+U+1, "
+                         f"or R = 0: no delta term), got {tuple(P.shape)}")
     if window_left < -1 or window_right < -1:
         raise ValueError(f"{what}: window_left/window_right must be >= 0, or -1 for unbounded; "
                          f"got {window_left}, {window_right}")
@@ -485,6 +488,7 @@ def _combine_splits(part, Dv, out, lse):
 
 def _run_forward(q, k, v, P, key_padding_mask, L, U, window_left, window_right, scale, use_delta,
                  lay, out, lse):
+    use_delta = use_delta and P.shape[-1] > 0  # P without a bucket column: the plain path
     P = P.contiguous()
     kv, kcol, pk, c_strides, cu_q, cu_k, _, meta = _common(q, v, P, key_padding_mask, L, U,
                                                            window_left, window_right, scale,
@@ -514,6 +518,7 @@ def _run_backward(grad_out, q, k, v, P, key_padding_mask, out, lse, L, U, window
     halves, or None without the delta term)."""
     B, H, Hkv, Tq, T = lay.B, lay.H, lay.Hkv, lay.Tq, lay.T
     R = L + U + 1
+    use_delta = use_delta and P.shape[-1] > 0  # P without a bucket column: the plain path
     P = P.contiguous()
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)

@@ -185,6 +185,37 @@ def test_length_mismatch_names_file_and_video(tmp_path):
         write_csd(str(tmp_path / "bad.csd"), "x", {"v": {"features": np.zeros((3, 2)), "intervals": np.zeros((2, 2))}})
 
 
+def test_load_data_cache_never_serves_a_changed_file(tmp_path):
+    """load_data keys its cache on the files' contents: a labels file rewritten in place, same
+    size, its modification time restored, is read anew; unchanged files come from the cache."""
+    from hdaf.data.loading import load_data
+
+    folder = str(tmp_path / "d")
+    generate_synthetic(folder, n_speakers=10, videos_per_speaker=1, segments_per_video=1)
+    dcfg = dict(source="csd", dir=folder, cache_dir=str(tmp_path / "cache"))
+
+    def labels_and_cached():
+        data, rep = load_data(dcfg, log=lambda *a: None)
+        cached = any(n.startswith("segments read from cache") for n in rep.notes)
+        return {s["id"]: s["labels"].tolist() for d in data.values() for s in d.samples}, cached
+
+    first, cached = labels_and_cached()
+    assert not cached and labels_and_cached() == (first, True)
+    path = os.path.join(folder, FILES["labels"])
+    before = os.stat(path)
+    with h5py.File(path, "r+") as h:
+        vid = sorted(h["All Labels/data"])[0]
+        feats = h[f"All Labels/data/{vid}/features"]
+        new = 3.0 - feats[0, 1]  # a different value in [0, 3], written in place
+        feats[0, 1] = new
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = os.stat(path)
+    assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    second, cached = labels_and_cached()
+    assert not cached and second[f"{vid}[0]"][0] == pytest.approx(new) != first[f"{vid}[0]"][0]
+    assert labels_and_cached() == (second, True)
+
+
 def test_labels_out_of_range(tmp_path):
     bad = np.array([[0, 1, 0, 0, 0, 0, 0], [0, 0, 3.5, 0, 0, 0, 0]], np.float32)
     folder = write_hand_dataset(str(tmp_path / "d"), labels=bad)

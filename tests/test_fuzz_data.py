@@ -15,6 +15,15 @@ where the corruption is in one, or a load whose report counts the drop or repair
 named reason and whose samples are clean (finite features of the documented widths, labels in
 [0, 3]).  Any other exception, any numpy warning, or a corrupted value reaching a sample fails.
 
+The MulT ``.pkl`` loader (``data.source: pkl``) is fuzzed the same way, with the same settings
+and checks: a valid ``{split: {"text", "audio", "vision", "labels", "id"}}`` file, one corruption
+each (the pickle cut at a random byte; not a dict; a split or a key missing; NaN / ±Inf features,
+set to 0 and counted exactly; emotion labels out of [0, 3] or not finite, a non-finite sentiment;
+5 or 8 label columns; sample counts that disagree between keys; strings, complex, booleans or
+objects instead of numbers, integers and float64 being valid; 2-D or 4-D features; a feature
+width that differs between splits; fewer or more ids than samples; an all-zero sample, dropped
+and counted): an error naming the file (and the split and key), or a clean load.
+
 The generated videos are dense (contiguous words of 0.3-1 s, frames at 15 and 20 Hz inside
 them, labelled segments tiling the words, no 'sp' token, no cap or truncation reached), so an
 uncorrupted folder keeps every word and frame exactly once, and the counts can be checked
@@ -26,6 +35,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import tempfile
 import warnings
 
@@ -239,23 +249,23 @@ def corrupt(folder, p, videos, rng):
 
 
 # ----------------------------------------------------------------------------- the check
-def load(folder, p):
+def csd_config(folder, p):
     mode = "unaligned" if p["mode"] == "unaligned" else "aligned"
-    dcfg = {"source": "csd", "dir": folder, "mode": mode,
+    return {"source": "csd", "dir": folder, "mode": mode,
             "aligned_combine": "average" if p["mode"] == "average" else "stack",
             "max_frames_per_word": 64, "max_len": dict(BIG), "split": "auto", "strict": p["strict"]}
-    return load_data(dcfg, log=lambda *a: None)
 
 
 def total(rep, key):
     return sum(rep.get(s, key) for s in ("all", "train", "valid", "test"))
 
 
-def check_clean(datasets, rep, p, expect, videos):
+def check_samples(datasets, rep, dims):
+    """Report counts are non-negative ints; every sample has finite float32 features of the
+    given widths, masks that leave a step, and six labels in [0, 3]."""
     for sec, kv in rep.counts.items():
         for k, v in kv.items():
             assert isinstance(v, int) and v >= 0, f"report count {sec}/{k} = {v!r}"
-    dims = {"text": 300, "audio": 74, "vision": p["vision_dim"]}
     for s, ds in datasets.items():
         for x in ds.samples:
             for m, d in dims.items():
@@ -265,6 +275,10 @@ def check_clean(datasets, rep, p, expect, videos):
                 assert mk.dtype == bool and mk.shape == (a.shape[0],) and not mk.all()
             lab = x["labels"]
             assert lab.shape == (6,) and np.isfinite(lab).all() and (lab >= 0).all() and (lab <= 3).all()
+
+
+def check_clean(datasets, rep, p, expect, videos):
+    check_samples(datasets, rep, {"text": 300, "audio": 74, "vision": p["vision_dim"]})
     for key, n in expect.get("counts", {}).items():
         assert total(rep, key) == n, f"expected {key} = {n}, report:\n{rep}"
     n_seg = sum(len(v["labels"][1]) for v in videos.values())
@@ -284,36 +298,197 @@ def check_clean(datasets, rep, p, expect, videos):
             assert got == n, f"{n} non-finite {m} values written, {got} counted:\n{rep}"
 
 
+def loaded(dcfg, p, expect):
+    """``load_data(dcfg)`` for a corrupted input: None after checking that the error names what
+    ``expect`` says (the file, and the video or split, field and text it gives), else
+    ``(datasets, report)`` of a load that must be clean. Any other exception or a numpy
+    warning fails."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a numpy cast warning is a corrupted value let through
+        try:
+            datasets, rep = load_data(dcfg, log=lambda *a: None)
+        except ValueError as exc:  # CSDError is a ValueError
+            msg = str(exc)
+            assert expect.get("error"), f"{p['kind']}: unexpected error: {msg}"
+            assert expect["path"] in msg, f"error does not name the file {expect['path']}: {msg}"
+            if "vid" in expect:
+                assert repr(expect["vid"]) in msg, f"error does not name the video: {msg}"
+            if "field" in expect:
+                assert repr(expect["field"]) in msg, f"error does not name {expect['field']!r}: {msg}"
+            if "extra" in expect:
+                assert expect["extra"] in msg, msg
+            return None
+    assert not expect.get("error"), f"{p['kind']} ({p}) was accepted silently:\n{rep}"
+    return datasets, rep
+
+
 def run_problem(p):
     rng = np.random.RandomState(p["seed"])
     videos = make_videos(rng, p["n_words"], p["n_segments"], p["vision_dim"], p["label_cols"])
     with tempfile.TemporaryDirectory() as folder:
         write_folder(folder, videos)
         expect = corrupt(folder, p, videos, rng)
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")  # a numpy cast warning is a corrupted value let through
-            try:
-                datasets, rep = load(folder, p)
-            except ValueError as exc:  # CSDError is a ValueError
-                msg = str(exc)
-                assert expect.get("error"), f"{p['kind']}: unexpected error: {msg}"
-                assert expect["path"] in msg, f"error does not name the file {expect['path']}: {msg}"
-                if "vid" in expect:
-                    assert repr(expect["vid"]) in msg, f"error does not name the video: {msg}"
-                if "field" in expect:
-                    assert repr(expect["field"]) in msg, f"error does not name {expect['field']!r}: {msg}"
-                if "extra" in expect:
-                    assert expect["extra"] in msg, msg
-                return
-        assert not expect.get("error"), f"{p['kind']} ({p}) was accepted silently:\n{rep}"
-        check_clean(datasets, rep, p, expect, videos)
+        result = loaded(csd_config(folder, p), p, expect)
+        if result is not None:
+            check_clean(*result, p, expect, videos)
 
 
-@settings(max_examples=EXAMPLES, derandomize=True, deadline=None,
-          suppress_health_check=list(HealthCheck), database=None)
+# One setting for every data fuzzer: derandomized, bounded by HDAF_FUZZ_EXAMPLES.
+FUZZ = settings(max_examples=EXAMPLES, derandomize=True, deadline=None,
+                suppress_health_check=list(HealthCheck), database=None)
+
+
+@FUZZ
 @given(p=problems())
 def test_fuzz_csd_loader(p):
     run_problem(p)
+
+
+# ----------------------------------------------------------------------------- MulT .pkl files
+# A valid file: {split: {"text" [N,T,300], "audio" [N,T,74], "vision" [N,T,Dv], "labels", "id"}}
+# with N >= 1 samples per split, each with 1..T real (non-zero) rows per modality, zeros after.
+PKL_KINDS = ("none", "truncate", "not_dict", "missing_split", "missing_key", "nonfinite",
+             "label_value", "sentiment_value", "label_cols", "rows", "dtype", "ndim", "width",
+             "id_length", "empty_sample")
+PKL_SPLITS = ("train", "valid", "test")
+PKL_DIMS = {"text": 300, "audio": 74}
+
+
+@st.composite
+def pkl_problems(draw):
+    kind = draw(st.sampled_from(PKL_KINDS))
+    return dict(seed=draw(st.integers(0, 2 ** 31 - 1)), n=draw(st.lists(st.integers(1, 4),
+                min_size=3, max_size=3)), T=draw(st.integers(1, 6)),
+                vision_dim=draw(st.sampled_from([1, 5, 35])), label_cols=draw(st.sampled_from(
+                    [6, 7])), label_3d=draw(st.booleans()), with_id=draw(st.booleans()), kind=kind,
+                split=draw(st.sampled_from(PKL_SPLITS)), key=draw(st.sampled_from(
+                    ("text", "audio", "vision", "labels"))),
+                dtype=draw(st.sampled_from(["str", "complex", "bool", "object", "int", "float64"])),
+                value=draw(st.sampled_from([np.nan, np.inf, -np.inf, -0.5, 3.5, 1e6])),
+                n_bad=draw(st.integers(1, 3)), delta=draw(st.sampled_from([1, -1])),
+                frac=draw(st.floats(0, 1, exclude_max=True)))
+
+
+def make_pkl(rng, p):
+    dims = dict(PKL_DIMS, vision=p["vision_dim"])
+    raw = {}
+    for s, n in zip(PKL_SPLITS, p["n"]):
+        d = {}
+        for m, dim in dims.items():
+            x = np.zeros((n, p["T"], dim), np.float32)
+            for k in range(n):
+                r = rng.randint(1, p["T"] + 1)
+                x[k, :r] = rng.randn(r, dim) + 5  # real rows, never all zero
+            d[m] = x
+        lab = rng.randint(0, 10, (n, 6)) / 3.0
+        if p["label_cols"] == 7:
+            lab = np.concatenate([rng.uniform(-3, 3, (n, 1)), lab], 1)
+        d["labels"] = (lab[:, None] if p["label_3d"] else lab).astype(np.float32)
+        if p["with_id"]:
+            d["id"] = np.array([[f"{s}v{k}", str(k)] for k in range(n)])
+        raw[s] = d
+    return raw
+
+
+def corrupt_pkl(path, raw, p, rng):
+    """Apply ``p["kind"]`` to the MulT dict and write it to ``path``; returns what the load
+    must give, as :func:`corrupt` does (errors name the file, and the split and key)."""
+    kind, s, key = p["kind"], p["split"], p["key"]
+    d = raw[s]
+    named = dict(error=True, path=path, extra=f"split '{s}'")
+    expect = dict(ok=True)
+    k = int(p["frac"] * len(d["text"]))
+    if kind == "not_dict":
+        raw = [raw[t] for t in PKL_SPLITS]
+        expect = dict(error=True, path=path)
+    elif kind == "missing_split":
+        del raw[s]
+        expect = dict(error=True, path=path)
+    elif kind == "missing_key":
+        del d[key]
+        expect = dict(named, field=key)
+    elif kind == "nonfinite" and key != "labels":
+        real = np.argwhere(d[key][k].any(-1)).ravel()
+        cells = [(r, c) for r in real for c in range(d[key].shape[2])]
+        for i in rng.choice(len(cells), min(p["n_bad"], len(cells)), replace=False):
+            d[key][(k,) + cells[i]] = p["value"] if not np.isfinite(p["value"]) else np.nan
+        expect = dict(ok=True, nonfinite=(s, key, min(p["n_bad"], len(cells))))
+    elif kind in ("label_value", "sentiment_value"):
+        lab = d["labels"].reshape(len(d["labels"]), -1)
+        if kind == "sentiment_value" and lab.shape[1] == 7:
+            lab[k, 0] = p["value"]  # sentiment is not read
+        elif kind == "label_value":
+            lab[k, lab.shape[1] - 6 + int(p["frac"] * 42) % 6] = p["value"]
+            if not 0 <= p["value"] <= 3:
+                expect = named
+    elif kind == "label_cols":
+        lab = d["labels"].reshape(len(d["labels"]), -1)
+        d["labels"] = lab[:, :5] if p["delta"] < 0 else np.concatenate(  # 6 and 7 are valid
+            [lab, np.zeros((len(lab), 8 - lab.shape[1]), np.float32)], 1)
+        expect = named
+    elif kind == "rows":
+        a = d[key]
+        d[key] = a[:-1] if p["delta"] < 0 else np.concatenate([a, a[-1:]], 0)
+        expect = dict(named, field=key if key != "text" else "audio")
+        if key == "text":  # every other key then disagrees with 'text'
+            expect.pop("field")
+    elif kind == "dtype" and key != "labels":
+        a = d[key]
+        d[key] = {"str": a.astype("S8"), "complex": a.astype(np.complex64) + 1j, "bool": a > 0,
+                  "object": a.astype(object), "int": np.round(a).astype(np.int32),
+                  "float64": a.astype(np.float64)}[p["dtype"]]
+        if p["dtype"] not in ("int", "float64"):
+            expect = dict(named, field=key)
+        elif p["dtype"] == "int":  # rows rounded to all zeros become padding
+            expect = dict(ok=True, drops=True)
+    elif kind == "ndim" and key != "labels":
+        d[key] = d[key][..., 0] if p["delta"] < 0 else d[key][..., None]
+        expect = dict(named, field=key)
+    elif kind == "width" and key != "labels":
+        a = d[key]
+        d[key] = a[..., :-1] if p["delta"] < 0 and a.shape[2] > 1 else np.concatenate(
+            [a, a[..., :1]], 2)
+        expect = dict(error=True, path=path, field=key)
+    elif kind == "id_length" and "id" in d:
+        d["id"] = d["id"][:-1] if p["delta"] < 0 else np.concatenate([d["id"], d["id"][-1:]])
+        expect = dict(named, field="id")
+    elif kind == "empty_sample" and key != "labels" and len(d["text"]) > 1:  # none left: error
+        d[key][k] = 0
+        expect = dict(ok=True, counts={f"segments_dropped_no_{key}": 1})
+    with open(path, "wb") as f:
+        pickle.dump(raw, f)
+    if kind == "truncate":
+        with open(path, "r+b") as f:
+            f.truncate(int(p["frac"] * os.path.getsize(path)))
+        expect = dict(error=True, path=path)
+    return expect
+
+
+def run_pkl_problem(p):
+    rng = np.random.RandomState(p["seed"])
+    raw = make_pkl(rng, p)
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "mult.pkl")
+        expect = corrupt_pkl(path, raw, p, rng)
+        result = loaded({"source": "pkl", "path": path}, p, expect)
+        if result is None:
+            return
+        datasets, rep = result
+        check_samples(datasets, rep, dict(PKL_DIMS, vision=p["vision_dim"]))
+        for key, n in expect.get("counts", {}).items():
+            assert total(rep, key) == n, f"expected {key} = {n}, report:\n{rep}"
+        kept = total(rep, "segments_kept")
+        if not expect.get("drops") and "counts" not in expect:
+            assert kept == sum(p["n"]), rep
+        if "nonfinite" in expect:
+            s, m, n = expect["nonfinite"]
+            assert rep.get(s, f"{m}_nonfinite_values_set_to_0") == n, rep
+
+
+@FUZZ
+@given(p=pkl_problems())
+def test_fuzz_pkl_loader(p):
+    run_pkl_problem(p)
 
 
 # ----------------------------------------------------------------------------- regressions
@@ -460,3 +635,41 @@ def test_errors_name_the_field(tmp_path, case):
                                                              [0, 0, 0, 0, 0, np.nan, 0]]))
     msg = _error(folder)
     assert p in msg and "'v1'" in msg and repr(field) in msg
+
+
+def _set(split, key, make):
+    def change(raw):
+        raw[split][key] = make(raw[split][key])
+    return change
+
+
+PKL_BAD = {  # what the pkl fuzzer found: (change, the key the error must name)
+    "string audio": (_set("valid", "audio", lambda a: a.astype("S8")), "audio"),
+    "complex vision": (_set("train", "vision", lambda a: a.astype(np.complex64) + 1j), "vision"),
+    "2-D text": (_set("test", "text", lambda a: a[..., 0]), "text"),
+    "fewer audio samples": (_set("train", "audio", lambda a: a[:-1]), "audio"),
+    "fewer ids": (_set("valid", "id", lambda a: a[:-1]), "id"),
+    "NaN label": (_set("train", "labels", lambda a: np.where(np.arange(7) == 3, np.nan, a)),
+                  "labels"),
+    "other vision width": (_set("test", "vision", lambda a: a[..., :-1]), "vision"),
+}
+
+
+@pytest.mark.parametrize("case", list(PKL_BAD))
+def test_pkl_bad_arrays_are_errors_naming_the_file_and_key(tmp_path, case):
+    """Strings and 2-D features were numpy errors naming no file, complex ones lost their
+    imaginary part (a ComplexWarning), fewer audio samples or ids than text samples an
+    IndexError, a vision width that differs between splits was accepted, and a bad label was
+    reported as "video id 'train split', field 'features'"."""
+    change, key = PKL_BAD[case]
+    raw = make_pkl(np.random.RandomState(0), dict(n=[2, 2, 2], T=3, vision_dim=5, label_cols=7,
+                                                  label_3d=True, with_id=True))
+    change(raw)
+    path = str(tmp_path / "m.pkl")
+    with open(path, "wb") as f:
+        pickle.dump(raw, f)
+    with warnings.catch_warnings(), pytest.raises(ValueError) as e:
+        warnings.simplefilter("error")
+        load_data({"source": "pkl", "path": path}, log=lambda *a: None)
+    msg = str(e.value)
+    assert path in msg and repr(key) in msg and "video id" not in msg, msg

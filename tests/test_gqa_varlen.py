@@ -533,3 +533,55 @@ def test_varlen_without_any_query_is_empty_with_zero_gradients(backend):
     out.sum().backward()
     for t in (q, k, v, x, w):
         assert t.grad is not None and t.grad.shape == t.shape and not t.grad.any()
+
+
+# ---- without the delta term (x = w = None) ----------------------------------------------------
+# The spec defines it as the operator with a zero term: the reference is "naive" given zero x, w.
+NO_DELTA_PADDED = [PADDED[i] for i in (1, 3, 4, 6, 8, 11)]
+NO_DELTA_VARLEN = [VARLEN[i] for i in (1, 3)]
+
+
+def _plain_vs_zero_term(call, q, k, v, x, w, tag):
+    """``call(q, k, v, x, w)`` with ``x = w = None`` against "naive" with zero x and w: forward
+    and dq, dk, dv in float64."""
+    out = call(q, k, v, None, None, None)
+    ref = call(q, k, v, torch.zeros_like(x), torch.zeros_like(w), "naive")
+    compare(tag, (ref,) + grads(ref, (q, k, v)), (out,) + grads(out, (q, k, v)))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name,inp,kw", NO_DELTA_PADDED, ids=[c[0] for c in NO_DELTA_PADDED])
+def test_no_delta_term_is_attention_with_a_zero_term(backend, name, inp, kw):
+    q, k, v, x, w, mask = make_gqa(**inp)
+
+    def call(q, k, v, x, w, ref_backend):
+        return hdaf.delta_attention(q, k, v, x, w, key_padding_mask=mask,
+                                    backend=ref_backend or backend, **kw)
+
+    _plain_vs_zero_term(call, q, k, v, x, w, f"{backend}/{name}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name,inp,kw", NO_DELTA_VARLEN, ids=[c[0] for c in NO_DELTA_VARLEN])
+def test_varlen_no_delta_term_is_attention_with_a_zero_term(backend, name, inp, kw):
+    q, k, v, x, w, cq, ck, mq, mk = make_varlen(**inp)
+
+    def call(q, k, v, x, w, ref_backend):
+        return hdaf.delta_attention_varlen(q, k, v, x, w, cq, ck, mq, mk,
+                                           backend=ref_backend or backend, **kw)
+
+    _plain_vs_zero_term(call, q, k, v, x, w, f"{backend}/{name}")
+
+
+@pytest.mark.parametrize("given", ["x", "w"])
+def test_delta_term_needs_both_x_and_w(given):
+    q, k, v, x, w, _ = make_gqa(requires_grad=False)
+    x, w = (x, None) if given == "x" else (None, w)
+    msg = (r"x and w must both be tensors \(the delta term\) or both be None \(no delta term\), "
+           r"got x=(None|a tensor of shape \((2, )?7, 5\)) and w=(None|a tensor of shape \(5, 7\))")
+    with pytest.raises(TypeError, match=msg):
+        hdaf.delta_attention(q, k, v, x, w)
+    with pytest.raises(TypeError, match=msg):
+        hdaf.delta_attention_varlen(q[0].transpose(0, 1), k[0].transpose(0, 1),
+                                    v[0].transpose(0, 1), x if x is None else x[0], w,
+                                    cu([7]), cu([7]), 7, 7)

@@ -488,3 +488,27 @@ def test_decoder_training_gradients_and_backends_agree(backend):
     for got, ref in zip(results[backend], results["naive"]):
         torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-4)
     assert all(g.abs().max() > 0 for g in results[backend][1:])
+
+
+@pytest.mark.parametrize("arch", ["bert", "llama"])
+def test_converting_a_model_leaves_others_built_from_its_config_alone(arch):
+    """Two models built from one config object share it; converting one must not switch the
+    other's attention implementation (it then raised "called attn_implementation='hdaf_delta'
+    but was not converted") nor write the delta settings into its config."""
+    config = _config(arch) if arch == "bert" else _decoder_config(arch)
+    cls = transformers.BertModel if arch == "bert" else transformers.LlamaForCausalLM
+    torch.manual_seed(0)
+    first, second = cls(config).eval(), cls(config).eval()
+    assert first.config is second.config
+    implementation = config._attn_implementation
+    ids, mask = _batch(7)
+    with torch.no_grad():
+        before = second(input_ids=ids, attention_mask=mask)[0]
+    _convert(first, max_distance=4)
+    assert first.config._attn_implementation == hdaf_tf.ATTN_IMPLEMENTATION
+    assert all(m.config is first.config for m in first.modules() if hasattr(m, "config"))
+    assert config._attn_implementation == implementation and second.config is config
+    assert not hasattr(config, hdaf_tf.CONFIG_KEY)
+    with torch.no_grad():
+        torch.testing.assert_close(second(input_ids=ids, attention_mask=mask)[0], before)
+        first(input_ids=ids, attention_mask=mask)

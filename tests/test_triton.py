@@ -391,6 +391,100 @@ def test_no_delta_path_is_plain_attention():
                                    **TOL[torch.float32])
 
 
+def _spy_use_delta(monkeypatch):
+    """The (kernel kind, USE_DELTA) of every forward, dK/dV and dQ launch, in order."""
+    seen, launch = [], K._launch
+
+    def spy(kind, grid, *args, **meta):
+        seen.append((kind, meta["USE_DELTA"]))
+        return launch(kind, grid, *args, **meta)
+
+    monkeypatch.setattr(K, "_launch", spy)
+    return seen
+
+
+PLAIN_LAUNCHES = [("fwd", False), ("dkdv", False), ("dq", False)]
+
+
+def test_public_calls_without_the_delta_term_run_the_plain_path(monkeypatch):
+    """x = w = None, padded (grouped heads, Tq < Tk, padding, a causal window) and packed: every
+    kernel launch is compiled with USE_DELTA=False (the plain path), and forward and dq, dk, dv
+    match the float64 reference with a zero term. A zero w that requires grad is a delta term:
+    the delta kernels run, and its gradient (not zero) matches the reference."""
+    seen = _spy_use_delta(monkeypatch)
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(*s, generator=g, dtype=torch.float64)
+               for s in ((2, 4, 9, 8), (2, 2, 20, 8), (2, 2, 20, 8)))
+    x = torch.randn(2, 20, 5, generator=g, dtype=torch.float64)
+    zero_w = torch.zeros(5, 7, dtype=torch.float64)
+    mask = (torch.arange(20)[None, :] < torch.tensor([3, 0])[:, None]).to(DEVICE)
+    kw = dict(max_distance=3, causal=True, window=(12, 0), key_padding_mask=mask)
+
+    def run(dtype, backend, xw):
+        ins = [t.to(DEVICE, dtype).requires_grad_() for t in (q, k, v) + xw]
+        out = hdaf.delta_attention(*ins[:3], *(ins[3:] or (None, None)), backend=backend, **kw)
+        return [out.detach()] + [gr.detach() for gr in grads(out, ins, seed=6)]
+
+    got = run(torch.float32, "triton", ())
+    assert seen == PLAIN_LAUNCHES
+    ref = [run(d, "naive", (torch.zeros_like(x), zero_w)) for d in (torch.float64, torch.float32)]
+    check_all(got, *ref, torch.float32, tag="no delta term: ")
+
+    seen.clear()
+    got = run(torch.float32, "triton", (x, zero_w))
+    assert seen == [("fwd", True), ("dkdv", True), ("dq", True)]
+    ref = [run(d, "naive", (x, zero_w)) for d in (torch.float64, torch.float32)]
+    assert ref[0][-1].abs().max() > 0.1  # dw at w = 0
+    check_all(got, *ref, torch.float32, tag="zero w: ")
+
+    seen.clear()
+    cu_q = torch.tensor([0, 3, 3, 12], dtype=torch.int32, device=DEVICE)
+    cu_k = torch.tensor([0, 20, 24, 33], dtype=torch.int32, device=DEVICE)
+    qp, kp, vp = (torch.randn(n, h, 8, generator=g, dtype=torch.float64)
+                  for n, h in ((12, 4), (33, 2), (33, 2)))
+
+    def run_varlen(dtype, backend, xw):
+        ins = [t.to(DEVICE, dtype).requires_grad_() for t in (qp, kp, vp) + xw]
+        out = hdaf.delta_attention_varlen(*ins[:3], *(ins[3:] or (None, None)), cu_q, cu_k, 9,
+                                          20, causal=True, backend=backend)
+        return [out.detach()] + [gr.detach() for gr in grads(out, ins, seed=7)]
+
+    got = run_varlen(torch.float32, "triton", ())
+    assert seen == PLAIN_LAUNCHES
+    zeros = (torch.zeros(33, 1, dtype=torch.float64), torch.zeros(1, 1, dtype=torch.float64))
+    check_all(got, *[run_varlen(d, "naive", zeros) for d in (torch.float64, torch.float32)],
+              torch.float32, tag="packed, no delta term: ")
+
+
+def test_layer_without_the_delta_term_runs_the_plain_path(monkeypatch):
+    """DeltaAttention(use_delta=False, backend="triton"): the plain path serves forward and
+    backward, output and every used parameter's gradient match the float64 layer, and the unused
+    w (rpe) gets no gradient."""
+    import copy
+
+    torch.manual_seed(1)
+    layer = hdaf.DeltaAttention(16, 2, max_distance=2, use_delta=False, backend="triton")
+    x = torch.randn(2, 11, 16)
+    mask = torch.arange(11)[None, :] >= torch.tensor([11, 6])[:, None]
+    seen = _spy_use_delta(monkeypatch)
+
+    def run(dtype, backend):
+        mod = copy.deepcopy(layer).to(DEVICE, dtype)
+        mod.backend = backend
+        xi = x.to(DEVICE, dtype).requires_grad_()
+        out = mod(xi, key_padding_mask=mask.to(DEVICE))
+        assert torch.autograd.grad(out.sum(), mod.rpe, allow_unused=True,
+                                   retain_graph=True) == (None,)
+        params = [xi] + [p for n, p in mod.named_parameters() if n != "rpe"]
+        return [out.detach()] + [g.detach() for g in grads(out, params)]
+
+    got = run(torch.float32, "triton")
+    assert seen == PLAIN_LAUNCHES
+    for name, a, b, c in zip(["out", "dx"] + [n for n, _ in layer.named_parameters() if n != "rpe"],
+                             got, run(torch.float64, "naive"), run(torch.float32, "naive")):
+        check(f"layer {name}", b, a, c, torch.float32)
+
+
 def test_capture_launches_records_and_runs_nothing():
     """capture_launches (the static profile's entry point) records each kernel launch with its
     arguments, pruned autotune list and hot-loop kinds, and launches nothing."""

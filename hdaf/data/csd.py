@@ -47,6 +47,7 @@ class CSDError(ValueError):
         prefix = (", ".join(parts) + ": ") if parts else ""
         super().__init__(prefix + message)
         self.path, self.video_id, self.field = path, video_id, field
+        self.message = message  # without the location
 
 
 def _decode(value):

@@ -4,16 +4,40 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 
 from .dataset import SegmentDataset
-from .mosei import load_csd_folder
+from .mosei import find_files, load_csd_folder
 from .normalize import normalize_segments
 from .pkl import load_pkl
 from .report import DataReport
 from .synthetic import ensure_synthetic
+
+
+def _file_digest(path: Optional[str]) -> list:
+    """``[absolute path, sha256 of the content]``, or ``[path, None]`` for a file that is not
+    there (its absence decides the result too: e.g. no ``splits.json``)."""
+    if path is None or not os.path.isfile(path):
+        return [path, None]
+    with open(path, "rb") as f:
+        return [os.path.abspath(path), hashlib.file_digest(f, "sha256").hexdigest()]
+
+
+def csd_cache_key(folder: str, kw: dict) -> str:
+    """The key of ``load_csd_folder(folder, **kw)``'s cached result: the configuration and the
+    content of every file the loader reads (the ``.csd`` files :func:`find_files` picks and
+    the split file), hashed. Contents, not sizes or modification times: a file rewritten with
+    the same size, its time stamp restored, still gets a new key. Hashing reads the files once
+    per call (a few seconds per GB), well below the loading it saves."""
+    paths = find_files(folder, kw.get("files"), kw.get("visual", "facet"))
+    split = kw.get("split", "auto")
+    split_file = (os.path.join(folder, "splits.json") if split == "auto"
+                  else None if split in ("standard", "random") else split)
+    inputs = [_file_digest(p) for p in (*paths.values(), split_file)]
+    blob = json.dumps([os.path.abspath(folder), kw, inputs], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def load_data(dcfg: dict, log=print) -> Tuple[Dict[str, SegmentDataset], DataReport]:
@@ -21,7 +45,9 @@ def load_data(dcfg: dict, log=print) -> Tuple[Dict[str, SegmentDataset], DataRep
 
     ``source``: ``"synthetic"`` generates the synthetic dataset into ``dir`` when missing (seeded),
     then reads it like real data; ``"csd"`` reads a folder of CMU-MOSEI ``.csd`` files; ``"pkl"``
-    reads MulT-style tensors from ``path``.
+    reads MulT-style tensors from ``path``. With ``cache_dir`` set, the preprocessed segments
+    of a ``.csd`` folder are stored there under :func:`csd_cache_key` and reused while the
+    configuration and the files' contents are unchanged.
     """
     source = dcfg.get("source", "synthetic")
     common = dict(max_segments=dcfg.get("max_segments"))
@@ -41,9 +67,7 @@ def load_data(dcfg: dict, log=print) -> Tuple[Dict[str, SegmentDataset], DataRep
         cache_dir = dcfg.get("cache_dir")
         cache = None
         if cache_dir:
-            key = hashlib.sha256(json.dumps([os.path.abspath(folder), kw], sort_keys=True,
-                                            default=str).encode()).hexdigest()[:16]
-            cache = os.path.join(cache_dir, f"segments-{key}.pt")
+            cache = os.path.join(cache_dir, f"segments-{csd_cache_key(folder, kw)}.pt")
         if cache and os.path.exists(cache):
             blob = torch.load(cache, weights_only=False)
             samples, rep = blob["samples"], DataReport.from_dict(blob["report"])

@@ -12,9 +12,58 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
+from .csd import CSDError
 from .mosei import MODALITIES, check_labels
 from .report import DataReport
 from .splits import SPLITS
+
+
+def _numbers(value, where: str, ndims) -> np.ndarray:
+    """``value`` as a float32 array of one of ``ndims`` dimensions, or a ValueError naming
+    ``where`` and what was found (strings, complex, booleans, ragged lists)."""
+    try:
+        a = np.asarray(value)
+    except ValueError as exc:  # a ragged nesting of lists
+        raise ValueError(f"{where} is not an array ({exc})") from None
+    if a.dtype.kind not in "iuf":
+        raise ValueError(f"{where} must hold real numbers, got dtype {a.dtype}")
+    if a.ndim not in ndims:
+        raise ValueError(f"{where} must be {' or '.join(f'{d}-D' for d in ndims)}, got shape "
+                         f"{a.shape}")
+    with np.errstate(over="ignore"):  # beyond float32: inf, then set to 0 and counted
+        return a.astype(np.float32)
+
+
+def _split_arrays(d, path: str, s: str) -> dict:
+    """One split's modalities ``[N,T,D]``, labels ``[N,6|7]`` and ids (N strings), checked."""
+    where = f"file {path}: split '{s}'"
+    if not isinstance(d, dict):
+        raise ValueError(f"{where} must be a dict of arrays, got {type(d).__name__}")
+    missing = [k for k in (*MODALITIES, "labels") if k not in d]
+    if missing:
+        raise ValueError(f"{where} lacks {missing}")
+    out = {m: _numbers(d[m], f"{where}, '{m}' [N,T,D]", (3,)) for m in MODALITIES}
+    lab = _numbers(d["labels"], f"{where}, 'labels' [N,6|7] or [N,1,6|7]", (2, 3))
+    n = len(out["text"])
+    for name, a in (*((m, out[m]) for m in MODALITIES[1:]), ("labels", lab)):
+        if len(a) != n:
+            raise ValueError(f"{where}: 'text' has {n} samples but '{name}' has {len(a)}")
+    lab = lab.reshape(n, -1)
+    if lab.shape[1] not in (6, 7):
+        raise ValueError(f"{where}: 'labels' have {lab.shape[1]} columns per sample; need the 6 "
+                         "emotions (or sentiment + 6 emotions)")
+    try:
+        emo = check_labels(lab, path, s)
+    except CSDError as exc:  # it names a video's 'features'; here they are the split's labels
+        raise ValueError(f"{where}, 'labels': {exc.message}") from None
+    ids = d.get("id")
+    if ids is None:
+        ids = [f"{s}[{k}]" for k in range(n)]
+    else:
+        if len(ids) != n:
+            raise ValueError(f"{where}: 'id' has {len(ids)} entries for {n} samples")
+        ids = [str(np.asarray(i).reshape(-1)[0]) for i in ids]
+    return dict(out, labels=emo, id=ids)
 
 
 def load_pkl(path: str, max_segments: Optional[int] = None, max_len: Optional[dict] = None,
@@ -32,21 +81,16 @@ def load_pkl(path: str, max_segments: Optional[int] = None, max_len: Optional[di
                          f"{list(raw)[:5] if isinstance(raw, dict) else type(raw).__name__}")
     rep.note(f"pkl: {path} (MulT layout; all-zero rows treated as padding)")
     out: Dict[str, List[dict]] = {}
+    split_arrays = {s: _split_arrays(raw[s], path, s) for s in SPLITS}
+    for m in MODALITIES:
+        widths = {s: a[m].shape[2] for s, a in split_arrays.items()}
+        if len(set(widths.values())) > 1:
+            raise ValueError(f"file {path}: '{m}' features must have one width in every split, "
+                             f"got {widths}")
     for s in SPLITS:
-        d = raw[s]
-        missing = [k for k in (*MODALITIES, "labels") if k not in d]
-        if missing:
-            raise ValueError(f"file {path}: split '{s}' lacks {missing}")
-        arrays = {m: np.asarray(d[m], dtype=np.float32) for m in MODALITIES}
-        n = len(arrays["text"])
-        lab = np.asarray(d["labels"], dtype=np.float32).reshape(n, -1)
-        if lab.shape[1] not in (6, 7):
-            raise ValueError(f"file {path}: split '{s}' labels have {lab.shape[1]} columns per "
-                             "sample; need the 6 emotions (or sentiment + 6 emotions)")
-        ids = d.get("id")
-        ids = [str(np.asarray(i).reshape(-1)[0]) if ids is not None else f"{s}[{k}]"
-               for k, i in enumerate(ids if ids is not None else range(n))]
-        emo = check_labels(lab, path, f"{s} split")
+        arrays = split_arrays[s]
+        emo, ids = arrays.pop("labels"), arrays.pop("id")
+        n = len(emo)
         samples = []
         for k in range(n):
             sample = {"id": ids[k], "video_id": ids[k].split("[")[0], "labels": emo[k]}

@@ -53,6 +53,7 @@ How it plugs in (docs/integrations.md has the longer story):
 """
 from __future__ import annotations
 
+import copy
 import importlib
 import json
 import os
@@ -438,6 +439,19 @@ def _drop_attention_dropout(m: nn.Module) -> Optional[float]:
     return None
 
 
+def _own_config(model: nn.Module) -> None:
+    """Give ``model`` its own copy of its config (sub-configs included) and point every module
+    that held one of them at the copy. Models built from one config object share it, and the
+    conversion sets the attention implementation and the delta settings on the config: on the
+    shared object they would switch the other models too."""
+    copies: dict = {}  # id(original) -> copy, filled by deepcopy for everything it copies
+    model.config = copy.deepcopy(model.config, copies)
+    for m in model.modules():
+        config = getattr(m, "config", None)
+        if config is not None and id(config) in copies:
+            m.config = copies[id(config)]
+
+
 def add_delta_attention(model: nn.Module, max_distance: IntOrPair = 32, delta_dim: Optional[int] = None,
                         share_rpe_across_heads: bool = True, window: IntOrPair = None,
                         backend: str = "auto") -> nn.Module:
@@ -446,7 +460,8 @@ def add_delta_attention(model: nn.Module, max_distance: IntOrPair = 32, delta_di
 
     In place; returns ``model``. The model's own q/k/v/output projections and padding mask are
     reused; each layer gains ``hdaf_delta.proj`` (``Wx [E,Dr]``, random) and ``hdaf_delta.rpe``
-    (``w``, zeros), so outputs are unchanged until ``w`` is trained.
+    (``w``, zeros), so outputs are unchanged until ``w`` is trained. The model gets its own copy
+    of its config first, so other models built from the same config object are not changed.
 
     Args:
         model: a ``transformers.PreTrainedModel`` whose self-attention is one of
@@ -485,6 +500,7 @@ def add_delta_attention(model: nn.Module, max_distance: IntOrPair = 32, delta_di
         raise ValueError(f"{type(model).__name__} is already converted ({done[0]} has hdaf_delta)")
 
     register()
+    _own_config(model)
     dropped = set()
     for m in attention.values():
         embed, heads, head_dim, ref, causal = _layer_shape(m)

@@ -33,7 +33,9 @@ class DeltaAttention(nn.Module):
         causal: key j visible from query i only when ``j <= i``.
         share_rpe_across_heads: one ``w [Dr,R]`` for all heads (paper default), else ``[H,Dr,R]``.
         backend: passed to :func:`hdaf.delta_attention` ("auto" picks the compiled kernel).
-        use_delta: False drops the delta term (plain attention: the ablation).
+        use_delta: False drops the delta term (plain attention: the ablation). The operator is
+            then called without one (``x`` and ``w`` None), so the kernels run their plain
+            path; ``rpe`` and ``delta_proj`` stay (checkpoints keep their keys) but are unused.
 
     Shapes: ``forward(x [B,T,E], key_padding_mask [B,T] bool, True = padding) -> [B,T,E]``.
     After a call, ``last_backend`` names the backend that served it.
@@ -93,8 +95,10 @@ class DeltaAttention(nn.Module):
         B, T, E = x.shape
         H, D = self.num_heads, self.head_dim
         q, k, v = self.in_proj(x).view(B, T, 3, H, D).permute(2, 0, 3, 1, 4).unbind(0)
-        feats = self.delta_proj(x) if self.delta_proj is not None else x
-        w = self.rpe if self.use_delta else torch.zeros_like(self.rpe)
+        feats, w = None, None  # no delta term: the kernels' plain path
+        if self.use_delta:
+            feats = self.delta_proj(x) if self.delta_proj is not None else x
+            w = self.rpe
         # Resolve once: the concrete backend both serves the call and is reported. Meta / fake
         # inputs have no data to compute on: the op's fake implementation gives the shapes.
         self.last_backend = ("fake" if shape_only(x) else
