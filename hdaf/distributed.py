@@ -355,4 +355,19 @@ def ring_delta_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, x: t
     return _RingDeltaAttention.apply(q, k, v, P, plan, masks)
 
 
-__all__ = ["shard", "unshard", "ring_delta_attention", "LAYOUTS"]
+def context_parallel(model: torch.nn.Module, group, layout: str = "zigzag") -> List[str]:
+    """Set ``context_parallel_group`` (and the layout) on every ``hdaf.DeltaAttention`` and
+    ``hdaf.DeltaMultiheadAttention`` of ``model``; ``group=None`` switches it off. Returns the
+    layers' names. Their forward then takes this rank's shard of the sequence (:func:`shard`)."""
+    _check_layout(layout)
+    from .nn.delta_attention import set_context_parallel
+
+    names = []
+    for name, module in model.named_modules():
+        if hasattr(module, "context_parallel_group"):
+            set_context_parallel(module, group, layout)
+            names.append(name)
+    return names
+
+
+__all__ = ["shard", "unshard", "ring_delta_attention", "context_parallel", "LAYOUTS"]

@@ -81,11 +81,58 @@ def _check_case(case, group):
                                    msg=lambda m: f"{layout} {shape} {case} {name}: {m}")
 
 
-def _worker(rank, world, store_path, cases, result_dir):
+def _check_layers(group):
+    """Both layers with a context_parallel_group (set by hdaf.distributed.context_parallel, or
+    the constructor) equal the same layers on the full sequence: output shards, the input's
+    gradient shards and every parameter's gradient summed over the ranks."""
+    import hdaf
+    from hdaf.distributed import context_parallel, shard
+
+    torch.manual_seed(0)
+    E, T = 8, 16
+    layers = [hdaf.DeltaAttention(E, 2, max_distance=3, window=(5, 0), delta_dim=4),
+              hdaf.DeltaMultiheadAttention(E, 2, batch_first=True, max_distance=(2, 3),
+                                           share_rpe_across_heads=False)]
+    with torch.no_grad():  # DeltaMultiheadAttention's w starts at 0: give it a value
+        layers[1].rpe.normal_()
+    x = torch.randn(2, T, E, dtype=torch.float64)
+    mask = torch.zeros(2, T, dtype=torch.bool)
+    mask[1, 11:] = True
+    dout = torch.randn(2, T, E, dtype=torch.float64)
+    for layer in layers:
+        layer.double()
+        xf = x.clone().requires_grad_(True)
+        if isinstance(layer, hdaf.DeltaAttention):
+            full = layer(xf, key_padding_mask=mask)
+        else:
+            full = layer(xf, xf, xf, key_padding_mask=mask, need_weights=False, is_causal=True,
+                         attn_mask=torch.nn.Transformer.generate_square_subsequent_mask(
+                             T, dtype=torch.float64))[0]
+        params = list(layer.parameters())
+        want = torch.autograd.grad(full, [xf] + params, dout)
+        assert context_parallel(layer, dist.group.WORLD) == [""]
+        xs = shard(x, 1, group).requires_grad_(True)
+        ms = shard(mask, 1, group)
+        if isinstance(layer, hdaf.DeltaAttention):
+            out = layer(xs, key_padding_mask=ms)
+        else:
+            out = layer(xs, xs, xs, key_padding_mask=ms, need_weights=False, is_causal=True)[0]
+        assert layer.last_backend == "cpu"
+        got = torch.autograd.grad(out, [xs] + params, shard(dout, 1, group))
+        torch.testing.assert_close(out, shard(full.detach(), 1, group), atol=1e-10, rtol=1e-9)
+        torch.testing.assert_close(got[0], shard(want[0], 1, group), atol=1e-10, rtol=1e-9)
+        for name, g, wg in zip([n for n, _ in layer.named_parameters()], got[1:], want[1:]):
+            dist.all_reduce(g, group=group)
+            torch.testing.assert_close(g, wg, atol=1e-10, rtol=1e-9, msg=lambda m: f"{name}: {m}")
+
+
+def _worker(rank, world, store_path, cases, result_dir, layers=False):
     try:
         _init(rank, world, store_path)
         for case in cases:
             _check_case(dict(case), None)
+        if layers:
+            _check_layers(None)
         dist.barrier()
         dist.destroy_process_group()
     except BaseException:
@@ -102,9 +149,9 @@ def _spawn(fn, world, tmp_path, *args):
         pass
 
 
-def _run(world, cases, tmp_path):
+def _run(world, cases, tmp_path, layers=False):
     try:
-        _spawn(_worker, world, tmp_path, cases, str(tmp_path))
+        _spawn(_worker, world, tmp_path, cases, str(tmp_path), layers)
     except Exception:
         errs = sorted(tmp_path.glob("rank*.err"))
         raise AssertionError("\n".join(e.read_text() for e in errs) or "a rank failed")
@@ -116,10 +163,10 @@ def _case(layout="zigzag", B=2, H=2, Hkv=2, T=8, per_head_x=False, per_head_w=Fa
                 per_head_w=per_head_w, pad=pad, **options)
 
 
-def test_world_2_every_mask_kind(tmp_path):
+def test_world_2_every_mask_kind_and_the_layers(tmp_path):
     """W=2, T=16: shards of 8 (zigzag chunks of 4). Windows wider and narrower than a chunk,
     causal with both layouts (its first rows' running lse is -inf on later ranks), padding,
-    grouped heads, per-head x and w."""
+    grouped heads, per-head x and w; then both layers with a context_parallel_group."""
     cases = [
         _case(T=16),
         _case("contiguous", T=16),
@@ -134,7 +181,7 @@ def test_world_2_every_mask_kind(tmp_path):
         _case(T=16, H=2, Hkv=1, per_head_w=True, window=5),
         _case(T=16, H=2, per_head_x=True, per_head_w=True, backend="gather", causal=True),
     ]
-    _run(2, cases, tmp_path)
+    _run(2, cases, tmp_path, layers=True)
 
 
 def test_world_3(tmp_path):
