@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import datetime
 import os
+import subprocess
+import sys
 import traceback
 
 import pytest
@@ -243,3 +245,18 @@ def test_errors_and_a_failing_rank_fail_every_rank(tmp_path):
     assert r1[2].startswith("failed: ValueError: k must be [B,Hkv,Tk,Dk]")
     assert r0[2].startswith("failed: RuntimeError: ring_delta_attention: ")
     assert "another rank of the process group probably failed" in r0[2]
+
+
+def test_example_trains_on_two_ranks_like_one(tmp_path):
+    """examples/context_parallel.py under torchrun: two gloo ranks, a few steps; the script
+    itself compares every step's loss with a one-rank run and exits 1 on a mismatch."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=repo + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+           os.path.join(repo, "examples", "context_parallel.py"), "--steps", "3", "--seq-len",
+           "64", "--window", "16"]
+    res = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=8 * TIMEOUT_S)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "context parallel over 2 rank(s) (gloo, layout zigzag)" in res.stdout
+    assert "(ok, rtol" in res.stdout
