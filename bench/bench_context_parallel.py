@@ -84,17 +84,6 @@ def _rank(rank, world, store_path, Ts, repeats, out_path):
     dist.destroy_process_group()
 
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
-
-
 def run(Ts, worlds, repeats):
     rows = []
     for world in worlds:
@@ -150,6 +139,7 @@ def main(argv=None):
         print(summary(args.summary))
         return
     import hdaf
+    from hdaf.training.numerics import _cpu_model
     rows = run(args.T, args.worlds, args.repeats)
     data = dict(command="python " + " ".join(sys.argv), case=CASE, repeats=args.repeats,
                 date_utc=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"),

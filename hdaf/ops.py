@@ -82,80 +82,51 @@ def _register_no_double_backward(backward_op: str) -> None:
     torch.library.register_autograd(backward_op, double_backward, setup_context=no_context)
 
 
-def register_delta_autograd(forward_op: str, backward_op: str) -> None:
-    """Make ``forward_op`` differentiable by calling ``backward_op`` (same schema family)."""
+def _register_autograd(forward_op: str, backward_op: str, n_tensors: int, n_grads: int,
+                       scalars_before_out: int = 0) -> None:
+    """Make ``forward_op`` (its first ``n_tensors`` inputs tensors, the rest scalars; outputs
+    ``(out, lse)``) differentiable by calling ``backward_op`` with ``grad_out``, the tensors, the
+    first ``scalars_before_out`` scalars, ``out``, ``lse`` and the other scalars; its outputs
+    are the gradients of the first ``n_grads`` inputs."""
     backward = None
 
     def setup_context(ctx, inputs, output):
-        q, k, v, P, key_padding_mask, L, U, wl, wr, scale = inputs
         out, lse = output
-        ctx.save_for_backward(q, k, v, P, key_padding_mask, out, lse)
-        ctx.params = (L, U, wl, wr, scale)
+        ctx.save_for_backward(*inputs[:n_tensors], out, lse)
+        ctx.scalars = tuple(inputs[n_tensors:])
         ctx.mark_non_differentiable(lse)
 
     def backward_fn(ctx, grad_out, _grad_lse):
         nonlocal backward
         if backward is None:
             backward = _op(backward_op)
-        q, k, v, P, key_padding_mask, out, lse = ctx.saved_tensors
-        dq, dk, dv, dP = backward(grad_out.contiguous(), q, k, v, P, key_padding_mask, out, lse,
-                                  *ctx.params)
-        return dq, dk, dv, dP, None, None, None, None, None, None
+        *tensors, out, lse = ctx.saved_tensors
+        before, after = ctx.scalars[:scalars_before_out], ctx.scalars[scalars_before_out:]
+        grads = backward(grad_out.contiguous(), *tensors, *before, out, lse, *after)
+        return tuple(grads) + (None,) * (n_tensors + len(ctx.scalars) - n_grads)
 
     torch.library.register_autograd(forward_op, backward_fn, setup_context=setup_context)
     _register_no_double_backward(backward_op)
+
+
+def register_delta_autograd(forward_op: str, backward_op: str) -> None:
+    """Make ``forward_op`` differentiable by calling ``backward_op`` (the
+    ``delta_attention_forward/backward`` schemas): gradients of q, k, v, P."""
+    _register_autograd(forward_op, backward_op, n_tensors=5, n_grads=4)
 
 
 def register_block_autograd(forward_op: str, backward_op: str) -> None:
     """Make the block ``forward_op`` (``delta_attention_block_*`` schemas) differentiable through
-    its own ``out``: the backward op with that block's ``out`` and ``lse``. (A context-parallel
-    ring calls the backward op itself, with the out and lse merged over all key blocks.)"""
-    backward = None
-
-    def setup_context(ctx, inputs, output):
-        q, k, v, P_q, P_k, key_padding_mask, q_start, k_start, L, U, wl, wr, scale = inputs
-        out, lse = output
-        ctx.save_for_backward(q, k, v, P_q, P_k, key_padding_mask, out, lse)
-        ctx.params = (q_start, k_start, L, U, wl, wr, scale)
-        ctx.mark_non_differentiable(lse)
-
-    def backward_fn(ctx, grad_out, _grad_lse):
-        nonlocal backward
-        if backward is None:
-            backward = _op(backward_op)
-        q, k, v, P_q, P_k, key_padding_mask, out, lse = ctx.saved_tensors
-        grads = backward(grad_out.contiguous(), q, k, v, P_q, P_k, key_padding_mask, out, lse,
-                         *ctx.params)
-        return tuple(grads) + (None,) * 8
-
-    torch.library.register_autograd(forward_op, backward_fn, setup_context=setup_context)
-    _register_no_double_backward(backward_op)
+    its own ``out``: the backward op with that block's ``out`` and ``lse``; gradients of q, k,
+    v, P_q, P_k. (A context-parallel ring calls the backward op itself, with the out and lse
+    merged over all key blocks.)"""
+    _register_autograd(forward_op, backward_op, n_tensors=6, n_grads=5)
 
 
 def register_varlen_autograd(forward_op: str, backward_op: str) -> None:
     """Make the packed-batch ``forward_op`` differentiable by calling ``backward_op`` (the
-    ``delta_attention_varlen_*`` schemas)."""
-    backward = None
-
-    def setup_context(ctx, inputs, output):
-        q, k, v, P, cu_q, cu_k, max_q, max_k, L, U, wl, wr, scale = inputs
-        out, lse = output
-        ctx.save_for_backward(q, k, v, P, cu_q, cu_k, out, lse)
-        ctx.params = (L, U, wl, wr, scale)
-        ctx.max_seqlens = (max_q, max_k)
-        ctx.mark_non_differentiable(lse)
-
-    def backward_fn(ctx, grad_out, _grad_lse):
-        nonlocal backward
-        if backward is None:
-            backward = _op(backward_op)
-        q, k, v, P, cu_q, cu_k, out, lse = ctx.saved_tensors
-        dq, dk, dv, dP = backward(grad_out.contiguous(), q, k, v, P, cu_q, cu_k, *ctx.max_seqlens,
-                                  out, lse, *ctx.params)
-        return (dq, dk, dv, dP) + (None,) * 9
-
-    torch.library.register_autograd(forward_op, backward_fn, setup_context=setup_context)
-    _register_no_double_backward(backward_op)
+    ``delta_attention_varlen_*`` schemas, whose backward takes max_seqlen_q/k before out)."""
+    _register_autograd(forward_op, backward_op, n_tensors=6, n_grads=4, scalars_before_out=2)
 
 
 if _C is not None:
