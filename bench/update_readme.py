@@ -115,6 +115,31 @@ def gqa_varlen_block() -> str:
     return _run("bench/bench_gqa_varlen.py", "--summary", GQA_VARLEN_JSON).strip("\n")
 
 
+CONTEXT_PARALLEL_JSON = "bench/results/context_parallel_cpu.json"
+
+
+def context_parallel_block() -> str:
+    """One sentence from the context-parallel bench: the longest T, forward+backward."""
+    path = os.path.join(REPO, CONTEXT_PARALLEL_JSON)
+    if not os.path.exists(path):
+        return ("Not measured: `python bench/bench_context_parallel.py --out "
+                f"{CONTEXT_PARALLEL_JSON}` writes the result.")
+    with open(path) as f:
+        data = json.load(f)
+    T = max(r["T"] for r in data["rows"])
+    by = {r["world"]: r for r in data["rows"] if r["T"] == T and r["mode"] == "fwd+bwd"}
+    c = data["case"]
+    cells = "; ".join(f"{w} rank{'s' if w > 1 else ''}: {by[w]['median_ms']:.0f} ms, "
+                      f"{by[w]['peak_bytes_per_rank'] / 2**20:.0f} MiB per rank"
+                      for w in sorted(by))
+    m = data["machine"]
+    return (f"Forward+backward at T={T} (H={c['H']}, D={c['D']}, causal window "
+            f"{c['window'][0]}, {c['dtype']}, one thread per rank, gloo): {cells}. "
+            f"{m['cpu']}, {m['cores']} cores, torch {data['versions']['torch']}, "
+            f"{data['date_utc']}; `{data['command']}` (every T: `python "
+            f"bench/bench_context_parallel.py --summary {CONTEXT_PARALLEL_JSON}`).")
+
+
 #: The main job's committed results: one seed (what ``./scripts/main.sh`` prints), the same
 #: configuration over several seeds, and the validation-split ablations that chose it.
 MAIN_JOB_MD = "docs/results/main_job.md"
@@ -186,7 +211,8 @@ def diagnosis_block() -> str:
 
 GENERATORS: Dict[str, Callable[[], str]] = {
     "cpu": cpu_block, "gpu": gpu_block, "static_sm90": static_block,
-    "gqa_varlen": gqa_varlen_block, "main_job": main_job_block, "claims": claims_block}
+    "gqa_varlen": gqa_varlen_block, "context_parallel": context_parallel_block,
+    "main_job": main_job_block, "claims": claims_block}
 STUDY_GENERATORS: Dict[str, Callable[[], str]] = {
     "diagnosis": diagnosis_block, "main_seeds": seeds_block}
 

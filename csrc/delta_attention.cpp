@@ -124,7 +124,31 @@ std::vector<int64_t> check_varlen_args_hook(const at::Tensor& q, const at::Tenso
   return {s.B, s.H, s.Hkv, s.Hp, s.Total_q, s.Total_k, s.Dk, s.Dv, s.R};
 }
 
+// The hand-written CUDA kernels take no global positions: the block ops refuse CUDA tensors
+// with the error of the shared checks (registered here, so csrc/cuda needs no change).
+std::tuple<at::Tensor, at::Tensor> block_forward_refused(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& P_q,
+    const at::Tensor& P_k, const std::optional<at::Tensor>& mask, int64_t, int64_t, int64_t L,
+    int64_t U, int64_t wl, int64_t wr, double scale) {
+  check_block_args(OpDevice::CUDA, q, k, v, P_q, P_k, mask, L, U, wl, wr, scale);
+  TORCH_INTERNAL_ASSERT(false, "check_block_args accepted CUDA");
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> block_backward_refused(
+    const at::Tensor&, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& P_q, const at::Tensor& P_k, const std::optional<at::Tensor>& mask,
+    const at::Tensor&, const at::Tensor&, int64_t, int64_t, int64_t L, int64_t U, int64_t wl,
+    int64_t wr, double scale) {
+  check_block_args(OpDevice::CUDA, q, k, v, P_q, P_k, mask, L, U, wl, wr, scale);
+  TORCH_INTERNAL_ASSERT(false, "check_block_args accepted CUDA");
+}
+
 }  // namespace
+
+TORCH_LIBRARY_IMPL(hdaf, CUDA, m) {
+  m.impl("delta_attention_block_forward", &block_forward_refused);
+  m.impl("delta_attention_block_backward", &block_backward_refused);
+}
 
 TORCH_LIBRARY(hdaf, m) {
   m.def(
@@ -144,6 +168,19 @@ TORCH_LIBRARY(hdaf, m) {
       "Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, "
       "Tensor out, Tensor lse, int L, int U, int window_left, int window_right, float scale) -> "
       "(Tensor grad_q, Tensor grad_k, Tensor grad_v, Tensor grad_P)");
+  // A block of queries and a block of keys at global positions (query i at q_start + i, key j at
+  // k_start + j): a step of context-parallel attention (hdaf.distributed). P_q holds the queries'
+  // own rows of P, P_k the keys' rows; the backward takes the out and lse merged over all key
+  // blocks and returns the gradients of both.
+  m.def(
+      "delta_attention_block_forward(Tensor q, Tensor k, Tensor v, Tensor P_q, Tensor P_k, "
+      "Tensor? key_padding_mask, int q_start, int k_start, int L, int U, int window_left, "
+      "int window_right, float scale) -> (Tensor out, Tensor lse)");
+  m.def(
+      "delta_attention_block_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, "
+      "Tensor P_q, Tensor P_k, Tensor? key_padding_mask, Tensor out, Tensor lse, int q_start, "
+      "int k_start, int L, int U, int window_left, int window_right, float scale) -> "
+      "(Tensor grad_q, Tensor grad_k, Tensor grad_v, Tensor grad_P_q, Tensor grad_P_k)");
   m.def("_common_buckets(int T, int L, int U, int window_left, int window_right) -> (Tensor, Tensor)",
         &common_buckets);
   m.def("_common_band_ranges(int T, int block, int window_left, int window_right) -> Tensor",

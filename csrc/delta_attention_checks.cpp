@@ -93,12 +93,15 @@ void check_cu_values(const char* w, const char* name, const int32_t* c, int64_t 
 
 }  // namespace
 
-DeltaSizes check_forward_args(OpDevice dev, const at::Tensor& q, const at::Tensor& k,
-                              const at::Tensor& v, const at::Tensor& P,
-                              const std::optional<at::Tensor>& key_padding_mask, int64_t L,
-                              int64_t U, int64_t window_left, int64_t window_right,
-                              double scale) {
-  const char* w = who(dev);
+namespace {
+
+// The checks of the padded ops. `end_aligned`: the queries are the last Tq of the Tk positions
+// (Tq <= Tk); the block ops place them anywhere, so they skip that check.
+DeltaSizes check_padded_args(OpDevice dev, const char* w, const at::Tensor& q, const at::Tensor& k,
+                             const at::Tensor& v, const at::Tensor& P,
+                             const std::optional<at::Tensor>& key_padding_mask, int64_t L,
+                             int64_t U, int64_t window_left, int64_t window_right, double scale,
+                             bool end_aligned) {
   TORCH_CHECK(q.dim() == 4, w, ": q must be 4-D [B,H,Tq,Dk], got shape ", q.sizes());
   TORCH_CHECK(supported_dtype(q.scalar_type()), w,
               ": q must be float16, bfloat16, float32 or float64, got ", q.scalar_type());
@@ -120,7 +123,7 @@ DeltaSizes check_forward_args(OpDevice dev, const at::Tensor& q, const at::Tenso
               " as in k, got ", v.sizes());
   s.Dv = v.size(3);
   check_head_ratio(w, s.H, s.Hkv, q, k);
-  TORCH_CHECK(s.T <= s.Tk, w, ": q has Tq=", s.T, " queries but k has Tk=", s.Tk,
+  TORCH_CHECK(!end_aligned || s.T <= s.Tk, w, ": q has Tq=", s.T, " queries but k has Tk=", s.Tk,
               " keys: Tq <= Tk is required (the queries are the last Tq positions)");
   check_head_dims(dev, w, s.Dk, s.Dv);
   refuse_on_cuda(dev, w, s.H, s.Hkv, s.T, s.Tk);
@@ -142,6 +145,37 @@ DeltaSizes check_forward_args(OpDevice dev, const at::Tensor& q, const at::Tenso
     TORCH_CHECK(m.dim() == 2 && m.size(0) == s.B && m.size(1) == s.Tk, w,
                 ": key_padding_mask must be [B,Tk]=[", s.B, ", ", s.Tk, "], got ", m.sizes());
   }
+  return s;
+}
+
+}  // namespace
+
+DeltaSizes check_forward_args(OpDevice dev, const at::Tensor& q, const at::Tensor& k,
+                              const at::Tensor& v, const at::Tensor& P,
+                              const std::optional<at::Tensor>& key_padding_mask, int64_t L,
+                              int64_t U, int64_t window_left, int64_t window_right,
+                              double scale) {
+  return check_padded_args(dev, who(dev), q, k, v, P, key_padding_mask, L, U, window_left,
+                           window_right, scale, /*end_aligned=*/true);
+}
+
+DeltaSizes check_block_args(OpDevice dev, const at::Tensor& q, const at::Tensor& k,
+                            const at::Tensor& v, const at::Tensor& P_q, const at::Tensor& P_k,
+                            const std::optional<at::Tensor>& key_padding_mask, int64_t L,
+                            int64_t U, int64_t window_left, int64_t window_right,
+                            double scale) {
+  const char* w = who(dev);
+  TORCH_CHECK_NOT_IMPLEMENTED(dev != OpDevice::CUDA, w,
+                              ": global query/key positions (q_start, k_start: a block of a "
+                              "context-parallel ring) are not supported by backend='cuda'; use "
+                              "backend='triton'");
+  const DeltaSizes s = check_padded_args(dev, w, q, k, v, P_k, key_padding_mask, L, U,
+                                         window_left, window_right, scale, /*end_aligned=*/false);
+  check_like_q(w, "P_q", P_q, q);
+  TORCH_CHECK(P_q.dim() == 4 && P_q.size(0) == s.B && P_q.size(1) == s.Hp &&
+                  P_q.size(2) == s.T && P_q.size(3) == s.R,
+              w, ": P_q must be [B,Hp,Tq,R]=[", s.B, ", ", s.Hp, ", ", s.T, ", ", s.R,
+              "] (Hp and R as in P_k, Tq as in q), got ", P_q.sizes());
   return s;
 }
 

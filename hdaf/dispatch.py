@@ -21,6 +21,8 @@ FEATURES = {
     "gqa": "grouped-query heads (fewer key/value heads than query heads)",
     "tq<tk": "a query block shorter than the keys (Tq < Tk)",
     "varlen": "packed variable-length batches (delta_attention_varlen)",
+    "offsets": "query and key blocks at global positions (context-parallel attention, "
+               "hdaf.distributed)",
 }
 SUPPORTS = {
     "naive": frozenset(FEATURES), "gather": frozenset(FEATURES), "cpu": frozenset(FEATURES),
@@ -31,6 +33,7 @@ _TRITON_VARLEN_OP = "triton_delta_attention_varlen_forward"
 #: (``x`` and ``w`` None) hands them a ``P`` with no bucket column, and they read no ``P`` at
 #: all. The others compute such a call with one zero bucket (``P = 0``): the same result.
 PLAIN_PATH = frozenset({"triton"})
+_TRITON_BLOCK_OP = "triton_delta_attention_block_forward"
 
 
 @torch._dynamo.assume_constant_result  # registration is fixed at import: fold it under compile
@@ -45,6 +48,11 @@ def _has_triton_varlen() -> bool:
     return hasattr(torch.ops.hdaf, _TRITON_VARLEN_OP)
 
 
+@torch._dynamo.assume_constant_result
+def _has_triton_block() -> bool:
+    return hasattr(torch.ops.hdaf, _TRITON_BLOCK_OP)
+
+
 def feature_reason(backend: str, features: Mapping[str, str]) -> Optional[str]:
     """``None`` when ``backend`` computes every feature of the call (``{tag: what the call has}``,
     tags of :data:`FEATURES`), else a sentence naming the feature and the backend to use."""
@@ -56,6 +64,10 @@ def feature_reason(backend: str, features: Mapping[str, str]) -> Optional[str]:
         return (f"backend='triton' has no packed-batch kernels yet (no op hdaf::{_TRITON_VARLEN_OP}"
                 " is registered); use backend='cpu' for CPU tensors, or 'gather' (the PyTorch "
                 "reference) for CUDA tensors")
+    if backend == "triton" and "offsets" in features and not _has_triton_block():
+        return (f"backend='triton' has no kernels for global positions yet (no op hdaf::"
+                f"{_TRITON_BLOCK_OP} is registered); use backend='cpu' for CPU tensors, or "
+                "'gather' (the PyTorch reference) for CUDA tensors")
     return None
 
 

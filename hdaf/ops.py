@@ -1,9 +1,10 @@
 """The ``hdaf`` custom ops: fake (meta) implementations and autograd.
 
-The schemas of ``hdaf::delta_attention_forward`` / ``_backward`` and of the packed-batch
-``hdaf::delta_attention_varlen_forward`` / ``_backward`` are defined once, in C++
-(``csrc/delta_attention.cpp``); the CPU kernel (``csrc/cpu``) implements all four, the CUDA
-kernels (``csrc/cuda``) the first two, per dispatch key. The Triton kernels register ops of the
+The schemas of ``hdaf::delta_attention_forward`` / ``_backward``, of the packed-batch
+``hdaf::delta_attention_varlen_forward`` / ``_backward`` and of the global-position
+``hdaf::delta_attention_block_forward`` / ``_backward`` are defined once, in C++
+(``csrc/delta_attention.cpp``); the CPU kernel (``csrc/cpu``) implements all six, the CUDA
+kernels (``csrc/cuda``) the first two, per dispatch key (the block ops refuse CUDA tensors). The Triton kernels register ops of the
 same signatures under ``hdaf::triton_delta_attention_*`` (``kernels/delta_attention.py``), and
 reuse :func:`register_delta_autograd` / :func:`register_varlen_autograd` and the fake functions
 below.
@@ -54,6 +55,17 @@ def fake_varlen_backward(grad_out, q, k, v, P, cu_seqlens_q, cu_seqlens_k, max_s
     return tuple(torch.empty_like(t, memory_format=dense) for t in (q, k, v, P))
 
 
+def fake_block_forward(q, k, v, P_q, P_k, key_padding_mask, q_start, k_start, L, U, window_left,
+                       window_right, scale):
+    """The block op (global positions): the shapes of :func:`fake_forward`."""
+    return fake_forward(q, k, v, P_k, key_padding_mask, L, U, window_left, window_right, scale)
+
+
+def fake_block_backward(grad_out, q, k, v, P_q, P_k, key_padding_mask, out, lse, q_start,
+                        k_start, L, U, window_left, window_right, scale):
+    return tuple(torch.empty_like(t) for t in (q, k, v, P_q, P_k))
+
+
 def _op(qualname: str):
     ns, name = qualname.split("::")
     return getattr(getattr(torch.ops, ns), name).default
@@ -70,54 +82,51 @@ def _register_no_double_backward(backward_op: str) -> None:
     torch.library.register_autograd(backward_op, double_backward, setup_context=no_context)
 
 
-def register_delta_autograd(forward_op: str, backward_op: str) -> None:
-    """Make ``forward_op`` differentiable by calling ``backward_op`` (same schema family)."""
+def _register_autograd(forward_op: str, backward_op: str, n_tensors: int, n_grads: int,
+                       scalars_before_out: int = 0) -> None:
+    """Make ``forward_op`` (its first ``n_tensors`` inputs tensors, the rest scalars; outputs
+    ``(out, lse)``) differentiable by calling ``backward_op`` with ``grad_out``, the tensors, the
+    first ``scalars_before_out`` scalars, ``out``, ``lse`` and the other scalars; its outputs
+    are the gradients of the first ``n_grads`` inputs."""
     backward = None
 
     def setup_context(ctx, inputs, output):
-        q, k, v, P, key_padding_mask, L, U, wl, wr, scale = inputs
         out, lse = output
-        ctx.save_for_backward(q, k, v, P, key_padding_mask, out, lse)
-        ctx.params = (L, U, wl, wr, scale)
+        ctx.save_for_backward(*inputs[:n_tensors], out, lse)
+        ctx.scalars = tuple(inputs[n_tensors:])
         ctx.mark_non_differentiable(lse)
 
     def backward_fn(ctx, grad_out, _grad_lse):
         nonlocal backward
         if backward is None:
             backward = _op(backward_op)
-        q, k, v, P, key_padding_mask, out, lse = ctx.saved_tensors
-        dq, dk, dv, dP = backward(grad_out.contiguous(), q, k, v, P, key_padding_mask, out, lse,
-                                  *ctx.params)
-        return dq, dk, dv, dP, None, None, None, None, None, None
+        *tensors, out, lse = ctx.saved_tensors
+        before, after = ctx.scalars[:scalars_before_out], ctx.scalars[scalars_before_out:]
+        grads = backward(grad_out.contiguous(), *tensors, *before, out, lse, *after)
+        return tuple(grads) + (None,) * (n_tensors + len(ctx.scalars) - n_grads)
 
     torch.library.register_autograd(forward_op, backward_fn, setup_context=setup_context)
     _register_no_double_backward(backward_op)
+
+
+def register_delta_autograd(forward_op: str, backward_op: str) -> None:
+    """Make ``forward_op`` differentiable by calling ``backward_op`` (the
+    ``delta_attention_forward/backward`` schemas): gradients of q, k, v, P."""
+    _register_autograd(forward_op, backward_op, n_tensors=5, n_grads=4)
+
+
+def register_block_autograd(forward_op: str, backward_op: str) -> None:
+    """Make the block ``forward_op`` (``delta_attention_block_*`` schemas) differentiable through
+    its own ``out``: the backward op with that block's ``out`` and ``lse``; gradients of q, k,
+    v, P_q, P_k. (A context-parallel ring calls the backward op itself, with the out and lse
+    merged over all key blocks.)"""
+    _register_autograd(forward_op, backward_op, n_tensors=6, n_grads=5)
 
 
 def register_varlen_autograd(forward_op: str, backward_op: str) -> None:
     """Make the packed-batch ``forward_op`` differentiable by calling ``backward_op`` (the
-    ``delta_attention_varlen_*`` schemas)."""
-    backward = None
-
-    def setup_context(ctx, inputs, output):
-        q, k, v, P, cu_q, cu_k, max_q, max_k, L, U, wl, wr, scale = inputs
-        out, lse = output
-        ctx.save_for_backward(q, k, v, P, cu_q, cu_k, out, lse)
-        ctx.params = (L, U, wl, wr, scale)
-        ctx.max_seqlens = (max_q, max_k)
-        ctx.mark_non_differentiable(lse)
-
-    def backward_fn(ctx, grad_out, _grad_lse):
-        nonlocal backward
-        if backward is None:
-            backward = _op(backward_op)
-        q, k, v, P, cu_q, cu_k, out, lse = ctx.saved_tensors
-        dq, dk, dv, dP = backward(grad_out.contiguous(), q, k, v, P, cu_q, cu_k, *ctx.max_seqlens,
-                                  out, lse, *ctx.params)
-        return (dq, dk, dv, dP) + (None,) * 9
-
-    torch.library.register_autograd(forward_op, backward_fn, setup_context=setup_context)
-    _register_no_double_backward(backward_op)
+    ``delta_attention_varlen_*`` schemas, whose backward takes max_seqlen_q/k before out)."""
+    _register_autograd(forward_op, backward_op, n_tensors=6, n_grads=4, scalars_before_out=2)
 
 
 if _C is not None:
@@ -128,3 +137,7 @@ if _C is not None:
     torch.library.register_fake("hdaf::delta_attention_varlen_backward")(fake_varlen_backward)
     register_varlen_autograd("hdaf::delta_attention_varlen_forward",
                              "hdaf::delta_attention_varlen_backward")
+    torch.library.register_fake("hdaf::delta_attention_block_forward")(fake_block_forward)
+    torch.library.register_fake("hdaf::delta_attention_block_backward")(fake_block_backward)
+    register_block_autograd("hdaf::delta_attention_block_forward",
+                            "hdaf::delta_attention_block_backward")

@@ -23,22 +23,30 @@ from typing import Optional
 import torch
 
 
-def relative_buckets(T: int, L: int, U: int, device, Tk: Optional[int] = None) -> torch.Tensor:
-    """``[T,Tk]`` int64 with ``r(i,j) = clamp(j - t_i, -L, U) + L``, ``t_i = Tk - T + i``
-    (``Tk`` defaults to ``T``: ``t_i = i``)."""
+def offsets(T: int, device, Tk: Optional[int] = None, q_start: Optional[int] = None,
+            k_start: int = 0) -> torch.Tensor:
+    """``[T,Tk]`` int64 ``j - t_i`` in global positions: query i at ``q_start + i``, key j at
+    ``k_start + j``. Defaults: ``Tk = T`` and the queries at the end of the keys,
+    ``q_start = k_start + Tk - T``."""
     Tk = T if Tk is None else Tk
-    pos_q = torch.arange(T, device=device) + (Tk - T)
-    pos_k = torch.arange(Tk, device=device)
-    return (pos_k[None, :] - pos_q[:, None]).clamp(-L, U) + L
+    q_start = k_start + Tk - T if q_start is None else q_start
+    pos_q = torch.arange(T, device=device) + q_start
+    pos_k = torch.arange(Tk, device=device) + k_start
+    return pos_k[None, :] - pos_q[:, None]
+
+
+def relative_buckets(T: int, L: int, U: int, device, Tk: Optional[int] = None,
+                     q_start: Optional[int] = None, k_start: int = 0) -> torch.Tensor:
+    """``[T,Tk]`` int64 with ``r(i,j) = clamp(j - t_i, -L, U) + L``, ``t_i = Tk - T + i``
+    (``Tk`` defaults to ``T``: ``t_i = i``); global positions as in :func:`offsets`."""
+    return offsets(T, device, Tk, q_start, k_start).clamp(-L, U) + L
 
 
 def visibility(T: int, lo: int, hi: int, key_padding_mask: Optional[torch.Tensor], device,
-               Tk: Optional[int] = None):
-    """Bool ``[B or 1, 1, T, Tk]``: True where key j is visible from query i (``lo <= j - t_i <= hi``)."""
-    Tk = T if Tk is None else Tk
-    pos_q = torch.arange(T, device=device) + (Tk - T)
-    pos_k = torch.arange(Tk, device=device)
-    d = pos_k[None, :] - pos_q[:, None]
+               Tk: Optional[int] = None, q_start: Optional[int] = None, k_start: int = 0):
+    """Bool ``[B or 1, 1, T, Tk]``: True where key j is visible from query i (``lo <= j - t_i <= hi``);
+    global positions as in :func:`offsets`."""
+    d = offsets(T, device, Tk, q_start, k_start)
     vis = (d >= lo) & (d <= hi)
     vis = vis[None, None]
     if key_padding_mask is not None:
@@ -230,3 +238,63 @@ def delta_attention_varlen_gather(q, k, v, x, w, cu_seqlens_q, cu_seqlens_k, *, 
 def _spans(cu: torch.Tensor):
     c = cu.tolist()
     return list(zip(c[:-1], c[1:]))
+
+
+def _block_logits(q, k, P_q, P_k, *, q_start: int, k_start: int, L: int, U: int, scale: float):
+    """Logits ``[B,H,Tq,Tk]`` of a block at global positions (query i at ``q_start + i``, key j
+    at ``k_start + j``): ``scale·(q_i·k_j + P_k[j, r] - P_q[i, r])``, differentiable."""
+    H, Tq, Tk = q.shape[1], q.shape[-2], k.shape[-2]
+    r = relative_buckets(Tq, L, U, q.device, Tk, q_start, k_start)  # [Tq,Tk]
+    B, Hp = P_k.shape[0], P_k.shape[1]
+    idx = r.expand(B, Hp, Tq, Tk)
+    bias = torch.gather(P_k.transpose(-1, -2), -2, idx) - torch.gather(P_q, -1, idx)
+    return scale * (q @ repeat_kv(k, H).transpose(-1, -2) + bias)
+
+
+def delta_attention_block_gather(q, k, v, P_q, P_k, *, q_start: int, k_start: int, L: int,
+                                 U: int, lo: int, hi: int, key_padding_mask=None,
+                                 scale: float):
+    """One block of the operator at global positions (docs/delta_attention.md, "Global
+    positions"): ``(out [B,H,Tq,Dv], lse [B,H,Tq])``, ``lse`` float64 for float64 inputs and
+    float32 otherwise, ``-inf`` for a row with no visible key of the block. ``out`` is
+    differentiable (its own softmax over the block); ``lse`` is not.
+
+    q: [B,H,Tq,Dk]; k: [B,Hkv,Tk,Dk]; v: [B,Hkv,Tk,Dv]; P_q: [B,Hp,Tq,R], the queries' own rows
+    of ``P = x·w``; P_k: [B,Hp,Tk,R], the keys' rows; visible pairs ``lo <= j - t_i <= hi``.
+    """
+    H, Tq, Tk = q.shape[1], q.shape[-2], k.shape[-2]
+    logits = _block_logits(q, k, P_q, P_k, q_start=q_start, k_start=k_start, L=L, U=U,
+                           scale=scale)
+    vis = visibility(Tq, lo, hi, key_padding_mask, q.device, Tk, q_start, k_start)
+    out = _masked_softmax_attention(logits, vis, repeat_kv(v, H))
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    with torch.no_grad():
+        lse = torch.logsumexp(logits.to(acc).masked_fill(~vis, float("-inf")), dim=-1)
+    return out, lse
+
+
+def delta_attention_block_gather_backward(grad_out, q, k, v, P_q, P_k, out, lse, *,
+                                          q_start: int, k_start: int, L: int, U: int, lo: int,
+                                          hi: int, key_padding_mask=None, scale: float):
+    """The backward of one block given the ``out`` and ``lse`` merged over *all* key blocks of
+    its queries (flash-attention's backward): ``p = exp(logit - lse)``, ``D = dout·out``,
+    ``dS = p·(dout·v - D)``; returns ``(dq, dk, dv, dP_q, dP_k)``. Summed over the key blocks,
+    these are the gradients of the merged output."""
+    H, Tq, Tk = q.shape[1], q.shape[-2], k.shape[-2]
+    inputs = [t.detach().requires_grad_(True) for t in (q, k, P_q, P_k)]
+    vis = visibility(Tq, lo, hi, key_padding_mask, q.device, Tk, q_start, k_start)
+    with torch.enable_grad():
+        logits = _block_logits(*inputs, q_start=q_start, k_start=k_start, L=L, U=U, scale=scale)
+        zero = torch.zeros((), dtype=lse.dtype, device=q.device)
+        # hidden pairs (and rows with lse = -inf, which see nothing anywhere) get p = 0
+        p = torch.where(vis, torch.exp(logits.detach().to(lse.dtype) - lse[..., None]), zero)
+        p = p.to(q.dtype)
+        vh = repeat_kv(v, H)
+        dv = p.transpose(-1, -2) @ grad_out  # [B,H,Tk,Dv]
+        D = (grad_out * out).sum(-1, keepdim=True)
+        dS = p * (grad_out @ vh.transpose(-1, -2) - D)
+        dq, dk, dPq, dPk = torch.autograd.grad(logits, inputs, dS)
+    G = H // k.shape[1]
+    if G > 1:  # the query heads of a group, summed into their key/value head
+        dv = dv.unflatten(1, (k.shape[1], G)).sum(2)
+    return dq, dk, dv, dPq, dPk

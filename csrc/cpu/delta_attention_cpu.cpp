@@ -106,19 +106,19 @@ void gemm(bool ta, bool tb, int M, int N, int K, T alpha, const T* A, int lda, c
 
 #define HDAF_INLINE inline __attribute__((always_inline))
 
-// S[jj] = scale * (S[jj] + P[j, r] - P[t, r]), r = clamp(j - t, -L, U) + L, for the keys
-// j = j0 + jj, jj < bk, of the query at position t; P's rows are sP elements apart.
+// S[jj] = scale * (S[jj] + P[j, r] - Pt[r]), r = clamp(j - t, -L, U) + L, for the keys
+// j = j0 + jj, jj < bk, of the query at position t (relative to key 0; any integer) whose own
+// row of P is `Pt`; the key rows of P are sP elements apart.
 // Split into the three runs of r (clipped low, diagonal, clipped high) so that each loop has
 // invariant strides and vectorizes. The clipped runs read P's first and last columns from
 // `col_lo` / `col_hi`, contiguous copies of them pre-multiplied by scale (indexed by j), so they
 // are one FMA per key; on the diagonal run r = j - t + L, hence P[j, r] = P[j*(sP+1) + L - t]
-// and P[t, r] = P[t*sP + j - t + L].
+// and Pt[r] = Pt[j - t + L].
 template <typename T>
-HDAF_INLINE void bias_row_runs(T* __restrict S, const T* __restrict Pbh,
+HDAF_INLINE void bias_row_runs(T* __restrict S, const T* __restrict Pbh, const T* __restrict Pt,
                                const T* __restrict col_lo, const T* __restrict col_hi, int64_t t,
                                int64_t j0, int64_t bk, int64_t L, int64_t U, int64_t R,
                                int64_t sP, T scale) {
-  const T* Pt = Pbh + t * sP;
   const int64_t lo_end = t - L - j0, hi_begin = t + U + 1 - j0;
   const int64_t a = lo_end < 0 ? 0 : (lo_end > bk ? bk : lo_end);
   const int64_t b = hi_begin < a ? a : (hi_begin > bk ? bk : hi_begin);
@@ -137,10 +137,10 @@ HDAF_INLINE void bias_row_runs(T* __restrict S, const T* __restrict Pbh,
   for (int64_t jj = b; jj < bk; ++jj) S[jj] = scale * S[jj] + (hi[jj] - q_last);
 }
 
-HDAF_CLONES void bias_row_f32(float* S, const float* Pbh, const float* col_lo,
+HDAF_CLONES void bias_row_f32(float* S, const float* Pbh, const float* Pt, const float* col_lo,
                               const float* col_hi, int64_t t, int64_t j0, int64_t bk, int64_t L,
                               int64_t U, int64_t R, int64_t sP, float scale) {
-  bias_row_runs<float>(S, Pbh, col_lo, col_hi, t, j0, bk, L, U, R, sP, scale);
+  bias_row_runs<float>(S, Pbh, Pt, col_lo, col_hi, t, j0, bk, L, U, R, sP, scale);
 }
 
 // exp for x <= ~0 (the softmax only exponentiates score - max, or score - lse); exactly 0 below
@@ -197,15 +197,15 @@ HDAF_CLONES float max_row_f32(const float* __restrict S, int64_t n) {
   return nan ? std::numeric_limits<float>::quiet_NaN() : m;
 }
 
-inline void bias_row(float* S, const float* Pbh, const float* col_lo, const float* col_hi,
-                     int64_t t, int64_t j0, int64_t bk, int64_t L, int64_t U, int64_t R,
-                     int64_t sP, float scale) {
-  bias_row_f32(S, Pbh, col_lo, col_hi, t, j0, bk, L, U, R, sP, scale);
+inline void bias_row(float* S, const float* Pbh, const float* Pt, const float* col_lo,
+                     const float* col_hi, int64_t t, int64_t j0, int64_t bk, int64_t L, int64_t U,
+                     int64_t R, int64_t sP, float scale) {
+  bias_row_f32(S, Pbh, Pt, col_lo, col_hi, t, j0, bk, L, U, R, sP, scale);
 }
-inline void bias_row(double* S, const double* Pbh, const double* col_lo, const double* col_hi,
-                     int64_t t, int64_t j0, int64_t bk, int64_t L, int64_t U, int64_t R,
-                     int64_t sP, double scale) {
-  bias_row_runs<double>(S, Pbh, col_lo, col_hi, t, j0, bk, L, U, R, sP, scale);
+inline void bias_row(double* S, const double* Pbh, const double* Pt, const double* col_lo,
+                     const double* col_hi, int64_t t, int64_t j0, int64_t bk, int64_t L,
+                     int64_t U, int64_t R, int64_t sP, double scale) {
+  bias_row_runs<double>(S, Pbh, Pt, col_lo, col_hi, t, j0, bk, L, U, R, sP, scale);
 }
 inline float exp_row(float* S, int64_t n, float m) { return exp_row_f32(S, n, m); }
 inline double exp_row(double* S, int64_t n, double m) {
@@ -238,12 +238,18 @@ struct Seq {
   int64_t q, k, v, P, o, lse, dP;
   const bool* mask;  // [Tk] (True: padding key) or nullptr
   int64_t col;       // offset of key 0 in the key-column buffer (see key_columns)
+  // Position of query 0 relative to key 0: Tk - Tq for the end-aligned ops, q_start - k_start
+  // for the block ops (query i stands at t = off + i). Pq, dPq: element offsets of query 0's own
+  // row of P and of its gradient (rows of P and of the dP buffer for the end-aligned ops,
+  // separate tensors for the block ops).
+  int64_t off, Pq, dPq;
 };
 
 struct Problem {
   int64_t H, Hkv, G, Hp, Dk, Dv, R, L, U, window_left, window_right;
   double scale;
   Strides q, k, v, P, o, lse, dP;  // dP: the per-head gradient buffer (Hd heads, see below)
+  Strides Pq, dPq;                 // query rows of P and of the dP buffer (see Seq)
   int64_t Hd;                      // heads of that buffer: Hkv when Hp == 1, else H
   int64_t col_rows;                // keys of all sequences: the key-column buffer's row length
   std::vector<Seq> seqs;
@@ -276,11 +282,18 @@ Blocks forward_blocks(const Problem& p) {
   return narrow ? kSmall : kLarge;
 }
 
-// Keys [begin, end) that the band lets any row of the tile see (positions t = Tk - Tq + i).
+// The window's band of offsets j - t for a sequence. Its extent covers every offset between
+// its queries and keys, wherever the queries stand (an unbounded side reaches them all).
+Band seq_band(const Problem& p, const Seq& s) {
+  const int64_t span = s.Tk + s.Tq + (s.off < 0 ? -s.off : s.off);
+  return make_band(span, p.window_left, p.window_right);
+}
+
+// Keys [begin, end) that the band lets any row of the tile see (positions t = off + i); empty
+// (begin >= end) when the tile sees none.
 std::pair<int64_t, int64_t> tile_keys(const Problem& p, const Seq& s, const Tile& tile) {
-  const Band band = make_band(s.Tk, p.window_left, p.window_right);
-  const int64_t off = s.Tk - s.Tq;
-  return {band_key_begin(off + tile.i0, band), band_key_end(off + tile.i1, s.Tk, band)};
+  const Band band = seq_band(p, s);
+  return {band_key_begin(s.off + tile.i0, band), band_key_end(s.off + tile.i1, s.Tk, band)};
 }
 
 // Runs fn(task) for task in [0, n) on the intra-op threads, longest first by `cost`, each thread
@@ -307,17 +320,18 @@ void run_tasks(const std::vector<int64_t>& cost, const F& fn) {
 // of causal masking cut it), then padding keys are set to -inf.
 template <typename T>
 bool tile_logits(const Problem& p, const Seq& s, int64_t hkv, const Tile& tile, T* S,
-                 const T* P, const T* cols, int64_t j0, int64_t bk) {
+                 const T* P, const T* Pq, const T* cols, int64_t j0, int64_t bk) {
   const T scale = static_cast<T>(p.scale);
   const T neg_inf = -std::numeric_limits<T>::infinity();
-  const Band band = make_band(s.Tk, p.window_left, p.window_right);
-  const int64_t off = s.Tk - s.Tq, bq = tile.i1 - tile.i0;
+  const Band band = seq_band(p, s);
+  const int64_t bq = tile.i1 - tile.i0;
   bool any_row = false;
   for (int64_t n = 0; n < tile.rows(); ++n) {
     const int64_t h = hkv * p.G + tile.g0 + n / bq;
-    const int64_t t = off + tile.i0 + n % bq;
+    const int64_t i = tile.i0 + n % bq, t = s.off + i;
     const int64_t hp = p.Hp == 1 ? 0 : h;
     const T* Ph = P + s.P + hp * p.P.h;
+    const T* Pt = Pq + s.Pq + hp * p.Pq.h + i * p.Pq.t;
     const T* col_lo = cols + hp * p.col_rows + s.col;
     const T* col_hi = col_lo + p.Hp * p.col_rows;
     T* Srow = S + n * bk;
@@ -327,8 +341,8 @@ bool tile_logits(const Problem& p, const Seq& s, int64_t hkv, const Tile& tile, 
     std::fill(Srow, Srow + jlo, neg_inf);
     std::fill(Srow + jhi, Srow + bk, neg_inf);
     if (jhi > jlo) {
-      bias_row(Srow + jlo, Ph, col_lo, col_hi, t, j0 + jlo, jhi - jlo, p.L, p.U, p.R, p.P.t,
-               scale);
+      bias_row(Srow + jlo, Ph, Pt, col_lo, col_hi, t, j0 + jlo, jhi - jlo, p.L, p.U, p.R,
+               p.P.t, scale);
       any_row = true;
     }
   }
@@ -387,7 +401,7 @@ void key_columns(const Problem& p, const T* P, T* cols) {
 
 template <typename T>
 void forward_kernel(const Problem& p, const T* q, const T* k, const T* v, const T* P,
-                    const T* cols, T* out, T* lse) {
+                    const T* Pq, const T* cols, T* out, T* lse) {
   struct Task {
     int64_t seq, hkv;
     Tile tile;
@@ -429,7 +443,7 @@ void forward_kernel(const Problem& p, const T* q, const T* k, const T* v, const 
       const int64_t bk = std::min(keys.second, j0 + blocks.k) - j0;
       gemm<T>(false, true, M, bk, Dk, T(1), Q.data(), Dk, Kh + j0 * p.k.t, p.k.t, T(0),
               S.data(), bk);
-      if (!tile_logits(p, s, hkv, tile, S.data(), P, cols, j0, bk)) continue;
+      if (!tile_logits(p, s, hkv, tile, S.data(), P, Pq, cols, j0, bk)) continue;
       for (int64_t n = 0; n < M; ++n) {
         T* Srow = S.data() + n * bk;
         const T bmax = max_row(Srow, bk);
@@ -465,8 +479,8 @@ void forward_kernel(const Problem& p, const T* q, const T* k, const T* v, const 
 // count). The query heads of a group are summed into dk / dv in a fixed order.
 template <typename T>
 void backward_kernel(const Problem& p, const T* dout, const T* q, const T* k, const T* v,
-                     const T* P, const T* cols, const T* out, const T* lse, T* dq, T* dk, T* dv,
-                     T* dPh) {
+                     const T* P, const T* Pq, const T* cols, const T* out, const T* lse, T* dq,
+                     T* dk, T* dv, T* dPh, T* dPq) {
   const int64_t Dk = p.Dk, Dv = p.Dv, R = p.R;
   const T scale = static_cast<T>(p.scale);
   std::vector<int64_t> cost;
@@ -495,7 +509,6 @@ void backward_kernel(const Problem& p, const T* dout, const T* q, const T* k, co
     const T* Vh = v + s.v + hkv * p.v.h;
     T* dKh = dk + s.k + hkv * p.k.h;
     T* dVh = dv + s.v + hkv * p.v.h;
-    const int64_t off = s.Tk - s.Tq;
     for (const Tile& tile : make_tiles(s.Tq, p.G, BQ)) {
       const int64_t M = tile.rows(), bq = tile.i1 - tile.i0;
       gather_rows(p, tile, hkv, q + s.q, p.q, Dk, Q.data());
@@ -515,7 +528,7 @@ void backward_kernel(const Problem& p, const T* dout, const T* q, const T* k, co
         const int64_t bk = std::min(keys.second, j0 + BK) - j0;
         gemm<T>(false, true, M, bk, Dk, T(1), Q.data(), Dk, Kh + j0 * p.k.t, p.k.t, T(0),
                 S.data(), bk);
-        if (!tile_logits(p, s, hkv, tile, S.data(), P, cols, j0, bk)) continue;
+        if (!tile_logits(p, s, hkv, tile, S.data(), P, Pq, cols, j0, bk)) continue;
         for (int64_t n = 0; n < M; ++n) {  // probabilities from the saved lse
           T* Srow = S.data() + n * bk;
           if (Li[n] == -std::numeric_limits<T>::infinity()) {
@@ -530,9 +543,10 @@ void backward_kernel(const Problem& p, const T* dout, const T* q, const T* k, co
         gemm<T>(false, true, M, bk, Dv, T(1), dO.data(), Dv, Vh + j0 * p.v.t, p.v.t, T(0),
                 dS.data(), bk);
         for (int64_t n = 0; n < M; ++n) {
-          const int64_t h = hkv * p.G + tile.g0 + n / bq, t = off + tile.i0 + n % bq;
-          T* dPb = dPh + s.dP + (p.Hp == 1 ? hkv : h) * p.dP.h;
-          T* dPt = dPb + t * p.dP.t;
+          const int64_t h = hkv * p.G + tile.g0 + n / bq, i = tile.i0 + n % bq, t = s.off + i;
+          const int64_t hd = p.Hp == 1 ? hkv : h;
+          T* dPb = dPh + s.dP + hd * p.dP.h;
+          T* dPt = dPq + s.dPq + hd * p.dPq.h + i * p.dPq.t;
           T* dSrow = dS.data() + n * bk;
           const T* Srow = S.data() + n * bk;
           for (int64_t jj = 0; jj < bk; ++jj) {
@@ -565,6 +579,18 @@ Problem base_problem(int64_t H, int64_t Hkv, int64_t Hp, int64_t Dk, int64_t Dv,
   return p;
 }
 
+// The end-aligned ops: query i stands at Tk - Tq + i, and its own row of P (and of dP) is that
+// key row.
+void end_aligned_queries(Problem& p) {
+  p.Pq = p.P;
+  p.dPq = p.dP;
+  for (Seq& s : p.seqs) {
+    s.off = s.Tk - s.Tq;
+    s.Pq = s.P + s.off * p.P.t;
+    s.dPq = s.dP + s.off * p.dP.t;
+  }
+}
+
 // q [B,H,Tq,Dk], k [B,Hkv,Tk,Dk], v [B,Hkv,Tk,Dv], P [B,Hp,Tk,R], out [B,H,Tq,Dv], lse [B,H,Tq],
 // the dP buffer [B,Hd,Tk,R]; all contiguous.
 Problem padded_problem(const DeltaSizes& z, const bool* mask, int64_t L, int64_t U, int64_t wl,
@@ -581,9 +607,27 @@ Problem padded_problem(const DeltaSizes& z, const bool* mask, int64_t L, int64_t
   for (int64_t b = 0; b < z.B; ++b) {
     p.seqs.push_back({Tq, Tk, b * z.H * Tq * z.Dk, b * z.Hkv * Tk * z.Dk, b * z.Hkv * Tk * z.Dv,
                       b * z.Hp * Tk * z.R, b * z.H * Tq * z.Dv, b * z.H * Tq,
-                      b * p.Hd * Tk * z.R, mask ? mask + b * Tk : nullptr, b * Tk});
+                      b * p.Hd * Tk * z.R, mask ? mask + b * Tk : nullptr, b * Tk, 0, 0, 0});
   }
   p.col_rows = z.B * Tk;
+  end_aligned_queries(p);
+  return p;
+}
+
+// The block ops: as padded_problem, with query i at position q_start + i and key j at
+// k_start + j, and the queries' rows of P in P_q [B,Hp,Tq,R] (their gradient in a dP_q buffer
+// [B,Hd,Tq,R]); contiguous.
+Problem block_problem(const DeltaSizes& z, const bool* mask, int64_t q_start, int64_t k_start,
+                      int64_t L, int64_t U, int64_t wl, int64_t wr, double scale) {
+  Problem p = padded_problem(z, mask, L, U, wl, wr, scale);
+  p.Pq = {z.T * z.R, z.R};
+  p.dPq = {z.T * z.R, z.R};
+  for (int64_t b = 0; b < z.B; ++b) {
+    Seq& s = p.seqs[b];
+    s.off = q_start - k_start;
+    s.Pq = b * z.Hp * z.T * z.R;
+    s.dPq = b * p.Hd * z.T * z.R;
+  }
   return p;
 }
 
@@ -602,9 +646,10 @@ Problem varlen_problem(const VarlenSizes& z, const int32_t* cu_q, const int32_t*
   for (int64_t b = 0; b < z.B; ++b) {
     const int64_t q0 = cu_q[b], k0 = cu_k[b];
     p.seqs.push_back({cu_q[b + 1] - q0, cu_k[b + 1] - k0, q0 * p.q.t, k0 * p.k.t, k0 * p.v.t,
-                      k0 * p.P.t, q0 * p.o.t, q0, k0 * p.dP.t, nullptr, k0});
+                      k0 * p.P.t, q0 * p.o.t, q0, k0 * p.dP.t, nullptr, k0, 0, 0, 0});
   }
   p.col_rows = z.Total_k;
+  end_aligned_queries(p);
   return p;
 }
 
@@ -616,35 +661,41 @@ at::ScalarType compute_type(at::ScalarType t) {
 
 at::Tensor dense(const at::Tensor& t, at::ScalarType ct) { return t.to(ct).contiguous(); }
 
+// Pq: the tensor of the queries' own rows of P (P itself for the end-aligned ops).
 std::tuple<at::Tensor, at::Tensor> run_forward(const Problem& p, const at::Tensor& q,
                                                const at::Tensor& k, const at::Tensor& v,
-                                               const at::Tensor& P, at::Tensor out,
-                                               at::Tensor lse, at::ScalarType out_type) {
+                                               const at::Tensor& P, const at::Tensor& Pq,
+                                               at::Tensor out, at::Tensor lse,
+                                               at::ScalarType out_type) {
   auto cols = at::empty({2, p.Hp, p.col_rows}, q.options());
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "hdaf_delta_attention_forward_cpu", [&] {
     key_columns<scalar_t>(p, P.data_ptr<scalar_t>(), cols.data_ptr<scalar_t>());
     forward_kernel<scalar_t>(p, q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(),
                              v.data_ptr<scalar_t>(), P.data_ptr<scalar_t>(),
-                             cols.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
+                             Pq.data_ptr<scalar_t>(), cols.data_ptr<scalar_t>(),
+                             out.data_ptr<scalar_t>(),
                              lse.data_ptr<scalar_t>());
   });
   return {out.to(out_type), lse};
 }
 
+// Pq / dPq: the queries' own rows of P and of the dP buffer (P and dPh for the end-aligned
+// ops).
 void run_backward(const Problem& p, const at::Tensor& dout, const at::Tensor& q,
                   const at::Tensor& k, const at::Tensor& v, const at::Tensor& P,
-                  const at::Tensor& out, const at::Tensor& lse, at::Tensor& dq, at::Tensor& dk,
-                  at::Tensor& dv, at::Tensor& dPh) {
+                  const at::Tensor& Pq, const at::Tensor& out, const at::Tensor& lse,
+                  at::Tensor& dq, at::Tensor& dk, at::Tensor& dv, at::Tensor& dPh,
+                  at::Tensor& dPq) {
   auto cols = at::empty({2, p.Hp, p.col_rows}, q.options());
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "hdaf_delta_attention_backward_cpu", [&] {
     key_columns<scalar_t>(p, P.data_ptr<scalar_t>(), cols.data_ptr<scalar_t>());
     backward_kernel<scalar_t>(p, dout.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(),
                               k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
-                              P.data_ptr<scalar_t>(), cols.data_ptr<scalar_t>(),
-                              out.data_ptr<scalar_t>(),
+                              P.data_ptr<scalar_t>(), Pq.data_ptr<scalar_t>(),
+                              cols.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
                               lse.data_ptr<scalar_t>(), dq.data_ptr<scalar_t>(),
                               dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>(),
-                              dPh.data_ptr<scalar_t>());
+                              dPh.data_ptr<scalar_t>(), dPq.data_ptr<scalar_t>());
   });
 }
 
@@ -661,7 +712,7 @@ std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& q_, const at::T
       padded_problem(z, mask.defined() ? mask.data_ptr<bool>() : nullptr, L, U, wl, wr, scale);
   auto out = at::empty({z.B, z.H, z.T, z.Dv}, q.options());
   auto lse = at::empty({z.B, z.H, z.T}, q.options());
-  return run_forward(p, q, k, v, P, out, lse, q_.scalar_type());
+  return run_forward(p, q, k, v, P, P, out, lse, q_.scalar_type());
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
@@ -679,7 +730,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
       padded_problem(z, mask.defined() ? mask.data_ptr<bool>() : nullptr, L, U, wl, wr, scale);
   auto dq = at::zeros_like(q), dk = at::zeros_like(k), dv = at::zeros_like(v);
   auto dPh = at::zeros({z.B, p.Hd, z.Tk, z.R}, q.options());  // summed below if P is shared
-  run_backward(p, dout, q, k, v, P, out, lse, dq, dk, dv, dPh);
+  run_backward(p, dout, q, k, v, P, P, out, lse, dq, dk, dv, dPh, dPh);
   auto dP = z.Hp == 1 ? dPh.sum(1, /*keepdim=*/true) : dPh;
   const auto t = q_.scalar_type();
   return {dq.to(t), dk.to(t), dv.to(t), dP.to(t)};
@@ -698,7 +749,7 @@ std::tuple<at::Tensor, at::Tensor> varlen_forward_cpu(
                                    wl, wr, scale);
   auto out = at::empty({z.Total_q, z.H, z.Dv}, q.options());
   auto lse = at::empty({z.H, z.Total_q}, q.options());
-  return run_forward(p, q, k, v, P, out, lse, q_.scalar_type());
+  return run_forward(p, q, k, v, P, P, out, lse, q_.scalar_type());
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> varlen_backward_cpu(
@@ -717,15 +768,63 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> varlen_backward_cpu(
                                    wl, wr, scale);
   auto dq = at::zeros_like(q), dk = at::zeros_like(k), dv = at::zeros_like(v);
   auto dPh = at::zeros({z.Total_k, p.Hd, z.R}, q.options());
-  run_backward(p, dout, q, k, v, P, out, lse, dq, dk, dv, dPh);
+  run_backward(p, dout, q, k, v, P, P, out, lse, dq, dk, dv, dPh, dPh);
   auto dP = z.Hp == 1 ? dPh.sum(1, /*keepdim=*/true) : dPh;
   const auto t = q_.scalar_type();
   return {dq.to(t), dk.to(t), dv.to(t), dP.to(t)};
 }
 
+// The block ops: queries at global positions q_start + i, keys at k_start + j, the queries'
+// rows of P in P_q (docs/delta_attention.md, "Global positions").
+std::tuple<at::Tensor, at::Tensor> block_forward_cpu(
+    const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_, const at::Tensor& Pq_,
+    const at::Tensor& Pk_, const std::optional<at::Tensor>& mask_, int64_t q_start,
+    int64_t k_start, int64_t L, int64_t U, int64_t wl, int64_t wr, double scale) {
+  const DeltaSizes z =
+      check_block_args(OpDevice::CPU, q_, k_, v_, Pq_, Pk_, mask_, L, U, wl, wr, scale);
+  const auto ct = compute_type(q_.scalar_type());
+  auto q = dense(q_, ct), k = dense(k_, ct), v = dense(v_, ct);
+  auto Pq = dense(Pq_, ct), Pk = dense(Pk_, ct);
+  at::Tensor mask = mask_.has_value() ? mask_->contiguous() : at::Tensor();
+  const Problem p = block_problem(z, mask.defined() ? mask.data_ptr<bool>() : nullptr, q_start,
+                                  k_start, L, U, wl, wr, scale);
+  auto out = at::empty({z.B, z.H, z.T, z.Dv}, q.options());
+  auto lse = at::empty({z.B, z.H, z.T}, q.options());
+  return run_forward(p, q, k, v, Pk, Pq, out, lse, q_.scalar_type());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> block_backward_cpu(
+    const at::Tensor& dout_, const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_,
+    const at::Tensor& Pq_, const at::Tensor& Pk_, const std::optional<at::Tensor>& mask_,
+    const at::Tensor& out_, const at::Tensor& lse_, int64_t q_start, int64_t k_start, int64_t L,
+    int64_t U, int64_t wl, int64_t wr, double scale) {
+  const DeltaSizes z =
+      check_block_args(OpDevice::CPU, q_, k_, v_, Pq_, Pk_, mask_, L, U, wl, wr, scale);
+  check_backward_args(OpDevice::CPU, z, q_, dout_, out_, lse_);
+  const auto ct = compute_type(q_.scalar_type());
+  auto q = dense(q_, ct), k = dense(k_, ct), v = dense(v_, ct);
+  auto Pq = dense(Pq_, ct), Pk = dense(Pk_, ct);
+  auto dout = dense(dout_, ct), out = dense(out_, ct), lse = dense(lse_, ct);
+  at::Tensor mask = mask_.has_value() ? mask_->contiguous() : at::Tensor();
+  const Problem p = block_problem(z, mask.defined() ? mask.data_ptr<bool>() : nullptr, q_start,
+                                  k_start, L, U, wl, wr, scale);
+  auto dq = at::zeros_like(q), dk = at::zeros_like(k), dv = at::zeros_like(v);
+  auto dPk = at::zeros({z.B, p.Hd, z.Tk, z.R}, q.options());  // summed below if P is shared
+  auto dPq = at::zeros({z.B, p.Hd, z.T, z.R}, q.options());
+  run_backward(p, dout, q, k, v, Pk, Pq, out, lse, dq, dk, dv, dPk, dPq);
+  if (z.Hp == 1) {
+    dPk = dPk.sum(1, /*keepdim=*/true);
+    dPq = dPq.sum(1, /*keepdim=*/true);
+  }
+  const auto t = q_.scalar_type();
+  return {dq.to(t), dk.to(t), dv.to(t), dPq.to(t), dPk.to(t)};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(hdaf, CPU, m) {
+  m.impl("delta_attention_block_forward", &block_forward_cpu);
+  m.impl("delta_attention_block_backward", &block_backward_cpu);
   m.impl("delta_attention_forward", &forward_cpu);
   m.impl("delta_attention_backward", &backward_cpu);
   m.impl("delta_attention_varlen_forward", &varlen_forward_cpu);

@@ -11,8 +11,37 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ..block import resolve_block_backend
 from ..dispatch import resolve
+from ..distributed import LAYOUTS, ring_delta_attention
 from ..functional import IntOrPair, _pair, delta_attention, shape_only
+
+
+def set_context_parallel(layer: nn.Module, group, layout: str) -> None:
+    """Check and store a layer's context-parallel settings (``group=None``: off)."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"context_parallel_layout must be one of {LAYOUTS}, got {layout!r}")
+    layer.context_parallel_group, layer.context_parallel_layout = group, layout
+
+
+def attend(layer: nn.Module, q, k, v, x, w, causal: bool, key_padding_mask) -> torch.Tensor:
+    """The attention call of both layers: :func:`hdaf.delta_attention`, or with a
+    ``context_parallel_group`` :func:`hdaf.distributed.ring_delta_attention` on the shards.
+    Resolves the backend once: it both serves the call and is reported as ``last_backend``
+    (meta / fake inputs: "fake", the op's fake implementation gives the shapes)."""
+    cp = layer.context_parallel_group is not None
+    if shape_only(q):
+        layer.last_backend = "fake"
+    else:
+        layer.last_backend = (resolve_block_backend(layer.backend, q, v) if cp
+                              else resolve(layer.backend, q.device, q.dtype, q.shape[-1]))
+    options = dict(max_distance=(layer.L, layer.U), window=layer.window, causal=causal,
+                   key_padding_mask=key_padding_mask,
+                   backend=layer.backend if layer.last_backend == "fake" else layer.last_backend)
+    if cp:
+        return ring_delta_attention(q, k, v, x, w, group=layer.context_parallel_group,
+                                    layout=layer.context_parallel_layout, **options)
+    return delta_attention(q, k, v, x, w, **options)
 
 
 class DeltaAttention(nn.Module):
@@ -36,6 +65,13 @@ class DeltaAttention(nn.Module):
         use_delta: False drops the delta term (plain attention: the ablation). The operator is
             then called without one (``x`` and ``w`` None), so the kernels run their plain
             path; ``rpe`` and ``delta_proj`` stay (checkpoints keep their keys) but are unused.
+        context_parallel_group: a ``torch.distributed`` process group (``group.WORLD`` for the
+            default one) the sequence is sharded over; then ``forward`` takes this rank's shard
+            of ``x`` and ``key_padding_mask`` (:func:`hdaf.distributed.shard`) and returns its
+            shard of the output, through :func:`hdaf.distributed.ring_delta_attention`. None:
+            single-device attention. :func:`hdaf.distributed.context_parallel` sets it on every
+            layer of a model.
+        context_parallel_layout: the shards' layout, "zigzag" or "contiguous".
 
     Shapes: ``forward(x [B,T,E], key_padding_mask [B,T] bool, True = padding) -> [B,T,E]``.
     After a call, ``last_backend`` names the backend that served it.
@@ -45,7 +81,8 @@ class DeltaAttention(nn.Module):
                  dropout: float = 0.0, delta_dim: Optional[int] = None,
                  max_distance: IntOrPair = 16, window: IntOrPair = None, causal: bool = False,
                  share_rpe_across_heads: bool = True, backend: str = "auto",
-                 use_delta: bool = True, device=None, dtype=None):
+                 use_delta: bool = True, device=None, dtype=None,
+                 context_parallel_group=None, context_parallel_layout: str = "zigzag"):
         super().__init__()
         if not isinstance(embed_dim, int) or embed_dim <= 0:
             raise ValueError(f"embed_dim must be a positive int, got {embed_dim!r}")
@@ -72,6 +109,7 @@ class DeltaAttention(nn.Module):
         self.rpe = nn.Parameter(torch.empty(shape, **factory))
         self.dropout = nn.Dropout(dropout)
         self.last_backend: Optional[str] = None
+        set_context_parallel(self, context_parallel_group, context_parallel_layout)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -99,14 +137,7 @@ class DeltaAttention(nn.Module):
         if self.use_delta:
             feats = self.delta_proj(x) if self.delta_proj is not None else x
             w = self.rpe
-        # Resolve once: the concrete backend both serves the call and is reported. Meta / fake
-        # inputs have no data to compute on: the op's fake implementation gives the shapes.
-        self.last_backend = ("fake" if shape_only(x) else
-                             resolve(self.backend, x.device, q.dtype, D))
-        out = delta_attention(q, k, v, feats, w, max_distance=(self.L, self.U), window=self.window,
-                              causal=self.causal, key_padding_mask=key_padding_mask,
-                              backend=self.backend if self.last_backend == "fake"
-                              else self.last_backend)
+        out = attend(self, q, k, v, feats, w, self.causal, key_padding_mask)
         out = self.dropout(self.out_proj(out.transpose(1, 2).reshape(B, T, E)))
         return out if self.batch_first else out.transpose(0, 1)
 

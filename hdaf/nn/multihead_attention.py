@@ -16,8 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
-from ..dispatch import BACKENDS, resolve
-from ..functional import IntOrPair, _pair, delta_attention, shape_only
+from ..dispatch import BACKENDS
+from ..functional import IntOrPair, _pair
+from .delta_attention import attend, set_context_parallel
 
 # Delta options a caller (or hdaf.nn.convert_mha) may set beside nn.MultiheadAttention's own.
 DELTA_OPTIONS = ("delta_dim", "max_distance", "window", "share_rpe_across_heads", "backend")
@@ -50,6 +51,8 @@ class DeltaMultiheadAttention(nn.Module):
             ``-Wl <= j-i <= Wr`` (the kernels then cost O(T·window)).
         share_rpe_across_heads: one ``w [Dr,R]`` for all heads, else ``[H,Dr,R]``.
         backend: passed to :func:`hdaf.delta_attention` ("auto" picks the compiled kernel).
+        context_parallel_group, context_parallel_layout: as in :class:`hdaf.DeltaAttention`:
+            with a group, ``forward`` takes and returns this rank's shard of the sequence.
 
     ``forward(query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
     average_attn_weights=True, is_causal=False) -> (out, None)``:
@@ -84,7 +87,8 @@ class DeltaMultiheadAttention(nn.Module):
                  kdim: Optional[int] = None, vdim: Optional[int] = None, batch_first: bool = False,
                  device=None, dtype=None, *, delta_dim: Optional[int] = None,
                  max_distance: IntOrPair = 16, window: IntOrPair = None,
-                 share_rpe_across_heads: bool = True, backend: str = "auto"):
+                 share_rpe_across_heads: bool = True, backend: str = "auto",
+                 context_parallel_group=None, context_parallel_layout: str = "zigzag"):
         super().__init__()
         if not isinstance(embed_dim, numbers.Integral) or embed_dim <= 0:
             raise ValueError(f"embed_dim must be a positive int, got {embed_dim!r}")
@@ -140,6 +144,7 @@ class DeltaMultiheadAttention(nn.Module):
         shape = (self.delta_dim, R) if share_rpe_across_heads else (num_heads, self.delta_dim, R)
         self.rpe = nn.Parameter(torch.zeros(shape, **factory))
         self.last_backend: Optional[str] = None
+        set_context_parallel(self, context_parallel_group, context_parallel_layout)
         self._reset_parameters()
 
     def _reset_parameters(self) -> None:
@@ -243,14 +248,7 @@ class DeltaMultiheadAttention(nn.Module):
         x = self.delta_proj(query) if self.delta_proj is not None else query
         # Under autocast q is in the autocast dtype; the op takes one dtype for all inputs.
         x, w = x.to(q.dtype), self.rpe.to(q.dtype)
-        # Resolve once: the concrete backend both serves the call and is reported. Meta / fake
-        # inputs have no data to compute on: the op's fake implementation gives the shapes.
-        self.last_backend = ("fake" if shape_only(q) else
-                             resolve(self.backend, q.device, q.dtype, D))
-        out = delta_attention(q, k, v, x, w, max_distance=(self.L, self.U), window=self.window,
-                              causal=causal, key_padding_mask=pad,
-                              backend=self.backend if self.last_backend == "fake"
-                              else self.last_backend)
+        out = attend(self, q, k, v, x, w, causal, pad)
         out = self.out_proj(out.transpose(1, 2).reshape(B, T, E))
         if unbatched:
             return out.squeeze(0), None

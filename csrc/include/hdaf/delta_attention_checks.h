@@ -34,6 +34,14 @@ DeltaSizes check_forward_args(OpDevice dev, const at::Tensor& q, const at::Tenso
                               const std::optional<at::Tensor>& key_padding_mask, int64_t L,
                               int64_t U, int64_t window_left, int64_t window_right, double scale);
 
+// The block ops (hdaf::delta_attention_block_*): the checks above with P = P_k [B,Hp,Tk,R],
+// without Tq <= Tk (the queries stand at any global position), and P_q [B,Hp,Tq,R]. The CUDA
+// kernels do not take global positions: NotImplementedError for OpDevice::CUDA.
+DeltaSizes check_block_args(OpDevice dev, const at::Tensor& q, const at::Tensor& k,
+                            const at::Tensor& v, const at::Tensor& P_q, const at::Tensor& P_k,
+                            const std::optional<at::Tensor>& key_padding_mask, int64_t L,
+                            int64_t U, int64_t window_left, int64_t window_right, double scale);
+
 // The extra backward arguments: grad_out and out [B,H,T,Dv], lse [B,H,T] in the accumulation
 // dtype (float64 for float64 inputs, float32 otherwise), all on q's device.
 void check_backward_args(OpDevice dev, const DeltaSizes& s, const at::Tensor& q,
