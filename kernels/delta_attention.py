@@ -47,6 +47,7 @@ import torch
 import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
+from torch.utils.weak import WeakIdKeyDictionary
 
 from hdaf import ops as _ops
 
@@ -62,7 +63,7 @@ if INTERPRET:
 
 from .delta_attention_bwd import bwd_dkdv_kernel, bwd_dq_kernel, bwd_rows_kernel  # noqa: E402
 from .delta_attention_fwd import fwd_kernel  # noqa: E402
-from .delta_attention_tiles import gather_tile  # noqa: E402
+from .delta_attention_tiles import ROW_D, gather_tile  # noqa: E402
 
 MAX_HEAD_DIM = 128
 _LOG2E = 1.4426950408889634
@@ -71,6 +72,9 @@ _SUPPORTED = (torch.float16, torch.bfloat16, torch.float32)
 #: Kernel launches made by the launchers in eager mode, by kernel name (tests use it to prove
 #: that the Triton kernels, not a fallback, served a call). Not updated under torch.compile.
 launch_counts: collections.Counter = collections.Counter()
+
+#: Host-side arrays the launchers built, by name ("key_columns": KCOL), in eager mode.
+builds: collections.Counter = collections.Counter()
 
 #: The hot loops of each kernel, in program order (the static profile labels them with this).
 #: "masked": tiles crossing a window / causal edge (never met without a window); "far" / "band":
@@ -416,8 +420,35 @@ def _key_columns(P, key_padding_mask, qk_scale, use_delta, tp, lay):
     return kcol
 
 
-def _common(q, v, P, key_padding_mask, L, U, window_left, window_right, scale, use_delta, lay):
-    """Launch arguments shared by the kernels."""
+#: KCOL as the forward built it, by the caller's P (held weakly), for the backward of the same
+#: call: with the scale, padding mask and layout unchanged it is the same array. Only kept for a
+#: P that requires grad, and taken out by the backward that uses it.
+_KCOL_OF = WeakIdKeyDictionary()
+
+
+def _key_columns_once(owner, P, key_padding_mask, qk_scale, use_delta, tp, lay, backward):
+    """:func:`_key_columns`, or the forward's KCOL for the same inputs (``owner``: the P the
+    caller passed, before any copy; the entry is checked against its version and against the
+    very mask / cu_seqlens tensors and their versions)."""
+    if _CAPTURE is not None or torch.compiler.is_compiling():  # no state across traced calls
+        return _key_columns(P, key_padding_mask, qk_scale, use_delta, tp, lay)
+    deps = tuple((t, t._version) for t in (key_padding_mask, lay.cu_k) if t is not None)
+    key = (owner._version, qk_scale, use_delta, tp, lay.B, lay.T, lay.varlen)
+    hit = _KCOL_OF.pop(owner, None) if backward else _KCOL_OF.get(owner)
+    if (hit is not None and hit[0] == key and len(hit[1]) == len(deps)
+            and all(a is b and va == vb for (a, va), (b, vb) in zip(hit[1], deps))):
+        return hit[2]
+    builds["key_columns"] += 1
+    kcol = _key_columns(P, key_padding_mask, qk_scale, use_delta, tp, lay)
+    if not backward and owner.requires_grad:
+        _KCOL_OF[owner] = (key, deps, kcol)
+    return kcol
+
+
+def _common(q, v, P, key_padding_mask, L, U, window_left, window_right, scale, use_delta, lay,
+            owner, backward=False):
+    """Launch arguments shared by the kernels (``owner``: the P the caller passed, whose
+    forward KCOL the backward reuses)."""
     Dk, Dv = q.shape[-1], v.shape[-1]
     T, Tq = lay.T, lay.Tq
     # a window that reaches every key is no window: offsets beyond ±2T put no tile on an edge
@@ -431,7 +462,8 @@ def _common(q, v, P, key_padding_mask, L, U, window_left, window_right, scale, u
     # touches, past the end of the queries too (they sit at positions T - Tq + i)
     tpq = _padded_length(Tq)
     tp = _padded_length(T + _ROW_PAD if lay.varlen else max(T, T - Tq + tpq))
-    kcol = _key_columns(P, key_padding_mask, scale * _LOG2E, use_delta, tp, lay)
+    kcol = _key_columns_once(owner, P, key_padding_mask, scale * _LOG2E, use_delta, tp, lay,
+                             backward)
     sC = kcol.stride()
     c_strides = (sC[0], 0 if kcol.shape[1] == 1 else sC[1])
     cu_q, cu_k = (lay.cu_q, lay.cu_k) if lay.varlen else (kv, kv)  # never read unless VARLEN
@@ -485,10 +517,10 @@ def _combine_splits(part, Dv, out, lse):
 
 def _run_forward(q, k, v, P, key_padding_mask, L, U, window_left, window_right, scale, use_delta,
                  lay, out, lse):
-    P = P.contiguous()
+    owner, P = P, P.contiguous()
     kv, kcol, pk, c_strides, cu_q, cu_k, _, meta = _common(q, v, P, key_padding_mask, L, U,
                                                            window_left, window_right, scale,
-                                                           use_delta, lay)
+                                                           use_delta, lay, owner)
     splits = _decode_splits(lay, q.device)
     split_n = triton.cdiv(triton.cdiv(lay.T, splits), _SPLIT_QUANTUM) * _SPLIT_QUANTUM
     splits = triton.cdiv(lay.T, split_n)
@@ -514,18 +546,18 @@ def _run_backward(grad_out, q, k, v, P, key_padding_mask, out, lse, L, U, window
     halves, or None without the delta term)."""
     B, H, Hkv, Tq, T = lay.B, lay.H, lay.Hkv, lay.Tq, lay.T
     R = L + U + 1
-    P = P.contiguous()
+    owner, P = P, P.contiguous()
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
     kv, kcol, pk, c_strides, cu_q, cu_k, tpq, meta = _common(q, v, P, key_padding_mask, L, U,
                                                              window_left, window_right, scale,
-                                                             use_delta, lay)
+                                                             use_delta, lay, owner, True)
     qk_scale = scale * _LOG2E
-    # per query: D, lse2, lse2 + c·P[t_i, 0], lse2 + c·P[t_i, R-1]; rows no query fills (past
+    # per query: lse2 + c·P[t_i, 0], lse2 + c·P[t_i, R-1], lse2, D; rows no query fills (past
     # the end of each element's queries) see no key: D = 0, the others +inf
     rows = torch.full((B, H, 4, tpq), float("inf"), dtype=torch.float32, device=q.device)
-    rows[:, :, 0] = 0.0
+    rows[:, :, ROW_D.value] = 0.0
     # the key-row half [0] and the query-row half [1] of dP, per query head, by key position;
     # padded to TP rows (band tiles store without a row mask)
     TP = meta["TP"]

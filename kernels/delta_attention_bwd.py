@@ -1,9 +1,9 @@
 """Backward Triton kernels of delta attention (flash-attention 2's split into dK/dV and dQ passes).
 
 * ``bwd_rows_kernel``: per query, the float32 row vectors the other two kernels read
-  (``ROWS [B, H, 4, T]``): ``D_i = dout_i·out_i``; ``lse2_i`` (log2-domain lse, ``+inf`` for a
-  query with no visible key, so that ``exp2(t − lse2) = 0`` there); and ``lse2_i + c·P[i, 0]``,
-  ``lse2_i + c·P[i, R−1]``, which turn a far tile's probabilities into one FFMA and one
+  (``ROWS [B, H, 4, T]``, rows ``ROW_*`` of ``delta_attention_tiles``): ``lse2_i + c·P[i, 0]``,
+  ``lse2_i + c·P[i, R−1]``, ``lse2_i`` (log2-domain lse, ``+inf`` for a query with no visible
+  key, so that ``exp2(t − lse2) = 0`` there) and ``D_i = dout_i·out_i``. The first two turn a far tile's probabilities into one FFMA and one
   subtraction per element: ``p = exp2(c·q·k + KCOL[e, j] − (lse2_i + c·P[i, e]))``.
 * ``bwd_dkdv_kernel``: one program per ``BLOCK_N`` keys, in the transposed orientation
   (``Sᵀ = K·Qᵀ``, ``dPᵀ = V·dOᵀ``): the key block is the matrix instructions' M dimension, and a
@@ -22,30 +22,12 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .delta_attention_tiles import (BAND, FAR_HI, FAR_LO, PLAIN, band_bias, dot, kcol_row,
-                                    key_span, loop_tile, sequence, split_runs,
-                                    window_mask)
+from .delta_attention_tiles import (BAND, FAR_HI, FAR_LO, PLAIN, ROW_D, ROW_HI, ROW_LO, ROW_MID,
+                                    band_bias, dot, key_span, loop_tile, run_row, sequence,
+                                    split_runs, window_mask)
 
 #: Columns of the far tiles' dS-sum accumulator (the narrowest matrix-instruction N).
 SEL_W: tl.constexpr = tl.constexpr(16)
-
-# Rows of ROWS [B, H, 4, T].
-ROW_D: tl.constexpr = tl.constexpr(0)
-ROW_LSE2: tl.constexpr = tl.constexpr(1)
-ROW_QL_LO: tl.constexpr = tl.constexpr(2)
-ROW_QL_HI: tl.constexpr = tl.constexpr(3)
-
-
-@triton.jit
-def _rows_row(MODE: tl.constexpr):
-    """The ROWS row a run of kind MODE subtracts from its logits."""
-    if MODE == FAR_LO:
-        return ROW_QL_LO
-    elif MODE == FAR_HI:
-        return ROW_QL_HI
-    else:
-        return ROW_LSE2
-
 
 @triton.jit
 def bwd_rows_kernel(OUT, DO, LSE, P, ROWS, CU_Q, CU_K, sob, soh, sot, sod, sdb, sdh, sdt, sdd,
@@ -71,13 +53,13 @@ def bwd_rows_kernel(OUT, DO, LSE, P, ROWS, CU_Q, CU_K, sob, soh, sot, sod, sdb, 
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
     rows = ROWS + pid_bh.to(tl.int64) * 4 * TPQ + offs_m
     tl.store(rows + ROW_D * TPQ, tl.sum(o * do, 1), mask=mask_m)
-    tl.store(rows + ROW_LSE2 * TPQ, lse2, mask=mask_m)
+    tl.store(rows + ROW_MID * TPQ, lse2, mask=mask_m)
     if USE_DELTA:
         p_base = P + off_b * spb + k_start * spt + off_h * sph + (offs_m + QOFF) * spt
         p_lo = tl.load(p_base, mask=mask_m, other=0.0).to(tl.float32)
         p_hi = tl.load(p_base + (R - 1), mask=mask_m, other=0.0).to(tl.float32)
-        tl.store(rows + ROW_QL_LO * TPQ, lse2 + p_lo * qk_scale, mask=mask_m)
-        tl.store(rows + ROW_QL_HI * TPQ, lse2 + p_hi * qk_scale, mask=mask_m)
+        tl.store(rows + ROW_LO * TPQ, lse2 + p_lo * qk_scale, mask=mask_m)
+        tl.store(rows + ROW_HI * TPQ, lse2 + p_hi * qk_scale, mask=mask_m)
 
 
 @triton.jit
@@ -117,14 +99,14 @@ def _band_dP(ds, d, partner_ok, L, U, acc_lo, acc_hi, dp_ptrs, scale, AXIS: tl.c
 @triton.jit
 def _dkdv_run(dk, dv, acc_lo, acc_hi, k, v, kc_base, q_base, do_base, rows_base, p_base, pk_base,
               dp_base,
-              sqt, sqd, sdt, sdd, spt, offs_n, mask_n, offs_dk, offs_dv, n0, m_start, m_end, T, TP,
-              TQ, QOFF, TPQ, L, U, lo, hi, scale, qk_scale, MODE: tl.constexpr, MASKED: tl.constexpr,
-              IEEE: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BLOCK_M_PROG: tl.constexpr,
-              BLOCK_N: tl.constexpr):
+              sqt, sqd, sdt, sdd, spt, offs_n, offs_dk, offs_dv, m_start, m_end, T, TP, TQ, QOFF,
+              TPQ, L, U, lo, hi, scale, qk_scale, MODE: tl.constexpr, MASKED: tl.constexpr,
+              IEEE: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+              BLOCK_M_PROG: tl.constexpr):
     BLOCK_M: tl.constexpr = loop_tile(BLOCK_M_PROG, MODE, MASKED)
     R = L + U + 1
-    ql_rows = rows_base + _rows_row(MODE) * TPQ
-    kcol = tl.load(kc_base + kcol_row(MODE) * TP + offs_n)  # padded to TP: no mask
+    ql_rows = rows_base + run_row(MODE) * TPQ
+    kcol = tl.load(kc_base + run_row(MODE) * TP + offs_n)  # padded to TP: no mask
     mask_dk = (offs_dk < DK)[:, None]
     mask_dv = (offs_dv < DV)[None, :]
     # offsets d = j − (QOFF + i) from query indices i; the queries' P rows start at pq_base
@@ -149,7 +131,7 @@ def _dkdv_run(dk, dv, acc_lo, acc_hi, k, v, kc_base, q_base, do_base, rows_base,
         do = tl.load(do_base + offs_q[:, None] * sdt + offs_dv[None, :] * sdd,
                      mask=mask_m[:, None] & mask_dv, other=0.0)
         dv += dot(pT.to(do.dtype), do, IEEE)
-        Di = tl.load(rows_base + offs_q)
+        Di = tl.load(rows_base + ROW_D * TPQ + offs_q)
         dpT = dot(v, tl.trans(do), IEEE)
         dsT = pT * (dpT - Di[None, :])
         dk += dot(dsT.to(qT.dtype), tl.trans(qT), IEEE)
@@ -168,7 +150,7 @@ def _dkdv_run(dk, dv, acc_lo, acc_hi, k, v, kc_base, q_base, do_base, rows_base,
 @triton.jit
 def _dkdv_head(dk, dv, k, v, off_b, off_h, q_start, k_start, Q, P, PK, KCOL, DO, ROWS, DPK, sqh, sqb,
                sqt, sqd, spb, sph,
-               spt, scb, sch, sdb, sdh, sdt, sdd, offs_n, mask_n, offs_dk, offs_dv, n0q, start_m,
+               spt, scb, sch, sdb, sdh, sdt, sdd, offs_n, mask_n, offs_dk, offs_dv, start_m,
                e1, b1, b2, e2, end_m, H, T, TQ, QOFF, TP, TPQ, L, U, lo, hi, scale, qk_scale,
                USE_DELTA: tl.constexpr, IEEE: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -187,29 +169,29 @@ def _dkdv_head(dk, dv, k, v, off_b, off_h, q_start, k_start, Q, P, PK, KCOL, DO,
     if USE_DELTA:
         dk, dv, acc_lo, acc_hi = _dkdv_run(
             dk, dv, acc_lo, acc_hi, k, v, kc_base, q_base, do_base, rows_base, p_base, pk_base,
-            dp_base, sqt, sqd, sdt, sdd, spt, offs_n, mask_n, offs_dk, offs_dv, n0q, start_m,
+            dp_base, sqt, sqd, sdt, sdd, spt, offs_n, offs_dk, offs_dv, start_m,
             e1, T, TP, TQ, QOFF, TPQ, L, U, lo, hi, scale, qk_scale, BAND, True, IEEE,
-            DK, DV, BLOCK_M, BLOCK_N)
+            DK, DV, BLOCK_M)
         dk, dv, acc_lo, acc_hi = _dkdv_run(
             dk, dv, acc_lo, acc_hi, k, v, kc_base, q_base, do_base, rows_base, p_base, pk_base,
-            dp_base, sqt, sqd, sdt, sdd, spt, offs_n, mask_n, offs_dk, offs_dv, n0q, e1,
+            dp_base, sqt, sqd, sdt, sdd, spt, offs_n, offs_dk, offs_dv, e1,
             b1, T, TP, TQ, QOFF, TPQ, L, U, lo, hi, scale, qk_scale, FAR_HI, False, IEEE,
-            DK, DV, BLOCK_M, BLOCK_N)
+            DK, DV, BLOCK_M)
         dk, dv, acc_lo, acc_hi = _dkdv_run(
             dk, dv, acc_lo, acc_hi, k, v, kc_base, q_base, do_base, rows_base, p_base, pk_base,
-            dp_base, sqt, sqd, sdt, sdd, spt, offs_n, mask_n, offs_dk, offs_dv, n0q, b1,
+            dp_base, sqt, sqd, sdt, sdd, spt, offs_n, offs_dk, offs_dv, b1,
             b2, T, TP, TQ, QOFF, TPQ, L, U, lo, hi, scale, qk_scale, BAND, False, IEEE,
-            DK, DV, BLOCK_M, BLOCK_N)
+            DK, DV, BLOCK_M)
         dk, dv, acc_lo, acc_hi = _dkdv_run(
             dk, dv, acc_lo, acc_hi, k, v, kc_base, q_base, do_base, rows_base, p_base, pk_base,
-            dp_base, sqt, sqd, sdt, sdd, spt, offs_n, mask_n, offs_dk, offs_dv, n0q, b2,
+            dp_base, sqt, sqd, sdt, sdd, spt, offs_n, offs_dk, offs_dv, b2,
             e2, T, TP, TQ, QOFF, TPQ, L, U, lo, hi, scale, qk_scale, FAR_LO, False, IEEE,
-            DK, DV, BLOCK_M, BLOCK_N)
+            DK, DV, BLOCK_M)
         dk, dv, acc_lo, acc_hi = _dkdv_run(
             dk, dv, acc_lo, acc_hi, k, v, kc_base, q_base, do_base, rows_base, p_base, pk_base,
-            dp_base, sqt, sqd, sdt, sdd, spt, offs_n, mask_n, offs_dk, offs_dv, n0q, e2,
+            dp_base, sqt, sqd, sdt, sdd, spt, offs_n, offs_dk, offs_dv, e2,
             end_m, T, TP, TQ, QOFF, TPQ, L, U, lo, hi, scale, qk_scale, BAND, True, IEEE,
-            DK, DV, BLOCK_M, BLOCK_N)
+            DK, DV, BLOCK_M)
         if R == 1:
             tl.store(dp_base + offs_n * R, (acc_lo + acc_hi) * scale, mask=mask_n)
         else:
@@ -218,19 +200,19 @@ def _dkdv_head(dk, dv, k, v, off_b, off_h, q_start, k_start, Q, P, PK, KCOL, DO,
     else:  # plain flash attention: no P traffic at all
         dk, dv, acc_lo, acc_hi = _dkdv_run(
             dk, dv, acc_lo, acc_hi, k, v, kc_base, q_base, do_base, rows_base, p_base, pk_base,
-            dp_base, sqt, sqd, sdt, sdd, spt, offs_n, mask_n, offs_dk, offs_dv, n0q, start_m,
+            dp_base, sqt, sqd, sdt, sdd, spt, offs_n, offs_dk, offs_dv, start_m,
             e1, T, TP, TQ, QOFF, TPQ, L, U, lo, hi, scale, qk_scale, PLAIN, True, IEEE,
-            DK, DV, BLOCK_M, BLOCK_N)
+            DK, DV, BLOCK_M)
         dk, dv, acc_lo, acc_hi = _dkdv_run(
             dk, dv, acc_lo, acc_hi, k, v, kc_base, q_base, do_base, rows_base, p_base, pk_base,
-            dp_base, sqt, sqd, sdt, sdd, spt, offs_n, mask_n, offs_dk, offs_dv, n0q, e1,
+            dp_base, sqt, sqd, sdt, sdd, spt, offs_n, offs_dk, offs_dv, e1,
             e2, T, TP, TQ, QOFF, TPQ, L, U, lo, hi, scale, qk_scale, PLAIN, False, IEEE,
-            DK, DV, BLOCK_M, BLOCK_N)
+            DK, DV, BLOCK_M)
         dk, dv, acc_lo, acc_hi = _dkdv_run(
             dk, dv, acc_lo, acc_hi, k, v, kc_base, q_base, do_base, rows_base, p_base, pk_base,
-            dp_base, sqt, sqd, sdt, sdd, spt, offs_n, mask_n, offs_dk, offs_dv, n0q, e2,
+            dp_base, sqt, sqd, sdt, sdd, spt, offs_n, offs_dk, offs_dv, e2,
             end_m, T, TP, TQ, QOFF, TPQ, L, U, lo, hi, scale, qk_scale, PLAIN, True, IEEE,
-            DK, DV, BLOCK_M, BLOCK_N)
+            DK, DV, BLOCK_M)
     return dk, dv
 
 
@@ -288,14 +270,14 @@ def bwd_dkdv_kernel(Q, K, V, P, PK, KCOL, KV, DO, ROWS, DK_OUT, DV_OUT, DPK, CU_
             dk, dv = _dkdv_head(dk, dv, k, v, off_b, off_g * G + hh, q_start, k_start, Q, P, PK, KCOL, DO, ROWS,
                                 DPK,
                                 sqh, sqb, sqt, sqd, spb, sph, spt, scb, sch, sdb, sdh, sdt, sdd,
-                                offs_n, mask_n, offs_dk, offs_dv, n0q, start_m, e1, b1, b2, e2,
+                                offs_n, mask_n, offs_dk, offs_dv, start_m, e1, b1, b2, e2,
                                 end_m, H, T, TQ, QOFF, TP, TPQ, L, U, lo, hi, scale, qk_scale,
                                 USE_DELTA, IEEE, DK, DV, BLOCK_M, BLOCK_N)
     else:
         dk, dv = _dkdv_head(dk, dv, k, v, off_b, off_g, q_start, k_start, Q, P, PK, KCOL, DO, ROWS,
                                 DPK, sqh, sqb, sqt,
                             sqd, spb, sph, spt, scb, sch, sdb, sdh, sdt, sdd, offs_n, mask_n,
-                            offs_dk, offs_dv, n0q, start_m, e1, b1, b2, e2, end_m, H, T, TQ,
+                            offs_dk, offs_dv, start_m, e1, b1, b2, e2, end_m, H, T, TQ,
                             QOFF, TP, TPQ, L, U, lo, hi, scale, qk_scale, USE_DELTA, IEEE, DK,
                             DV, BLOCK_M, BLOCK_N)
 
@@ -313,14 +295,13 @@ def _dq_run(dq, acc_lo, acc_hi, acc_far, q, do, rows_base, k_base, v_base, kc_ba
             dp_base,
             skt, skd, svt, svd, spt, offs_q, offs_m, offs_dk, offs_dv, n_start, n_end, T, TP,
             TPQ, L, U, lo, hi, scale, qk_scale, MODE: tl.constexpr, MASKED: tl.constexpr,
-            IEEE: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr,
-            BLOCK_N_PROG: tl.constexpr):
+            IEEE: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BLOCK_N_PROG: tl.constexpr):
     BLOCK_N: tl.constexpr = loop_tile(BLOCK_N_PROG, MODE, MASKED)
     R = L + U + 1
-    kc = kc_base + kcol_row(MODE) * TP
+    kc = kc_base + run_row(MODE) * TP
     # offs_q: the block's query indices (rows of ROWS); offs_m: their key positions
-    ql = tl.load(rows_base + _rows_row(MODE) * TPQ + offs_q)  # padded to TPQ: no mask
-    Di = tl.load(rows_base + offs_q)
+    ql = tl.load(rows_base + run_row(MODE) * TPQ + offs_q)  # padded to TPQ: no mask
+    Di = tl.load(rows_base + ROW_D * TPQ + offs_q)
     mask_dk = (offs_dk < DK)[:, None]
     mask_dv = (offs_dv < DV)[:, None]
     sel = bucket_selector(BLOCK_N, q.dtype)
@@ -410,25 +391,25 @@ def bwd_dq_kernel(Q, K, V, P, PK, KCOL, KV, DO, ROWS, DQ_OUT, DPQ, CU_Q, CU_K,
         dq, acc_lo, acc_hi, acc_far = _dq_run(
             dq, acc_lo, acc_hi, acc_far, q, do, rows_base, k_base, v_base, kc_base, p_base, pk_base,
             dp_base, skt, skd, svt, svd, spt, offs_q, offs_m, offs_dk, offs_dv, start_n, e1, T, TP,
-            TPQ, L, U, lo, hi, scale, qk_scale, BAND, True, IEEE, DK, DV, BLOCK_M, BLOCK_N)
+            TPQ, L, U, lo, hi, scale, qk_scale, BAND, True, IEEE, DK, DV, BLOCK_N)
         dq, acc_lo, acc_hi, acc_far = _dq_run(
             dq, acc_lo, acc_hi, acc_far, q, do, rows_base, k_base, v_base, kc_base, p_base, pk_base,
             dp_base, skt, skd, svt, svd, spt, offs_q, offs_m, offs_dk, offs_dv, e1, b1, T, TP,
-            TPQ, L, U, lo, hi, scale, qk_scale, FAR_LO, False, IEEE, DK, DV, BLOCK_M, BLOCK_N)
+            TPQ, L, U, lo, hi, scale, qk_scale, FAR_LO, False, IEEE, DK, DV, BLOCK_N)
         acc_lo, acc_far = take_far_sums(acc_lo, acc_far)
         dq, acc_lo, acc_hi, acc_far = _dq_run(
             dq, acc_lo, acc_hi, acc_far, q, do, rows_base, k_base, v_base, kc_base, p_base, pk_base,
             dp_base, skt, skd, svt, svd, spt, offs_q, offs_m, offs_dk, offs_dv, b1, b2, T, TP,
-            TPQ, L, U, lo, hi, scale, qk_scale, BAND, False, IEEE, DK, DV, BLOCK_M, BLOCK_N)
+            TPQ, L, U, lo, hi, scale, qk_scale, BAND, False, IEEE, DK, DV, BLOCK_N)
         dq, acc_lo, acc_hi, acc_far = _dq_run(
             dq, acc_lo, acc_hi, acc_far, q, do, rows_base, k_base, v_base, kc_base, p_base, pk_base,
             dp_base, skt, skd, svt, svd, spt, offs_q, offs_m, offs_dk, offs_dv, b2, e2, T, TP,
-            TPQ, L, U, lo, hi, scale, qk_scale, FAR_HI, False, IEEE, DK, DV, BLOCK_M, BLOCK_N)
+            TPQ, L, U, lo, hi, scale, qk_scale, FAR_HI, False, IEEE, DK, DV, BLOCK_N)
         acc_hi, acc_far = take_far_sums(acc_hi, acc_far)
         dq, acc_lo, acc_hi, acc_far = _dq_run(
             dq, acc_lo, acc_hi, acc_far, q, do, rows_base, k_base, v_base, kc_base, p_base, pk_base,
             dp_base, skt, skd, svt, svd, spt, offs_q, offs_m, offs_dk, offs_dv, e2, end_n, T, TP,
-            TPQ, L, U, lo, hi, scale, qk_scale, BAND, True, IEEE, DK, DV, BLOCK_M, BLOCK_N)
+            TPQ, L, U, lo, hi, scale, qk_scale, BAND, True, IEEE, DK, DV, BLOCK_N)
         if R == 1:
             tl.store(dp_base + offs_m * R, -(acc_lo + acc_hi) * scale, mask=mask_m)
         else:
@@ -438,15 +419,15 @@ def bwd_dq_kernel(Q, K, V, P, PK, KCOL, KV, DO, ROWS, DQ_OUT, DPQ, CU_Q, CU_K,
         dq, acc_lo, acc_hi, acc_far = _dq_run(
             dq, acc_lo, acc_hi, acc_far, q, do, rows_base, k_base, v_base, kc_base, p_base, pk_base,
             dp_base, skt, skd, svt, svd, spt, offs_q, offs_m, offs_dk, offs_dv, start_n, e1, T, TP,
-            TPQ, L, U, lo, hi, scale, qk_scale, PLAIN, True, IEEE, DK, DV, BLOCK_M, BLOCK_N)
+            TPQ, L, U, lo, hi, scale, qk_scale, PLAIN, True, IEEE, DK, DV, BLOCK_N)
         dq, acc_lo, acc_hi, acc_far = _dq_run(
             dq, acc_lo, acc_hi, acc_far, q, do, rows_base, k_base, v_base, kc_base, p_base, pk_base,
             dp_base, skt, skd, svt, svd, spt, offs_q, offs_m, offs_dk, offs_dv, e1, e2, T, TP,
-            TPQ, L, U, lo, hi, scale, qk_scale, PLAIN, False, IEEE, DK, DV, BLOCK_M, BLOCK_N)
+            TPQ, L, U, lo, hi, scale, qk_scale, PLAIN, False, IEEE, DK, DV, BLOCK_N)
         dq, acc_lo, acc_hi, acc_far = _dq_run(
             dq, acc_lo, acc_hi, acc_far, q, do, rows_base, k_base, v_base, kc_base, p_base, pk_base,
             dp_base, skt, skd, svt, svd, spt, offs_q, offs_m, offs_dk, offs_dv, e2, end_n, T, TP,
-            TPQ, L, U, lo, hi, scale, qk_scale, PLAIN, True, IEEE, DK, DV, BLOCK_M, BLOCK_N)
+            TPQ, L, U, lo, hi, scale, qk_scale, PLAIN, True, IEEE, DK, DV, BLOCK_N)
     gq_base = DQ_OUT + off_b * sgqb + q_start * sgqt + off_h * sgqh
     tl.store(gq_base + offs_q[:, None] * sgqt + offs_dk[None, :] * sgqd,
              (dq * scale).to(DQ_OUT.dtype.element_ty), mask=mask_m[:, None] & mask_dk[None, :])

@@ -18,23 +18,23 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .delta_attention_tiles import (BAND, FAR_HI, FAR_LO, PLAIN, band_bias, dot, kcol_row,
+from .delta_attention_tiles import (BAND, FAR_HI, FAR_LO, PLAIN, band_bias, dot, run_row,
                                     key_span, loop_tile, sequence, split_runs,
                                     window_mask)
 
 
 @triton.jit
 def _fwd_run(acc, l_i, m_i, q, qrow, k_base, v_base, p_base, pk_base, kc_base, skt, skd, svt, svd, spt,
-             offs_m, mask_m, offs_dk, offs_dv, m0, n_start, n_end, T, TP, L, U, lo, hi, qk_scale,
+             offs_m, offs_dk, offs_dv, n_start, n_end, T, TP, L, U, lo, hi, qk_scale,
              MODE: tl.constexpr, MASKED: tl.constexpr, IEEE: tl.constexpr, DK: tl.constexpr,
-             DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N_PROG: tl.constexpr):
+             DV: tl.constexpr, BLOCK_N_PROG: tl.constexpr):
     BLOCK_N: tl.constexpr = loop_tile(BLOCK_N_PROG, MODE, MASKED)
     if MODE == FAR_LO or MODE == FAR_HI:
         # the run's frame: logits without the query term -c·P[i, e]; an empty run shifts
         # nothing (a non-finite P[i, e] of a bucket the row never uses must not reach it)
         qrow = tl.where(n_start < n_end, qrow, 0.0)
         m_i = m_i + qrow
-    kc = kc_base + kcol_row(MODE) * TP
+    kc = kc_base + run_row(MODE) * TP
     mask_dk = (offs_dk < DK)[:, None]
     mask_dv = (offs_dv < DV)[None, :]
     for n0 in range(n_start, n_end, BLOCK_N):
@@ -129,38 +129,38 @@ def fwd_kernel(Q, K, V, P, PK, KCOL, KV, OUT, LSE, CU_Q, CU_K, PART,
         # far-low: j - i <= -L for the whole tile; far-high: j - i >= U for the whole tile
         b1, b2 = split_runs(e1, e2, m0 - L - BLOCK_N + 2, m0 + BLOCK_M - 1 + U, BLOCK_N)
         acc, l_i, m_i = _fwd_run(acc, l_i, m_i, q, qrow_lo, k_base, v_base, p_base, pk_base, kc_base,
-                                 skt, skd, svt, svd, spt, offs_m, mask_m, offs_dk, offs_dv, m0,
+                                 skt, skd, svt, svd, spt, offs_m, offs_dk, offs_dv,
                                  start_n, e1, T, TP, L, U, lo, hi, qk_scale, BAND, True, IEEE, DK,
-                                 DV, BLOCK_M, BLOCK_N)
+                                 DV, BLOCK_N)
         acc, l_i, m_i = _fwd_run(acc, l_i, m_i, q, qrow_lo, k_base, v_base, p_base, pk_base, kc_base,
-                                 skt, skd, svt, svd, spt, offs_m, mask_m, offs_dk, offs_dv, m0,
+                                 skt, skd, svt, svd, spt, offs_m, offs_dk, offs_dv,
                                  e1, b1, T, TP, L, U, lo, hi, qk_scale, FAR_LO, False, IEEE, DK, DV,
-                                 BLOCK_M, BLOCK_N)
+                                 BLOCK_N)
         acc, l_i, m_i = _fwd_run(acc, l_i, m_i, q, qrow_lo, k_base, v_base, p_base, pk_base, kc_base,
-                                 skt, skd, svt, svd, spt, offs_m, mask_m, offs_dk, offs_dv, m0,
+                                 skt, skd, svt, svd, spt, offs_m, offs_dk, offs_dv,
                                  b1, b2, T, TP, L, U, lo, hi, qk_scale, BAND, False, IEEE, DK, DV,
-                                 BLOCK_M, BLOCK_N)
+                                 BLOCK_N)
         acc, l_i, m_i = _fwd_run(acc, l_i, m_i, q, qrow_hi, k_base, v_base, p_base, pk_base, kc_base,
-                                 skt, skd, svt, svd, spt, offs_m, mask_m, offs_dk, offs_dv, m0,
+                                 skt, skd, svt, svd, spt, offs_m, offs_dk, offs_dv,
                                  b2, e2, T, TP, L, U, lo, hi, qk_scale, FAR_HI, False, IEEE, DK, DV,
-                                 BLOCK_M, BLOCK_N)
+                                 BLOCK_N)
         acc, l_i, m_i = _fwd_run(acc, l_i, m_i, q, qrow_hi, k_base, v_base, p_base, pk_base, kc_base,
-                                 skt, skd, svt, svd, spt, offs_m, mask_m, offs_dk, offs_dv, m0,
+                                 skt, skd, svt, svd, spt, offs_m, offs_dk, offs_dv,
                                  e2, end_n, T, TP, L, U, lo, hi, qk_scale, BAND, True, IEEE, DK, DV,
-                                 BLOCK_M, BLOCK_N)
+                                 BLOCK_N)
     else:  # plain flash attention: no P traffic at all
         acc, l_i, m_i = _fwd_run(acc, l_i, m_i, q, l_i, k_base, v_base, p_base, pk_base, kc_base, skt,
-                                 skd, svt, svd, spt, offs_m, mask_m, offs_dk, offs_dv, m0,
+                                 skd, svt, svd, spt, offs_m, offs_dk, offs_dv,
                                  start_n, e1, T, TP, L, U, lo, hi, qk_scale, PLAIN, True, IEEE, DK,
-                                 DV, BLOCK_M, BLOCK_N)
+                                 DV, BLOCK_N)
         acc, l_i, m_i = _fwd_run(acc, l_i, m_i, q, l_i, k_base, v_base, p_base, pk_base, kc_base, skt,
-                                 skd, svt, svd, spt, offs_m, mask_m, offs_dk, offs_dv, m0, e1, e2,
-                                 T, TP, L, U, lo, hi, qk_scale, PLAIN, False, IEEE, DK, DV, BLOCK_M,
+                                 skd, svt, svd, spt, offs_m, offs_dk, offs_dv, e1, e2,
+                                 T, TP, L, U, lo, hi, qk_scale, PLAIN, False, IEEE, DK, DV,
                                  BLOCK_N)
         acc, l_i, m_i = _fwd_run(acc, l_i, m_i, q, l_i, k_base, v_base, p_base, pk_base, kc_base, skt,
-                                 skd, svt, svd, spt, offs_m, mask_m, offs_dk, offs_dv, m0, e2,
+                                 skd, svt, svd, spt, offs_m, offs_dk, offs_dv, e2,
                                  end_n, T, TP, L, U, lo, hi, qk_scale, PLAIN, True, IEEE, DK, DV,
-                                 BLOCK_M, BLOCK_N)
+                                 BLOCK_N)
 
     if SPLIT:  # PART [splits, B*H, TQ, BLOCK_DV + 2]: acc, then m (log2 domain) and l
         part = (PART + (tl.program_id(2) * tl.num_programs(1) + pid_bh).to(tl.int64) * TQ

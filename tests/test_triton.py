@@ -348,6 +348,34 @@ def test_non_contiguous_op_inputs_and_shared_P_broadcast():
     assert grads_c[3].shape == P.shape
 
 
+def test_backward_reuses_key_columns_only_for_unchanged_inputs():
+    """The forward's KCOL serves the backward of the same P, mask and scale; a P changed in
+    place, another mask or another scale gets KCOL built afresh (results stay exact)."""
+    q, k, v, x, w, mask = make_inputs(B=1, H=2, T=9, Dk=8, R=5, dtype=torch.float32,
+                                      device=DEVICE, pad_lengths=[7])
+    P = torch.randn(1, 1, 9, 5, device=DEVICE, requires_grad=True)
+    op, op_bwd = K.triton_delta_attention_forward, K.triton_delta_attention_backward
+    out, lse = op(q, k, v, P, mask, 2, 2, -1, -1, 0.3)
+    with torch.no_grad():
+        P.mul_(-1.5)  # a new version: the forward's KCOL is stale
+    K.builds.clear()
+    for m, scale in ((mask, 0.3), (None, 0.3), (mask, 0.7)):
+        K.builds.clear()
+        got = op(q, k, v, P, m, 2, 2, -1, -1, scale)[0]
+        want = op(q, k, v, P.detach().clone(), m, 2, 2, -1, -1, scale)[0]
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        assert K.builds["key_columns"] == 2
+    out, lse = op(q, k, v, P, mask, 2, 2, -1, -1, 0.3)
+    K.builds.clear()
+    do = torch.randn_like(out)
+    g = op_bwd(do, q, k, v, P, mask, out, lse, 2, 2, -1, -1, 0.3)
+    assert K.builds["key_columns"] == 0  # taken from the forward
+    g_fresh = op_bwd(do, q, k, v, P, mask, out, lse, 2, 2, -1, -1, 0.3)
+    assert K.builds["key_columns"] == 1  # the backward took it out: built again
+    for a, b in zip(g, g_fresh):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def test_triton_kernels_ran_not_a_fallback(monkeypatch):
     """The launches are counted, and the PyTorch references are made to raise."""
     def boom(*a, **k):
@@ -359,10 +387,13 @@ def test_triton_kernels_ran_not_a_fallback(monkeypatch):
     q, k, v, x, w, mask = make_inputs(B=1, H=2, T=9, Dk=8, R=5, dtype=torch.float32,
                                       device=DEVICE, pad_lengths=[7])
     K.launch_counts.clear()
+    K.builds.clear()
     out = hdaf.delta_attention(q, k, v, x, w, key_padding_mask=mask, backend="triton")
     assert dict(K.launch_counts) == {"fwd": 1}
     out.sum().backward()
     assert dict(K.launch_counts) == {"fwd": 1, "bwd_preprocess": 1, "bwd_dkdv": 1, "bwd_dq": 1}
+    # the backward took the forward's key columns instead of building them again
+    assert dict(K.builds) == {"key_columns": 1} and len(K._KCOL_OF) == 0
     assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in (q, k, v, x, w))
     if not ON_GPU:
         assert type(K._fwd.fn).__name__ == "InterpretedFunction"
