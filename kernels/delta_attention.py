@@ -166,7 +166,8 @@ def _configs(kind: str):
             for m, n, w, s in autotune_shapes(kind)]
 
 
-_TUNE_KEY = ["T_KEY", "Q_KEY", "W_KEY", "DK", "DV", "HAS_PAD", "USE_DELTA", "SPLIT", "IEEE"]
+_TUNE_KEY = ["T_KEY", "Q_KEY", "W_KEY", "DK", "DV", "HAS_PAD", "USE_DELTA", "SPLIT", "STACK",
+             "IEEE"]
 
 #: Per kernel kind, a configuration that replaces autotuning (see :func:`forced_configs`).
 _FORCED: dict = {}
@@ -485,6 +486,23 @@ def _common(q, v, P, key_padding_mask, L, U, window_left, window_right, scale, u
 #: Keys per split of a decoding forward: a multiple of every key tile.
 _SPLIT_QUANTUM = 256
 
+#: Query blocks up to this long are stacked (decoding, short speculative blocks): a forward
+#: program holds the G·Tq queries of one key/value head's G query heads, so each key/value tile
+#: is read once per key/value head, not once per query head.
+_STACK_MAX_TQ = 16
+
+
+def _stacks(lay) -> bool:
+    """Whether the forward stacks the query heads of a group into one program's rows."""
+    return lay.Tq <= _STACK_MAX_TQ
+
+
+def _forward_rows(lay) -> Tuple[int, int]:
+    """(rows per program group, program groups per element): (G·Tq, Hkv) stacked, else (Tq, H)."""
+    if _stacks(lay):
+        return lay.Tq * (lay.H // lay.Hkv), lay.Hkv
+    return lay.Tq, lay.H
+
 
 def _decode_splits(lay, device) -> int:
     """How many key ranges a forward splits into (flash-decoding): more than one only when the
@@ -494,7 +512,8 @@ def _decode_splits(lay, device) -> int:
     if lay.varlen or INTERPRET or device.type != "cuda" or lay.T < 4 * _SPLIT_QUANTUM:
         return 1
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    programs = lay.B * lay.H * triton.cdiv(lay.Tq, 64)
+    rows, groups = _forward_rows(lay)
+    programs = lay.B * groups * triton.cdiv(rows, 64)
     if programs >= sms:
         return 1
     return max(1, min(triton.cdiv(lay.T, 2 * _SPLIT_QUANTUM), triton.cdiv(2 * sms, programs)))
@@ -529,13 +548,16 @@ def _run_forward(q, k, v, P, key_padding_mask, L, U, window_left, window_right, 
         part = torch.empty((splits, lay.B * lay.H, lay.Tq, meta["BLOCK_DV"] + 2),
                            dtype=torch.float32, device=q.device)
 
-    def grid(m):
-        return (triton.cdiv(lay.Tq, m["BLOCK_M"]), lay.B * lay.H, splits)
+    rows, groups = _forward_rows(lay)
 
+    def grid(m):
+        return (triton.cdiv(rows, m["BLOCK_M"]), lay.B * groups, splits)
+
+    meta["Q_KEY"] = triton.next_power_of_2(rows)  # the rows BLOCK_M tiles
     _launch("fwd", grid, q, k, v, P, pk, kcol, kv, out, lse, cu_q, cu_k, part, *lay.strides(q),
             *lay.strides(k), *lay.strides(v), *lay.p_strides(P), *c_strides, *lay.strides(out),
             *lay.lse_strides(lse), qk_scale=scale * _LOG2E, SPLIT_N=split_n, SPLIT=splits > 1,
-            **meta)
+            STACK=_stacks(lay), **meta)
     if splits > 1 and _CAPTURE is None:
         _combine_splits(part, v.shape[-1], out, lse)
 

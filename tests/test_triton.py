@@ -508,15 +508,12 @@ GROUPED_CASES = {
 }
 
 
-@pytest.mark.parametrize("case", list(GROUPED_CASES))
-def test_grouped_heads_and_end_aligned_queries_match_naive(case):
-    """The op with k/v [B,Hkv,Tk,D] and q [B,H,Tq,D] (query i at position Tk - Tq + i): output
-    and the four gradients against the float64 reference on repeated k/v, for the far, band and
-    masked tiles of forced 16x16 and 32x32 tiles."""
-    c = GROUPED_CASES[case]
+def _check_grouped(c, tag, tile_list=((16, 16), (32, 32))):
+    """Output and the four gradients of the op on one GROUPED_CASES-style case against the
+    float64 reference on repeated k/v, at forced tiles; returns the last call's launches."""
     B, H, Hkv, Tq, Tk, L, U = (c[n] for n in ("B", "H", "Hkv", "Tq", "Tk", "L", "U"))
     R = L + U + 1
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(c.get("seed", 0))
     q = torch.randn(B, H, Tq, 8, generator=g, dtype=torch.float64)
     k = torch.randn(B, Hkv, Tk, 8, generator=g, dtype=torch.float64)
     v = torch.randn(B, Hkv, Tk, 12, generator=g, dtype=torch.float64)
@@ -525,7 +522,7 @@ def test_grouped_heads_and_end_aligned_queries_match_naive(case):
     mask = None
     if c["pad"] == "lead":
         mask = torch.zeros(B, Tk, dtype=torch.bool)
-        mask[:, :30] = True
+        mask[:, :min(30, Tk - 1)] = True
     elif c["pad"] is not None:
         mask = torch.arange(Tk)[None, :] >= torch.tensor(c["pad"])[:, None]
     Wl, Wr = c["window"] or (-1, -1)
@@ -537,7 +534,7 @@ def test_grouped_heads_and_end_aligned_queries_match_naive(case):
     ref = _grouped_end_aligned_reference(*(t.clone().requires_grad_() for t in (q, k, v, P)),
                                          mask, L, U, lo, hi, scale, go)
     ref = [t.detach() for t in ref]
-    for tiles in ((16, 16), (32, 32)):
+    for tiles in tile_list:
         cfg = (*tiles, 1, 1)
         ins = [t.float().to(DEVICE).requires_grad_() for t in (q, k, v, P)]
         m = None if mask is None else mask.to(DEVICE)
@@ -546,8 +543,60 @@ def test_grouped_heads_and_end_aligned_queries_match_naive(case):
             grads_ = torch.autograd.grad(out, ins, go.float().to(DEVICE))
         for name, a, b in zip(("out", "dq", "dk", "dv", "dP"), (out, *grads_), ref):
             assert a.shape == b.shape, (name, a.shape, b.shape)
-            torch.testing.assert_close(a.double().cpu(), b, msg=lambda m_: f"{case} {tiles} "
+            torch.testing.assert_close(a.double().cpu(), b, msg=lambda m_: f"{tag} {tiles} "
                                        f"{name}: {m_}", **TOL[torch.float32])
+    with K.capture_launches() as launches:
+        K._forward(*ins, m, L, U, Wl, Wr, scale)
+    return launches
+
+
+@pytest.mark.parametrize("case", list(GROUPED_CASES))
+def test_grouped_heads_and_end_aligned_queries_match_naive(case):
+    """The op with k/v [B,Hkv,Tk,D] and q [B,H,Tq,D] (query i at position Tk - Tq + i): output
+    and the four gradients against the float64 reference on repeated k/v, for the far, band and
+    masked tiles of forced 16x16 and 32x32 tiles."""
+    _check_grouped(GROUPED_CASES[case], case)
+
+
+def _stacked_cases():
+    """G x Tq x odd Tk, each with a rotating mix of padding, window, causal and shared or
+    per-head P (every feature meets every G)."""
+    cases = {}
+    feats = [dict(pad=None, window=None, causal=True, per_head=False),
+             dict(pad="lead", window=None, causal=False, per_head=True),
+             dict(pad=None, window=(20, 5), causal=False, per_head=False),
+             dict(pad="tail", window=(40, 0), causal=True, per_head=True)]
+    for n, (G, Tq, Tk) in enumerate(itertools.product((1, 2, 4), (1, 3), (1, 7, 63, 300))):
+        if Tq > Tk:
+            continue
+        f = dict(feats[n % len(feats)])
+        if f["pad"] == "tail":  # batch 1: the last third of the keys are padding
+            f["pad"] = [Tk, max(1, Tk - Tk // 3)]
+        Hkv = 2 if G < 4 else 1
+        cases[f"G{G}_Tq{Tq}_Tk{Tk}"] = dict(B=2, H=G * Hkv, Hkv=Hkv, Tq=Tq, Tk=Tk, L=3, U=4,
+                                           seed=n, **f)
+    # 8 heads x 3 queries = 24 rows: two 16-row programs, the second starting inside a head
+    cases["G8_Tq3_Tk63_two_programs"] = dict(B=1, H=8, Hkv=1, Tq=3, Tk=63, L=3, U=4,
+                                             pad=None, window=None, causal=False,
+                                             per_head=True)
+    return cases
+
+
+STACKED_CASES = _stacked_cases()
+
+
+@pytest.mark.parametrize("case", list(STACKED_CASES))
+def test_stacked_decoding_matches_naive_and_reads_each_kv_head_once(case):
+    """Short query blocks (decoding) stack the G·Tq queries of a key/value head's query heads
+    into one program's rows: output and every gradient against the float64 reference, and the
+    forward launch is the stacked one (one program group per key/value head, not per query
+    head)."""
+    c = STACKED_CASES[case]
+    launches = _check_grouped(c, case, tile_list=((16, 16),))
+    (fwd,) = [ln for ln in launches if ln.kind == "fwd"]
+    assert fwd.kwargs["STACK"] is True
+    G, cfg = c["H"] // c["Hkv"], dict(BLOCK_M=16, BLOCK_N=16)
+    assert fwd.grid(cfg) == (triton.cdiv(G * c["Tq"], 16), c["B"] * c["Hkv"], 1)
 
 
 VARLEN_CASES = {
