@@ -63,7 +63,7 @@ if INTERPRET:
 
 from .delta_attention_bwd import bwd_dkdv_kernel, bwd_dq_kernel, bwd_rows_kernel  # noqa: E402
 from .delta_attention_fwd import fwd_kernel  # noqa: E402
-from .delta_attention_tiles import ROW_D, gather_tile  # noqa: E402
+from .delta_attention_tiles import gather_tile  # noqa: E402
 
 MAX_HEAD_DIM = 128
 _LOG2E = 1.4426950408889634
@@ -235,21 +235,25 @@ class Launch:
 
 
 _CAPTURE: Optional[list] = None
+_CAPTURE_SMS: Optional[int] = None  # the multiprocessors a captured launch is planned for
 
 
 @contextlib.contextmanager
-def capture_launches():
+def capture_launches(multiprocessors: Optional[int] = None):
     """Record the launches of the Triton ops instead of running them (tensors on any device).
 
     Yields a list of :class:`Launch`. ``bench/static_profile.py`` compiles each captured launch
     ahead of time, specialised from its real arguments, so the profile follows the launcher.
+    ``multiprocessors``: plan the launches as on a GPU with that many multiprocessors (the
+    split-key decoding rule depends on it); without it, as on the tensors' device.
     """
-    global _CAPTURE
+    global _CAPTURE, _CAPTURE_SMS
     saved, _CAPTURE = _CAPTURE, []
+    saved_sms, _CAPTURE_SMS = _CAPTURE_SMS, multiprocessors
     try:
         yield _CAPTURE
     finally:
-        _CAPTURE = saved
+        _CAPTURE, _CAPTURE_SMS = saved, saved_sms
 
 
 # ----------------------------------------------------------------------------------------------
@@ -509,9 +513,12 @@ def _decode_splits(lay, device) -> int:
     query blocks alone leave most of the GPU's multiprocessors idle and the keys are long."""
     if "splits" in _FORCED:
         return 1 if lay.varlen else _FORCED["splits"]
-    if lay.varlen or INTERPRET or device.type != "cuda" or lay.T < 4 * _SPLIT_QUANTUM:
+    planned = _CAPTURE is not None and _CAPTURE_SMS is not None
+    if lay.varlen or lay.T < 4 * _SPLIT_QUANTUM or (
+            not planned and (INTERPRET or device.type != "cuda")):
         return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    sms = (_CAPTURE_SMS if planned
+           else torch.cuda.get_device_properties(device).multi_processor_count)
     rows, groups = _forward_rows(lay)
     programs = lay.B * groups * triton.cdiv(rows, 64)
     if programs >= sms:
@@ -576,10 +583,10 @@ def _run_backward(grad_out, q, k, v, P, key_padding_mask, out, lse, L, U, window
                                                              window_left, window_right, scale,
                                                              use_delta, lay, owner, True)
     qk_scale = scale * _LOG2E
-    # per query: lse2 + c·P[t_i, 0], lse2 + c·P[t_i, R-1], lse2, D; rows no query fills (past
+    # per query: D, lse2 + c·P[t_i, 0], lse2 + c·P[t_i, R-1], lse2; rows no query fills (past
     # the end of each element's queries) see no key: D = 0, the others +inf
     rows = torch.full((B, H, 4, tpq), float("inf"), dtype=torch.float32, device=q.device)
-    rows[:, :, ROW_D.value] = 0.0
+    rows[:, :, 0] = 0.0
     # the key-row half [0] and the query-row half [1] of dP, per query head, by key position;
     # padded to TP rows (band tiles store without a row mask)
     TP = meta["TP"]

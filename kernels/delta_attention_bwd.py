@@ -1,10 +1,11 @@
 """Backward Triton kernels of delta attention (flash-attention 2's split into dK/dV and dQ passes).
 
 * ``bwd_rows_kernel``: per query, the float32 row vectors the other two kernels read
-  (``ROWS [B, H, 4, T]``, rows ``ROW_*`` of ``delta_attention_tiles``): ``lse2_i + c·P[i, 0]``,
-  ``lse2_i + c·P[i, R−1]``, ``lse2_i`` (log2-domain lse, ``+inf`` for a query with no visible
-  key, so that ``exp2(t − lse2) = 0`` there) and ``D_i = dout_i·out_i``. The first two turn a far tile's probabilities into one FFMA and one
-  subtraction per element: ``p = exp2(c·q·k + KCOL[e, j] − (lse2_i + c·P[i, e]))``.
+  (``ROWS [B, H, 4, T]``, the layout ``delta_attention_tiles`` describes): ``D_i = dout_i·out_i``,
+  then ``lse2_i + c·P[i, 0]``, ``lse2_i + c·P[i, R−1]`` and ``lse2_i`` (log2-domain lse, ``+inf``
+  for a query with no visible key, so that ``exp2(t − lse2) = 0`` there). The clipped two turn
+  a far tile's probabilities into one FFMA and one subtraction per element:
+  ``p = exp2(c·q·k + KCOL[e, j] − (lse2_i + c·P[i, e]))``.
 * ``bwd_dkdv_kernel``: one program per ``BLOCK_N`` keys, in the transposed orientation
   (``Sᵀ = K·Qᵀ``, ``dPᵀ = V·dOᵀ``): the key block is the matrix instructions' M dimension, and a
   key's bucket sum of ``dS`` is a row reduction inside the accumulator layout. Writes dk, dv and
@@ -22,7 +23,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .delta_attention_tiles import (BAND, FAR_HI, FAR_LO, PLAIN, ROW_D, ROW_HI, ROW_LO, ROW_MID,
+from .delta_attention_tiles import (BAND, FAR_HI, FAR_LO, PLAIN, ROW_HI, ROW_LO, ROW_MID,
                                     band_bias, dot, key_span, loop_tile, run_row, sequence,
                                     split_runs, window_mask)
 
@@ -52,14 +53,14 @@ def bwd_rows_kernel(OUT, DO, LSE, P, ROWS, CU_Q, CU_K, sob, soh, sot, sod, sdb, 
                   other=float("-inf"))
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
     rows = ROWS + pid_bh.to(tl.int64) * 4 * TPQ + offs_m
-    tl.store(rows + ROW_D * TPQ, tl.sum(o * do, 1), mask=mask_m)
-    tl.store(rows + ROW_MID * TPQ, lse2, mask=mask_m)
+    tl.store(rows, tl.sum(o * do, 1), mask=mask_m)
+    tl.store(rows + (ROW_MID + 1) * TPQ, lse2, mask=mask_m)
     if USE_DELTA:
         p_base = P + off_b * spb + k_start * spt + off_h * sph + (offs_m + QOFF) * spt
         p_lo = tl.load(p_base, mask=mask_m, other=0.0).to(tl.float32)
         p_hi = tl.load(p_base + (R - 1), mask=mask_m, other=0.0).to(tl.float32)
-        tl.store(rows + ROW_LO * TPQ, lse2 + p_lo * qk_scale, mask=mask_m)
-        tl.store(rows + ROW_HI * TPQ, lse2 + p_hi * qk_scale, mask=mask_m)
+        tl.store(rows + (ROW_LO + 1) * TPQ, lse2 + p_lo * qk_scale, mask=mask_m)
+        tl.store(rows + (ROW_HI + 1) * TPQ, lse2 + p_hi * qk_scale, mask=mask_m)
 
 
 @triton.jit
@@ -105,7 +106,7 @@ def _dkdv_run(dk, dv, acc_lo, acc_hi, k, v, kc_base, q_base, do_base, rows_base,
               BLOCK_M_PROG: tl.constexpr):
     BLOCK_M: tl.constexpr = loop_tile(BLOCK_M_PROG, MODE, MASKED)
     R = L + U + 1
-    ql_rows = rows_base + run_row(MODE) * TPQ
+    ql_rows = rows_base + (run_row(MODE) + 1) * TPQ
     kcol = tl.load(kc_base + run_row(MODE) * TP + offs_n)  # padded to TP: no mask
     mask_dk = (offs_dk < DK)[:, None]
     mask_dv = (offs_dv < DV)[None, :]
@@ -131,7 +132,7 @@ def _dkdv_run(dk, dv, acc_lo, acc_hi, k, v, kc_base, q_base, do_base, rows_base,
         do = tl.load(do_base + offs_q[:, None] * sdt + offs_dv[None, :] * sdd,
                      mask=mask_m[:, None] & mask_dv, other=0.0)
         dv += dot(pT.to(do.dtype), do, IEEE)
-        Di = tl.load(rows_base + ROW_D * TPQ + offs_q)
+        Di = tl.load(rows_base + offs_q)
         dpT = dot(v, tl.trans(do), IEEE)
         dsT = pT * (dpT - Di[None, :])
         dk += dot(dsT.to(qT.dtype), tl.trans(qT), IEEE)
@@ -300,8 +301,8 @@ def _dq_run(dq, acc_lo, acc_hi, acc_far, q, do, rows_base, k_base, v_base, kc_ba
     R = L + U + 1
     kc = kc_base + run_row(MODE) * TP
     # offs_q: the block's query indices (rows of ROWS); offs_m: their key positions
-    ql = tl.load(rows_base + run_row(MODE) * TPQ + offs_q)  # padded to TPQ: no mask
-    Di = tl.load(rows_base + ROW_D * TPQ + offs_q)
+    ql = tl.load(rows_base + (run_row(MODE) + 1) * TPQ + offs_q)  # padded to TPQ: no mask
+    Di = tl.load(rows_base + offs_q)
     mask_dk = (offs_dk < DK)[:, None]
     mask_dv = (offs_dv < DV)[:, None]
     sel = bucket_selector(BLOCK_N, q.dtype)

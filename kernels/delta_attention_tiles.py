@@ -32,13 +32,13 @@ FAR_HI: tl.constexpr = tl.constexpr(2)  # every pair has j - i >= U: bucket R-1
 PLAIN: tl.constexpr = tl.constexpr(3)  # no delta term at all (use_delta=False)
 
 # Rows of the launcher's float32 row-vector arrays: the per-key KCOL [B, Hp, 3, T] (forward and
-# backward) and the backward's per-query ROWS [B, H, 4, T]. A run of kind MODE reads row
-# run_row(MODE) of both: one mapping serves the key side and the query side.
+# backward) and the backward's per-query ROWS [B, H, 4, T], whose row 0 is D_i = dout_i·out_i.
+# A run of kind MODE adds KCOL row run_row(MODE) and subtracts ROWS row run_row(MODE) + 1: one
+# mapping serves the key side and the query side.
 ROW_LO: tl.constexpr = tl.constexpr(0)  # KCOL: c·P[j, 0] (-inf at padding keys, j >= T);
 #                                         ROWS: lse2_i + c·P[i, 0]
 ROW_HI: tl.constexpr = tl.constexpr(1)  # the same with bucket R-1
 ROW_MID: tl.constexpr = tl.constexpr(2)  # KCOL: 0, or -inf at padding keys; ROWS: lse2_i
-ROW_D: tl.constexpr = tl.constexpr(3)  # ROWS only: D_i = dout_i·out_i
 
 # The interpreter (triton 3.8) computes tl.dot of bfloat16 operands wrongly; there, and only
 # there, bfloat16 operands are widened to float32 first (exact: bf16 products fit in float32).
@@ -58,8 +58,8 @@ def dot(a, b, IEEE: tl.constexpr):
 
 @triton.jit
 def run_row(MODE: tl.constexpr):
-    """The row of KCOL (added to the logits) and of ROWS (subtracted from them in the backward)
-    that a run of tiles of kind MODE reads."""
+    """The row of KCOL (added to the logits) that a run of tiles of kind MODE reads; ROWS row
+    run_row(MODE) + 1 is what the backward subtracts from them."""
     if MODE == FAR_LO:
         return ROW_LO
     elif MODE == FAR_HI:
