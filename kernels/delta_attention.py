@@ -450,6 +450,55 @@ def _key_columns_once(owner, P, key_padding_mask, qk_scale, use_delta, tp, lay, 
     return kcol
 
 
+def _band_reach() -> int:
+    """How far past the clip limits a band run's offsets reach: the largest
+    max(BLOCK_M, stacked rows) + BLOCK_N − 3 of any configuration a launch may run (a band run
+    of a BLOCK_M × BLOCK_N program holds offsets j − i in [−L − reach, U + reach])."""
+    sizes = [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for kind in _SHAPES
+             for c in _configs(kind)]
+    sizes += [(f["BLOCK_M"], f["BLOCK_N"]) for kind, f in _FORCED.items() if kind != "splits"]
+    return max(max(bm, _STACK_MAX_TQ) + bn for bm, bn in sizes) - 3
+
+
+def _shear(P, pk, lay, L, U, tpq):
+    """(S, DMIN): the band tiles' bias, one float32 per (query, offset), so that an unmasked
+    band tile loads one value per pair instead of gathering two rows of P and clamping:
+    ``S[b, h, i, d − DMIN] = PK[t + d, r(d)] − P[t, r(d)]`` for query i at position
+    ``t = Tk − Tq + i``, ``r(d) = clamp(d, −L, U) + L``, d in [DMIN, −DMIN + U − L]
+    (:func:`_band_reach`); 0 where ``t + d`` lies outside the keys or i past the queries. S is
+    [B, Hp, tpq, W] (W = R + 2·reach). PK is P with padding keys' rows zeroed, as the
+    gathering loops read it."""
+    R = L + U + 1
+    reach = _band_reach()
+    dmin = -L - reach
+    dev = P.device
+    d = torch.arange(dmin, dmin + R + 2 * reach, device=dev)
+    r = d.clamp(-L, U) + L
+    qi = torch.arange(tpq, device=dev)
+    Hp = P.shape[1]
+    if lay.varlen:  # P [Total_k, Hp, R]
+        k0, tk = lay.cu_k[:-1].long(), (lay.cu_k[1:] - lay.cu_k[:-1]).long()
+        tq = (lay.cu_q[1:] - lay.cu_q[:-1]).long()
+        flat_p, flat_pk = P, pk
+    else:  # P [B, Hp, T, R] -> rows [B*T, Hp, R]
+        B, T = P.shape[0], P.shape[2]
+        k0 = torch.arange(B, device=dev) * T
+        tk = torch.full((B,), T, device=dev)
+        tq = torch.full((B,), lay.Tq, device=dev)
+        flat_p = P.transpose(1, 2).reshape(B * T, Hp, R)
+        flat_pk = flat_p if pk is P else pk.transpose(1, 2).reshape(B * T, Hp, R)
+    last = max(flat_p.shape[0] - 1, 0)
+    pos = (tk - tq)[:, None] + qi  # [B, tpq]
+    j = pos[:, :, None] + d  # [B, tpq, W]
+    valid = (qi < tq[:, None])[:, :, None] & (j >= 0) & (j < tk[:, None, None])
+    krow = (k0[:, None, None] + j).clamp(0, last)
+    qrow = (k0[:, None] + pos).clamp(0, last)[:, :, None]
+    gk = flat_pk[krow, :, r].float()  # [B, tpq, W, Hp]
+    gq = flat_p[qrow, :, r].float()
+    S = torch.where(valid[..., None], gk - gq, 0.0)
+    return S.permute(0, 3, 1, 2).contiguous(), dmin
+
+
 def _common(q, v, P, key_padding_mask, L, U, window_left, window_right, scale, use_delta, lay,
             owner, backward=False):
     """Launch arguments shared by the kernels (``owner``: the P the caller passed, whose
@@ -477,14 +526,20 @@ def _common(q, v, P, key_padding_mask, L, U, window_left, window_right, scale, u
     pk = P
     if key_padding_mask is not None and use_delta:
         pk = P.masked_fill(key_padding_mask[:, None, :, None], 0.0)
-    meta = dict(H=lay.H, G=lay.H // lay.Hkv, T=T, TQ=Tq, TP=tp, L=L, U=U, lo=lo, hi=hi,
+    if use_delta:
+        sh, dmin = _shear(P, pk, lay, L, U, tpq)
+    else:
+        sh, dmin = kcol, 0  # never read
+    c_strides += (sh.stride(0), 0 if sh.shape[1] == 1 else sh.stride(1))
+    meta = dict(H=lay.H, G=lay.H // lay.Hkv, T=T, TQ=Tq, TP=tp, SW=sh.shape[-1], DMIN=dmin, L=L,
+                U=U, lo=lo, hi=hi,
                 T_KEY=triton.next_power_of_2(T), Q_KEY=triton.next_power_of_2(Tq),
                 W_KEY=triton.next_power_of_2(min(hi - lo + 1, 2 * T)),
                 HAS_PAD=has_pad, USE_DELTA=use_delta, VARLEN=lay.varlen,
                 IEEE=q.dtype == torch.float32, DK=Dk, DV=Dv,
                 BLOCK_DK=max(16, triton.next_power_of_2(Dk)),
                 BLOCK_DV=max(16, triton.next_power_of_2(Dv)))
-    return kv, kcol, pk, c_strides, cu_q, cu_k, tpq, meta
+    return kv, (kcol, sh), pk, c_strides, cu_q, cu_k, tpq, meta
 
 
 #: Keys per split of a decoding forward: a multiple of every key tile.
@@ -544,7 +599,7 @@ def _combine_splits(part, Dv, out, lse):
 def _run_forward(q, k, v, P, key_padding_mask, L, U, window_left, window_right, scale, use_delta,
                  lay, out, lse):
     owner, P = P, P.contiguous()
-    kv, kcol, pk, c_strides, cu_q, cu_k, _, meta = _common(q, v, P, key_padding_mask, L, U,
+    kv, key_arrays, pk, c_strides, cu_q, cu_k, _, meta = _common(q, v, P, key_padding_mask, L, U,
                                                            window_left, window_right, scale,
                                                            use_delta, lay, owner)
     splits = _decode_splits(lay, q.device)
@@ -561,7 +616,7 @@ def _run_forward(q, k, v, P, key_padding_mask, L, U, window_left, window_right, 
         return (triton.cdiv(rows, m["BLOCK_M"]), lay.B * groups, splits)
 
     meta["Q_KEY"] = triton.next_power_of_2(rows)  # the rows BLOCK_M tiles
-    _launch("fwd", grid, q, k, v, P, pk, kcol, kv, out, lse, cu_q, cu_k, part, *lay.strides(q),
+    _launch("fwd", grid, q, k, v, P, pk, *key_arrays, kv, out, lse, cu_q, cu_k, part, *lay.strides(q),
             *lay.strides(k), *lay.strides(v), *lay.p_strides(P), *c_strides, *lay.strides(out),
             *lay.lse_strides(lse), qk_scale=scale * _LOG2E, SPLIT_N=split_n, SPLIT=splits > 1,
             STACK=_stacks(lay), **meta)
@@ -579,7 +634,7 @@ def _run_backward(grad_out, q, k, v, P, key_padding_mask, out, lse, L, U, window
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
-    kv, kcol, pk, c_strides, cu_q, cu_k, tpq, meta = _common(q, v, P, key_padding_mask, L, U,
+    kv, key_arrays, pk, c_strides, cu_q, cu_k, tpq, meta = _common(q, v, P, key_padding_mask, L, U,
                                                              window_left, window_right, scale,
                                                              use_delta, lay, owner, True)
     qk_scale = scale * _LOG2E
@@ -612,10 +667,10 @@ def _run_backward(grad_out, q, k, v, P, key_padding_mask, out, lse, L, U, window
     def grid_m(m):
         return (triton.cdiv(Tq, m["BLOCK_M"]), B * H)
 
-    _launch("dkdv", grid_n, q, k, v, P, pk, kcol, kv, grad_out, rows, dk, dv, dP_halves[0], cu_q,
+    _launch("dkdv", grid_n, q, k, v, P, pk, *key_arrays, kv, grad_out, rows, dk, dv, dP_halves[0], cu_q,
             cu_k, *common, *lay.strides(dk), *lay.strides(dv), scale=scale, qk_scale=qk_scale,
             TPQ=tpq, GROUPED=Hkv != H, **meta)
-    _launch("dq", grid_m, q, k, v, P, pk, kcol, kv, grad_out, rows, dq, dP_halves[1], cu_q, cu_k,
+    _launch("dq", grid_m, q, k, v, P, pk, *key_arrays, kv, grad_out, rows, dq, dP_halves[1], cu_q, cu_k,
             *common, *lay.strides(dq), scale=scale, qk_scale=qk_scale, TPQ=tpq, **meta)
     return dq, dk, dv, (dP_halves.sum(0) if use_delta else None)
 

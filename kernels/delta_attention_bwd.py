@@ -99,8 +99,8 @@ def _band_dP(ds, d, partner_ok, L, U, acc_lo, acc_hi, dp_ptrs, scale, AXIS: tl.c
 
 @triton.jit
 def _dkdv_run(dk, dv, acc_lo, acc_hi, k, v, kc_base, q_base, do_base, rows_base, p_base, pk_base,
-              dp_base,
-              sqt, sqd, sdt, sdd, spt, offs_n, offs_dk, offs_dv, m_start, m_end, T, TP, TQ, QOFF,
+              dp_base, sh_base,
+              sqt, sqd, sdt, sdd, spt, offs_n, offs_dk, offs_dv, m_start, m_end, T, TP, SW, TQ, QOFF,
               TPQ, L, U, lo, hi, scale, qk_scale, MODE: tl.constexpr, MASKED: tl.constexpr,
               IEEE: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
               BLOCK_M_PROG: tl.constexpr):
@@ -120,7 +120,10 @@ def _dkdv_run(dk, dv, acc_lo, acc_hi, k, v, kc_base, q_base, do_base, rows_base,
                      mask=mask_m[None, :] & mask_dk, other=0.0)
         ql = tl.load(ql_rows + offs_q)  # padded to TPQ: no mask
         sT = dot(k, qT, IEEE)  # [BLOCK_N, BLOCK_M]
-        if MODE == BAND:
+        if MODE == BAND and not MASKED:  # one float32 load per pair from the shear array
+            bias = tl.load((sh_base + offs_q * (SW - 1))[None, :] + offs_n[:, None])
+            t = (sT + bias) * qk_scale + kcol[:, None]
+        elif MODE == BAND:
             bias = band_bias(pq_base, pk_base, spt, offs_q[None, :], offs_n[:, None],
                              offs_nq[:, None] - offs_q[None, :], TQ, T, L, U)
             t = (sT + bias) * qk_scale + kcol[:, None]
@@ -149,10 +152,10 @@ def _dkdv_run(dk, dv, acc_lo, acc_hi, k, v, kc_base, q_base, do_base, rows_base,
 
 
 @triton.jit
-def _dkdv_head(dk, dv, k, v, off_b, off_h, q_start, k_start, Q, P, PK, KCOL, DO, ROWS, DPK, sqh, sqb,
-               sqt, sqd, spb, sph,
-               spt, scb, sch, sdb, sdh, sdt, sdd, offs_n, mask_n, offs_dk, offs_dv, start_m,
-               e1, b1, b2, e2, end_m, H, T, TQ, QOFF, TP, TPQ, L, U, lo, hi, scale, qk_scale,
+def _dkdv_head(dk, dv, k, v, off_b, off_h, q_start, k_start, Q, P, PK, KCOL, SH, DO, ROWS, DPK,
+               sqh, sqb, sqt, sqd, spb, sph,
+               spt, scb, sch, shb, shh, sdb, sdh, sdt, sdd, offs_n, mask_n, offs_dk, offs_dv,
+               start_m, e1, b1, b2, e2, end_m, H, T, TQ, QOFF, TP, SW, DMIN, TPQ, L, U, lo, hi, scale, qk_scale,
                USE_DELTA: tl.constexpr, IEEE: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One query head's share of a key block: dk, dv accumulate; the key rows of its dP."""
@@ -161,6 +164,8 @@ def _dkdv_head(dk, dv, k, v, off_b, off_h, q_start, k_start, Q, P, PK, KCOL, DO,
     p_base = P + off_b * spb + k_start * spt + off_h * sph
     pk_base = PK + off_b * spb + k_start * spt + off_h * sph  # key rows: 0 at padding keys
     kc_base = KCOL + off_b * scb + off_h * sch
+    # + query index i·(SW − 1) + key index j: S[i, j − (QOFF + i) − DMIN]
+    sh_base = SH + off_b * shb + off_h * shh - QOFF - DMIN
     dp_base = DPK + bh * TP * R  # contiguous float32 [B*H, TP, R]
     rows_base = ROWS + bh * 4 * TPQ
     q_base = Q + off_b * sqb + q_start * sqt + off_h * sqh
@@ -170,28 +175,28 @@ def _dkdv_head(dk, dv, k, v, off_b, off_h, q_start, k_start, Q, P, PK, KCOL, DO,
     if USE_DELTA:
         dk, dv, acc_lo, acc_hi = _dkdv_run(
             dk, dv, acc_lo, acc_hi, k, v, kc_base, q_base, do_base, rows_base, p_base, pk_base,
-            dp_base, sqt, sqd, sdt, sdd, spt, offs_n, offs_dk, offs_dv, start_m,
-            e1, T, TP, TQ, QOFF, TPQ, L, U, lo, hi, scale, qk_scale, BAND, True, IEEE,
+            dp_base, sh_base, sqt, sqd, sdt, sdd, spt, offs_n, offs_dk, offs_dv, start_m,
+            e1, T, TP, SW, TQ, QOFF, TPQ, L, U, lo, hi, scale, qk_scale, BAND, True, IEEE,
             DK, DV, BLOCK_M)
         dk, dv, acc_lo, acc_hi = _dkdv_run(
             dk, dv, acc_lo, acc_hi, k, v, kc_base, q_base, do_base, rows_base, p_base, pk_base,
-            dp_base, sqt, sqd, sdt, sdd, spt, offs_n, offs_dk, offs_dv, e1,
-            b1, T, TP, TQ, QOFF, TPQ, L, U, lo, hi, scale, qk_scale, FAR_HI, False, IEEE,
+            dp_base, sh_base, sqt, sqd, sdt, sdd, spt, offs_n, offs_dk, offs_dv, e1,
+            b1, T, TP, SW, TQ, QOFF, TPQ, L, U, lo, hi, scale, qk_scale, FAR_HI, False, IEEE,
             DK, DV, BLOCK_M)
         dk, dv, acc_lo, acc_hi = _dkdv_run(
             dk, dv, acc_lo, acc_hi, k, v, kc_base, q_base, do_base, rows_base, p_base, pk_base,
-            dp_base, sqt, sqd, sdt, sdd, spt, offs_n, offs_dk, offs_dv, b1,
-            b2, T, TP, TQ, QOFF, TPQ, L, U, lo, hi, scale, qk_scale, BAND, False, IEEE,
+            dp_base, sh_base, sqt, sqd, sdt, sdd, spt, offs_n, offs_dk, offs_dv, b1,
+            b2, T, TP, SW, TQ, QOFF, TPQ, L, U, lo, hi, scale, qk_scale, BAND, False, IEEE,
             DK, DV, BLOCK_M)
         dk, dv, acc_lo, acc_hi = _dkdv_run(
             dk, dv, acc_lo, acc_hi, k, v, kc_base, q_base, do_base, rows_base, p_base, pk_base,
-            dp_base, sqt, sqd, sdt, sdd, spt, offs_n, offs_dk, offs_dv, b2,
-            e2, T, TP, TQ, QOFF, TPQ, L, U, lo, hi, scale, qk_scale, FAR_LO, False, IEEE,
+            dp_base, sh_base, sqt, sqd, sdt, sdd, spt, offs_n, offs_dk, offs_dv, b2,
+            e2, T, TP, SW, TQ, QOFF, TPQ, L, U, lo, hi, scale, qk_scale, FAR_LO, False, IEEE,
             DK, DV, BLOCK_M)
         dk, dv, acc_lo, acc_hi = _dkdv_run(
             dk, dv, acc_lo, acc_hi, k, v, kc_base, q_base, do_base, rows_base, p_base, pk_base,
-            dp_base, sqt, sqd, sdt, sdd, spt, offs_n, offs_dk, offs_dv, e2,
-            end_m, T, TP, TQ, QOFF, TPQ, L, U, lo, hi, scale, qk_scale, BAND, True, IEEE,
+            dp_base, sh_base, sqt, sqd, sdt, sdd, spt, offs_n, offs_dk, offs_dv, e2,
+            end_m, T, TP, SW, TQ, QOFF, TPQ, L, U, lo, hi, scale, qk_scale, BAND, True, IEEE,
             DK, DV, BLOCK_M)
         if R == 1:
             tl.store(dp_base + offs_n * R, (acc_lo + acc_hi) * scale, mask=mask_n)
@@ -201,28 +206,28 @@ def _dkdv_head(dk, dv, k, v, off_b, off_h, q_start, k_start, Q, P, PK, KCOL, DO,
     else:  # plain flash attention: no P traffic at all
         dk, dv, acc_lo, acc_hi = _dkdv_run(
             dk, dv, acc_lo, acc_hi, k, v, kc_base, q_base, do_base, rows_base, p_base, pk_base,
-            dp_base, sqt, sqd, sdt, sdd, spt, offs_n, offs_dk, offs_dv, start_m,
-            e1, T, TP, TQ, QOFF, TPQ, L, U, lo, hi, scale, qk_scale, PLAIN, True, IEEE,
+            dp_base, sh_base, sqt, sqd, sdt, sdd, spt, offs_n, offs_dk, offs_dv, start_m,
+            e1, T, TP, SW, TQ, QOFF, TPQ, L, U, lo, hi, scale, qk_scale, PLAIN, True, IEEE,
             DK, DV, BLOCK_M)
         dk, dv, acc_lo, acc_hi = _dkdv_run(
             dk, dv, acc_lo, acc_hi, k, v, kc_base, q_base, do_base, rows_base, p_base, pk_base,
-            dp_base, sqt, sqd, sdt, sdd, spt, offs_n, offs_dk, offs_dv, e1,
-            e2, T, TP, TQ, QOFF, TPQ, L, U, lo, hi, scale, qk_scale, PLAIN, False, IEEE,
+            dp_base, sh_base, sqt, sqd, sdt, sdd, spt, offs_n, offs_dk, offs_dv, e1,
+            e2, T, TP, SW, TQ, QOFF, TPQ, L, U, lo, hi, scale, qk_scale, PLAIN, False, IEEE,
             DK, DV, BLOCK_M)
         dk, dv, acc_lo, acc_hi = _dkdv_run(
             dk, dv, acc_lo, acc_hi, k, v, kc_base, q_base, do_base, rows_base, p_base, pk_base,
-            dp_base, sqt, sqd, sdt, sdd, spt, offs_n, offs_dk, offs_dv, e2,
-            end_m, T, TP, TQ, QOFF, TPQ, L, U, lo, hi, scale, qk_scale, PLAIN, True, IEEE,
+            dp_base, sh_base, sqt, sqd, sdt, sdd, spt, offs_n, offs_dk, offs_dv, e2,
+            end_m, T, TP, SW, TQ, QOFF, TPQ, L, U, lo, hi, scale, qk_scale, PLAIN, True, IEEE,
             DK, DV, BLOCK_M)
     return dk, dv
 
 
 @triton.jit
-def bwd_dkdv_kernel(Q, K, V, P, PK, KCOL, KV, DO, ROWS, DK_OUT, DV_OUT, DPK, CU_Q, CU_K,
+def bwd_dkdv_kernel(Q, K, V, P, PK, KCOL, SH, KV, DO, ROWS, DK_OUT, DV_OUT, DPK, CU_Q, CU_K,
                     sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd,
-                    spb, sph, spt, scb, sch, sdb, sdh, sdt, sdd,
+                    spb, sph, spt, scb, sch, shb, shh, sdb, sdh, sdt, sdd,
                     sgkb, sgkh, sgkt, sgkd, sgvb, sgvh, sgvt, sgvd,
-                    H, G, T, TQ, TP, TPQ, L, U, lo, hi, scale, qk_scale, T_KEY, Q_KEY,
+                    H, G, T, TQ, TP, SW, DMIN, TPQ, L, U, lo, hi, scale, qk_scale, T_KEY, Q_KEY,
                     W_KEY, HAS_PAD: tl.constexpr, USE_DELTA: tl.constexpr, VARLEN: tl.constexpr,
                     IEEE: tl.constexpr, GROUPED: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
                     BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -268,18 +273,18 @@ def bwd_dkdv_kernel(Q, K, V, P, PK, KCOL, KV, DO, ROWS, DK_OUT, DV_OUT, DPK, CU_
     b1, b2 = split_runs(e1, e2, n0q - U - BLOCK_M + 2, n0q + BLOCK_N - 1 + L, BLOCK_M)
     if GROUPED:  # the G query heads of the key/value head, summed in registers
         for hh in range(0, G):
-            dk, dv = _dkdv_head(dk, dv, k, v, off_b, off_g * G + hh, q_start, k_start, Q, P, PK, KCOL, DO, ROWS,
-                                DPK,
-                                sqh, sqb, sqt, sqd, spb, sph, spt, scb, sch, sdb, sdh, sdt, sdd,
-                                offs_n, mask_n, offs_dk, offs_dv, start_m, e1, b1, b2, e2,
-                                end_m, H, T, TQ, QOFF, TP, TPQ, L, U, lo, hi, scale, qk_scale,
+            dk, dv = _dkdv_head(dk, dv, k, v, off_b, off_g * G + hh, q_start, k_start, Q, P, PK,
+                                KCOL, SH, DO, ROWS, DPK,
+                                sqh, sqb, sqt, sqd, spb, sph, spt, scb, sch, shb, shh, sdb, sdh,
+                                sdt, sdd, offs_n, mask_n, offs_dk, offs_dv, start_m, e1, b1, b2,
+                                e2, end_m, H, T, TQ, QOFF, TP, SW, DMIN, TPQ, L, U, lo, hi, scale, qk_scale,
                                 USE_DELTA, IEEE, DK, DV, BLOCK_M, BLOCK_N)
     else:
-        dk, dv = _dkdv_head(dk, dv, k, v, off_b, off_g, q_start, k_start, Q, P, PK, KCOL, DO, ROWS,
-                                DPK, sqh, sqb, sqt,
-                            sqd, spb, sph, spt, scb, sch, sdb, sdh, sdt, sdd, offs_n, mask_n,
-                            offs_dk, offs_dv, start_m, e1, b1, b2, e2, end_m, H, T, TQ,
-                            QOFF, TP, TPQ, L, U, lo, hi, scale, qk_scale, USE_DELTA, IEEE, DK,
+        dk, dv = _dkdv_head(dk, dv, k, v, off_b, off_g, q_start, k_start, Q, P, PK, KCOL, SH, DO,
+                            ROWS, DPK, sqh, sqb, sqt,
+                            sqd, spb, sph, spt, scb, sch, shb, shh, sdb, sdh, sdt, sdd, offs_n,
+                            mask_n, offs_dk, offs_dv, start_m, e1, b1, b2, e2, end_m, H, T, TQ,
+                            QOFF, TP, SW, DMIN, TPQ, L, U, lo, hi, scale, qk_scale, USE_DELTA, IEEE, DK,
                             DV, BLOCK_M, BLOCK_N)
 
     # A padding key has probability 0 everywhere (KCOL is -inf there), hence dk = dv = 0.
@@ -293,7 +298,7 @@ def bwd_dkdv_kernel(Q, K, V, P, PK, KCOL, KV, DO, ROWS, DK_OUT, DV_OUT, DPK, CU_
 
 @triton.jit
 def _dq_run(dq, acc_lo, acc_hi, acc_far, q, do, rows_base, k_base, v_base, kc_base, p_base, pk_base,
-            dp_base,
+            dp_base, sh_base,
             skt, skd, svt, svd, spt, offs_q, offs_m, offs_dk, offs_dv, n_start, n_end, T, TP,
             TPQ, L, U, lo, hi, scale, qk_scale, MODE: tl.constexpr, MASKED: tl.constexpr,
             IEEE: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BLOCK_N_PROG: tl.constexpr):
@@ -313,7 +318,9 @@ def _dq_run(dq, acc_lo, acc_hi, acc_far, q, do, rows_base, k_base, v_base, kc_ba
                      mask=mask_n[None, :] & mask_dk, other=0.0)
         kcol = tl.load(kc + offs_n)  # padded to TP: no mask
         s = dot(q, kT, IEEE)  # [BLOCK_M, BLOCK_N]
-        if MODE == BAND:
+        if MODE == BAND and not MASKED:  # one float32 load per pair from the shear array
+            t = (s + tl.load(sh_base + offs_n[None, :])) * qk_scale + kcol[None, :]
+        elif MODE == BAND:
             bias = band_bias(p_base, pk_base, spt, offs_m[:, None], offs_n[None, :],
                              offs_n[None, :] - offs_m[:, None], T, T, L, U)
             t = (s + bias) * qk_scale + kcol[None, :]
@@ -338,10 +345,10 @@ def _dq_run(dq, acc_lo, acc_hi, acc_far, q, do, rows_base, k_base, v_base, kc_ba
 
 
 @triton.jit
-def bwd_dq_kernel(Q, K, V, P, PK, KCOL, KV, DO, ROWS, DQ_OUT, DPQ, CU_Q, CU_K,
+def bwd_dq_kernel(Q, K, V, P, PK, KCOL, SH, KV, DO, ROWS, DQ_OUT, DPQ, CU_Q, CU_K,
                   sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd,
-                  spb, sph, spt, scb, sch, sdb, sdh, sdt, sdd, sgqb, sgqh, sgqt, sgqd,
-                  H, G, T, TQ, TP, TPQ, L, U, lo, hi, scale, qk_scale, T_KEY, Q_KEY, W_KEY,
+                  spb, sph, spt, scb, sch, shb, shh, sdb, sdh, sdt, sdd, sgqb, sgqh, sgqt, sgqd,
+                  H, G, T, TQ, TP, SW, DMIN, TPQ, L, U, lo, hi, scale, qk_scale, T_KEY, Q_KEY, W_KEY,
                   HAS_PAD: tl.constexpr, USE_DELTA: tl.constexpr, VARLEN: tl.constexpr,
                   IEEE: tl.constexpr,
                   DK: tl.constexpr, DV: tl.constexpr, BLOCK_DK: tl.constexpr,
@@ -368,6 +375,8 @@ def bwd_dq_kernel(Q, K, V, P, PK, KCOL, KV, DO, ROWS, DQ_OUT, DPQ, CU_Q, CU_K,
     mask_m = offs_q < TQ
     m0 = pid_m * BLOCK_M + QOFF  # positions from here on
     offs_m = offs_q + QOFF
+    # + key index j: S[i, j − (QOFF + i) − DMIN] (delta_attention_tiles)
+    sh_base = (SH + off_b * shb + off_h * shh + offs_q * (SW - 1) - QOFF - DMIN)[:, None]
     offs_dk = tl.arange(0, BLOCK_DK)
     offs_dv = tl.arange(0, BLOCK_DV)
     mask_dk = offs_dk < DK
@@ -391,25 +400,25 @@ def bwd_dq_kernel(Q, K, V, P, PK, KCOL, KV, DO, ROWS, DQ_OUT, DPQ, CU_Q, CU_K,
         b1, b2 = split_runs(e1, e2, m0 - L - BLOCK_N + 2, m0 + BLOCK_M - 1 + U, BLOCK_N)
         dq, acc_lo, acc_hi, acc_far = _dq_run(
             dq, acc_lo, acc_hi, acc_far, q, do, rows_base, k_base, v_base, kc_base, p_base, pk_base,
-            dp_base, skt, skd, svt, svd, spt, offs_q, offs_m, offs_dk, offs_dv, start_n, e1, T, TP,
+            dp_base, sh_base, skt, skd, svt, svd, spt, offs_q, offs_m, offs_dk, offs_dv, start_n, e1, T, TP,
             TPQ, L, U, lo, hi, scale, qk_scale, BAND, True, IEEE, DK, DV, BLOCK_N)
         dq, acc_lo, acc_hi, acc_far = _dq_run(
             dq, acc_lo, acc_hi, acc_far, q, do, rows_base, k_base, v_base, kc_base, p_base, pk_base,
-            dp_base, skt, skd, svt, svd, spt, offs_q, offs_m, offs_dk, offs_dv, e1, b1, T, TP,
+            dp_base, sh_base, skt, skd, svt, svd, spt, offs_q, offs_m, offs_dk, offs_dv, e1, b1, T, TP,
             TPQ, L, U, lo, hi, scale, qk_scale, FAR_LO, False, IEEE, DK, DV, BLOCK_N)
         acc_lo, acc_far = take_far_sums(acc_lo, acc_far)
         dq, acc_lo, acc_hi, acc_far = _dq_run(
             dq, acc_lo, acc_hi, acc_far, q, do, rows_base, k_base, v_base, kc_base, p_base, pk_base,
-            dp_base, skt, skd, svt, svd, spt, offs_q, offs_m, offs_dk, offs_dv, b1, b2, T, TP,
+            dp_base, sh_base, skt, skd, svt, svd, spt, offs_q, offs_m, offs_dk, offs_dv, b1, b2, T, TP,
             TPQ, L, U, lo, hi, scale, qk_scale, BAND, False, IEEE, DK, DV, BLOCK_N)
         dq, acc_lo, acc_hi, acc_far = _dq_run(
             dq, acc_lo, acc_hi, acc_far, q, do, rows_base, k_base, v_base, kc_base, p_base, pk_base,
-            dp_base, skt, skd, svt, svd, spt, offs_q, offs_m, offs_dk, offs_dv, b2, e2, T, TP,
+            dp_base, sh_base, skt, skd, svt, svd, spt, offs_q, offs_m, offs_dk, offs_dv, b2, e2, T, TP,
             TPQ, L, U, lo, hi, scale, qk_scale, FAR_HI, False, IEEE, DK, DV, BLOCK_N)
         acc_hi, acc_far = take_far_sums(acc_hi, acc_far)
         dq, acc_lo, acc_hi, acc_far = _dq_run(
             dq, acc_lo, acc_hi, acc_far, q, do, rows_base, k_base, v_base, kc_base, p_base, pk_base,
-            dp_base, skt, skd, svt, svd, spt, offs_q, offs_m, offs_dk, offs_dv, e2, end_n, T, TP,
+            dp_base, sh_base, skt, skd, svt, svd, spt, offs_q, offs_m, offs_dk, offs_dv, e2, end_n, T, TP,
             TPQ, L, U, lo, hi, scale, qk_scale, BAND, True, IEEE, DK, DV, BLOCK_N)
         if R == 1:
             tl.store(dp_base + offs_m * R, -(acc_lo + acc_hi) * scale, mask=mask_m)
@@ -419,15 +428,15 @@ def bwd_dq_kernel(Q, K, V, P, PK, KCOL, KV, DO, ROWS, DQ_OUT, DPQ, CU_Q, CU_K,
     else:  # plain flash attention: no P traffic at all
         dq, acc_lo, acc_hi, acc_far = _dq_run(
             dq, acc_lo, acc_hi, acc_far, q, do, rows_base, k_base, v_base, kc_base, p_base, pk_base,
-            dp_base, skt, skd, svt, svd, spt, offs_q, offs_m, offs_dk, offs_dv, start_n, e1, T, TP,
+            dp_base, sh_base, skt, skd, svt, svd, spt, offs_q, offs_m, offs_dk, offs_dv, start_n, e1, T, TP,
             TPQ, L, U, lo, hi, scale, qk_scale, PLAIN, True, IEEE, DK, DV, BLOCK_N)
         dq, acc_lo, acc_hi, acc_far = _dq_run(
             dq, acc_lo, acc_hi, acc_far, q, do, rows_base, k_base, v_base, kc_base, p_base, pk_base,
-            dp_base, skt, skd, svt, svd, spt, offs_q, offs_m, offs_dk, offs_dv, e1, e2, T, TP,
+            dp_base, sh_base, skt, skd, svt, svd, spt, offs_q, offs_m, offs_dk, offs_dv, e1, e2, T, TP,
             TPQ, L, U, lo, hi, scale, qk_scale, PLAIN, False, IEEE, DK, DV, BLOCK_N)
         dq, acc_lo, acc_hi, acc_far = _dq_run(
             dq, acc_lo, acc_hi, acc_far, q, do, rows_base, k_base, v_base, kc_base, p_base, pk_base,
-            dp_base, skt, skd, svt, svd, spt, offs_q, offs_m, offs_dk, offs_dv, e2, end_n, T, TP,
+            dp_base, sh_base, skt, skd, svt, svd, spt, offs_q, offs_m, offs_dk, offs_dv, e2, end_n, T, TP,
             TPQ, L, U, lo, hi, scale, qk_scale, PLAIN, True, IEEE, DK, DV, BLOCK_N)
     gq_base = DQ_OUT + off_b * sgqb + q_start * sgqt + off_h * sgqh
     tl.store(gq_base + offs_q[:, None] * sgqt + offs_dk[None, :] * sgqd,

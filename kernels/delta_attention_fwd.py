@@ -24,7 +24,7 @@ from .delta_attention_tiles import (BAND, FAR_HI, FAR_LO, PLAIN, band_bias, dot,
 
 
 @triton.jit
-def _fwd_run(acc, l_i, m_i, q, qrow, k_base, v_base, p_base, pk_base, kc_base, skt, skd, svt, svd, spt,
+def _fwd_run(acc, l_i, m_i, q, qrow, k_base, v_base, p_base, pk_base, kc_base, sh_base, skt, skd, svt, svd, spt,
              offs_m, offs_dk, offs_dv, n_start, n_end, T, TP, L, U, lo, hi, qk_scale,
              MODE: tl.constexpr, MASKED: tl.constexpr, IEEE: tl.constexpr, DK: tl.constexpr,
              DV: tl.constexpr, BLOCK_N_PROG: tl.constexpr):
@@ -44,7 +44,9 @@ def _fwd_run(acc, l_i, m_i, q, qrow, k_base, v_base, p_base, pk_base, kc_base, s
                      mask=mask_n[None, :] & mask_dk, other=0.0)
         kcol = tl.load(kc + offs_n[None, :])  # padded to TP: no mask; [1, N], or [M, N] stacked
         qk = dot(q, kT, IEEE)
-        if MODE == BAND:
+        if MODE == BAND and not MASKED:  # one float32 load per pair from the shear array
+            t = (qk + tl.load(sh_base + offs_n[None, :])) * qk_scale + kcol
+        elif MODE == BAND:
             bias = band_bias(p_base, pk_base, spt, offs_m[:, None], offs_n[None, :],
                              offs_n[None, :] - offs_m[:, None], T, T, L, U)
             t = (qk + bias) * qk_scale + kcol
@@ -67,10 +69,10 @@ def _fwd_run(acc, l_i, m_i, q, qrow, k_base, v_base, p_base, pk_base, kc_base, s
 
 
 @triton.jit
-def fwd_kernel(Q, K, V, P, PK, KCOL, KV, OUT, LSE, CU_Q, CU_K, PART,
+def fwd_kernel(Q, K, V, P, PK, KCOL, SH, KV, OUT, LSE, CU_Q, CU_K, PART,
                sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd,
-               spb, sph, spt, scb, sch, sob, soh, sot, sod, slb, slh, slt,
-               H, G, T, TQ, TP, L, U, lo, hi, qk_scale, SPLIT_N, T_KEY, Q_KEY, W_KEY,
+               spb, sph, spt, scb, sch, shb, shh, sob, soh, sot, sod, slb, slh, slt,
+               H, G, T, TQ, TP, SW, DMIN, L, U, lo, hi, qk_scale, SPLIT_N, T_KEY, Q_KEY, W_KEY,
                HAS_PAD: tl.constexpr, USE_DELTA: tl.constexpr, VARLEN: tl.constexpr,
                SPLIT: tl.constexpr, STACK: tl.constexpr, IEEE: tl.constexpr, DK: tl.constexpr,
                DV: tl.constexpr, BLOCK_DK: tl.constexpr,
@@ -117,6 +119,8 @@ def fwd_kernel(Q, K, V, P, PK, KCOL, KV, OUT, LSE, CU_Q, CU_K, PART,
     p_rows = P + off_b * spb + k_start * spt + row_h * sph
     pk_rows = PK + off_b * spb + k_start * spt + row_h * sph  # key rows: 0 at padding keys
     kc_rows = KCOL + off_b * scb + row_h * sch
+    # + key index j: the shear array's S[i, j − (QOFF + i) − DMIN] (delta_attention_tiles)
+    sh_base = (SH + off_b * shb + row_h * shh + offs_q * (SW - 1) - QOFF - DMIN)[:, None]
     if STACK:
         p_base = p_rows[:, None]
         pk_base = pk_rows[:, None]
@@ -155,36 +159,36 @@ def fwd_kernel(Q, K, V, P, PK, KCOL, KV, OUT, LSE, CU_Q, CU_K, PART,
         qrow_hi = qrow_hi * qk_scale
         # far-low: j - i <= -L for the whole tile; far-high: j - i >= U for the whole tile
         b1, b2 = split_runs(e1, e2, m0 - L - BLOCK_N + 2, m0 + m_span - 1 + U, BLOCK_N)
-        acc, l_i, m_i = _fwd_run(acc, l_i, m_i, q, qrow_lo, k_base, v_base, p_base, pk_base, kc_base,
+        acc, l_i, m_i = _fwd_run(acc, l_i, m_i, q, qrow_lo, k_base, v_base, p_base, pk_base, kc_base, sh_base,
                                  skt, skd, svt, svd, spt, offs_m, offs_dk, offs_dv,
                                  start_n, e1, T, TP, L, U, lo, hi, qk_scale, BAND, True, IEEE, DK,
                                  DV, BLOCK_N)
-        acc, l_i, m_i = _fwd_run(acc, l_i, m_i, q, qrow_lo, k_base, v_base, p_base, pk_base, kc_base,
+        acc, l_i, m_i = _fwd_run(acc, l_i, m_i, q, qrow_lo, k_base, v_base, p_base, pk_base, kc_base, sh_base,
                                  skt, skd, svt, svd, spt, offs_m, offs_dk, offs_dv,
                                  e1, b1, T, TP, L, U, lo, hi, qk_scale, FAR_LO, False, IEEE, DK, DV,
                                  BLOCK_N)
-        acc, l_i, m_i = _fwd_run(acc, l_i, m_i, q, qrow_lo, k_base, v_base, p_base, pk_base, kc_base,
+        acc, l_i, m_i = _fwd_run(acc, l_i, m_i, q, qrow_lo, k_base, v_base, p_base, pk_base, kc_base, sh_base,
                                  skt, skd, svt, svd, spt, offs_m, offs_dk, offs_dv,
                                  b1, b2, T, TP, L, U, lo, hi, qk_scale, BAND, False, IEEE, DK, DV,
                                  BLOCK_N)
-        acc, l_i, m_i = _fwd_run(acc, l_i, m_i, q, qrow_hi, k_base, v_base, p_base, pk_base, kc_base,
+        acc, l_i, m_i = _fwd_run(acc, l_i, m_i, q, qrow_hi, k_base, v_base, p_base, pk_base, kc_base, sh_base,
                                  skt, skd, svt, svd, spt, offs_m, offs_dk, offs_dv,
                                  b2, e2, T, TP, L, U, lo, hi, qk_scale, FAR_HI, False, IEEE, DK, DV,
                                  BLOCK_N)
-        acc, l_i, m_i = _fwd_run(acc, l_i, m_i, q, qrow_hi, k_base, v_base, p_base, pk_base, kc_base,
+        acc, l_i, m_i = _fwd_run(acc, l_i, m_i, q, qrow_hi, k_base, v_base, p_base, pk_base, kc_base, sh_base,
                                  skt, skd, svt, svd, spt, offs_m, offs_dk, offs_dv,
                                  e2, end_n, T, TP, L, U, lo, hi, qk_scale, BAND, True, IEEE, DK, DV,
                                  BLOCK_N)
     else:  # plain flash attention: no P traffic at all
-        acc, l_i, m_i = _fwd_run(acc, l_i, m_i, q, l_i, k_base, v_base, p_base, pk_base, kc_base, skt,
+        acc, l_i, m_i = _fwd_run(acc, l_i, m_i, q, l_i, k_base, v_base, p_base, pk_base, kc_base, sh_base, skt,
                                  skd, svt, svd, spt, offs_m, offs_dk, offs_dv,
                                  start_n, e1, T, TP, L, U, lo, hi, qk_scale, PLAIN, True, IEEE, DK,
                                  DV, BLOCK_N)
-        acc, l_i, m_i = _fwd_run(acc, l_i, m_i, q, l_i, k_base, v_base, p_base, pk_base, kc_base, skt,
+        acc, l_i, m_i = _fwd_run(acc, l_i, m_i, q, l_i, k_base, v_base, p_base, pk_base, kc_base, sh_base, skt,
                                  skd, svt, svd, spt, offs_m, offs_dk, offs_dv, e1, e2,
                                  T, TP, L, U, lo, hi, qk_scale, PLAIN, False, IEEE, DK, DV,
                                  BLOCK_N)
-        acc, l_i, m_i = _fwd_run(acc, l_i, m_i, q, l_i, k_base, v_base, p_base, pk_base, kc_base, skt,
+        acc, l_i, m_i = _fwd_run(acc, l_i, m_i, q, l_i, k_base, v_base, p_base, pk_base, kc_base, sh_base, skt,
                                  skd, svt, svd, spt, offs_m, offs_dk, offs_dv, e2,
                                  end_n, T, TP, L, U, lo, hi, qk_scale, PLAIN, True, IEEE, DK, DV,
                                  BLOCK_N)
