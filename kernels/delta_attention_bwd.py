@@ -82,15 +82,19 @@ def take_far_sums(acc, acc_far):
 
 
 @triton.jit
-def _band_dP(ds, d, partner_ok, L, U, acc_lo, acc_hi, dp_ptrs, scale, AXIS: tl.constexpr):
+def _band_dP(ds, d, partner_ok, L, U, acc_lo, acc_hi, dp_ptrs, scale, AXIS: tl.constexpr,
+             ENDS: tl.constexpr):
     """A band tile's share of dP: the clipped pairs summed into acc_lo / acc_hi along AXIS (the
     partner axis), the unclipped ones stored (one partner per row and bucket) at dp_ptrs + d.
 
     Partners past the end of the sequence (``partner_ok`` False) are no pairs: their dS is 0
     for finite inputs, but a non-finite row makes it NaN (NaN·0 in q·k), which must reach no
-    bucket (the spec's non-finite rule), hence the select. Rows past the end land in the dP
+    bucket (the spec's non-finite rule), hence the select — in the tiles that can hold such
+    partners (ENDS; the dK/dV kernel gives every query tile that crosses the end of the queries
+    to its masked loops, so its unmasked band tiles skip it). Rows past the end land in the dP
     buffer's padding rows."""
-    ds = tl.where(partner_ok, ds, 0.0)
+    if ENDS:
+        ds = tl.where(partner_ok, ds, 0.0)
     acc_lo += tl.sum(tl.where(d <= -L, ds, 0.0), AXIS)
     acc_hi += tl.sum(tl.where((d >= U) & (d > -L), ds, 0.0), AXIS)
     tl.store(dp_ptrs + d, ds * scale, mask=(d > -L) & (d < U))
@@ -147,7 +151,7 @@ def _dkdv_run(dk, dv, acc_lo, acc_hi, k, v, kc_base, q_base, do_base, rows_base,
         elif MODE == BAND:
             acc_lo, acc_hi = _band_dP(dsT, offs_nq[:, None] - offs_q[None, :], mask_m[None, :], L, U,
                                       acc_lo, acc_hi,
-                                      dp_base + offs_n[:, None] * R + L, scale, 1)
+                                      dp_base + offs_n[:, None] * R + L, scale, 1, MASKED)
     return dk, dv, acc_lo, acc_hi
 
 
@@ -269,6 +273,7 @@ def bwd_dkdv_kernel(Q, K, V, P, PK, KCOL, SH, KV, DO, ROWS, DK_OUT, DV_OUT, DPK,
     # ascending i, so descending j - i: query tiles crossing the window's upper edge, unmasked
     # tiles, then tiles crossing its lower edge
     e1, e2 = split_runs(start_m, end_m, n0q + BLOCK_N - 1 - hi, n0q - BLOCK_M + 2 - lo, BLOCK_M)
+    e2 = tl.maximum(tl.minimum(e2, TQ // BLOCK_M * BLOCK_M), e1)  # the last tile: masked
     # far-high (j - i >= U) first, then the band, then far-low (j - i <= -L)
     b1, b2 = split_runs(e1, e2, n0q - U - BLOCK_M + 2, n0q + BLOCK_N - 1 + L, BLOCK_M)
     if GROUPED:  # the G query heads of the key/value head, summed in registers
@@ -340,7 +345,7 @@ def _dq_run(dq, acc_lo, acc_hi, acc_far, q, do, rows_base, k_base, v_base, kc_ba
         elif MODE == BAND:
             acc_lo, acc_hi = _band_dP(ds, offs_n[None, :] - offs_m[:, None], mask_n[None, :], L, U,
                                       acc_lo, acc_hi,
-                                      dp_base + offs_m[:, None] * R + L, -scale, 1)
+                                      dp_base + offs_m[:, None] * R + L, -scale, 1, True)
     return dq, acc_lo, acc_hi, acc_far
 
 
