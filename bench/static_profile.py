@@ -718,6 +718,12 @@ def render_summary(doc) -> List[str]:
     return out
 
 
+def _where(row) -> str:
+    """ ", <scenario>" for a row outside the training scenario."""
+    scenario = row.get("scenario", "train")
+    return "" if scenario == "train" else f", {scenario}"
+
+
 def other_targets(rows: Sequence[dict]) -> List[str]:
     """The targets every listed configuration must meet: no mma.sync and no spill load/store in
     a hot loop, at most MAX_SPILL_BYTES spilled per kernel."""
@@ -737,8 +743,9 @@ def other_targets(rows: Sequence[dict]) -> List[str]:
                 mma="met" if not mma else f"missed ({n_mma} HMMA in {len(mma)} configs)",
                 loop="met" if not spills else
                 f"missed ({len(spills)} of {len(sel)} configs, e.g. {_cfg(spills[0]['config'])} "
-                f"{spills[0]['dtype']} D={spills[0]['D']})",
-                bytes="met" if worst <= MAX_SPILL_BYTES else f"missed ({worst} B)")
+                f"{spills[0]['dtype']} D={spills[0]['D']}{_where(spills[0])})",
+                bytes="met" if worst <= MAX_SPILL_BYTES else
+                f"missed ({worst} B{_where(max(sel, key=lambda r: r.get('spill_stores', 0)))})")
         for key in lines:
             lines[key] += f" {cells[key]} |"
     head = ("| other target (every profiled configuration and dtype) | "
@@ -788,12 +795,10 @@ def render_markdown(doc: dict) -> str:
            "wgmma + mma.sync; non-matrix / 1,024 MACs = (instructions − matrix) / (MACs per "
            "iteration / warps / 1024). The targets use the full body.", ""]
     if doc["arch"] == 90:
-        out += render_summary(doc)
+        out += render_summary(doc) + render_kv_traffic(doc)
     out += ["## Every configuration", ""] + render_config_tables(doc)
     if any(not r.get("delta", True) for r in doc["rows"]):
         out += ["## Without the delta term", ""] + render_config_tables(doc, delta=False)
-    if doc["arch"] == 90:
-        out += render_kv_traffic(doc)
     others = sorted({r.get("scenario", "train") for r in doc["rows"]} - {"train"})
     if others:
         out += ["## Decoding and packed batches (every profiled configuration)", ""]
