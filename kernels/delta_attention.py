@@ -616,10 +616,10 @@ def _run_forward(q, k, v, P, key_padding_mask, L, U, window_left, window_right, 
         return (triton.cdiv(rows, m["BLOCK_M"]), lay.B * groups, splits)
 
     meta["Q_KEY"] = triton.next_power_of_2(rows)  # the rows BLOCK_M tiles
-    _launch("fwd", grid, q, k, v, P, pk, *key_arrays, kv, out, lse, cu_q, cu_k, part, *lay.strides(q),
-            *lay.strides(k), *lay.strides(v), *lay.p_strides(P), *c_strides, *lay.strides(out),
-            *lay.lse_strides(lse), qk_scale=scale * _LOG2E, SPLIT_N=split_n, SPLIT=splits > 1,
-            STACK=_stacks(lay), **meta)
+    _launch("fwd", grid, q, k, v, P, pk, *key_arrays, kv, out, lse, cu_q, cu_k, part,
+            *lay.strides(q), *lay.strides(k), *lay.strides(v), *lay.p_strides(P), *c_strides,
+            *lay.strides(out), *lay.lse_strides(lse), qk_scale=scale * _LOG2E, SPLIT_N=split_n,
+            SPLIT=splits > 1, STACK=_stacks(lay), **meta)
     if splits > 1 and _CAPTURE is None:
         _combine_splits(part, v.shape[-1], out, lse)
 
@@ -667,11 +667,11 @@ def _run_backward(grad_out, q, k, v, P, key_padding_mask, out, lse, L, U, window
     def grid_m(m):
         return (triton.cdiv(Tq, m["BLOCK_M"]), B * H)
 
-    _launch("dkdv", grid_n, q, k, v, P, pk, *key_arrays, kv, grad_out, rows, dk, dv, dP_halves[0], cu_q,
-            cu_k, *common, *lay.strides(dk), *lay.strides(dv), scale=scale, qk_scale=qk_scale,
+    _launch("dkdv", grid_n, q, k, v, P, pk, *key_arrays, kv, grad_out, rows, dk, dv, dP_halves[0],
+            cu_q, cu_k, *common, *lay.strides(dk), *lay.strides(dv), scale=scale, qk_scale=qk_scale,
             TPQ=tpq, GROUPED=Hkv != H, **meta)
-    _launch("dq", grid_m, q, k, v, P, pk, *key_arrays, kv, grad_out, rows, dq, dP_halves[1], cu_q, cu_k,
-            *common, *lay.strides(dq), scale=scale, qk_scale=qk_scale, TPQ=tpq, **meta)
+    _launch("dq", grid_m, q, k, v, P, pk, *key_arrays, kv, grad_out, rows, dq, dP_halves[1], cu_q,
+            cu_k, *common, *lay.strides(dq), scale=scale, qk_scale=qk_scale, TPQ=tpq, **meta)
     return dq, dk, dv, (dP_halves.sum(0) if use_delta else None)
 
 

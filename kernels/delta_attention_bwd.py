@@ -104,7 +104,8 @@ def _band_dP(ds, d, partner_ok, L, U, acc_lo, acc_hi, dp_ptrs, scale, AXIS: tl.c
 @triton.jit
 def _dkdv_run(dk, dv, acc_lo, acc_hi, k, v, kc_base, q_base, do_base, rows_base, p_base, pk_base,
               dp_base, sh_base,
-              sqt, sqd, sdt, sdd, spt, offs_n, offs_dk, offs_dv, m_start, m_end, T, TP, SW, TQ, QOFF,
+              sqt, sqd, sdt, sdd, spt, offs_n, offs_dk, offs_dv, m_start, m_end, T, TP, SW, TQ,
+              QOFF,
               TPQ, L, U, lo, hi, scale, qk_scale, MODE: tl.constexpr, MASKED: tl.constexpr,
               IEEE: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
               BLOCK_M_PROG: tl.constexpr):
@@ -149,8 +150,8 @@ def _dkdv_run(dk, dv, acc_lo, acc_hi, k, v, kc_base, q_base, do_base, rows_base,
         elif MODE == FAR_HI:
             acc_hi += tl.sum(dsT, 1)
         elif MODE == BAND:
-            acc_lo, acc_hi = _band_dP(dsT, offs_nq[:, None] - offs_q[None, :], mask_m[None, :], L, U,
-                                      acc_lo, acc_hi,
+            acc_lo, acc_hi = _band_dP(dsT, offs_nq[:, None] - offs_q[None, :], mask_m[None, :], L,
+                                      U, acc_lo, acc_hi,
                                       dp_base + offs_n[:, None] * R + L, scale, 1, MASKED)
     return dk, dv, acc_lo, acc_hi
 
@@ -159,7 +160,8 @@ def _dkdv_run(dk, dv, acc_lo, acc_hi, k, v, kc_base, q_base, do_base, rows_base,
 def _dkdv_head(dk, dv, k, v, off_b, off_h, q_start, k_start, Q, P, PK, KCOL, SH, DO, ROWS, DPK,
                sqh, sqb, sqt, sqd, spb, sph,
                spt, scb, sch, shb, shh, sdb, sdh, sdt, sdd, offs_n, mask_n, offs_dk, offs_dv,
-               start_m, e1, b1, b2, e2, end_m, H, T, TQ, QOFF, TP, SW, DMIN, TPQ, L, U, lo, hi, scale, qk_scale,
+               start_m, e1, b1, b2, e2, end_m, H, T, TQ, QOFF, TP, SW, DMIN, TPQ, L, U, lo, hi,
+               scale, qk_scale,
                USE_DELTA: tl.constexpr, IEEE: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One query head's share of a key block: dk, dv accumulate; the key rows of its dP."""
@@ -282,14 +284,16 @@ def bwd_dkdv_kernel(Q, K, V, P, PK, KCOL, SH, KV, DO, ROWS, DK_OUT, DV_OUT, DPK,
                                 KCOL, SH, DO, ROWS, DPK,
                                 sqh, sqb, sqt, sqd, spb, sph, spt, scb, sch, shb, shh, sdb, sdh,
                                 sdt, sdd, offs_n, mask_n, offs_dk, offs_dv, start_m, e1, b1, b2,
-                                e2, end_m, H, T, TQ, QOFF, TP, SW, DMIN, TPQ, L, U, lo, hi, scale, qk_scale,
+                                e2, end_m, H, T, TQ, QOFF, TP, SW, DMIN, TPQ, L, U, lo, hi, scale,
+                                qk_scale,
                                 USE_DELTA, IEEE, DK, DV, BLOCK_M, BLOCK_N)
     else:
         dk, dv = _dkdv_head(dk, dv, k, v, off_b, off_g, q_start, k_start, Q, P, PK, KCOL, SH, DO,
                             ROWS, DPK, sqh, sqb, sqt,
                             sqd, spb, sph, spt, scb, sch, shb, shh, sdb, sdh, sdt, sdd, offs_n,
                             mask_n, offs_dk, offs_dv, start_m, e1, b1, b2, e2, end_m, H, T, TQ,
-                            QOFF, TP, SW, DMIN, TPQ, L, U, lo, hi, scale, qk_scale, USE_DELTA, IEEE, DK,
+                            QOFF, TP, SW, DMIN, TPQ, L, U, lo, hi, scale, qk_scale, USE_DELTA,
+                            IEEE, DK,
                             DV, BLOCK_M, BLOCK_N)
 
     # A padding key has probability 0 everywhere (KCOL is -inf there), hence dk = dv = 0.
@@ -353,7 +357,8 @@ def _dq_run(dq, acc_lo, acc_hi, acc_far, q, do, rows_base, k_base, v_base, kc_ba
 def bwd_dq_kernel(Q, K, V, P, PK, KCOL, SH, KV, DO, ROWS, DQ_OUT, DPQ, CU_Q, CU_K,
                   sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd,
                   spb, sph, spt, scb, sch, shb, shh, sdb, sdh, sdt, sdd, sgqb, sgqh, sgqt, sgqd,
-                  H, G, T, TQ, TP, SW, DMIN, TPQ, L, U, lo, hi, scale, qk_scale, T_KEY, Q_KEY, W_KEY,
+                  H, G, T, TQ, TP, SW, DMIN, TPQ, L, U, lo, hi, scale, qk_scale, T_KEY, Q_KEY,
+                  W_KEY,
                   HAS_PAD: tl.constexpr, USE_DELTA: tl.constexpr, VARLEN: tl.constexpr,
                   IEEE: tl.constexpr,
                   DK: tl.constexpr, DV: tl.constexpr, BLOCK_DK: tl.constexpr,
@@ -405,25 +410,30 @@ def bwd_dq_kernel(Q, K, V, P, PK, KCOL, SH, KV, DO, ROWS, DQ_OUT, DPQ, CU_Q, CU_
         b1, b2 = split_runs(e1, e2, m0 - L - BLOCK_N + 2, m0 + BLOCK_M - 1 + U, BLOCK_N)
         dq, acc_lo, acc_hi, acc_far = _dq_run(
             dq, acc_lo, acc_hi, acc_far, q, do, rows_base, k_base, v_base, kc_base, p_base, pk_base,
-            dp_base, sh_base, skt, skd, svt, svd, spt, offs_q, offs_m, offs_dk, offs_dv, start_n, e1, T, TP,
+            dp_base, sh_base, skt, skd, svt, svd, spt, offs_q, offs_m, offs_dk, offs_dv, start_n,
+            e1, T, TP,
             TPQ, L, U, lo, hi, scale, qk_scale, BAND, True, IEEE, DK, DV, BLOCK_N)
         dq, acc_lo, acc_hi, acc_far = _dq_run(
             dq, acc_lo, acc_hi, acc_far, q, do, rows_base, k_base, v_base, kc_base, p_base, pk_base,
-            dp_base, sh_base, skt, skd, svt, svd, spt, offs_q, offs_m, offs_dk, offs_dv, e1, b1, T, TP,
+            dp_base, sh_base, skt, skd, svt, svd, spt, offs_q, offs_m, offs_dk, offs_dv, e1, b1, T,
+            TP,
             TPQ, L, U, lo, hi, scale, qk_scale, FAR_LO, False, IEEE, DK, DV, BLOCK_N)
         acc_lo, acc_far = take_far_sums(acc_lo, acc_far)
         dq, acc_lo, acc_hi, acc_far = _dq_run(
             dq, acc_lo, acc_hi, acc_far, q, do, rows_base, k_base, v_base, kc_base, p_base, pk_base,
-            dp_base, sh_base, skt, skd, svt, svd, spt, offs_q, offs_m, offs_dk, offs_dv, b1, b2, T, TP,
+            dp_base, sh_base, skt, skd, svt, svd, spt, offs_q, offs_m, offs_dk, offs_dv, b1, b2, T,
+            TP,
             TPQ, L, U, lo, hi, scale, qk_scale, BAND, False, IEEE, DK, DV, BLOCK_N)
         dq, acc_lo, acc_hi, acc_far = _dq_run(
             dq, acc_lo, acc_hi, acc_far, q, do, rows_base, k_base, v_base, kc_base, p_base, pk_base,
-            dp_base, sh_base, skt, skd, svt, svd, spt, offs_q, offs_m, offs_dk, offs_dv, b2, e2, T, TP,
+            dp_base, sh_base, skt, skd, svt, svd, spt, offs_q, offs_m, offs_dk, offs_dv, b2, e2, T,
+            TP,
             TPQ, L, U, lo, hi, scale, qk_scale, FAR_HI, False, IEEE, DK, DV, BLOCK_N)
         acc_hi, acc_far = take_far_sums(acc_hi, acc_far)
         dq, acc_lo, acc_hi, acc_far = _dq_run(
             dq, acc_lo, acc_hi, acc_far, q, do, rows_base, k_base, v_base, kc_base, p_base, pk_base,
-            dp_base, sh_base, skt, skd, svt, svd, spt, offs_q, offs_m, offs_dk, offs_dv, e2, end_n, T, TP,
+            dp_base, sh_base, skt, skd, svt, svd, spt, offs_q, offs_m, offs_dk, offs_dv, e2, end_n,
+            T, TP,
             TPQ, L, U, lo, hi, scale, qk_scale, BAND, True, IEEE, DK, DV, BLOCK_N)
         if R == 1:
             tl.store(dp_base + offs_m * R, -(acc_lo + acc_hi) * scale, mask=mask_m)
@@ -433,15 +443,18 @@ def bwd_dq_kernel(Q, K, V, P, PK, KCOL, SH, KV, DO, ROWS, DQ_OUT, DPQ, CU_Q, CU_
     else:  # plain flash attention: no P traffic at all
         dq, acc_lo, acc_hi, acc_far = _dq_run(
             dq, acc_lo, acc_hi, acc_far, q, do, rows_base, k_base, v_base, kc_base, p_base, pk_base,
-            dp_base, sh_base, skt, skd, svt, svd, spt, offs_q, offs_m, offs_dk, offs_dv, start_n, e1, T, TP,
+            dp_base, sh_base, skt, skd, svt, svd, spt, offs_q, offs_m, offs_dk, offs_dv, start_n,
+            e1, T, TP,
             TPQ, L, U, lo, hi, scale, qk_scale, PLAIN, True, IEEE, DK, DV, BLOCK_N)
         dq, acc_lo, acc_hi, acc_far = _dq_run(
             dq, acc_lo, acc_hi, acc_far, q, do, rows_base, k_base, v_base, kc_base, p_base, pk_base,
-            dp_base, sh_base, skt, skd, svt, svd, spt, offs_q, offs_m, offs_dk, offs_dv, e1, e2, T, TP,
+            dp_base, sh_base, skt, skd, svt, svd, spt, offs_q, offs_m, offs_dk, offs_dv, e1, e2, T,
+            TP,
             TPQ, L, U, lo, hi, scale, qk_scale, PLAIN, False, IEEE, DK, DV, BLOCK_N)
         dq, acc_lo, acc_hi, acc_far = _dq_run(
             dq, acc_lo, acc_hi, acc_far, q, do, rows_base, k_base, v_base, kc_base, p_base, pk_base,
-            dp_base, sh_base, skt, skd, svt, svd, spt, offs_q, offs_m, offs_dk, offs_dv, e2, end_n, T, TP,
+            dp_base, sh_base, skt, skd, svt, svd, spt, offs_q, offs_m, offs_dk, offs_dv, e2, end_n,
+            T, TP,
             TPQ, L, U, lo, hi, scale, qk_scale, PLAIN, True, IEEE, DK, DV, BLOCK_N)
     gq_base = DQ_OUT + off_b * sgqb + q_start * sgqt + off_h * sgqh
     tl.store(gq_base + offs_q[:, None] * sgqt + offs_dk[None, :] * sgqd,

@@ -24,8 +24,8 @@ from .delta_attention_tiles import (BAND, FAR_HI, FAR_LO, PLAIN, band_bias, dot,
 
 
 @triton.jit
-def _fwd_run(acc, l_i, m_i, q, qrow, k_base, v_base, p_base, pk_base, kc_base, sh_base, skt, skd, svt, svd, spt,
-             offs_m, offs_dk, offs_dv, n_start, n_end, T, TP, L, U, lo, hi, qk_scale,
+def _fwd_run(acc, l_i, m_i, q, qrow, k_base, v_base, p_base, pk_base, kc_base, sh_base, skt, skd,
+             svt, svd, spt, offs_m, offs_dk, offs_dv, n_start, n_end, T, TP, L, U, lo, hi, qk_scale,
              MODE: tl.constexpr, MASKED: tl.constexpr, IEEE: tl.constexpr, DK: tl.constexpr,
              DV: tl.constexpr, BLOCK_N_PROG: tl.constexpr):
     BLOCK_N: tl.constexpr = loop_tile(BLOCK_N_PROG, MODE, MASKED)
@@ -159,37 +159,42 @@ def fwd_kernel(Q, K, V, P, PK, KCOL, SH, KV, OUT, LSE, CU_Q, CU_K, PART,
         qrow_hi = qrow_hi * qk_scale
         # far-low: j - i <= -L for the whole tile; far-high: j - i >= U for the whole tile
         b1, b2 = split_runs(e1, e2, m0 - L - BLOCK_N + 2, m0 + m_span - 1 + U, BLOCK_N)
-        acc, l_i, m_i = _fwd_run(acc, l_i, m_i, q, qrow_lo, k_base, v_base, p_base, pk_base, kc_base, sh_base,
-                                 skt, skd, svt, svd, spt, offs_m, offs_dk, offs_dv,
+        acc, l_i, m_i = _fwd_run(acc, l_i, m_i, q, qrow_lo, k_base, v_base, p_base, pk_base,
+                                 kc_base, sh_base, skt, skd, svt, svd, spt, offs_m, offs_dk,
+                                 offs_dv,
                                  start_n, e1, T, TP, L, U, lo, hi, qk_scale, BAND, True, IEEE, DK,
                                  DV, BLOCK_N)
-        acc, l_i, m_i = _fwd_run(acc, l_i, m_i, q, qrow_lo, k_base, v_base, p_base, pk_base, kc_base, sh_base,
-                                 skt, skd, svt, svd, spt, offs_m, offs_dk, offs_dv,
+        acc, l_i, m_i = _fwd_run(acc, l_i, m_i, q, qrow_lo, k_base, v_base, p_base, pk_base,
+                                 kc_base, sh_base, skt, skd, svt, svd, spt, offs_m, offs_dk,
+                                 offs_dv,
                                  e1, b1, T, TP, L, U, lo, hi, qk_scale, FAR_LO, False, IEEE, DK, DV,
                                  BLOCK_N)
-        acc, l_i, m_i = _fwd_run(acc, l_i, m_i, q, qrow_lo, k_base, v_base, p_base, pk_base, kc_base, sh_base,
-                                 skt, skd, svt, svd, spt, offs_m, offs_dk, offs_dv,
+        acc, l_i, m_i = _fwd_run(acc, l_i, m_i, q, qrow_lo, k_base, v_base, p_base, pk_base,
+                                 kc_base, sh_base, skt, skd, svt, svd, spt, offs_m, offs_dk,
+                                 offs_dv,
                                  b1, b2, T, TP, L, U, lo, hi, qk_scale, BAND, False, IEEE, DK, DV,
                                  BLOCK_N)
-        acc, l_i, m_i = _fwd_run(acc, l_i, m_i, q, qrow_hi, k_base, v_base, p_base, pk_base, kc_base, sh_base,
-                                 skt, skd, svt, svd, spt, offs_m, offs_dk, offs_dv,
+        acc, l_i, m_i = _fwd_run(acc, l_i, m_i, q, qrow_hi, k_base, v_base, p_base, pk_base,
+                                 kc_base, sh_base, skt, skd, svt, svd, spt, offs_m, offs_dk,
+                                 offs_dv,
                                  b2, e2, T, TP, L, U, lo, hi, qk_scale, FAR_HI, False, IEEE, DK, DV,
                                  BLOCK_N)
-        acc, l_i, m_i = _fwd_run(acc, l_i, m_i, q, qrow_hi, k_base, v_base, p_base, pk_base, kc_base, sh_base,
-                                 skt, skd, svt, svd, spt, offs_m, offs_dk, offs_dv,
+        acc, l_i, m_i = _fwd_run(acc, l_i, m_i, q, qrow_hi, k_base, v_base, p_base, pk_base,
+                                 kc_base, sh_base, skt, skd, svt, svd, spt, offs_m, offs_dk,
+                                 offs_dv,
                                  e2, end_n, T, TP, L, U, lo, hi, qk_scale, BAND, True, IEEE, DK, DV,
                                  BLOCK_N)
     else:  # plain flash attention: no P traffic at all
-        acc, l_i, m_i = _fwd_run(acc, l_i, m_i, q, l_i, k_base, v_base, p_base, pk_base, kc_base, sh_base, skt,
-                                 skd, svt, svd, spt, offs_m, offs_dk, offs_dv,
+        acc, l_i, m_i = _fwd_run(acc, l_i, m_i, q, l_i, k_base, v_base, p_base, pk_base, kc_base,
+                                 sh_base, skt, skd, svt, svd, spt, offs_m, offs_dk, offs_dv,
                                  start_n, e1, T, TP, L, U, lo, hi, qk_scale, PLAIN, True, IEEE, DK,
                                  DV, BLOCK_N)
-        acc, l_i, m_i = _fwd_run(acc, l_i, m_i, q, l_i, k_base, v_base, p_base, pk_base, kc_base, sh_base, skt,
-                                 skd, svt, svd, spt, offs_m, offs_dk, offs_dv, e1, e2,
+        acc, l_i, m_i = _fwd_run(acc, l_i, m_i, q, l_i, k_base, v_base, p_base, pk_base, kc_base,
+                                 sh_base, skt, skd, svt, svd, spt, offs_m, offs_dk, offs_dv, e1, e2,
                                  T, TP, L, U, lo, hi, qk_scale, PLAIN, False, IEEE, DK, DV,
                                  BLOCK_N)
-        acc, l_i, m_i = _fwd_run(acc, l_i, m_i, q, l_i, k_base, v_base, p_base, pk_base, kc_base, sh_base, skt,
-                                 skd, svt, svd, spt, offs_m, offs_dk, offs_dv, e2,
+        acc, l_i, m_i = _fwd_run(acc, l_i, m_i, q, l_i, k_base, v_base, p_base, pk_base, kc_base,
+                                 sh_base, skt, skd, svt, svd, spt, offs_m, offs_dk, offs_dv, e2,
                                  end_n, T, TP, L, U, lo, hi, qk_scale, PLAIN, True, IEEE, DK, DV,
                                  BLOCK_N)
 
