@@ -13,11 +13,21 @@ iteration per warp, by class, and the non-matrix instructions per 1,024 MACs per
 of a loop body counts, including a masked path that a forward branch skips in most iterations
 (reported apart as ``skippable``). Integer counts include the uniform-datapath forms (UIADD3...).
 
-Shape: B=4, H=16, T=4096, L=U=64 (R=129), P shared by the heads, no padding mask, no window,
-scale = D**-0.5, bf16 and fp16, D = Dk = Dv in {64, 128}.
+Shape (scenario "train"): B=4, H=16, T=4096, L=U=64 (R=129), P shared by the heads, no padding
+mask, no window, scale = D**-0.5, bf16 and fp16, D = Dk = Dv in {64, 128}. Two more scenarios
+compile the launches users meet elsewhere (bf16, the same L, U, P and D):
+
+* ``decode_g1/g4/g8``: one decoding step, B=4, H=32 query heads over H/G key/value heads,
+  Tq=1 against Tk=8192 cached keys, planned for a 132-multiprocessor GPU (H100/H200), so the
+  split-key rule is the one such a GPU gets. For each, the K/V bytes the launch reads per
+  generated token, against one read of the cache (target: 1.00 ± 5 %), counted from its grid:
+  every program reads every key tile of its key range once (no window, no padding here).
+* ``varlen``: a packed batch of sequences of 4096, 2048, 1024 and 1000 tokens (self-attention),
+  H=16 over 4 key/value heads, forward and backward.
 
     python bench/static_profile.py                 # sm_90 and sm_80, every configuration
     python bench/static_profile.py --quick         # first configuration, bf16, D=64, sm_90
+    python bench/static_profile.py --scenarios train --kernels fwd   # the training forward
     python bench/static_profile.py --arch 90 --jobs 2 --dump-sass /tmp/sass
     python bench/static_profile.py --report bench/results/static_sm90.json   # markdown only
 
@@ -43,6 +53,18 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAPE = dict(B=4, H=16, T=4096, L=64, U=64)
+#: The launch shapes profiled, by scenario (see the module docstring).
+SCENARIOS = {
+    "train": dict(SHAPE, Hkv=16, Tq=4096),
+    "decode_g1": dict(B=4, H=32, Hkv=32, T=8192, Tq=1, L=64, U=64),
+    "decode_g4": dict(B=4, H=32, Hkv=8, T=8192, Tq=1, L=64, U=64),
+    "decode_g8": dict(B=4, H=32, Hkv=4, T=8192, Tq=1, L=64, U=64),
+    "varlen": dict(lengths=(4096, 2048, 1024, 1000), H=16, Hkv=4, L=64, U=64),
+}
+#: Multiprocessors the decoding launches are planned for (H100 SXM / H200).
+MULTIPROCESSORS = 132
+#: K/V bytes per generated token over one read of the cache: 1 ± this.
+KV_TRAFFIC_TOLERANCE = 0.05
 KINDS = ("fwd", "dkdv", "dq")
 KERNEL_NAMES = {"fwd": "forward (fwd)", "dkdv": "dK/dV (dkdv)", "dq": "dQ (dq)"}
 #: sm_90, bf16: (far tiles, band tiles) non-matrix instructions per 1,024 MACs per warp.
@@ -243,7 +265,14 @@ _CAPTURED: dict = {}
 
 
 def _kernels():
+    """The launchers of this checkout (not of an installed ``hdaf``: the profile, its commit and
+    its kernel digest must describe the same sources)."""
+    if sys.path[:1] != [REPO]:
+        sys.path.insert(0, REPO)
     from hdaf.kernels import delta_attention as K
+    if not os.path.realpath(K.__file__).startswith(os.path.realpath(REPO) + os.sep):
+        raise ImportError(f"hdaf was imported from {K.__file__} before the profile could put "
+                          f"{REPO} first on sys.path")
     return K
 
 
@@ -272,25 +301,80 @@ def has_no_delta_path() -> bool:
     return _entry_points(False) is not None
 
 
-def capture(dtype_name: str, D: int, delta: bool = True) -> list:
-    """The kernel launches of one forward and one backward call at the profiled shape."""
-    key = (dtype_name, D, delta)
+def _varlen_entry_points():
+    K = _kernels()
+    return tuple(getattr(op, "_init_fn", op) for op in (K.triton_delta_attention_varlen_forward,
+                                                         K.triton_delta_attention_varlen_backward))
+
+
+def capture(dtype_name: str, D: int, delta: bool = True, scenario: str = "train") -> list:
+    """The kernel launches of one call at a scenario's shape: forward and backward ("train",
+    "varlen"), or one decoding forward ("decode_*")."""
+    key = (dtype_name, D, delta, scenario)
     if key in _CAPTURED:
         return _CAPTURED[key]
     import torch
     K = _kernels()
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]
-    B, H, T, L, U = (SHAPE[k] for k in ("B", "H", "T", "L", "U"))
+    sc = SCENARIOS[scenario]
+    H, Hkv, L, U = sc["H"], sc["Hkv"], sc["L"], sc["U"]
+    R = L + U + 1
+    scale = D ** -0.5
     # CPU tensors from torch.empty are 64-byte aligned, as the specialisation needs
-    q, k, v, do, out = (torch.empty(B, H, T, D, dtype=dtype) for _ in range(5))
-    P = torch.empty(B, 1, T, L + U + 1, dtype=dtype)
-    lse = torch.empty(B, H, T, dtype=torch.float32)
-    forward, backward, extra = _entry_points(delta)
-    with K.capture_launches() as launches:
-        forward(q, k, v, P, None, L, U, -1, -1, D ** -0.5, **extra)
-        backward(do, q, k, v, P, None, out, lse, L, U, -1, -1, D ** -0.5, **extra)
+    with K.capture_launches(multiprocessors=MULTIPROCESSORS) as launches:
+        if scenario == "varlen":
+            if not delta:
+                raise LookupError("the varlen scenario is profiled with the delta term only")
+            lens = torch.tensor((0,) + tuple(sc["lengths"]))
+            cu = lens.cumsum(0).to(torch.int32)
+            total, longest = int(cu[-1]), max(sc["lengths"])
+            q, do, out = (torch.empty(total, H, D, dtype=dtype) for _ in range(3))
+            k, v = (torch.empty(total, Hkv, D, dtype=dtype) for _ in range(2))
+            P = torch.empty(total, 1, R, dtype=dtype)
+            lse = torch.empty(H, total, dtype=torch.float32)
+            forward, backward = _varlen_entry_points()
+            forward(q, k, v, P, cu, cu, longest, longest, L, U, -1, -1, scale)
+            backward(do, q, k, v, P, cu, cu, longest, longest, out, lse, L, U, -1, -1, scale)
+        else:
+            B, T, Tq = sc["B"], sc["T"], sc["Tq"]
+            q, do, out = (torch.empty(B, H, Tq, D, dtype=dtype) for _ in range(3))
+            k, v = (torch.empty(B, Hkv, T, D, dtype=dtype) for _ in range(2))
+            P = torch.empty(B, 1, T, R, dtype=dtype)
+            lse = torch.empty(B, H, Tq, dtype=torch.float32)
+            entry = _entry_points(delta)
+            if entry is None:
+                raise LookupError("the launcher has no path without the delta term")
+            forward, backward, extra = entry
+            forward(q, k, v, P, None, L, U, -1, -1, scale, **extra)
+            if not scenario.startswith("decode"):
+                backward(do, q, k, v, P, None, out, lse, L, U, -1, -1, scale, **extra)
     _CAPTURED[key] = [ln for ln in launches if ln.kind in KINDS]
     return _CAPTURED[key]
+
+
+def kv_traffic(ln, config: Dict[str, int], scenario: str, elem: int) -> dict:
+    """K/V bytes a decoding forward launch reads per generated token, from its grid: every
+    program reads every key tile of its key range (its split, or all keys) once — true with no
+    window and no padding, as in the decode scenarios. ``reads_of_cache`` is that over the
+    bytes of one sequence's cache (Hkv·Tk·(Dk+Dv)·elem): 1 when each key/value head's cache is
+    read once per step, G when it is read once per query head."""
+    sc = SCENARIOS[scenario]
+    kw = ln.kwargs
+    grid = tuple(ln.grid(config))
+    T, bn = kw["T"], config["BLOCK_N"]
+    splits = grid[2] if len(grid) > 2 else 1
+    if kw.get("SPLIT") and splits > 1:
+        ranges = [min(T, (s + 1) * kw["SPLIT_N"]) - s * kw["SPLIT_N"] for s in range(splits)]
+    else:
+        ranges = [T]
+    keys = sum(-(-n // bn) * bn for n in ranges)  # whole tiles
+    row_bytes = (kw["DK"] + kw["DV"]) * elem
+    per_token = grid[0] * grid[1] * keys * row_bytes / (sc["B"] * sc["Tq"])
+    cache = sc["Hkv"] * T * row_bytes
+    return dict(scenario=scenario, G=sc["H"] // sc["Hkv"], D=kw["DK"], config=config,
+                grid=list(grid), splits=splits, stacked=bool(kw.get("STACK")),
+                bytes_per_token=int(per_token), cache_bytes=int(cache),
+                reads_of_cache=round(per_token / cache, 4))
 
 
 def specialize(fn, args: tuple, kwargs: dict, target):
@@ -339,7 +423,7 @@ def _config_dict(cfg) -> Dict[str, int]:
 
 def compile_job(job: dict) -> dict:
     """Compile one (kernel, arch, dtype, D, config) and profile it; errors become error rows."""
-    row = {k: job[k] for k in ("kernel", "arch", "dtype", "D", "delta", "config")}
+    row = {k: job[k] for k in ("kernel", "arch", "dtype", "D", "delta", "config", "scenario")}
     t0 = time.time()
     try:
         row.update(_compile_and_profile(job))
@@ -360,7 +444,8 @@ def _compile_and_profile(job: dict) -> dict:
     from triton import knobs
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    found = [x for x in capture(job["dtype"], job["D"], job["delta"]) if x.kind == job["kernel"]]
+    found = [x for x in capture(job["dtype"], job["D"], job["delta"], job["scenario"])
+             if x.kind == job["kernel"]]
     if not found:
         raise LookupError(f"the launchers made no {job['kernel']!r} launch")
     ln = found[0]
@@ -392,33 +477,41 @@ def _compile_and_profile(job: dict) -> dict:
 
 def job_name(job: dict) -> str:
     c = job["config"]
-    return (f"{job['kernel']}_sm{job['arch']}_{job['dtype']}_d{job['D']}"
+    scen = "" if job.get("scenario", "train") == "train" else f"_{job['scenario']}"
+    return (f"{job['kernel']}{scen}_sm{job['arch']}_{job['dtype']}_d{job['D']}"
             f"{'' if job['delta'] else '_nodelta'}_{c['BLOCK_M']}x{c['BLOCK_N']}"
             f"_w{c['num_warps']}_s{c['num_stages']}")
 
 
-def make_jobs(archs, dtypes, dims, deltas, quick: bool, dump_sass: Optional[str]):
-    """One job per (arch, kernel, dtype, D, delta, config of the launch's autotune list), and
-    error rows for the (dtype, D) whose launches could not be captured."""
-    jobs, errors = [], []
-    for delta in deltas:
-        for dtype in dtypes:
-            for D in dims:
-                try:
-                    launches = capture(dtype, D, delta)
-                except Exception as e:
-                    for arch in archs:
-                        errors.append(dict(kernel="*", arch=arch, dtype=dtype, D=D, delta=delta,
-                                           config=None, error=f"capture: {type(e).__name__}: {e}"))
-                    continue
-                for ln in launches:
-                    configs = list(ln.configs)[:1] if quick else list(ln.configs)
-                    for cfg in configs:
+def make_jobs(archs, dtypes, dims, deltas, quick: bool, dump_sass: Optional[str],
+              scenarios: Sequence[str] = ("train",)):
+    """One job per (scenario, arch, kernel, dtype, D, delta, config of the launch's autotune
+    list), error rows for what could not be captured, and the decoding launches' K/V traffic.
+    The decode and varlen scenarios are profiled in bf16 with the delta term."""
+    jobs, errors, traffic = [], [], []
+    for scenario in scenarios:
+        for delta in deltas if scenario == "train" else [True]:
+            for dtype in dtypes if scenario == "train" else ["bf16"]:
+                for D in dims:
+                    try:
+                        launches = capture(dtype, D, delta, scenario)
+                    except Exception as e:
                         for arch in archs:
-                            jobs.append(dict(kernel=ln.kind, arch=arch, dtype=dtype, D=D,
-                                             delta=delta, config=_config_dict(cfg),
-                                             dump_sass=dump_sass))
-    return jobs, errors
+                            errors.append(dict(kernel="*", arch=arch, dtype=dtype, D=D,
+                                               delta=delta, scenario=scenario, config=None,
+                                               error=f"capture: {type(e).__name__}: {e}"))
+                        continue
+                    for ln in launches:
+                        configs = list(ln.configs)[:1] if quick else list(ln.configs)
+                        for cfg in configs:
+                            if scenario.startswith("decode") and ln.kind == "fwd":
+                                traffic.append(dict(kv_traffic(ln, _config_dict(cfg), scenario,
+                                                               2), dtype=dtype))
+                            for arch in archs:
+                                jobs.append(dict(kernel=ln.kind, arch=arch, dtype=dtype, D=D,
+                                                 delta=delta, scenario=scenario,
+                                                 config=_config_dict(cfg), dump_sass=dump_sass))
+    return jobs, errors, traffic
 
 
 def _worker_init():
@@ -497,6 +590,8 @@ def provenance(argv: Sequence[str]) -> dict:
         kernels_sha256=_kernels_digest(),
         shape=dict(SHAPE, R=SHAPE["L"] + SHAPE["U"] + 1, P="[B,1,T,R]", padding_mask=None,
                    window=None, scale="D**-0.5"),
+        scenarios={k: {n: list(x) if isinstance(x, tuple) else x for n, x in v.items()}
+                   for k, v in SCENARIOS.items()},
     )
 
 
@@ -546,20 +641,22 @@ def _verdict(value, limit) -> str:
     return "met" if value <= limit else f"missed ({value:.2f})"
 
 
-def _main_rows(doc, dtype="bf16", delta=True):
-    return [r for r in doc["rows"] if r["dtype"] == dtype and r.get("delta", True) == delta]
+def _main_rows(doc, dtype="bf16", delta=True, scenario="train"):
+    return [r for r in doc["rows"] if r["dtype"] == dtype and r.get("delta", True) == delta
+            and r.get("scenario", "train") == scenario]
 
 
-def render_config_tables(doc, dtype="bf16", delta=True) -> List[str]:
+def render_config_tables(doc, dtype="bf16", delta=True, scenario="train") -> List[str]:
     out = []
-    rows = _main_rows(doc, dtype, delta)
+    rows = _main_rows(doc, dtype, delta, scenario)
+    where = "" if scenario == "train" else f", {scenario}"
     for kind in KINDS + tuple(sorted({r["kernel"] for r in rows} - set(KINDS))):
         for D in sorted({r["D"] for r in rows if r["kernel"] == kind}):
             sel = [r for r in rows if r["kernel"] == kind and r["D"] == D]
             if not sel:
                 continue
             out += [f"### {KERNEL_NAMES.get(kind, kind)}, D={D}, {dtype}"
-                    f"{'' if delta else ', no delta'}", "",
+                    f"{'' if delta else ', no delta'}{where}", "",
                     "| config | regs | spill st/ld (B) | smem (KiB) | loop | instr/iter "
                     "| skippable | matrix | spill ld/st per iter | non-matrix / 1,024 MACs "
                     "| same, skippable left out |",
@@ -621,6 +718,12 @@ def render_summary(doc) -> List[str]:
     return out
 
 
+def _where(row) -> str:
+    """ ", <scenario>" for a row outside the training scenario."""
+    scenario = row.get("scenario", "train")
+    return "" if scenario == "train" else f", {scenario}"
+
+
 def other_targets(rows: Sequence[dict]) -> List[str]:
     """The targets every listed configuration must meet: no mma.sync and no spill load/store in
     a hot loop, at most MAX_SPILL_BYTES spilled per kernel."""
@@ -640,13 +743,38 @@ def other_targets(rows: Sequence[dict]) -> List[str]:
                 mma="met" if not mma else f"missed ({n_mma} HMMA in {len(mma)} configs)",
                 loop="met" if not spills else
                 f"missed ({len(spills)} of {len(sel)} configs, e.g. {_cfg(spills[0]['config'])} "
-                f"{spills[0]['dtype']} D={spills[0]['D']})",
-                bytes="met" if worst <= MAX_SPILL_BYTES else f"missed ({worst} B)")
+                f"{spills[0]['dtype']} D={spills[0]['D']}{_where(spills[0])})",
+                bytes="met" if worst <= MAX_SPILL_BYTES else
+                f"missed ({worst} B{_where(max(sel, key=lambda r: r.get('spill_stores', 0)))})")
         for key in lines:
             lines[key] += f" {cells[key]} |"
     head = ("| other target (every profiled configuration and dtype) | "
             + " | ".join(KERNEL_NAMES[k] for k in KINDS) + " |")
     return ["", head, "|---" * (len(KINDS) + 1) + "|", *lines.values(), ""]
+
+
+def render_kv_traffic(doc) -> List[str]:
+    """The decoding launches' K/V bytes per generated token against one read of the cache."""
+    rows = doc.get("kv_traffic") or []
+    if not rows:
+        return []
+    tol = KV_TRAFFIC_TOLERANCE
+    out = ["## Decoding: K/V bytes read per generated token", "",
+           "One decoding step (Tq=1, Tk=8192, B=4, H=32 query heads, bf16), planned for a "
+           f"{MULTIPROCESSORS}-multiprocessor GPU. Bytes counted from the launch's grid: every "
+           "program reads every key tile of its key range once. Cache = one sequence's K and V "
+           f"(Hkv·Tk·(Dk+Dv)·2 bytes). Target: 1.00 ± {tol:.0%} reads of the cache per token.",
+           "", "| G | Hkv | D | config | grid | stacked | K/V bytes per token | cache bytes "
+           "| reads of the cache | target |", "|---:|---:|---:|---|---|---|---:|---:|---:|---|"]
+    for r in sorted(rows, key=lambda r: (r["D"], r["G"])):
+        ratio = r["reads_of_cache"]
+        ok = "met" if abs(ratio - 1) <= tol else f"missed ({ratio:.2f})"
+        hkv = SCENARIOS[r["scenario"]]["Hkv"]
+        out.append(f"| {r['G']} | {hkv} | {r['D']} | {_cfg(r['config'])} "
+                   f"| {'×'.join(map(str, r['grid']))} | {'yes' if r['stacked'] else 'no'} "
+                   f"| {r['bytes_per_token']:,} | {r['cache_bytes']:,} | {ratio:.3f} "
+                   f"| 1.00 ± {tol:.0%}: {ok} |")
+    return out + [""]
 
 
 def render_markdown(doc: dict) -> str:
@@ -657,17 +785,25 @@ def render_markdown(doc: dict) -> str:
            f"{m['cpu']} ({m['cores']} cores, no GPU), {m['platform']}; torch {v['torch']}, "
            f"triton {v['triton']}, {v.get('nvdisasm', '')}; commit `{doc['git_commit'][:12]}`"
            f"{' with uncommitted kernel changes' if doc.get('kernels_modified') else ''}.", "",
-           "Shape: B=4, H=16, T=4096, L=U=64 (R=129), P [B,1,T,R], no padding mask, no window. "
+           "Shape (training scenario, the tables and targets below unless a section says "
+           "otherwise): B=4, H=16, T=4096, L=U=64 (R=129), P [B,1,T,R], no padding mask, no "
+           "window; the decoding and packed-batch scenarios are described in their sections "
+           "and in `bench/static_profile.py`. "
            "Static counts per loop iteration per warp, from the SASS of an ahead-of-time "
            "compile: every instruction of the body counts, taken or not; `skippable` = those a "
            "forward branch inside the body can jump over (e.g. a masked path); `matrix` = "
            "wgmma + mma.sync; non-matrix / 1,024 MACs = (instructions − matrix) / (MACs per "
            "iteration / warps / 1024). The targets use the full body.", ""]
     if doc["arch"] == 90:
-        out += render_summary(doc)
+        out += render_summary(doc) + render_kv_traffic(doc)
     out += ["## Every configuration", ""] + render_config_tables(doc)
     if any(not r.get("delta", True) for r in doc["rows"]):
         out += ["## Without the delta term", ""] + render_config_tables(doc, delta=False)
+    others = sorted({r.get("scenario", "train") for r in doc["rows"]} - {"train"})
+    if others:
+        out += ["## Decoding and packed batches (every profiled configuration)", ""]
+        for scenario in others:
+            out += render_config_tables(doc, scenario=scenario)
     return "\n".join(out).rstrip() + "\n"
 
 
@@ -682,6 +818,8 @@ def parse_args(argv):
     p.add_argument("--dtypes", nargs="+", choices=("bf16", "fp16"), default=None)
     p.add_argument("--head-dims", type=int, nargs="+", default=None, help="D = Dk = Dv")
     p.add_argument("--kernels", nargs="+", choices=KINDS, default=list(KINDS))
+    p.add_argument("--scenarios", nargs="+", choices=tuple(SCENARIOS), default=list(SCENARIOS),
+                   help="launch shapes to profile (default: all)")
     p.add_argument("--quick", action="store_true",
                    help="first configuration of each list, bf16, D=64, sm_90")
     p.add_argument("--no-delta", action="store_true",
@@ -713,14 +851,15 @@ def main(argv=None) -> int:
             deltas.append(False)
         else:
             print("--no-delta: the launcher has no use_delta argument; skipped", file=sys.stderr)
-    jobs, rows = make_jobs(archs, dtypes, dims, deltas, args.quick, args.dump_sass)
+    jobs, rows, traffic = make_jobs(archs, dtypes, dims, deltas, args.quick, args.dump_sass,
+                                    args.scenarios)
     jobs = [j for j in jobs if j["kernel"] in args.kernels]
     rows += run_jobs(jobs, max(1, args.jobs))
     wall = time.time() - t0
     os.makedirs(args.out_dir, exist_ok=True)
     for arch in archs:
         doc = dict(arch=arch, **meta, wall_s=round(wall, 1),
-                   rows=[r for r in rows if r["arch"] == arch])
+                   rows=[r for r in rows if r["arch"] == arch], kv_traffic=traffic)
         base = os.path.join(args.out_dir, f"static_sm{arch}")
         with open(base + ".json", "w") as f:
             json.dump(doc, f, indent=1)

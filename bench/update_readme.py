@@ -95,16 +95,28 @@ def static_block() -> str:
                 f"--arch 90` compiles the Triton kernels for sm_90 (no GPU needed) and writes "
                 f"`{STATIC_JSON}`.")
     md = _run("bench/static_profile.py", "--report", STATIC_JSON)
-    md = md.split("\n## Every configuration", 1)[0]
+    md = md.split("\n## Every configuration", 1)[0].split("\n## Decoding: K/V", 1)[0]
     out = []
     for line in md.strip("\n").splitlines():
         # the page title (the README has its own heading) and the definitions, which the
         # results page keeps
-        if line.startswith(("# ", "Shape:", "Best = ")):
+        if line.startswith(("# ", "Shape", "Best = ")):
             continue
         out.append(f"**{line[3:]}**" if line.startswith("## ") else line)
     full = STATIC_JSON[:-len(".json")] + ".md"
     text = re.sub(r"\n{3,}", "\n\n", "\n".join(out)).strip("\n")
+    with open(os.path.join(REPO, STATIC_JSON), encoding="utf-8") as f:
+        traffic = json.load(f).get("kv_traffic") or []
+    if traffic:  # the decoding table in one sentence
+        by_g = {}
+        for r in traffic:
+            by_g.setdefault(r["G"], []).append(r["reads_of_cache"])
+        cells = ", ".join(f"G={g}: {min(v):.3f}–{max(v):.3f}" if min(v) != max(v)
+                          else f"G={g}: {v[0]:.3f}" for g, v in sorted(by_g.items()))
+        dims = "/".join(str(d) for d in sorted({r["D"] for r in traffic}))
+        return (text + "\n\n**Decoding** (Tq=1 against 8192 cached keys, D=" + dims + "): K/V "
+                "bytes read per generated token, in reads of the cache — " + cells
+                + f" (target 1.00 ± 5 %). Every configuration: [`{full}`]({full}).")
     return text + f"\n\nEvery configuration: [`{full}`]({full})."
 
 

@@ -50,6 +50,7 @@ import torch
 import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
+from torch.utils.weak import WeakIdKeyDictionary
 
 from hdaf import ops as _ops
 
@@ -74,6 +75,9 @@ _SUPPORTED = (torch.float16, torch.bfloat16, torch.float32)
 #: Kernel launches made by the launchers in eager mode, by kernel name (tests use it to prove
 #: that the Triton kernels, not a fallback, served a call). Not updated under torch.compile.
 launch_counts: collections.Counter = collections.Counter()
+
+#: Host-side arrays the launchers built, by name ("key_columns": KCOL), in eager mode.
+builds: collections.Counter = collections.Counter()
 
 #: The hot loops of each kernel, in program order (the static profile labels them with this).
 #: "masked": tiles crossing a window / causal edge (never met without a window); "far" / "band":
@@ -165,7 +169,8 @@ def _configs(kind: str):
             for m, n, w, s in autotune_shapes(kind)]
 
 
-_TUNE_KEY = ["T_KEY", "Q_KEY", "W_KEY", "DK", "DV", "HAS_PAD", "USE_DELTA", "SPLIT", "IEEE"]
+_TUNE_KEY = ["T_KEY", "Q_KEY", "W_KEY", "DK", "DV", "HAS_PAD", "USE_DELTA", "SPLIT", "STACK",
+             "IEEE"]
 
 #: Per kernel kind, a configuration that replaces autotuning (see :func:`forced_configs`).
 _FORCED: dict = {}
@@ -233,21 +238,25 @@ class Launch:
 
 
 _CAPTURE: Optional[list] = None
+_CAPTURE_SMS: Optional[int] = None  # the multiprocessors a captured launch is planned for
 
 
 @contextlib.contextmanager
-def capture_launches():
+def capture_launches(multiprocessors: Optional[int] = None):
     """Record the launches of the Triton ops instead of running them (tensors on any device).
 
     Yields a list of :class:`Launch`. ``bench/static_profile.py`` compiles each captured launch
     ahead of time, specialised from its real arguments, so the profile follows the launcher.
+    ``multiprocessors``: plan the launches as on a GPU with that many multiprocessors (the
+    split-key decoding rule depends on it); without it, as on the tensors' device.
     """
-    global _CAPTURE
+    global _CAPTURE, _CAPTURE_SMS
     saved, _CAPTURE = _CAPTURE, []
+    saved_sms, _CAPTURE_SMS = _CAPTURE_SMS, multiprocessors
     try:
         yield _CAPTURE
     finally:
-        _CAPTURE = saved
+        _CAPTURE, _CAPTURE_SMS = saved, saved_sms
 
 
 # ----------------------------------------------------------------------------------------------
@@ -419,8 +428,84 @@ def _key_columns(P, key_padding_mask, qk_scale, use_delta, tp, lay):
     return kcol
 
 
-def _common(q, v, P, key_padding_mask, L, U, window_left, window_right, scale, use_delta, lay):
-    """Launch arguments shared by the kernels."""
+#: KCOL as the forward built it, by the caller's P (held weakly), for the backward of the same
+#: call: with the scale, padding mask and layout unchanged it is the same array. Only kept for a
+#: P that requires grad, and taken out by the backward that uses it.
+_KCOL_OF = WeakIdKeyDictionary()
+
+
+def _key_columns_once(owner, P, key_padding_mask, qk_scale, use_delta, tp, lay, backward):
+    """:func:`_key_columns`, or the forward's KCOL for the same inputs (``owner``: the P the
+    caller passed, before any copy; the entry is checked against its version and against the
+    very mask / cu_seqlens tensors and their versions)."""
+    if _CAPTURE is not None or torch.compiler.is_compiling():  # no state across traced calls
+        return _key_columns(P, key_padding_mask, qk_scale, use_delta, tp, lay)
+    deps = tuple((t, t._version) for t in (key_padding_mask, lay.cu_k) if t is not None)
+    key = (owner._version, qk_scale, use_delta, tp, lay.B, lay.T, lay.varlen)
+    hit = _KCOL_OF.pop(owner, None) if backward else _KCOL_OF.get(owner)
+    if (hit is not None and hit[0] == key and len(hit[1]) == len(deps)
+            and all(a is b and va == vb for (a, va), (b, vb) in zip(hit[1], deps))):
+        return hit[2]
+    builds["key_columns"] += 1
+    kcol = _key_columns(P, key_padding_mask, qk_scale, use_delta, tp, lay)
+    if not backward and owner.requires_grad:
+        _KCOL_OF[owner] = (key, deps, kcol)
+    return kcol
+
+
+def _band_reach() -> int:
+    """How far past the clip limits a band run's offsets reach: the largest
+    max(BLOCK_M, stacked rows) + BLOCK_N − 3 of any configuration a launch may run (a band run
+    of a BLOCK_M × BLOCK_N program holds offsets j − i in [−L − reach, U + reach])."""
+    sizes = [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for kind in _SHAPES
+             for c in _configs(kind)]
+    sizes += [(f["BLOCK_M"], f["BLOCK_N"]) for kind, f in _FORCED.items() if kind != "splits"]
+    return max(max(bm, _STACK_MAX_TQ) + bn for bm, bn in sizes) - 3
+
+
+def _shear(P, pk, lay, L, U, tpq):
+    """(S, DMIN): the band tiles' bias, one float32 per (query, offset), so that an unmasked
+    band tile loads one value per pair instead of gathering two rows of P and clamping:
+    ``S[b, h, i, d − DMIN] = PK[t + d, r(d)] − P[t, r(d)]`` for query i at position
+    ``t = Tk − Tq + i``, ``r(d) = clamp(d, −L, U) + L``, d in [DMIN, −DMIN + U − L]
+    (:func:`_band_reach`); 0 where ``t + d`` lies outside the keys or i past the queries. S is
+    [B, Hp, tpq, W] (W = R + 2·reach). PK is P with padding keys' rows zeroed, as the
+    gathering loops read it."""
+    R = L + U + 1
+    reach = _band_reach()
+    dmin = -L - reach
+    dev = P.device
+    d = torch.arange(dmin, dmin + R + 2 * reach, device=dev)
+    r = d.clamp(-L, U) + L
+    qi = torch.arange(tpq, device=dev)
+    Hp = P.shape[1]
+    if lay.varlen:  # P [Total_k, Hp, R]
+        k0, tk = lay.cu_k[:-1].long(), (lay.cu_k[1:] - lay.cu_k[:-1]).long()
+        tq = (lay.cu_q[1:] - lay.cu_q[:-1]).long()
+        flat_p, flat_pk = P, pk
+    else:  # P [B, Hp, T, R] -> rows [B*T, Hp, R]
+        B, T = P.shape[0], P.shape[2]
+        k0 = torch.arange(B, device=dev) * T
+        tk = torch.full((B,), T, device=dev)
+        tq = torch.full((B,), lay.Tq, device=dev)
+        flat_p = P.transpose(1, 2).reshape(B * T, Hp, R)
+        flat_pk = flat_p if pk is P else pk.transpose(1, 2).reshape(B * T, Hp, R)
+    last = max(flat_p.shape[0] - 1, 0)
+    pos = (tk - tq)[:, None] + qi  # [B, tpq]
+    j = pos[:, :, None] + d  # [B, tpq, W]
+    valid = (qi < tq[:, None])[:, :, None] & (j >= 0) & (j < tk[:, None, None])
+    krow = (k0[:, None, None] + j).clamp(0, last)
+    qrow = (k0[:, None] + pos).clamp(0, last)[:, :, None]
+    gk = flat_pk[krow, :, r].float()  # [B, tpq, W, Hp]
+    gq = flat_p[qrow, :, r].float()
+    S = torch.where(valid[..., None], gk - gq, 0.0)
+    return S.permute(0, 3, 1, 2).contiguous(), dmin
+
+
+def _common(q, v, P, key_padding_mask, L, U, window_left, window_right, scale, use_delta, lay,
+            owner, backward=False):
+    """Launch arguments shared by the kernels (``owner``: the P the caller passed, whose
+    forward KCOL the backward reuses)."""
     Dk, Dv = q.shape[-1], v.shape[-1]
     T, Tq = lay.T, lay.Tq
     # a window that reaches every key is no window: offsets beyond ±2T put no tile on an edge
@@ -434,7 +519,8 @@ def _common(q, v, P, key_padding_mask, L, U, window_left, window_right, scale, u
     # touches, past the end of the queries too (they sit at positions T - Tq + i)
     tpq = _padded_length(Tq)
     tp = _padded_length(T + _ROW_PAD if lay.varlen else max(T, T - Tq + tpq))
-    kcol = _key_columns(P, key_padding_mask, scale * _LOG2E, use_delta, tp, lay)
+    kcol = _key_columns_once(owner, P, key_padding_mask, scale * _LOG2E, use_delta, tp, lay,
+                             backward)
     sC = kcol.stride()
     c_strides = (sC[0], 0 if kcol.shape[1] == 1 else sC[1])
     cu_q, cu_k = (lay.cu_q, lay.cu_k) if lay.varlen else (kv, kv)  # never read unless VARLEN
@@ -443,18 +529,41 @@ def _common(q, v, P, key_padding_mask, L, U, window_left, window_right, scale, u
     pk = P
     if key_padding_mask is not None and use_delta:
         pk = P.masked_fill(key_padding_mask[:, None, :, None], 0.0)
-    meta = dict(H=lay.H, G=lay.H // lay.Hkv, T=T, TQ=Tq, TP=tp, L=L, U=U, lo=lo, hi=hi,
+    if use_delta:
+        sh, dmin = _shear(P, pk, lay, L, U, tpq)
+    else:
+        sh, dmin = kcol, 0  # never read
+    c_strides += (sh.stride(0), 0 if sh.shape[1] == 1 else sh.stride(1))
+    meta = dict(H=lay.H, G=lay.H // lay.Hkv, T=T, TQ=Tq, TP=tp, SW=sh.shape[-1], DMIN=dmin, L=L,
+                U=U, lo=lo, hi=hi,
                 T_KEY=triton.next_power_of_2(T), Q_KEY=triton.next_power_of_2(Tq),
                 W_KEY=triton.next_power_of_2(min(hi - lo + 1, 2 * T)),
                 HAS_PAD=has_pad, USE_DELTA=use_delta, VARLEN=lay.varlen,
                 IEEE=q.dtype == torch.float32, DK=Dk, DV=Dv,
                 BLOCK_DK=max(16, triton.next_power_of_2(Dk)),
                 BLOCK_DV=max(16, triton.next_power_of_2(Dv)))
-    return kv, kcol, pk, c_strides, cu_q, cu_k, tpq, meta
+    return kv, (kcol, sh), pk, c_strides, cu_q, cu_k, tpq, meta
 
 
 #: Keys per split of a decoding forward: a multiple of every key tile.
 _SPLIT_QUANTUM = 256
+
+#: Query blocks up to this long are stacked (decoding, short speculative blocks): a forward
+#: program holds the G·Tq queries of one key/value head's G query heads, so each key/value tile
+#: is read once per key/value head, not once per query head.
+_STACK_MAX_TQ = 16
+
+
+def _stacks(lay) -> bool:
+    """Whether the forward stacks the query heads of a group into one program's rows."""
+    return lay.Tq <= _STACK_MAX_TQ
+
+
+def _forward_rows(lay) -> Tuple[int, int]:
+    """(rows per program group, program groups per element): (G·Tq, Hkv) stacked, else (Tq, H)."""
+    if _stacks(lay):
+        return lay.Tq * (lay.H // lay.Hkv), lay.Hkv
+    return lay.Tq, lay.H
 
 
 def _decode_splits(lay, device) -> int:
@@ -462,10 +571,14 @@ def _decode_splits(lay, device) -> int:
     query blocks alone leave most of the GPU's multiprocessors idle and the keys are long."""
     if "splits" in _FORCED:
         return 1 if lay.varlen else _FORCED["splits"]
-    if lay.varlen or INTERPRET or device.type != "cuda" or lay.T < 4 * _SPLIT_QUANTUM:
+    planned = _CAPTURE is not None and _CAPTURE_SMS is not None
+    if lay.varlen or lay.T < 4 * _SPLIT_QUANTUM or (
+            not planned and (INTERPRET or device.type != "cuda")):
         return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    programs = lay.B * lay.H * triton.cdiv(lay.Tq, 64)
+    sms = (_CAPTURE_SMS if planned
+           else torch.cuda.get_device_properties(device).multi_processor_count)
+    rows, groups = _forward_rows(lay)
+    programs = lay.B * groups * triton.cdiv(rows, 64)
     if programs >= sms:
         return 1
     return max(1, min(triton.cdiv(lay.T, 2 * _SPLIT_QUANTUM), triton.cdiv(2 * sms, programs)))
@@ -489,10 +602,10 @@ def _combine_splits(part, Dv, out, lse):
 def _run_forward(q, k, v, P, key_padding_mask, L, U, window_left, window_right, scale, use_delta,
                  lay, out, lse):
     use_delta = use_delta and P.shape[-1] > 0  # P without a bucket column: the plain path
-    P = P.contiguous()
-    kv, kcol, pk, c_strides, cu_q, cu_k, _, meta = _common(q, v, P, key_padding_mask, L, U,
+    owner, P = P, P.contiguous()
+    kv, key_arrays, pk, c_strides, cu_q, cu_k, _, meta = _common(q, v, P, key_padding_mask, L, U,
                                                            window_left, window_right, scale,
-                                                           use_delta, lay)
+                                                           use_delta, lay, owner)
     splits = _decode_splits(lay, q.device)
     split_n = triton.cdiv(triton.cdiv(lay.T, splits), _SPLIT_QUANTUM) * _SPLIT_QUANTUM
     splits = triton.cdiv(lay.T, split_n)
@@ -501,13 +614,16 @@ def _run_forward(q, k, v, P, key_padding_mask, L, U, window_left, window_right, 
         part = torch.empty((splits, lay.B * lay.H, lay.Tq, meta["BLOCK_DV"] + 2),
                            dtype=torch.float32, device=q.device)
 
-    def grid(m):
-        return (triton.cdiv(lay.Tq, m["BLOCK_M"]), lay.B * lay.H, splits)
+    rows, groups = _forward_rows(lay)
 
-    _launch("fwd", grid, q, k, v, P, pk, kcol, kv, out, lse, cu_q, cu_k, part, *lay.strides(q),
-            *lay.strides(k), *lay.strides(v), *lay.p_strides(P), *c_strides, *lay.strides(out),
-            *lay.lse_strides(lse), qk_scale=scale * _LOG2E, SPLIT_N=split_n, SPLIT=splits > 1,
-            **meta)
+    def grid(m):
+        return (triton.cdiv(rows, m["BLOCK_M"]), lay.B * groups, splits)
+
+    meta["Q_KEY"] = triton.next_power_of_2(rows)  # the rows BLOCK_M tiles
+    _launch("fwd", grid, q, k, v, P, pk, *key_arrays, kv, out, lse, cu_q, cu_k, part,
+            *lay.strides(q), *lay.strides(k), *lay.strides(v), *lay.p_strides(P), *c_strides,
+            *lay.strides(out), *lay.lse_strides(lse), qk_scale=scale * _LOG2E, SPLIT_N=split_n,
+            SPLIT=splits > 1, STACK=_stacks(lay), **meta)
     if splits > 1 and _CAPTURE is None:
         _combine_splits(part, v.shape[-1], out, lse)
 
@@ -519,15 +635,15 @@ def _run_backward(grad_out, q, k, v, P, key_padding_mask, out, lse, L, U, window
     B, H, Hkv, Tq, T = lay.B, lay.H, lay.Hkv, lay.Tq, lay.T
     R = L + U + 1
     use_delta = use_delta and P.shape[-1] > 0  # P without a bucket column: the plain path
-    P = P.contiguous()
+    owner, P = P, P.contiguous()
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
-    kv, kcol, pk, c_strides, cu_q, cu_k, tpq, meta = _common(q, v, P, key_padding_mask, L, U,
+    kv, key_arrays, pk, c_strides, cu_q, cu_k, tpq, meta = _common(q, v, P, key_padding_mask, L, U,
                                                              window_left, window_right, scale,
-                                                             use_delta, lay)
+                                                             use_delta, lay, owner, True)
     qk_scale = scale * _LOG2E
-    # per query: D, lse2, lse2 + c·P[t_i, 0], lse2 + c·P[t_i, R-1]; rows no query fills (past
+    # per query: D, lse2 + c·P[t_i, 0], lse2 + c·P[t_i, R-1], lse2; rows no query fills (past
     # the end of each element's queries) see no key: D = 0, the others +inf
     rows = torch.full((B, H, 4, tpq), float("inf"), dtype=torch.float32, device=q.device)
     rows[:, :, 0] = 0.0
@@ -556,11 +672,11 @@ def _run_backward(grad_out, q, k, v, P, key_padding_mask, out, lse, L, U, window
     def grid_m(m):
         return (triton.cdiv(Tq, m["BLOCK_M"]), B * H)
 
-    _launch("dkdv", grid_n, q, k, v, P, pk, kcol, kv, grad_out, rows, dk, dv, dP_halves[0], cu_q,
-            cu_k, *common, *lay.strides(dk), *lay.strides(dv), scale=scale, qk_scale=qk_scale,
+    _launch("dkdv", grid_n, q, k, v, P, pk, *key_arrays, kv, grad_out, rows, dk, dv, dP_halves[0],
+            cu_q, cu_k, *common, *lay.strides(dk), *lay.strides(dv), scale=scale, qk_scale=qk_scale,
             TPQ=tpq, GROUPED=Hkv != H, **meta)
-    _launch("dq", grid_m, q, k, v, P, pk, kcol, kv, grad_out, rows, dq, dP_halves[1], cu_q, cu_k,
-            *common, *lay.strides(dq), scale=scale, qk_scale=qk_scale, TPQ=tpq, **meta)
+    _launch("dq", grid_m, q, k, v, P, pk, *key_arrays, kv, grad_out, rows, dq, dP_halves[1], cu_q,
+            cu_k, *common, *lay.strides(dq), scale=scale, qk_scale=qk_scale, TPQ=tpq, **meta)
     return dq, dk, dv, (dP_halves.sum(0) if use_delta else None)
 
 

@@ -1,10 +1,11 @@
 """Backward Triton kernels of delta attention (flash-attention 2's split into dK/dV and dQ passes).
 
 * ``bwd_rows_kernel``: per query, the float32 row vectors the other two kernels read
-  (``ROWS [B, H, 4, T]``): ``D_i = dout_i·out_i``; ``lse2_i`` (log2-domain lse, ``+inf`` for a
-  query with no visible key, so that ``exp2(t − lse2) = 0`` there); and ``lse2_i + c·P[i, 0]``,
-  ``lse2_i + c·P[i, R−1]``, which turn a far tile's probabilities into one FFMA and one
-  subtraction per element: ``p = exp2(c·q·k + KCOL[e, j] − (lse2_i + c·P[i, e]))``.
+  (``ROWS [B, H, 4, T]``, the layout ``delta_attention_tiles`` describes): ``D_i = dout_i·out_i``,
+  then ``lse2_i + c·P[i, 0]``, ``lse2_i + c·P[i, R−1]`` and ``lse2_i`` (log2-domain lse, ``+inf``
+  for a query with no visible key, so that ``exp2(t − lse2) = 0`` there). The clipped two turn
+  a far tile's probabilities into one FFMA and one subtraction per element:
+  ``p = exp2(c·q·k + KCOL[e, j] − (lse2_i + c·P[i, e]))``.
 * ``bwd_dkdv_kernel``: one program per ``BLOCK_N`` keys, in the transposed orientation
   (``Sᵀ = K·Qᵀ``, ``dPᵀ = V·dOᵀ``): the key block is the matrix instructions' M dimension, and a
   key's bucket sum of ``dS`` is a row reduction inside the accumulator layout. Writes dk, dv and
@@ -22,30 +23,12 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .delta_attention_tiles import (BAND, FAR_HI, FAR_LO, PLAIN, band_bias, dot, kcol_row,
-                                    key_span, loop_tile, sequence, split_runs,
-                                    window_mask)
+from .delta_attention_tiles import (BAND, FAR_HI, FAR_LO, PLAIN, ROW_HI, ROW_LO, ROW_MID,
+                                    band_bias, dot, key_span, loop_tile, run_row, sequence,
+                                    split_runs, window_mask)
 
 #: Columns of the far tiles' dS-sum accumulator (the narrowest matrix-instruction N).
 SEL_W: tl.constexpr = tl.constexpr(16)
-
-# Rows of ROWS [B, H, 4, T].
-ROW_D: tl.constexpr = tl.constexpr(0)
-ROW_LSE2: tl.constexpr = tl.constexpr(1)
-ROW_QL_LO: tl.constexpr = tl.constexpr(2)
-ROW_QL_HI: tl.constexpr = tl.constexpr(3)
-
-
-@triton.jit
-def _rows_row(MODE: tl.constexpr):
-    """The ROWS row a run of kind MODE subtracts from its logits."""
-    if MODE == FAR_LO:
-        return ROW_QL_LO
-    elif MODE == FAR_HI:
-        return ROW_QL_HI
-    else:
-        return ROW_LSE2
-
 
 @triton.jit
 def bwd_rows_kernel(OUT, DO, LSE, P, ROWS, CU_Q, CU_K, sob, soh, sot, sod, sdb, sdh, sdt, sdd,
@@ -70,14 +53,14 @@ def bwd_rows_kernel(OUT, DO, LSE, P, ROWS, CU_Q, CU_K, sob, soh, sot, sod, sdb, 
                   other=float("-inf"))
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
     rows = ROWS + pid_bh.to(tl.int64) * 4 * TPQ + offs_m
-    tl.store(rows + ROW_D * TPQ, tl.sum(o * do, 1), mask=mask_m)
-    tl.store(rows + ROW_LSE2 * TPQ, lse2, mask=mask_m)
+    tl.store(rows, tl.sum(o * do, 1), mask=mask_m)
+    tl.store(rows + (ROW_MID + 1) * TPQ, lse2, mask=mask_m)
     if USE_DELTA:
         p_base = P + off_b * spb + k_start * spt + off_h * sph + (offs_m + QOFF) * spt
         p_lo = tl.load(p_base, mask=mask_m, other=0.0).to(tl.float32)
         p_hi = tl.load(p_base + (R - 1), mask=mask_m, other=0.0).to(tl.float32)
-        tl.store(rows + ROW_QL_LO * TPQ, lse2 + p_lo * qk_scale, mask=mask_m)
-        tl.store(rows + ROW_QL_HI * TPQ, lse2 + p_hi * qk_scale, mask=mask_m)
+        tl.store(rows + (ROW_LO + 1) * TPQ, lse2 + p_lo * qk_scale, mask=mask_m)
+        tl.store(rows + (ROW_HI + 1) * TPQ, lse2 + p_hi * qk_scale, mask=mask_m)
 
 
 @triton.jit
@@ -99,15 +82,19 @@ def take_far_sums(acc, acc_far):
 
 
 @triton.jit
-def _band_dP(ds, d, partner_ok, L, U, acc_lo, acc_hi, dp_ptrs, scale, AXIS: tl.constexpr):
+def _band_dP(ds, d, partner_ok, L, U, acc_lo, acc_hi, dp_ptrs, scale, AXIS: tl.constexpr,
+             ENDS: tl.constexpr):
     """A band tile's share of dP: the clipped pairs summed into acc_lo / acc_hi along AXIS (the
     partner axis), the unclipped ones stored (one partner per row and bucket) at dp_ptrs + d.
 
     Partners past the end of the sequence (``partner_ok`` False) are no pairs: their dS is 0
     for finite inputs, but a non-finite row makes it NaN (NaN·0 in q·k), which must reach no
-    bucket (the spec's non-finite rule), hence the select. Rows past the end land in the dP
+    bucket (the spec's non-finite rule), hence the select — in the tiles that can hold such
+    partners (ENDS; the dK/dV kernel gives every query tile that crosses the end of the queries
+    to its masked loops, so its unmasked band tiles skip it). Rows past the end land in the dP
     buffer's padding rows."""
-    ds = tl.where(partner_ok, ds, 0.0)
+    if ENDS:
+        ds = tl.where(partner_ok, ds, 0.0)
     acc_lo += tl.sum(tl.where(d <= -L, ds, 0.0), AXIS)
     acc_hi += tl.sum(tl.where((d >= U) & (d > -L), ds, 0.0), AXIS)
     tl.store(dp_ptrs + d, ds * scale, mask=(d > -L) & (d < U))
@@ -116,15 +103,16 @@ def _band_dP(ds, d, partner_ok, L, U, acc_lo, acc_hi, dp_ptrs, scale, AXIS: tl.c
 
 @triton.jit
 def _dkdv_run(dk, dv, acc_lo, acc_hi, k, v, kc_base, q_base, do_base, rows_base, p_base, pk_base,
-              dp_base,
-              sqt, sqd, sdt, sdd, spt, offs_n, mask_n, offs_dk, offs_dv, n0, m_start, m_end, T, TP,
-              TQ, QOFF, TPQ, L, U, lo, hi, scale, qk_scale, MODE: tl.constexpr, MASKED: tl.constexpr,
-              IEEE: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BLOCK_M_PROG: tl.constexpr,
-              BLOCK_N: tl.constexpr):
+              dp_base, sh_base,
+              sqt, sqd, sdt, sdd, spt, offs_n, offs_dk, offs_dv, m_start, m_end, T, TP, SW, TQ,
+              QOFF,
+              TPQ, L, U, lo, hi, scale, qk_scale, MODE: tl.constexpr, MASKED: tl.constexpr,
+              IEEE: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+              BLOCK_M_PROG: tl.constexpr):
     BLOCK_M: tl.constexpr = loop_tile(BLOCK_M_PROG, MODE, MASKED)
     R = L + U + 1
-    ql_rows = rows_base + _rows_row(MODE) * TPQ
-    kcol = tl.load(kc_base + kcol_row(MODE) * TP + offs_n)  # padded to TP: no mask
+    ql_rows = rows_base + (run_row(MODE) + 1) * TPQ
+    kcol = tl.load(kc_base + run_row(MODE) * TP + offs_n)  # padded to TP: no mask
     mask_dk = (offs_dk < DK)[:, None]
     mask_dv = (offs_dv < DV)[None, :]
     # offsets d = j − (QOFF + i) from query indices i; the queries' P rows start at pq_base
@@ -137,7 +125,10 @@ def _dkdv_run(dk, dv, acc_lo, acc_hi, k, v, kc_base, q_base, do_base, rows_base,
                      mask=mask_m[None, :] & mask_dk, other=0.0)
         ql = tl.load(ql_rows + offs_q)  # padded to TPQ: no mask
         sT = dot(k, qT, IEEE)  # [BLOCK_N, BLOCK_M]
-        if MODE == BAND:
+        if MODE == BAND and not MASKED:  # one float32 load per pair from the shear array
+            bias = tl.load((sh_base + offs_q * (SW - 1))[None, :] + offs_n[:, None])
+            t = (sT + bias) * qk_scale + kcol[:, None]
+        elif MODE == BAND:
             bias = band_bias(pq_base, pk_base, spt, offs_q[None, :], offs_n[:, None],
                              offs_nq[:, None] - offs_q[None, :], TQ, T, L, U)
             t = (sT + bias) * qk_scale + kcol[:, None]
@@ -159,17 +150,18 @@ def _dkdv_run(dk, dv, acc_lo, acc_hi, k, v, kc_base, q_base, do_base, rows_base,
         elif MODE == FAR_HI:
             acc_hi += tl.sum(dsT, 1)
         elif MODE == BAND:
-            acc_lo, acc_hi = _band_dP(dsT, offs_nq[:, None] - offs_q[None, :], mask_m[None, :], L, U,
-                                      acc_lo, acc_hi,
-                                      dp_base + offs_n[:, None] * R + L, scale, 1)
+            acc_lo, acc_hi = _band_dP(dsT, offs_nq[:, None] - offs_q[None, :], mask_m[None, :], L,
+                                      U, acc_lo, acc_hi,
+                                      dp_base + offs_n[:, None] * R + L, scale, 1, MASKED)
     return dk, dv, acc_lo, acc_hi
 
 
 @triton.jit
-def _dkdv_head(dk, dv, k, v, off_b, off_h, q_start, k_start, Q, P, PK, KCOL, DO, ROWS, DPK, sqh, sqb,
-               sqt, sqd, spb, sph,
-               spt, scb, sch, sdb, sdh, sdt, sdd, offs_n, mask_n, offs_dk, offs_dv, n0q, start_m,
-               e1, b1, b2, e2, end_m, H, T, TQ, QOFF, TP, TPQ, L, U, lo, hi, scale, qk_scale,
+def _dkdv_head(dk, dv, k, v, off_b, off_h, q_start, k_start, Q, P, PK, KCOL, SH, DO, ROWS, DPK,
+               sqh, sqb, sqt, sqd, spb, sph,
+               spt, scb, sch, shb, shh, sdb, sdh, sdt, sdd, offs_n, mask_n, offs_dk, offs_dv,
+               start_m, e1, b1, b2, e2, end_m, H, T, TQ, QOFF, TP, SW, DMIN, TPQ, L, U, lo, hi,
+               scale, qk_scale,
                USE_DELTA: tl.constexpr, IEEE: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One query head's share of a key block: dk, dv accumulate; the key rows of its dP."""
@@ -178,6 +170,8 @@ def _dkdv_head(dk, dv, k, v, off_b, off_h, q_start, k_start, Q, P, PK, KCOL, DO,
     p_base = P + off_b * spb + k_start * spt + off_h * sph
     pk_base = PK + off_b * spb + k_start * spt + off_h * sph  # key rows: 0 at padding keys
     kc_base = KCOL + off_b * scb + off_h * sch
+    # + query index i·(SW − 1) + key index j: S[i, j − (QOFF + i) − DMIN]
+    sh_base = SH + off_b * shb + off_h * shh - QOFF - DMIN
     dp_base = DPK + bh * TP * R  # contiguous float32 [B*H, TP, R]
     rows_base = ROWS + bh * 4 * TPQ
     q_base = Q + off_b * sqb + q_start * sqt + off_h * sqh
@@ -187,29 +181,29 @@ def _dkdv_head(dk, dv, k, v, off_b, off_h, q_start, k_start, Q, P, PK, KCOL, DO,
     if USE_DELTA:
         dk, dv, acc_lo, acc_hi = _dkdv_run(
             dk, dv, acc_lo, acc_hi, k, v, kc_base, q_base, do_base, rows_base, p_base, pk_base,
-            dp_base, sqt, sqd, sdt, sdd, spt, offs_n, mask_n, offs_dk, offs_dv, n0q, start_m,
-            e1, T, TP, TQ, QOFF, TPQ, L, U, lo, hi, scale, qk_scale, BAND, True, IEEE,
-            DK, DV, BLOCK_M, BLOCK_N)
+            dp_base, sh_base, sqt, sqd, sdt, sdd, spt, offs_n, offs_dk, offs_dv, start_m,
+            e1, T, TP, SW, TQ, QOFF, TPQ, L, U, lo, hi, scale, qk_scale, BAND, True, IEEE,
+            DK, DV, BLOCK_M)
         dk, dv, acc_lo, acc_hi = _dkdv_run(
             dk, dv, acc_lo, acc_hi, k, v, kc_base, q_base, do_base, rows_base, p_base, pk_base,
-            dp_base, sqt, sqd, sdt, sdd, spt, offs_n, mask_n, offs_dk, offs_dv, n0q, e1,
-            b1, T, TP, TQ, QOFF, TPQ, L, U, lo, hi, scale, qk_scale, FAR_HI, False, IEEE,
-            DK, DV, BLOCK_M, BLOCK_N)
+            dp_base, sh_base, sqt, sqd, sdt, sdd, spt, offs_n, offs_dk, offs_dv, e1,
+            b1, T, TP, SW, TQ, QOFF, TPQ, L, U, lo, hi, scale, qk_scale, FAR_HI, False, IEEE,
+            DK, DV, BLOCK_M)
         dk, dv, acc_lo, acc_hi = _dkdv_run(
             dk, dv, acc_lo, acc_hi, k, v, kc_base, q_base, do_base, rows_base, p_base, pk_base,
-            dp_base, sqt, sqd, sdt, sdd, spt, offs_n, mask_n, offs_dk, offs_dv, n0q, b1,
-            b2, T, TP, TQ, QOFF, TPQ, L, U, lo, hi, scale, qk_scale, BAND, False, IEEE,
-            DK, DV, BLOCK_M, BLOCK_N)
+            dp_base, sh_base, sqt, sqd, sdt, sdd, spt, offs_n, offs_dk, offs_dv, b1,
+            b2, T, TP, SW, TQ, QOFF, TPQ, L, U, lo, hi, scale, qk_scale, BAND, False, IEEE,
+            DK, DV, BLOCK_M)
         dk, dv, acc_lo, acc_hi = _dkdv_run(
             dk, dv, acc_lo, acc_hi, k, v, kc_base, q_base, do_base, rows_base, p_base, pk_base,
-            dp_base, sqt, sqd, sdt, sdd, spt, offs_n, mask_n, offs_dk, offs_dv, n0q, b2,
-            e2, T, TP, TQ, QOFF, TPQ, L, U, lo, hi, scale, qk_scale, FAR_LO, False, IEEE,
-            DK, DV, BLOCK_M, BLOCK_N)
+            dp_base, sh_base, sqt, sqd, sdt, sdd, spt, offs_n, offs_dk, offs_dv, b2,
+            e2, T, TP, SW, TQ, QOFF, TPQ, L, U, lo, hi, scale, qk_scale, FAR_LO, False, IEEE,
+            DK, DV, BLOCK_M)
         dk, dv, acc_lo, acc_hi = _dkdv_run(
             dk, dv, acc_lo, acc_hi, k, v, kc_base, q_base, do_base, rows_base, p_base, pk_base,
-            dp_base, sqt, sqd, sdt, sdd, spt, offs_n, mask_n, offs_dk, offs_dv, n0q, e2,
-            end_m, T, TP, TQ, QOFF, TPQ, L, U, lo, hi, scale, qk_scale, BAND, True, IEEE,
-            DK, DV, BLOCK_M, BLOCK_N)
+            dp_base, sh_base, sqt, sqd, sdt, sdd, spt, offs_n, offs_dk, offs_dv, e2,
+            end_m, T, TP, SW, TQ, QOFF, TPQ, L, U, lo, hi, scale, qk_scale, BAND, True, IEEE,
+            DK, DV, BLOCK_M)
         if R == 1:
             tl.store(dp_base + offs_n * R, (acc_lo + acc_hi) * scale, mask=mask_n)
         else:
@@ -218,28 +212,28 @@ def _dkdv_head(dk, dv, k, v, off_b, off_h, q_start, k_start, Q, P, PK, KCOL, DO,
     else:  # plain flash attention: no P traffic at all
         dk, dv, acc_lo, acc_hi = _dkdv_run(
             dk, dv, acc_lo, acc_hi, k, v, kc_base, q_base, do_base, rows_base, p_base, pk_base,
-            dp_base, sqt, sqd, sdt, sdd, spt, offs_n, mask_n, offs_dk, offs_dv, n0q, start_m,
-            e1, T, TP, TQ, QOFF, TPQ, L, U, lo, hi, scale, qk_scale, PLAIN, True, IEEE,
-            DK, DV, BLOCK_M, BLOCK_N)
+            dp_base, sh_base, sqt, sqd, sdt, sdd, spt, offs_n, offs_dk, offs_dv, start_m,
+            e1, T, TP, SW, TQ, QOFF, TPQ, L, U, lo, hi, scale, qk_scale, PLAIN, True, IEEE,
+            DK, DV, BLOCK_M)
         dk, dv, acc_lo, acc_hi = _dkdv_run(
             dk, dv, acc_lo, acc_hi, k, v, kc_base, q_base, do_base, rows_base, p_base, pk_base,
-            dp_base, sqt, sqd, sdt, sdd, spt, offs_n, mask_n, offs_dk, offs_dv, n0q, e1,
-            e2, T, TP, TQ, QOFF, TPQ, L, U, lo, hi, scale, qk_scale, PLAIN, False, IEEE,
-            DK, DV, BLOCK_M, BLOCK_N)
+            dp_base, sh_base, sqt, sqd, sdt, sdd, spt, offs_n, offs_dk, offs_dv, e1,
+            e2, T, TP, SW, TQ, QOFF, TPQ, L, U, lo, hi, scale, qk_scale, PLAIN, False, IEEE,
+            DK, DV, BLOCK_M)
         dk, dv, acc_lo, acc_hi = _dkdv_run(
             dk, dv, acc_lo, acc_hi, k, v, kc_base, q_base, do_base, rows_base, p_base, pk_base,
-            dp_base, sqt, sqd, sdt, sdd, spt, offs_n, mask_n, offs_dk, offs_dv, n0q, e2,
-            end_m, T, TP, TQ, QOFF, TPQ, L, U, lo, hi, scale, qk_scale, PLAIN, True, IEEE,
-            DK, DV, BLOCK_M, BLOCK_N)
+            dp_base, sh_base, sqt, sqd, sdt, sdd, spt, offs_n, offs_dk, offs_dv, e2,
+            end_m, T, TP, SW, TQ, QOFF, TPQ, L, U, lo, hi, scale, qk_scale, PLAIN, True, IEEE,
+            DK, DV, BLOCK_M)
     return dk, dv
 
 
 @triton.jit
-def bwd_dkdv_kernel(Q, K, V, P, PK, KCOL, KV, DO, ROWS, DK_OUT, DV_OUT, DPK, CU_Q, CU_K,
+def bwd_dkdv_kernel(Q, K, V, P, PK, KCOL, SH, KV, DO, ROWS, DK_OUT, DV_OUT, DPK, CU_Q, CU_K,
                     sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd,
-                    spb, sph, spt, scb, sch, sdb, sdh, sdt, sdd,
+                    spb, sph, spt, scb, sch, shb, shh, sdb, sdh, sdt, sdd,
                     sgkb, sgkh, sgkt, sgkd, sgvb, sgvh, sgvt, sgvd,
-                    H, G, T, TQ, TP, TPQ, L, U, lo, hi, scale, qk_scale, T_KEY, Q_KEY,
+                    H, G, T, TQ, TP, SW, DMIN, TPQ, L, U, lo, hi, scale, qk_scale, T_KEY, Q_KEY,
                     W_KEY, HAS_PAD: tl.constexpr, USE_DELTA: tl.constexpr, VARLEN: tl.constexpr,
                     IEEE: tl.constexpr, GROUPED: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
                     BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -281,22 +275,25 @@ def bwd_dkdv_kernel(Q, K, V, P, PK, KCOL, KV, DO, ROWS, DK_OUT, DV_OUT, DPK, CU_
     # ascending i, so descending j - i: query tiles crossing the window's upper edge, unmasked
     # tiles, then tiles crossing its lower edge
     e1, e2 = split_runs(start_m, end_m, n0q + BLOCK_N - 1 - hi, n0q - BLOCK_M + 2 - lo, BLOCK_M)
+    e2 = tl.maximum(tl.minimum(e2, TQ // BLOCK_M * BLOCK_M), e1)  # the last tile: masked
     # far-high (j - i >= U) first, then the band, then far-low (j - i <= -L)
     b1, b2 = split_runs(e1, e2, n0q - U - BLOCK_M + 2, n0q + BLOCK_N - 1 + L, BLOCK_M)
     if GROUPED:  # the G query heads of the key/value head, summed in registers
         for hh in range(0, G):
-            dk, dv = _dkdv_head(dk, dv, k, v, off_b, off_g * G + hh, q_start, k_start, Q, P, PK, KCOL, DO, ROWS,
-                                DPK,
-                                sqh, sqb, sqt, sqd, spb, sph, spt, scb, sch, sdb, sdh, sdt, sdd,
-                                offs_n, mask_n, offs_dk, offs_dv, n0q, start_m, e1, b1, b2, e2,
-                                end_m, H, T, TQ, QOFF, TP, TPQ, L, U, lo, hi, scale, qk_scale,
+            dk, dv = _dkdv_head(dk, dv, k, v, off_b, off_g * G + hh, q_start, k_start, Q, P, PK,
+                                KCOL, SH, DO, ROWS, DPK,
+                                sqh, sqb, sqt, sqd, spb, sph, spt, scb, sch, shb, shh, sdb, sdh,
+                                sdt, sdd, offs_n, mask_n, offs_dk, offs_dv, start_m, e1, b1, b2,
+                                e2, end_m, H, T, TQ, QOFF, TP, SW, DMIN, TPQ, L, U, lo, hi, scale,
+                                qk_scale,
                                 USE_DELTA, IEEE, DK, DV, BLOCK_M, BLOCK_N)
     else:
-        dk, dv = _dkdv_head(dk, dv, k, v, off_b, off_g, q_start, k_start, Q, P, PK, KCOL, DO, ROWS,
-                                DPK, sqh, sqb, sqt,
-                            sqd, spb, sph, spt, scb, sch, sdb, sdh, sdt, sdd, offs_n, mask_n,
-                            offs_dk, offs_dv, n0q, start_m, e1, b1, b2, e2, end_m, H, T, TQ,
-                            QOFF, TP, TPQ, L, U, lo, hi, scale, qk_scale, USE_DELTA, IEEE, DK,
+        dk, dv = _dkdv_head(dk, dv, k, v, off_b, off_g, q_start, k_start, Q, P, PK, KCOL, SH, DO,
+                            ROWS, DPK, sqh, sqb, sqt,
+                            sqd, spb, sph, spt, scb, sch, shb, shh, sdb, sdh, sdt, sdd, offs_n,
+                            mask_n, offs_dk, offs_dv, start_m, e1, b1, b2, e2, end_m, H, T, TQ,
+                            QOFF, TP, SW, DMIN, TPQ, L, U, lo, hi, scale, qk_scale, USE_DELTA,
+                            IEEE, DK,
                             DV, BLOCK_M, BLOCK_N)
 
     # A padding key has probability 0 everywhere (KCOL is -inf there), hence dk = dv = 0.
@@ -310,16 +307,15 @@ def bwd_dkdv_kernel(Q, K, V, P, PK, KCOL, KV, DO, ROWS, DK_OUT, DV_OUT, DPK, CU_
 
 @triton.jit
 def _dq_run(dq, acc_lo, acc_hi, acc_far, q, do, rows_base, k_base, v_base, kc_base, p_base, pk_base,
-            dp_base,
+            dp_base, sh_base,
             skt, skd, svt, svd, spt, offs_q, offs_m, offs_dk, offs_dv, n_start, n_end, T, TP,
             TPQ, L, U, lo, hi, scale, qk_scale, MODE: tl.constexpr, MASKED: tl.constexpr,
-            IEEE: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr,
-            BLOCK_N_PROG: tl.constexpr):
+            IEEE: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BLOCK_N_PROG: tl.constexpr):
     BLOCK_N: tl.constexpr = loop_tile(BLOCK_N_PROG, MODE, MASKED)
     R = L + U + 1
-    kc = kc_base + kcol_row(MODE) * TP
+    kc = kc_base + run_row(MODE) * TP
     # offs_q: the block's query indices (rows of ROWS); offs_m: their key positions
-    ql = tl.load(rows_base + _rows_row(MODE) * TPQ + offs_q)  # padded to TPQ: no mask
+    ql = tl.load(rows_base + (run_row(MODE) + 1) * TPQ + offs_q)  # padded to TPQ: no mask
     Di = tl.load(rows_base + offs_q)
     mask_dk = (offs_dk < DK)[:, None]
     mask_dv = (offs_dv < DV)[:, None]
@@ -331,7 +327,9 @@ def _dq_run(dq, acc_lo, acc_hi, acc_far, q, do, rows_base, k_base, v_base, kc_ba
                      mask=mask_n[None, :] & mask_dk, other=0.0)
         kcol = tl.load(kc + offs_n)  # padded to TP: no mask
         s = dot(q, kT, IEEE)  # [BLOCK_M, BLOCK_N]
-        if MODE == BAND:
+        if MODE == BAND and not MASKED:  # one float32 load per pair from the shear array
+            t = (s + tl.load(sh_base + offs_n[None, :])) * qk_scale + kcol[None, :]
+        elif MODE == BAND:
             bias = band_bias(p_base, pk_base, spt, offs_m[:, None], offs_n[None, :],
                              offs_n[None, :] - offs_m[:, None], T, T, L, U)
             t = (s + bias) * qk_scale + kcol[None, :]
@@ -351,15 +349,16 @@ def _dq_run(dq, acc_lo, acc_hi, acc_far, q, do, rows_base, k_base, v_base, kc_ba
         elif MODE == BAND:
             acc_lo, acc_hi = _band_dP(ds, offs_n[None, :] - offs_m[:, None], mask_n[None, :], L, U,
                                       acc_lo, acc_hi,
-                                      dp_base + offs_m[:, None] * R + L, -scale, 1)
+                                      dp_base + offs_m[:, None] * R + L, -scale, 1, True)
     return dq, acc_lo, acc_hi, acc_far
 
 
 @triton.jit
-def bwd_dq_kernel(Q, K, V, P, PK, KCOL, KV, DO, ROWS, DQ_OUT, DPQ, CU_Q, CU_K,
+def bwd_dq_kernel(Q, K, V, P, PK, KCOL, SH, KV, DO, ROWS, DQ_OUT, DPQ, CU_Q, CU_K,
                   sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd,
-                  spb, sph, spt, scb, sch, sdb, sdh, sdt, sdd, sgqb, sgqh, sgqt, sgqd,
-                  H, G, T, TQ, TP, TPQ, L, U, lo, hi, scale, qk_scale, T_KEY, Q_KEY, W_KEY,
+                  spb, sph, spt, scb, sch, shb, shh, sdb, sdh, sdt, sdd, sgqb, sgqh, sgqt, sgqd,
+                  H, G, T, TQ, TP, SW, DMIN, TPQ, L, U, lo, hi, scale, qk_scale, T_KEY, Q_KEY,
+                  W_KEY,
                   HAS_PAD: tl.constexpr, USE_DELTA: tl.constexpr, VARLEN: tl.constexpr,
                   IEEE: tl.constexpr,
                   DK: tl.constexpr, DV: tl.constexpr, BLOCK_DK: tl.constexpr,
@@ -386,6 +385,8 @@ def bwd_dq_kernel(Q, K, V, P, PK, KCOL, KV, DO, ROWS, DQ_OUT, DPQ, CU_Q, CU_K,
     mask_m = offs_q < TQ
     m0 = pid_m * BLOCK_M + QOFF  # positions from here on
     offs_m = offs_q + QOFF
+    # + key index j: S[i, j − (QOFF + i) − DMIN] (delta_attention_tiles)
+    sh_base = (SH + off_b * shb + off_h * shh + offs_q * (SW - 1) - QOFF - DMIN)[:, None]
     offs_dk = tl.arange(0, BLOCK_DK)
     offs_dv = tl.arange(0, BLOCK_DV)
     mask_dk = offs_dk < DK
@@ -409,26 +410,31 @@ def bwd_dq_kernel(Q, K, V, P, PK, KCOL, KV, DO, ROWS, DQ_OUT, DPQ, CU_Q, CU_K,
         b1, b2 = split_runs(e1, e2, m0 - L - BLOCK_N + 2, m0 + BLOCK_M - 1 + U, BLOCK_N)
         dq, acc_lo, acc_hi, acc_far = _dq_run(
             dq, acc_lo, acc_hi, acc_far, q, do, rows_base, k_base, v_base, kc_base, p_base, pk_base,
-            dp_base, skt, skd, svt, svd, spt, offs_q, offs_m, offs_dk, offs_dv, start_n, e1, T, TP,
-            TPQ, L, U, lo, hi, scale, qk_scale, BAND, True, IEEE, DK, DV, BLOCK_M, BLOCK_N)
+            dp_base, sh_base, skt, skd, svt, svd, spt, offs_q, offs_m, offs_dk, offs_dv, start_n,
+            e1, T, TP,
+            TPQ, L, U, lo, hi, scale, qk_scale, BAND, True, IEEE, DK, DV, BLOCK_N)
         dq, acc_lo, acc_hi, acc_far = _dq_run(
             dq, acc_lo, acc_hi, acc_far, q, do, rows_base, k_base, v_base, kc_base, p_base, pk_base,
-            dp_base, skt, skd, svt, svd, spt, offs_q, offs_m, offs_dk, offs_dv, e1, b1, T, TP,
-            TPQ, L, U, lo, hi, scale, qk_scale, FAR_LO, False, IEEE, DK, DV, BLOCK_M, BLOCK_N)
+            dp_base, sh_base, skt, skd, svt, svd, spt, offs_q, offs_m, offs_dk, offs_dv, e1, b1, T,
+            TP,
+            TPQ, L, U, lo, hi, scale, qk_scale, FAR_LO, False, IEEE, DK, DV, BLOCK_N)
         acc_lo, acc_far = take_far_sums(acc_lo, acc_far)
         dq, acc_lo, acc_hi, acc_far = _dq_run(
             dq, acc_lo, acc_hi, acc_far, q, do, rows_base, k_base, v_base, kc_base, p_base, pk_base,
-            dp_base, skt, skd, svt, svd, spt, offs_q, offs_m, offs_dk, offs_dv, b1, b2, T, TP,
-            TPQ, L, U, lo, hi, scale, qk_scale, BAND, False, IEEE, DK, DV, BLOCK_M, BLOCK_N)
+            dp_base, sh_base, skt, skd, svt, svd, spt, offs_q, offs_m, offs_dk, offs_dv, b1, b2, T,
+            TP,
+            TPQ, L, U, lo, hi, scale, qk_scale, BAND, False, IEEE, DK, DV, BLOCK_N)
         dq, acc_lo, acc_hi, acc_far = _dq_run(
             dq, acc_lo, acc_hi, acc_far, q, do, rows_base, k_base, v_base, kc_base, p_base, pk_base,
-            dp_base, skt, skd, svt, svd, spt, offs_q, offs_m, offs_dk, offs_dv, b2, e2, T, TP,
-            TPQ, L, U, lo, hi, scale, qk_scale, FAR_HI, False, IEEE, DK, DV, BLOCK_M, BLOCK_N)
+            dp_base, sh_base, skt, skd, svt, svd, spt, offs_q, offs_m, offs_dk, offs_dv, b2, e2, T,
+            TP,
+            TPQ, L, U, lo, hi, scale, qk_scale, FAR_HI, False, IEEE, DK, DV, BLOCK_N)
         acc_hi, acc_far = take_far_sums(acc_hi, acc_far)
         dq, acc_lo, acc_hi, acc_far = _dq_run(
             dq, acc_lo, acc_hi, acc_far, q, do, rows_base, k_base, v_base, kc_base, p_base, pk_base,
-            dp_base, skt, skd, svt, svd, spt, offs_q, offs_m, offs_dk, offs_dv, e2, end_n, T, TP,
-            TPQ, L, U, lo, hi, scale, qk_scale, BAND, True, IEEE, DK, DV, BLOCK_M, BLOCK_N)
+            dp_base, sh_base, skt, skd, svt, svd, spt, offs_q, offs_m, offs_dk, offs_dv, e2, end_n,
+            T, TP,
+            TPQ, L, U, lo, hi, scale, qk_scale, BAND, True, IEEE, DK, DV, BLOCK_N)
         if R == 1:
             tl.store(dp_base + offs_m * R, -(acc_lo + acc_hi) * scale, mask=mask_m)
         else:
@@ -437,16 +443,19 @@ def bwd_dq_kernel(Q, K, V, P, PK, KCOL, KV, DO, ROWS, DQ_OUT, DPQ, CU_Q, CU_K,
     else:  # plain flash attention: no P traffic at all
         dq, acc_lo, acc_hi, acc_far = _dq_run(
             dq, acc_lo, acc_hi, acc_far, q, do, rows_base, k_base, v_base, kc_base, p_base, pk_base,
-            dp_base, skt, skd, svt, svd, spt, offs_q, offs_m, offs_dk, offs_dv, start_n, e1, T, TP,
-            TPQ, L, U, lo, hi, scale, qk_scale, PLAIN, True, IEEE, DK, DV, BLOCK_M, BLOCK_N)
+            dp_base, sh_base, skt, skd, svt, svd, spt, offs_q, offs_m, offs_dk, offs_dv, start_n,
+            e1, T, TP,
+            TPQ, L, U, lo, hi, scale, qk_scale, PLAIN, True, IEEE, DK, DV, BLOCK_N)
         dq, acc_lo, acc_hi, acc_far = _dq_run(
             dq, acc_lo, acc_hi, acc_far, q, do, rows_base, k_base, v_base, kc_base, p_base, pk_base,
-            dp_base, skt, skd, svt, svd, spt, offs_q, offs_m, offs_dk, offs_dv, e1, e2, T, TP,
-            TPQ, L, U, lo, hi, scale, qk_scale, PLAIN, False, IEEE, DK, DV, BLOCK_M, BLOCK_N)
+            dp_base, sh_base, skt, skd, svt, svd, spt, offs_q, offs_m, offs_dk, offs_dv, e1, e2, T,
+            TP,
+            TPQ, L, U, lo, hi, scale, qk_scale, PLAIN, False, IEEE, DK, DV, BLOCK_N)
         dq, acc_lo, acc_hi, acc_far = _dq_run(
             dq, acc_lo, acc_hi, acc_far, q, do, rows_base, k_base, v_base, kc_base, p_base, pk_base,
-            dp_base, skt, skd, svt, svd, spt, offs_q, offs_m, offs_dk, offs_dv, e2, end_n, T, TP,
-            TPQ, L, U, lo, hi, scale, qk_scale, PLAIN, True, IEEE, DK, DV, BLOCK_M, BLOCK_N)
+            dp_base, sh_base, skt, skd, svt, svd, spt, offs_q, offs_m, offs_dk, offs_dv, e2, end_n,
+            T, TP,
+            TPQ, L, U, lo, hi, scale, qk_scale, PLAIN, True, IEEE, DK, DV, BLOCK_N)
     gq_base = DQ_OUT + off_b * sgqb + q_start * sgqt + off_h * sgqh
     tl.store(gq_base + offs_q[:, None] * sgqt + offs_dk[None, :] * sgqd,
              (dq * scale).to(DQ_OUT.dtype.element_ty), mask=mask_m[:, None] & mask_dk[None, :])

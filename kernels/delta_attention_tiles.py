@@ -31,10 +31,14 @@ BAND: tl.constexpr = tl.constexpr(1)  # pairs on both sides of a clip limit: gat
 FAR_HI: tl.constexpr = tl.constexpr(2)  # every pair has j - i >= U: bucket R-1
 PLAIN: tl.constexpr = tl.constexpr(3)  # no delta term at all (use_delta=False)
 
-# Rows of the per-key float32 array KCOL [B, Hp, 3, T] built by the launcher.
-KCOL_LO: tl.constexpr = tl.constexpr(0)  # c·P[j, 0], -inf at padding keys and j >= T
-KCOL_HI: tl.constexpr = tl.constexpr(1)  # c·P[j, R-1], the same masking
-KCOL_PAD: tl.constexpr = tl.constexpr(2)  # 0, or -inf at padding keys
+# Rows of the launcher's float32 row-vector arrays: the per-key KCOL [B, Hp, 3, T] (forward and
+# backward) and the backward's per-query ROWS [B, H, 4, T], whose row 0 is D_i = dout_i·out_i.
+# A run of kind MODE adds KCOL row run_row(MODE) and subtracts ROWS row run_row(MODE) + 1: one
+# mapping serves the key side and the query side.
+ROW_LO: tl.constexpr = tl.constexpr(0)  # KCOL: c·P[j, 0] (-inf at padding keys, j >= T);
+#                                         ROWS: lse2_i + c·P[i, 0]
+ROW_HI: tl.constexpr = tl.constexpr(1)  # the same with bucket R-1
+ROW_MID: tl.constexpr = tl.constexpr(2)  # KCOL: 0, or -inf at padding keys; ROWS: lse2_i
 
 # The interpreter (triton 3.8) computes tl.dot of bfloat16 operands wrongly; there, and only
 # there, bfloat16 operands are widened to float32 first (exact: bf16 products fit in float32).
@@ -53,14 +57,15 @@ def dot(a, b, IEEE: tl.constexpr):
 
 
 @triton.jit
-def kcol_row(MODE: tl.constexpr):
-    """The KCOL row a loop of kind MODE adds to its logits."""
+def run_row(MODE: tl.constexpr):
+    """The row of KCOL (added to the logits) that a run of tiles of kind MODE reads; ROWS row
+    run_row(MODE) + 1 is what the backward subtracts from them."""
     if MODE == FAR_LO:
-        return KCOL_LO
+        return ROW_LO
     elif MODE == FAR_HI:
-        return KCOL_HI
+        return ROW_HI
     else:
-        return KCOL_PAD
+        return ROW_MID
 
 
 @triton.constexpr_function

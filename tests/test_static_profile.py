@@ -249,7 +249,8 @@ def test_report_cli_prints_markdown_from_json(tmp_path, capsys):
 def test_compile_one_configuration_for_sm90(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     res = subprocess.run([sys.executable, os.path.join(REPO, "bench", "static_profile.py"),
-                          "--quick", "--kernels", "dq", "--jobs", "1", "--out-dir",
+                          "--quick", "--kernels", "dq", "--scenarios", "train", "--jobs", "1",
+                          "--out-dir",
                           str(tmp_path)], env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     doc = json.loads((tmp_path / "static_sm90.json").read_text())
@@ -259,3 +260,31 @@ def test_compile_one_configuration_for_sm90(tmp_path):
     assert 0 < row["registers"] <= 255 and row["shared"] > 0
     assert row["loops"] and all(lp["wgmma"] > 0 and lp["mma_sync"] == 0 for lp in row["loops"])
     assert (tmp_path / "static_sm90.md").read_text().startswith("# Static machine-code profile")
+
+
+def test_kv_traffic_is_one_cache_read_when_stacked_and_g_reads_per_query_head():
+    """Bytes per generated token from a decoding launch's grid: the stacked launch (one program
+    group per key/value head) reads the cache once; a launch per query head reads it G times."""
+    from types import SimpleNamespace
+    kw = dict(T=8192, SPLIT=True, SPLIT_N=1024, STACK=True, DK=64, DV=64)
+    cfg = dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
+    sc = sp.SCENARIOS["decode_g8"]
+    stacked = SimpleNamespace(kwargs=kw, grid=lambda m: (1, sc["B"] * sc["Hkv"], 8))
+    per_head = SimpleNamespace(kwargs=dict(kw, STACK=False),
+                               grid=lambda m: (1, sc["B"] * sc["H"], 8))
+    a = sp.kv_traffic(stacked, cfg, "decode_g8", 2)
+    b = sp.kv_traffic(per_head, cfg, "decode_g8", 2)
+    assert a["cache_bytes"] == sc["Hkv"] * 8192 * 128 * 2
+    assert a["reads_of_cache"] == 1.0 and b["reads_of_cache"] == 8.0 and a["G"] == 8
+    md = sp.render_markdown(dict(_doc([]), kv_traffic=[dict(a, dtype="bf16"),
+                                                         dict(b, dtype="bf16")]))
+    assert "| 1.000 | 1.00 ± 5%: met |" in md and "| 8.000 | 1.00 ± 5%: missed (8.00) |" in md
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_captured_decoding_launches_are_stacked_split_and_read_the_cache_once():
+    for scenario in ("decode_g1", "decode_g4", "decode_g8"):
+        (ln,) = sp.capture("bf16", 64, True, scenario)
+        t = sp.kv_traffic(ln, sp._config_dict(ln.configs[0]), scenario, 2)
+        assert ln.kwargs["STACK"] and t["splits"] > 1, (scenario, t)
+        assert abs(t["reads_of_cache"] - 1) <= sp.KV_TRAFFIC_TOLERANCE, (scenario, t)

@@ -348,6 +348,34 @@ def test_non_contiguous_op_inputs_and_shared_P_broadcast():
     assert grads_c[3].shape == P.shape
 
 
+def test_backward_reuses_key_columns_only_for_unchanged_inputs():
+    """The forward's KCOL serves the backward of the same P, mask and scale; a P changed in
+    place, another mask or another scale gets KCOL built afresh (results stay exact)."""
+    q, k, v, x, w, mask = make_inputs(B=1, H=2, T=9, Dk=8, R=5, dtype=torch.float32,
+                                      device=DEVICE, pad_lengths=[7])
+    P = torch.randn(1, 1, 9, 5, device=DEVICE, requires_grad=True)
+    op, op_bwd = K.triton_delta_attention_forward, K.triton_delta_attention_backward
+    out, lse = op(q, k, v, P, mask, 2, 2, -1, -1, 0.3)
+    with torch.no_grad():
+        P.mul_(-1.5)  # a new version: the forward's KCOL is stale
+    K.builds.clear()
+    for m, scale in ((mask, 0.3), (None, 0.3), (mask, 0.7)):
+        K.builds.clear()
+        got = op(q, k, v, P, m, 2, 2, -1, -1, scale)[0]
+        want = op(q, k, v, P.detach().clone(), m, 2, 2, -1, -1, scale)[0]
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        assert K.builds["key_columns"] == 2
+    out, lse = op(q, k, v, P, mask, 2, 2, -1, -1, 0.3)
+    K.builds.clear()
+    do = torch.randn_like(out)
+    g = op_bwd(do, q, k, v, P, mask, out, lse, 2, 2, -1, -1, 0.3)
+    assert K.builds["key_columns"] == 0  # taken from the forward
+    g_fresh = op_bwd(do, q, k, v, P, mask, out, lse, 2, 2, -1, -1, 0.3)
+    assert K.builds["key_columns"] == 1  # the backward took it out: built again
+    for a, b in zip(g, g_fresh):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def test_triton_kernels_ran_not_a_fallback(monkeypatch):
     """The launches are counted, and the PyTorch references are made to raise."""
     def boom(*a, **k):
@@ -359,10 +387,13 @@ def test_triton_kernels_ran_not_a_fallback(monkeypatch):
     q, k, v, x, w, mask = make_inputs(B=1, H=2, T=9, Dk=8, R=5, dtype=torch.float32,
                                       device=DEVICE, pad_lengths=[7])
     K.launch_counts.clear()
+    K.builds.clear()
     out = hdaf.delta_attention(q, k, v, x, w, key_padding_mask=mask, backend="triton")
     assert dict(K.launch_counts) == {"fwd": 1}
     out.sum().backward()
     assert dict(K.launch_counts) == {"fwd": 1, "bwd_preprocess": 1, "bwd_dkdv": 1, "bwd_dq": 1}
+    # the backward took the forward's key columns instead of building them again
+    assert dict(K.builds) == {"key_columns": 1} and len(K._KCOL_OF) == 0
     assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in (q, k, v, x, w))
     if not ON_GPU:
         assert type(K._fwd.fn).__name__ == "InterpretedFunction"
@@ -571,15 +602,12 @@ GROUPED_CASES = {
 }
 
 
-@pytest.mark.parametrize("case", list(GROUPED_CASES))
-def test_grouped_heads_and_end_aligned_queries_match_naive(case):
-    """The op with k/v [B,Hkv,Tk,D] and q [B,H,Tq,D] (query i at position Tk - Tq + i): output
-    and the four gradients against the float64 reference on repeated k/v, for the far, band and
-    masked tiles of forced 16x16 and 32x32 tiles."""
-    c = GROUPED_CASES[case]
+def _check_grouped(c, tag, tile_list=((16, 16), (32, 32))):
+    """Output and the four gradients of the op on one GROUPED_CASES-style case against the
+    float64 reference on repeated k/v, at forced tiles; returns the last call's launches."""
     B, H, Hkv, Tq, Tk, L, U = (c[n] for n in ("B", "H", "Hkv", "Tq", "Tk", "L", "U"))
     R = L + U + 1
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(c.get("seed", 0))
     q = torch.randn(B, H, Tq, 8, generator=g, dtype=torch.float64)
     k = torch.randn(B, Hkv, Tk, 8, generator=g, dtype=torch.float64)
     v = torch.randn(B, Hkv, Tk, 12, generator=g, dtype=torch.float64)
@@ -588,7 +616,7 @@ def test_grouped_heads_and_end_aligned_queries_match_naive(case):
     mask = None
     if c["pad"] == "lead":
         mask = torch.zeros(B, Tk, dtype=torch.bool)
-        mask[:, :30] = True
+        mask[:, :min(30, Tk - 1)] = True
     elif c["pad"] is not None:
         mask = torch.arange(Tk)[None, :] >= torch.tensor(c["pad"])[:, None]
     Wl, Wr = c["window"] or (-1, -1)
@@ -600,7 +628,7 @@ def test_grouped_heads_and_end_aligned_queries_match_naive(case):
     ref = _grouped_end_aligned_reference(*(t.clone().requires_grad_() for t in (q, k, v, P)),
                                          mask, L, U, lo, hi, scale, go)
     ref = [t.detach() for t in ref]
-    for tiles in ((16, 16), (32, 32)):
+    for tiles in tile_list:
         cfg = (*tiles, 1, 1)
         ins = [t.float().to(DEVICE).requires_grad_() for t in (q, k, v, P)]
         m = None if mask is None else mask.to(DEVICE)
@@ -609,8 +637,60 @@ def test_grouped_heads_and_end_aligned_queries_match_naive(case):
             grads_ = torch.autograd.grad(out, ins, go.float().to(DEVICE))
         for name, a, b in zip(("out", "dq", "dk", "dv", "dP"), (out, *grads_), ref):
             assert a.shape == b.shape, (name, a.shape, b.shape)
-            torch.testing.assert_close(a.double().cpu(), b, msg=lambda m_: f"{case} {tiles} "
+            torch.testing.assert_close(a.double().cpu(), b, msg=lambda m_: f"{tag} {tiles} "
                                        f"{name}: {m_}", **TOL[torch.float32])
+    with K.capture_launches() as launches:
+        K._forward(*ins, m, L, U, Wl, Wr, scale)
+    return launches
+
+
+@pytest.mark.parametrize("case", list(GROUPED_CASES))
+def test_grouped_heads_and_end_aligned_queries_match_naive(case):
+    """The op with k/v [B,Hkv,Tk,D] and q [B,H,Tq,D] (query i at position Tk - Tq + i): output
+    and the four gradients against the float64 reference on repeated k/v, for the far, band and
+    masked tiles of forced 16x16 and 32x32 tiles."""
+    _check_grouped(GROUPED_CASES[case], case)
+
+
+def _stacked_cases():
+    """G x Tq x odd Tk, each with a rotating mix of padding, window, causal and shared or
+    per-head P (every feature meets every G)."""
+    cases = {}
+    feats = [dict(pad=None, window=None, causal=True, per_head=False),
+             dict(pad="lead", window=None, causal=False, per_head=True),
+             dict(pad=None, window=(20, 5), causal=False, per_head=False),
+             dict(pad="tail", window=(40, 0), causal=True, per_head=True)]
+    for n, (G, Tq, Tk) in enumerate(itertools.product((1, 2, 4), (1, 3), (1, 7, 63, 300))):
+        if Tq > Tk:
+            continue
+        f = dict(feats[n % len(feats)])
+        if f["pad"] == "tail":  # batch 1: the last third of the keys are padding
+            f["pad"] = [Tk, max(1, Tk - Tk // 3)]
+        Hkv = 2 if G < 4 else 1
+        cases[f"G{G}_Tq{Tq}_Tk{Tk}"] = dict(B=2, H=G * Hkv, Hkv=Hkv, Tq=Tq, Tk=Tk, L=3, U=4,
+                                           seed=n, **f)
+    # 8 heads x 3 queries = 24 rows: two 16-row programs, the second starting inside a head
+    cases["G8_Tq3_Tk63_two_programs"] = dict(B=1, H=8, Hkv=1, Tq=3, Tk=63, L=3, U=4,
+                                             pad=None, window=None, causal=False,
+                                             per_head=True)
+    return cases
+
+
+STACKED_CASES = _stacked_cases()
+
+
+@pytest.mark.parametrize("case", list(STACKED_CASES))
+def test_stacked_decoding_matches_naive_and_reads_each_kv_head_once(case):
+    """Short query blocks (decoding) stack the G·Tq queries of a key/value head's query heads
+    into one program's rows: output and every gradient against the float64 reference, and the
+    forward launch is the stacked one (one program group per key/value head, not per query
+    head)."""
+    c = STACKED_CASES[case]
+    launches = _check_grouped(c, case, tile_list=((16, 16),))
+    (fwd,) = [ln for ln in launches if ln.kind == "fwd"]
+    assert fwd.kwargs["STACK"] is True
+    G, cfg = c["H"] // c["Hkv"], dict(BLOCK_M=16, BLOCK_N=16)
+    assert fwd.grid(cfg) == (triton.cdiv(G * c["Tq"], 16), c["B"] * c["Hkv"], 1)
 
 
 VARLEN_CASES = {
