@@ -139,11 +139,11 @@ def main(argv=None):
         print(summary(args.summary))
         return
     import hdaf
-    from hdaf.training.numerics import _cpu_model
+    from hdaf.training.numerics import cpu_model
     rows = run(args.T, args.worlds, args.repeats)
     data = dict(command="python " + " ".join(sys.argv), case=CASE, repeats=args.repeats,
                 date_utc=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"),
-                machine=dict(platform=platform.platform(), cpu=_cpu_model(),
+                machine=dict(platform=platform.platform(), cpu=cpu_model(),
                              cores=os.cpu_count()),
                 versions=dict(python=platform.python_version(), torch=torch.__version__,
                               hdaf=hdaf.__version__),

@@ -550,14 +550,9 @@ def _git(*args) -> str:
 
 
 def _cpu() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
+    from hdaf.training.numerics import cpu_model
+
+    return cpu_model()
 
 
 def _kernels_digest() -> str:

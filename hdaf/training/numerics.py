@@ -54,7 +54,7 @@ def pinned_threads(threads) -> Iterator[int]:
             torch.set_num_threads(prev)
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -73,4 +73,4 @@ def describe(threads=None) -> dict:
     return {"torch_threads": threads if threads is not None else torch.get_num_threads(),
             "aten_cpu_capability": torch.backends.cpu.get_cpu_capability(),
             **{name: os.environ.get(name) for name in ISA_ENV},
-            "torch": torch.__version__, "cpu": _cpu_model(), "cores": os.cpu_count()}
+            "torch": torch.__version__, "cpu": cpu_model(), "cores": os.cpu_count()}
