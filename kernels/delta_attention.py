@@ -9,7 +9,10 @@ Spec: ``docs/delta_attention.md``. The kernels live beside this file, one file p
 This module registers ``hdaf::triton_delta_attention_forward`` and
 ``hdaf::triton_delta_attention_backward`` (``torch.library.triton_op``, the signatures of the C++
 ``hdaf::delta_attention_*`` ops), their fake implementations (:func:`hdaf.ops.fake_forward` /
-:func:`hdaf.ops.fake_backward`) and the autograd formula (:func:`hdaf.ops.register_delta_autograd`).
+:func:`hdaf.ops.fake_backward`) and the autograd formula (:func:`hdaf.ops.register_delta_autograd`);
+likewise the packed-batch ``..._varlen_*`` and the global-position ``..._block_*`` ops (a block
+is the same kernels with the queries at ``q_start − k_start + i`` and their rows of P after the
+keys', :class:`_Layout`).
 
 **Host-side vectors.** With ``P = x·w`` and ``c = scale·log2 e``, the launcher builds
 ``KCOL [B, Hp, 3, T]`` (float32): ``c·P[j, 0]``, ``c·P[j, R−1]`` and ``0``, each ``−inf`` at
