@@ -746,6 +746,16 @@ def _forward(q, k, v, P, key_padding_mask, L, U, window_left, window_right, scal
     return out, lse
 
 
+def _check_out_lse(grad_out, out, lse, shape, what):
+    """grad_out and out of ``shape`` [B,H,Tq,Dv], lse float32 [B,H,Tq] (the padded backwards)."""
+    if grad_out.shape != shape or out.shape != shape:
+        raise ValueError(f"{what}: grad_out and out must be [B,H,Tq,Dv]={shape}, got "
+                         f"{tuple(grad_out.shape)} and {tuple(out.shape)}")
+    if lse.shape != shape[:3] or lse.dtype != torch.float32:
+        raise ValueError(f"{what}: lse must be float32 [B,H,Tq]={shape[:3]}, got {lse.dtype} "
+                         f"{tuple(lse.shape)}")
+
+
 def _backward(grad_out, q, k, v, P, key_padding_mask, out, lse, L, U, window_left, window_right,
               scale, use_delta=True):
     what = "hdaf::triton_delta_attention_backward"
@@ -753,12 +763,7 @@ def _backward(grad_out, q, k, v, P, key_padding_mask, out, lse, L, U, window_lef
     B, H, Tq, Dk = q.shape
     Hkv, T = k.shape[1], k.shape[2]
     Dv = v.shape[-1]
-    if grad_out.shape != (B, H, Tq, Dv) or out.shape != (B, H, Tq, Dv):
-        raise ValueError(f"{what}: grad_out and out must be [B,H,Tq,Dv]={(B, H, Tq, Dv)}, got "
-                         f"{tuple(grad_out.shape)} and {tuple(out.shape)}")
-    if lse.shape != (B, H, Tq) or lse.dtype != torch.float32:
-        raise ValueError(f"{what}: lse must be float32 [B,H,Tq]={(B, H, Tq)}, got {lse.dtype} "
-                         f"{tuple(lse.shape)}")
+    _check_out_lse(grad_out, out, lse, (B, H, Tq, Dv), what)
     if B * H * Tq == 0:
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), torch.zeros_like(P)
     lay = _Layout(B, H, Hkv, Tq, T)
@@ -826,12 +831,7 @@ def _block_backward(grad_out, q, k, v, P_q, P_k, key_padding_mask, out, lse, q_s
                  window_right, what)
     B, H, Tq, _ = q.shape
     Dv = v.shape[-1]
-    if grad_out.shape != (B, H, Tq, Dv) or out.shape != (B, H, Tq, Dv):
-        raise ValueError(f"{what}: grad_out and out must be [B,H,Tq,Dv]={(B, H, Tq, Dv)}, got "
-                         f"{tuple(grad_out.shape)} and {tuple(out.shape)}")
-    if lse.shape != (B, H, Tq) or lse.dtype != torch.float32:
-        raise ValueError(f"{what}: lse must be float32 [B,H,Tq]={(B, H, Tq)}, got {lse.dtype} "
-                         f"{tuple(lse.shape)}")
+    _check_out_lse(grad_out, out, lse, (B, H, Tq, Dv), what)
     zeros = tuple(torch.zeros_like(t, memory_format=torch.contiguous_format)
                   for t in (q, k, v, P_q, P_k))
     if B * H * Tq == 0 or k.shape[2] == 0:
