@@ -318,8 +318,8 @@ def ring_delta_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         group: the process group the sequence is sharded over (None: the default group).
         layout: "zigzag" (chunks r and 2W-1-r of 2W; balanced under causal) or "contiguous".
         max_distance, window, causal, scale, backend: as in :func:`hdaf.delta_attention`
-            (``backend``: "auto", "cpu", "gather"/"naive", or "triton" when it has block kernels;
-            "cuda" refuses global positions).
+            (``backend``: "auto", "cpu", "triton" or "gather"/"naive"; "cuda" refuses global
+            positions).
         key_padding_mask: (batch, seqlen / W) bool, this rank's shard (True: padding).
 
     Returns:

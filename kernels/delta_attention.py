@@ -9,7 +9,10 @@ Spec: ``docs/delta_attention.md``. The kernels live beside this file, one file p
 This module registers ``hdaf::triton_delta_attention_forward`` and
 ``hdaf::triton_delta_attention_backward`` (``torch.library.triton_op``, the signatures of the C++
 ``hdaf::delta_attention_*`` ops), their fake implementations (:func:`hdaf.ops.fake_forward` /
-:func:`hdaf.ops.fake_backward`) and the autograd formula (:func:`hdaf.ops.register_delta_autograd`).
+:func:`hdaf.ops.fake_backward`) and the autograd formula (:func:`hdaf.ops.register_delta_autograd`);
+likewise the packed-batch ``..._varlen_*`` and the global-position ``..._block_*`` ops (a block
+is the same kernels with the queries at ``q_start − k_start + i`` and their rows of P after the
+keys', :class:`_Layout`).
 
 **Host-side vectors.** With ``P = x·w`` and ``c = scale·log2 e``, the launcher builds
 ``KCOL [B, Hp, 3, T]`` (float32): ``c·P[j, 0]``, ``c·P[j, R−1]`` and ``0``, each ``−inf`` at
@@ -376,10 +379,27 @@ class _Layout:
     T: int  # keys per element (packed: the longest sequence)
     cu_q: Optional[torch.Tensor] = None
     cu_k: Optional[torch.Tensor] = None
+    #: A block at global positions: query i stands at key position ``qoff + i`` (any sign, past
+    #: the keys too), and P holds the T key rows followed by the Tq queries' own rows.
+    qoff: Optional[int] = None
 
     @property
     def varlen(self) -> bool:
         return self.cu_q is not None
+
+    @property
+    def block(self) -> bool:
+        return self.qoff is not None
+
+    @property
+    def query_offset(self) -> int:
+        """Query 0's position relative to key 0 (end-aligned: T − Tq); the kernels' QOFF."""
+        return self.qoff if self.block else self.T - self.Tq
+
+    @property
+    def query_row(self) -> int:
+        """The row of P holding query 0's own row (end-aligned: its key position); QROW."""
+        return self.T if self.block else self.T - self.Tq
 
     def strides(self, t: torch.Tensor) -> tuple:
         """(batch, head, row, column) strides of q/k/v/out-like tensors."""
@@ -414,14 +434,17 @@ def _key_columns(P, key_padding_mask, qk_scale, use_delta, tp, lay):
     tiles (for a packed batch: per sequence)."""
     R, Hp = P.shape[-1], P.shape[1]
     kcol = torch.full((lay.B, Hp, 3, tp), float("-inf"), dtype=torch.float32, device=P.device)
-    ends = P[..., [0, R - 1]].float() * qk_scale if use_delta else None
     if lay.varlen:  # P [Total_k, Hp, R]
+        ends = P[..., [0, R - 1]].float() * qk_scale if use_delta else None
         seq, pos = _sequence_rows(lay.cu_k)
         kcol[seq, :, 2, pos] = 0.0
         kcol[seq, :, :2, pos] = ends if use_delta else 0.0
         return kcol
-    T = P.shape[2]
-    kcol[..., :2, :T] = ends.transpose(-1, -2) if use_delta else 0.0
+    T = lay.T  # a block's P holds its queries' rows after the keys': not key columns
+    if use_delta:
+        kcol[..., :2, :T] = P[:, :, :T, [0, R - 1]].float().transpose(-1, -2) * qk_scale
+    else:
+        kcol[..., :2, :T] = 0.0
     kcol[..., 2, :T] = 0.0
     if key_padding_mask is not None:
         kcol[..., :T].masked_fill_(key_padding_mask[:, None, None, :], float("-inf"))
@@ -466,8 +489,9 @@ def _band_reach() -> int:
 def _shear(P, pk, lay, L, U, tpq):
     """(S, DMIN): the band tiles' bias, one float32 per (query, offset), so that an unmasked
     band tile loads one value per pair instead of gathering two rows of P and clamping:
-    ``S[b, h, i, d − DMIN] = PK[t + d, r(d)] − P[t, r(d)]`` for query i at position
-    ``t = Tk − Tq + i``, ``r(d) = clamp(d, −L, U) + L``, d in [DMIN, −DMIN + U − L]
+    ``S[b, h, i, d − DMIN] = PK[t + d, r(d)] − P[QROW + i, r(d)]`` for query i at key position
+    ``t = QOFF + i`` (:class:`_Layout`: ``Tk − Tq + i`` end-aligned) whose own row of P is
+    ``QROW + i``, ``r(d) = clamp(d, −L, U) + L``, d in [DMIN, −DMIN + U − L]
     (:func:`_band_reach`); 0 where ``t + d`` lies outside the keys or i past the queries. S is
     [B, Hp, tpq, W] (W = R + 2·reach). PK is P with padding keys' rows zeroed, as the
     gathering loops read it."""
@@ -482,20 +506,23 @@ def _shear(P, pk, lay, L, U, tpq):
     if lay.varlen:  # P [Total_k, Hp, R]
         k0, tk = lay.cu_k[:-1].long(), (lay.cu_k[1:] - lay.cu_k[:-1]).long()
         tq = (lay.cu_q[1:] - lay.cu_q[:-1]).long()
+        qoff = qrow0 = tk - tq
         flat_p, flat_pk = P, pk
-    else:  # P [B, Hp, T, R] -> rows [B*T, Hp, R]
-        B, T = P.shape[0], P.shape[2]
-        k0 = torch.arange(B, device=dev) * T
-        tk = torch.full((B,), T, device=dev)
+    else:  # P [B, Hp, rows, R] -> [B*rows, Hp, R] (rows: T, or T + Tq for a block)
+        B, rows = P.shape[0], P.shape[2]
+        k0 = torch.arange(B, device=dev) * rows
+        tk = torch.full((B,), lay.T, device=dev)
         tq = torch.full((B,), lay.Tq, device=dev)
-        flat_p = P.transpose(1, 2).reshape(B * T, Hp, R)
-        flat_pk = flat_p if pk is P else pk.transpose(1, 2).reshape(B * T, Hp, R)
+        qoff = torch.full((B,), lay.query_offset, device=dev)
+        qrow0 = torch.full((B,), lay.query_row, device=dev)
+        flat_p = P.transpose(1, 2).reshape(B * rows, Hp, R)
+        flat_pk = flat_p if pk is P else pk.transpose(1, 2).reshape(B * rows, Hp, R)
     last = max(flat_p.shape[0] - 1, 0)
-    pos = (tk - tq)[:, None] + qi  # [B, tpq]
+    pos = qoff[:, None] + qi  # [B, tpq]
     j = pos[:, :, None] + d  # [B, tpq, W]
     valid = (qi < tq[:, None])[:, :, None] & (j >= 0) & (j < tk[:, None, None])
     krow = (k0[:, None, None] + j).clamp(0, last)
-    qrow = (k0[:, None] + pos).clamp(0, last)[:, :, None]
+    qrow = (k0[:, None] + qrow0[:, None] + qi).clamp(0, last)[:, :, None]
     gk = flat_pk[krow, :, r].float()  # [B, tpq, W, Hp]
     gq = flat_p[qrow, :, r].float()
     S = torch.where(valid[..., None], gk - gq, 0.0)
@@ -508,17 +535,27 @@ def _common(q, v, P, key_padding_mask, L, U, window_left, window_right, scale, u
     forward KCOL the backward reuses)."""
     Dk, Dv = q.shape[-1], v.shape[-1]
     T, Tq = lay.T, lay.Tq
-    # a window that reaches every key is no window: offsets beyond ±2T put no tile on an edge
-    lo = -2 * T if window_left < 0 or window_left >= T - 1 else -window_left
-    hi = 2 * T if window_right < 0 or window_right >= T - 1 else window_right
+    # a window side that reaches every pair is no window: offsets beyond ±2·ext put no tile on
+    # an edge. The pairs' offsets j − (QOFF + i) lie in [−first, last]: within ±(T − 1) for
+    # end-aligned queries (packed too), exactly that range for a block.
+    first, last = T - 1, T - 1
+    if lay.block:
+        first, last = lay.qoff + Tq - 1, T - 1 - lay.qoff
+    ext = max(T, first, last)
+    lo = -2 * ext if window_left < 0 or window_left >= first else -window_left
+    hi = 2 * ext if window_right < 0 or window_right >= last else window_right
     if key_padding_mask is None:
         kv, has_pad = q, False  # never read
     else:
         kv, has_pad = _key_span(key_padding_mask), True
     # rows of the query-side vectors, and of the key-side ones and dP: every tile a program
     # touches, past the end of the queries too (they sit at positions T - Tq + i)
+    # (a block's query rows of dP have their own buffer: its key-side rows are the keys')
     tpq = _padded_length(Tq)
-    tp = _padded_length(T + _ROW_PAD if lay.varlen else max(T, T - Tq + tpq))
+    if lay.block:
+        tp = _padded_length(T)
+    else:
+        tp = _padded_length(T + _ROW_PAD if lay.varlen else max(T, T - Tq + tpq))
     kcol = _key_columns_once(owner, P, key_padding_mask, scale * _LOG2E, use_delta, tp, lay,
                              backward)
     sC = kcol.stride()
@@ -528,17 +565,20 @@ def _common(q, v, P, key_padding_mask, L, U, window_left, window_right, scale, u
     # P row of a padding key (whose query is live) reaches no other row through 0·NaN
     pk = P
     if key_padding_mask is not None and use_delta:
-        pk = P.masked_fill(key_padding_mask[:, None, :, None], 0.0)
+        pad = key_padding_mask
+        if P.shape[2] > T:  # a block's query rows follow the keys': never zeroed
+            pad = torch.nn.functional.pad(pad, (0, P.shape[2] - T))
+        pk = P.masked_fill(pad[:, None, :, None], 0.0)
     if use_delta:
         sh, dmin = _shear(P, pk, lay, L, U, tpq)
     else:
         sh, dmin = kcol, 0  # never read
     c_strides += (sh.stride(0), 0 if sh.shape[1] == 1 else sh.stride(1))
     meta = dict(H=lay.H, G=lay.H // lay.Hkv, T=T, TQ=Tq, TP=tp, SW=sh.shape[-1], DMIN=dmin, L=L,
-                U=U, lo=lo, hi=hi,
+                U=U, lo=lo, hi=hi, OFF=lay.qoff if lay.block else 0,
                 T_KEY=triton.next_power_of_2(T), Q_KEY=triton.next_power_of_2(Tq),
                 W_KEY=triton.next_power_of_2(min(hi - lo + 1, 2 * T)),
-                HAS_PAD=has_pad, USE_DELTA=use_delta, VARLEN=lay.varlen,
+                HAS_PAD=has_pad, USE_DELTA=use_delta, VARLEN=lay.varlen, BLOCK=lay.block,
                 IEEE=q.dtype == torch.float32, DK=Dk, DV=Dv,
                 BLOCK_DK=max(16, triton.next_power_of_2(Dk)),
                 BLOCK_DV=max(16, triton.next_power_of_2(Dv)))
@@ -600,9 +640,11 @@ def _combine_splits(part, Dv, out, lse):
 
 
 def _run_forward(q, k, v, P, key_padding_mask, L, U, window_left, window_right, scale, use_delta,
-                 lay, out, lse):
+                 lay, out, lse, owner=None):
+    """``owner``: the P tensor the caller passed, whose KCOL the backward may reuse (default
+    ``P``; a block passes its P_k, ``P`` being P_k's rows followed by P_q's)."""
     use_delta = use_delta and P.shape[-1] > 0  # P without a bucket column: the plain path
-    owner, P = P, P.contiguous()
+    owner, P = P if owner is None else owner, P.contiguous()
     kv, key_arrays, pk, c_strides, cu_q, cu_k, _, meta = _common(q, v, P, key_padding_mask, L, U,
                                                            window_left, window_right, scale,
                                                            use_delta, lay, owner)
@@ -629,13 +671,14 @@ def _run_forward(q, k, v, P, key_padding_mask, L, U, window_left, window_right, 
 
 
 def _run_backward(grad_out, q, k, v, P, key_padding_mask, out, lse, L, U, window_left,
-                  window_right, scale, use_delta, lay):
+                  window_right, scale, use_delta, lay, owner=None):
     """(dq, dk, dv, dP per query head and key position [B, H, TP, R] summed over its two
-    halves, or None without the delta term)."""
+    halves, or None without the delta term). A block (``lay.block``) gets its two halves
+    apart instead: (key rows [B, H, TP, R], query rows [B, H, TPQ, R] by query index)."""
     B, H, Hkv, Tq, T = lay.B, lay.H, lay.Hkv, lay.Tq, lay.T
     R = L + U + 1
     use_delta = use_delta and P.shape[-1] > 0  # P without a bucket column: the plain path
-    owner, P = P, P.contiguous()
+    owner, P = P if owner is None else owner, P.contiguous()
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
@@ -648,10 +691,15 @@ def _run_backward(grad_out, q, k, v, P, key_padding_mask, out, lse, L, U, window
     rows = torch.full((B, H, 4, tpq), float("inf"), dtype=torch.float32, device=q.device)
     rows[:, :, 0] = 0.0
     # the key-row half [0] and the query-row half [1] of dP, per query head, by key position;
-    # padded to TP rows (band tiles store without a row mask)
+    # padded to TP rows (band tiles store without a row mask). A block's query rows are no key
+    # positions: its query half is [B, H, TPQ, R] by query index.
     TP = meta["TP"]
-    dP_halves = torch.zeros((2, B, H, TP, R) if use_delta else (2, 1, 1, 1, 1),
-                            dtype=torch.float32, device=q.device)
+    if lay.block:
+        dP_halves = tuple(torch.zeros((B, H, rows, R) if use_delta else (1, 1, 1, 1),
+                                      dtype=torch.float32, device=q.device) for rows in (TP, tpq))
+    else:
+        dP_halves = torch.zeros((2, B, H, TP, R) if use_delta else (2, 1, 1, 1, 1),
+                                dtype=torch.float32, device=q.device)
     p_strides = lay.p_strides(P)
 
     block_rows = 16 if INTERPRET else 64
@@ -659,8 +707,9 @@ def _run_backward(grad_out, q, k, v, P, key_padding_mask, out, lse, L, U, window
         _count("bwd_preprocess")
         wrap_triton(bwd_rows_kernel)[(triton.cdiv(Tq, block_rows), B * H)](
             out, grad_out, lse, P, rows, cu_q, cu_k, *lay.strides(out), *lay.strides(grad_out),
-            *lay.lse_strides(lse), *p_strides, H, T, Tq, tpq, R, qk_scale,
-            USE_DELTA=use_delta, VARLEN=lay.varlen, DV=v.shape[-1], BLOCK_M=block_rows,
+            *lay.lse_strides(lse), *p_strides, H, T, Tq, tpq, R, qk_scale, meta["OFF"],
+            USE_DELTA=use_delta, VARLEN=lay.varlen, BLOCK=lay.block, DV=v.shape[-1],
+            BLOCK_M=block_rows,
             BLOCK_DV=meta["BLOCK_DV"])
 
     common = (*lay.strides(q), *lay.strides(k), *lay.strides(v), *p_strides, *c_strides,
@@ -677,7 +726,9 @@ def _run_backward(grad_out, q, k, v, P, key_padding_mask, out, lse, L, U, window
             TPQ=tpq, GROUPED=Hkv != H, **meta)
     _launch("dq", grid_m, q, k, v, P, pk, *key_arrays, kv, grad_out, rows, dq, dP_halves[1], cu_q,
             cu_k, *common, *lay.strides(dq), scale=scale, qk_scale=qk_scale, TPQ=tpq, **meta)
-    return dq, dk, dv, (dP_halves.sum(0) if use_delta else None)
+    if not use_delta:
+        return dq, dk, dv, None
+    return dq, dk, dv, (dP_halves if lay.block else dP_halves.sum(0))
 
 
 def _forward(q, k, v, P, key_padding_mask, L, U, window_left, window_right, scale,
@@ -695,6 +746,16 @@ def _forward(q, k, v, P, key_padding_mask, L, U, window_left, window_right, scal
     return out, lse
 
 
+def _check_out_lse(grad_out, out, lse, shape, what):
+    """grad_out and out of ``shape`` [B,H,Tq,Dv], lse float32 [B,H,Tq] (the padded backwards)."""
+    if grad_out.shape != shape or out.shape != shape:
+        raise ValueError(f"{what}: grad_out and out must be [B,H,Tq,Dv]={shape}, got "
+                         f"{tuple(grad_out.shape)} and {tuple(out.shape)}")
+    if lse.shape != shape[:3] or lse.dtype != torch.float32:
+        raise ValueError(f"{what}: lse must be float32 [B,H,Tq]={shape[:3]}, got {lse.dtype} "
+                         f"{tuple(lse.shape)}")
+
+
 def _backward(grad_out, q, k, v, P, key_padding_mask, out, lse, L, U, window_left, window_right,
               scale, use_delta=True):
     what = "hdaf::triton_delta_attention_backward"
@@ -702,12 +763,7 @@ def _backward(grad_out, q, k, v, P, key_padding_mask, out, lse, L, U, window_lef
     B, H, Tq, Dk = q.shape
     Hkv, T = k.shape[1], k.shape[2]
     Dv = v.shape[-1]
-    if grad_out.shape != (B, H, Tq, Dv) or out.shape != (B, H, Tq, Dv):
-        raise ValueError(f"{what}: grad_out and out must be [B,H,Tq,Dv]={(B, H, Tq, Dv)}, got "
-                         f"{tuple(grad_out.shape)} and {tuple(out.shape)}")
-    if lse.shape != (B, H, Tq) or lse.dtype != torch.float32:
-        raise ValueError(f"{what}: lse must be float32 [B,H,Tq]={(B, H, Tq)}, got {lse.dtype} "
-                         f"{tuple(lse.shape)}")
+    _check_out_lse(grad_out, out, lse, (B, H, Tq, Dv), what)
     if B * H * Tq == 0:
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), torch.zeros_like(P)
     lay = _Layout(B, H, Hkv, Tq, T)
@@ -719,6 +775,77 @@ def _backward(grad_out, q, k, v, P, key_padding_mask, out, lse, L, U, window_lef
     if P.shape[1] == 1 and H != 1:  # P shared by the heads
         dP = dP.sum(1, keepdim=True)
     return dq, dk, dv, dP.to(P.dtype)
+
+
+def _check_block(q, k, v, P_q, P_k, key_padding_mask, q_start, k_start, L, U, window_left,
+                 window_right, what):
+    """The rules of the padded op (on P_k, whose rows are the keys'), without Tq <= Tk, plus
+    P_q's shape and the global positions."""
+    _check(q, k, v, P_k, key_padding_mask, L, U, window_left, window_right, what,
+           check_lengths=False)
+    B, H, Tq = q.shape[:3]
+    Hp, T, Rp = P_k.shape[1:]
+    if P_k.shape[2] != k.shape[2]:
+        raise ValueError(f"{what}: P_k must be [B,Hp,Tk,R] with Tk={k.shape[2]} (k's keys), got "
+                         f"{tuple(P_k.shape)}")
+    if P_q.dim() != 4 or tuple(P_q.shape) != (B, Hp, Tq, Rp):
+        raise ValueError(f"{what}: P_q must be [B,Hp,Tq,R]=[{B},{Hp},{Tq},{Rp}] (P_k's heads and "
+                         f"buckets, q's queries), got {tuple(P_q.shape)}")
+    if P_q.dtype != q.dtype or P_q.device != q.device:
+        raise TypeError(f"{what}: P_q must have q's dtype and device ({q.dtype} on {q.device}), "
+                        f"got {P_q.dtype} on {P_q.device}")
+    if q_start < 0 or k_start < 0:
+        raise ValueError(f"{what}: q_start and k_start must be >= 0, got q_start={q_start}, "
+                         f"k_start={k_start}")
+
+
+def _block_layout(q, k, q_start, k_start):
+    return _Layout(q.shape[0], q.shape[1], k.shape[1], q.shape[2], k.shape[2],
+                   qoff=q_start - k_start)
+
+
+def _block_rows(P_q, P_k):
+    """P for a block's kernels: the key rows, then the queries' own rows (QROW = Tk)."""
+    return torch.cat((P_k, P_q), 2)
+
+
+def _block_forward(q, k, v, P_q, P_k, key_padding_mask, q_start, k_start, L, U, window_left,
+                   window_right, scale):
+    _check_block(q, k, v, P_q, P_k, key_padding_mask, q_start, k_start, L, U, window_left,
+                 window_right, "hdaf::triton_delta_attention_block_forward")
+    B, H, Tq, _ = q.shape
+    out = q.new_zeros((B, H, Tq, v.shape[-1]))
+    lse = q.new_full((B, H, Tq), float("-inf"), dtype=torch.float32)
+    if B * H * Tq == 0 or k.shape[2] == 0:  # no key: out 0, lse -inf
+        return out, lse
+    _run_forward(q, k, v, _block_rows(P_q, P_k), key_padding_mask, L, U, window_left,
+                 window_right, scale, True, _block_layout(q, k, q_start, k_start), out, lse,
+                 owner=P_k)
+    return out, lse
+
+
+def _block_backward(grad_out, q, k, v, P_q, P_k, key_padding_mask, out, lse, q_start, k_start,
+                    L, U, window_left, window_right, scale):
+    what = "hdaf::triton_delta_attention_block_backward"
+    _check_block(q, k, v, P_q, P_k, key_padding_mask, q_start, k_start, L, U, window_left,
+                 window_right, what)
+    B, H, Tq, _ = q.shape
+    Dv = v.shape[-1]
+    _check_out_lse(grad_out, out, lse, (B, H, Tq, Dv), what)
+    zeros = tuple(torch.zeros_like(t, memory_format=torch.contiguous_format)
+                  for t in (q, k, v, P_q, P_k))
+    if B * H * Tq == 0 or k.shape[2] == 0:
+        return zeros
+    dq, dk, dv, halves = _run_backward(
+        grad_out.to(q.dtype), q.contiguous(), k.contiguous(), v.contiguous(),
+        _block_rows(P_q, P_k), key_padding_mask, out.contiguous(), lse.contiguous(), L, U,
+        window_left, window_right, scale, True, _block_layout(q, k, q_start, k_start), owner=P_k)
+    if halves is None:
+        return dq, dk, dv, zeros[3], zeros[4]
+    dP_k, dP_q = halves[0][:, :, :k.shape[2]], halves[1][:, :, :Tq]
+    if P_k.shape[1] == 1 and H != 1:  # P shared by the heads
+        dP_k, dP_q = dP_k.sum(1, keepdim=True), dP_q.sum(1, keepdim=True)
+    return dq, dk, dv, dP_q.to(P_q.dtype), dP_k.to(P_k.dtype)
 
 
 def _check_varlen(q, k, v, P, cu_q, cu_k, L, U, what):
@@ -829,6 +956,30 @@ def triton_delta_attention_varlen_backward(
                             max_seqlen_k, out, lse, L, U, window_left, window_right, scale)
 
 
+@triton_op("hdaf::triton_delta_attention_block_forward", mutates_args=())
+def triton_delta_attention_block_forward(
+        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, P_q: torch.Tensor, P_k: torch.Tensor,
+        key_padding_mask: Optional[torch.Tensor], q_start: int, k_start: int, L: int, U: int,
+        window_left: int, window_right: int, scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """One block at global positions: (out [B,H,Tq,Dv], lse [B,H,Tq] float32); see
+    docs/delta_attention.md, "Global positions"."""
+    return _block_forward(q, k, v, P_q, P_k, key_padding_mask, q_start, k_start, L, U,
+                          window_left, window_right, scale)
+
+
+@triton_op("hdaf::triton_delta_attention_block_backward", mutates_args=())
+def triton_delta_attention_block_backward(
+        grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+        P_q: torch.Tensor, P_k: torch.Tensor, key_padding_mask: Optional[torch.Tensor],
+        out: torch.Tensor, lse: torch.Tensor, q_start: int, k_start: int, L: int, U: int,
+        window_left: int, window_right: int, scale: float
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(grad_q, grad_k, grad_v, grad_P_q, grad_P_k) of one block given the out and lse merged
+    over all key blocks of its queries; deterministic (no atomics)."""
+    return _block_backward(grad_out, q, k, v, P_q, P_k, key_padding_mask, out, lse, q_start,
+                           k_start, L, U, window_left, window_right, scale)
+
+
 triton_delta_attention_forward.register_fake(_ops.fake_forward)
 triton_delta_attention_backward.register_fake(_ops.fake_backward)
 _ops.register_delta_autograd("hdaf::triton_delta_attention_forward",
@@ -837,3 +988,7 @@ triton_delta_attention_varlen_forward.register_fake(_ops.fake_varlen_forward)
 triton_delta_attention_varlen_backward.register_fake(_ops.fake_varlen_backward)
 _ops.register_varlen_autograd("hdaf::triton_delta_attention_varlen_forward",
                               "hdaf::triton_delta_attention_varlen_backward")
+triton_delta_attention_block_forward.register_fake(_ops.fake_block_forward)
+triton_delta_attention_block_backward.register_fake(_ops.fake_block_backward)
+_ops.register_block_autograd("hdaf::triton_delta_attention_block_forward",
+                             "hdaf::triton_delta_attention_block_backward")

@@ -32,16 +32,16 @@ SEL_W: tl.constexpr = tl.constexpr(16)
 
 @triton.jit
 def bwd_rows_kernel(OUT, DO, LSE, P, ROWS, CU_Q, CU_K, sob, soh, sot, sod, sdb, sdh, sdt, sdd,
-                    slb, slh, slt, spb, sph, spt, H, T, TQ, TPQ, R, qk_scale,
-                    USE_DELTA: tl.constexpr, VARLEN: tl.constexpr, DV: tl.constexpr,
+                    slb, slh, slt, spb, sph, spt, H, T, TQ, TPQ, R, qk_scale, OFF,
+                    USE_DELTA: tl.constexpr, VARLEN: tl.constexpr, BLOCK: tl.constexpr,
+                    DV: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     off_b = (pid_bh // H).to(tl.int64)
     off_h = (pid_bh % H).to(tl.int64)
-    q_start, k_start, T, TQ = sequence(CU_Q, CU_K, off_b, T, TQ, VARLEN)
-    QOFF = T - TQ
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # query indices; positions QOFF + offs_m
+    q_start, k_start, T, TQ, QOFF, QROW = sequence(CU_Q, CU_K, off_b, T, TQ, OFF, VARLEN, BLOCK)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # query indices; P rows QROW + offs_m
     offs_dv = tl.arange(0, BLOCK_DV)
     mask_m = offs_m < TQ
     mask = mask_m[:, None] & (offs_dv < DV)[None, :]
@@ -56,7 +56,7 @@ def bwd_rows_kernel(OUT, DO, LSE, P, ROWS, CU_Q, CU_K, sob, soh, sot, sod, sdb, 
     tl.store(rows, tl.sum(o * do, 1), mask=mask_m)
     tl.store(rows + (ROW_MID + 1) * TPQ, lse2, mask=mask_m)
     if USE_DELTA:
-        p_base = P + off_b * spb + k_start * spt + off_h * sph + (offs_m + QOFF) * spt
+        p_base = P + off_b * spb + k_start * spt + off_h * sph + (offs_m + QROW) * spt
         p_lo = tl.load(p_base, mask=mask_m, other=0.0).to(tl.float32)
         p_hi = tl.load(p_base + (R - 1), mask=mask_m, other=0.0).to(tl.float32)
         tl.store(rows + (ROW_LO + 1) * TPQ, lse2 + p_lo * qk_scale, mask=mask_m)
@@ -105,9 +105,8 @@ def _band_dP(ds, d, partner_ok, L, U, acc_lo, acc_hi, dp_ptrs, scale, AXIS: tl.c
 def _dkdv_run(dk, dv, acc_lo, acc_hi, k, v, kc_base, q_base, do_base, rows_base, p_base, pk_base,
               dp_base, sh_base,
               sqt, sqd, sdt, sdd, spt, offs_n, offs_dk, offs_dv, m_start, m_end, T, TP, SW, TQ,
-              QOFF,
-              TPQ, L, U, lo, hi, scale, qk_scale, MODE: tl.constexpr, MASKED: tl.constexpr,
-              IEEE: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+              QOFF, QROW, TPQ, L, U, lo, hi, scale, qk_scale, MODE: tl.constexpr,
+              MASKED: tl.constexpr, IEEE: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
               BLOCK_M_PROG: tl.constexpr):
     BLOCK_M: tl.constexpr = loop_tile(BLOCK_M_PROG, MODE, MASKED)
     R = L + U + 1
@@ -117,7 +116,7 @@ def _dkdv_run(dk, dv, acc_lo, acc_hi, k, v, kc_base, q_base, do_base, rows_base,
     mask_dv = (offs_dv < DV)[None, :]
     # offsets d = j − (QOFF + i) from query indices i; the queries' P rows start at pq_base
     offs_nq = offs_n - QOFF
-    pq_base = p_base + QOFF * spt
+    pq_base = p_base + QROW * spt
     for m0 in range(m_start, m_end, BLOCK_M):  # query indices
         offs_q = m0 + tl.arange(0, BLOCK_M)
         mask_m = offs_q < TQ
@@ -160,7 +159,8 @@ def _dkdv_run(dk, dv, acc_lo, acc_hi, k, v, kc_base, q_base, do_base, rows_base,
 def _dkdv_head(dk, dv, k, v, off_b, off_h, q_start, k_start, Q, P, PK, KCOL, SH, DO, ROWS, DPK,
                sqh, sqb, sqt, sqd, spb, sph,
                spt, scb, sch, shb, shh, sdb, sdh, sdt, sdd, offs_n, mask_n, offs_dk, offs_dv,
-               start_m, e1, b1, b2, e2, end_m, H, T, TQ, QOFF, TP, SW, DMIN, TPQ, L, U, lo, hi,
+               start_m, e1, b1, b2, e2, end_m, H, T, TQ, QOFF, QROW, TP, SW, DMIN, TPQ, L, U, lo,
+               hi,
                scale, qk_scale,
                USE_DELTA: tl.constexpr, IEEE: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -182,28 +182,28 @@ def _dkdv_head(dk, dv, k, v, off_b, off_h, q_start, k_start, Q, P, PK, KCOL, SH,
         dk, dv, acc_lo, acc_hi = _dkdv_run(
             dk, dv, acc_lo, acc_hi, k, v, kc_base, q_base, do_base, rows_base, p_base, pk_base,
             dp_base, sh_base, sqt, sqd, sdt, sdd, spt, offs_n, offs_dk, offs_dv, start_m,
-            e1, T, TP, SW, TQ, QOFF, TPQ, L, U, lo, hi, scale, qk_scale, BAND, True, IEEE,
-            DK, DV, BLOCK_M)
+            e1, T, TP, SW, TQ, QOFF, QROW, TPQ, L, U, lo, hi, scale, qk_scale, BAND, True,
+            IEEE, DK, DV, BLOCK_M)
         dk, dv, acc_lo, acc_hi = _dkdv_run(
             dk, dv, acc_lo, acc_hi, k, v, kc_base, q_base, do_base, rows_base, p_base, pk_base,
             dp_base, sh_base, sqt, sqd, sdt, sdd, spt, offs_n, offs_dk, offs_dv, e1,
-            b1, T, TP, SW, TQ, QOFF, TPQ, L, U, lo, hi, scale, qk_scale, FAR_HI, False, IEEE,
-            DK, DV, BLOCK_M)
+            b1, T, TP, SW, TQ, QOFF, QROW, TPQ, L, U, lo, hi, scale, qk_scale, FAR_HI, False,
+            IEEE, DK, DV, BLOCK_M)
         dk, dv, acc_lo, acc_hi = _dkdv_run(
             dk, dv, acc_lo, acc_hi, k, v, kc_base, q_base, do_base, rows_base, p_base, pk_base,
             dp_base, sh_base, sqt, sqd, sdt, sdd, spt, offs_n, offs_dk, offs_dv, b1,
-            b2, T, TP, SW, TQ, QOFF, TPQ, L, U, lo, hi, scale, qk_scale, BAND, False, IEEE,
-            DK, DV, BLOCK_M)
+            b2, T, TP, SW, TQ, QOFF, QROW, TPQ, L, U, lo, hi, scale, qk_scale, BAND, False,
+            IEEE, DK, DV, BLOCK_M)
         dk, dv, acc_lo, acc_hi = _dkdv_run(
             dk, dv, acc_lo, acc_hi, k, v, kc_base, q_base, do_base, rows_base, p_base, pk_base,
             dp_base, sh_base, sqt, sqd, sdt, sdd, spt, offs_n, offs_dk, offs_dv, b2,
-            e2, T, TP, SW, TQ, QOFF, TPQ, L, U, lo, hi, scale, qk_scale, FAR_LO, False, IEEE,
-            DK, DV, BLOCK_M)
+            e2, T, TP, SW, TQ, QOFF, QROW, TPQ, L, U, lo, hi, scale, qk_scale, FAR_LO, False,
+            IEEE, DK, DV, BLOCK_M)
         dk, dv, acc_lo, acc_hi = _dkdv_run(
             dk, dv, acc_lo, acc_hi, k, v, kc_base, q_base, do_base, rows_base, p_base, pk_base,
             dp_base, sh_base, sqt, sqd, sdt, sdd, spt, offs_n, offs_dk, offs_dv, e2,
-            end_m, T, TP, SW, TQ, QOFF, TPQ, L, U, lo, hi, scale, qk_scale, BAND, True, IEEE,
-            DK, DV, BLOCK_M)
+            end_m, T, TP, SW, TQ, QOFF, QROW, TPQ, L, U, lo, hi, scale, qk_scale, BAND, True,
+            IEEE, DK, DV, BLOCK_M)
         if R == 1:
             tl.store(dp_base + offs_n * R, (acc_lo + acc_hi) * scale, mask=mask_n)
         else:
@@ -213,18 +213,18 @@ def _dkdv_head(dk, dv, k, v, off_b, off_h, q_start, k_start, Q, P, PK, KCOL, SH,
         dk, dv, acc_lo, acc_hi = _dkdv_run(
             dk, dv, acc_lo, acc_hi, k, v, kc_base, q_base, do_base, rows_base, p_base, pk_base,
             dp_base, sh_base, sqt, sqd, sdt, sdd, spt, offs_n, offs_dk, offs_dv, start_m,
-            e1, T, TP, SW, TQ, QOFF, TPQ, L, U, lo, hi, scale, qk_scale, PLAIN, True, IEEE,
-            DK, DV, BLOCK_M)
+            e1, T, TP, SW, TQ, QOFF, QROW, TPQ, L, U, lo, hi, scale, qk_scale, PLAIN, True,
+            IEEE, DK, DV, BLOCK_M)
         dk, dv, acc_lo, acc_hi = _dkdv_run(
             dk, dv, acc_lo, acc_hi, k, v, kc_base, q_base, do_base, rows_base, p_base, pk_base,
             dp_base, sh_base, sqt, sqd, sdt, sdd, spt, offs_n, offs_dk, offs_dv, e1,
-            e2, T, TP, SW, TQ, QOFF, TPQ, L, U, lo, hi, scale, qk_scale, PLAIN, False, IEEE,
-            DK, DV, BLOCK_M)
+            e2, T, TP, SW, TQ, QOFF, QROW, TPQ, L, U, lo, hi, scale, qk_scale, PLAIN, False,
+            IEEE, DK, DV, BLOCK_M)
         dk, dv, acc_lo, acc_hi = _dkdv_run(
             dk, dv, acc_lo, acc_hi, k, v, kc_base, q_base, do_base, rows_base, p_base, pk_base,
             dp_base, sh_base, sqt, sqd, sdt, sdd, spt, offs_n, offs_dk, offs_dv, e2,
-            end_m, T, TP, SW, TQ, QOFF, TPQ, L, U, lo, hi, scale, qk_scale, PLAIN, True, IEEE,
-            DK, DV, BLOCK_M)
+            end_m, T, TP, SW, TQ, QOFF, QROW, TPQ, L, U, lo, hi, scale, qk_scale, PLAIN, True,
+            IEEE, DK, DV, BLOCK_M)
     return dk, dv
 
 
@@ -233,9 +233,10 @@ def bwd_dkdv_kernel(Q, K, V, P, PK, KCOL, SH, KV, DO, ROWS, DK_OUT, DV_OUT, DPK,
                     sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd,
                     spb, sph, spt, scb, sch, shb, shh, sdb, sdh, sdt, sdd,
                     sgkb, sgkh, sgkt, sgkd, sgvb, sgvh, sgvt, sgvd,
-                    H, G, T, TQ, TP, SW, DMIN, TPQ, L, U, lo, hi, scale, qk_scale, T_KEY, Q_KEY,
-                    W_KEY, HAS_PAD: tl.constexpr, USE_DELTA: tl.constexpr, VARLEN: tl.constexpr,
-                    IEEE: tl.constexpr, GROUPED: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+                    H, G, T, TQ, TP, SW, DMIN, TPQ, L, U, lo, hi, OFF, scale, qk_scale, T_KEY,
+                    Q_KEY, W_KEY, HAS_PAD: tl.constexpr, USE_DELTA: tl.constexpr,
+                    VARLEN: tl.constexpr, BLOCK: tl.constexpr, IEEE: tl.constexpr,
+                    GROUPED: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
                     BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr,
                     BLOCK_N: tl.constexpr):
     """One program per key block of one (batch, key/value head): dk and dv, summed over the G
@@ -247,8 +248,7 @@ def bwd_dkdv_kernel(Q, K, V, P, PK, KCOL, SH, KV, DO, ROWS, DK_OUT, DV_OUT, DPK,
     off_b = (pid_bg // HKV).to(tl.int64)
     off_g = (pid_bg % HKV).to(tl.int64)
     R = L + U + 1
-    q_start, k_start, T, TQ = sequence(CU_Q, CU_K, off_b, T, TQ, VARLEN)
-    QOFF = T - TQ
+    q_start, k_start, T, TQ, QOFF, QROW = sequence(CU_Q, CU_K, off_b, T, TQ, OFF, VARLEN, BLOCK)
 
     n0 = pid_n * BLOCK_N
     offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -284,15 +284,15 @@ def bwd_dkdv_kernel(Q, K, V, P, PK, KCOL, SH, KV, DO, ROWS, DK_OUT, DV_OUT, DPK,
                                 KCOL, SH, DO, ROWS, DPK,
                                 sqh, sqb, sqt, sqd, spb, sph, spt, scb, sch, shb, shh, sdb, sdh,
                                 sdt, sdd, offs_n, mask_n, offs_dk, offs_dv, start_m, e1, b1, b2,
-                                e2, end_m, H, T, TQ, QOFF, TP, SW, DMIN, TPQ, L, U, lo, hi, scale,
-                                qk_scale,
+                                e2, end_m, H, T, TQ, QOFF, QROW, TP, SW, DMIN, TPQ, L, U, lo, hi,
+                                scale, qk_scale,
                                 USE_DELTA, IEEE, DK, DV, BLOCK_M, BLOCK_N)
     else:
         dk, dv = _dkdv_head(dk, dv, k, v, off_b, off_g, q_start, k_start, Q, P, PK, KCOL, SH, DO,
                             ROWS, DPK, sqh, sqb, sqt,
                             sqd, spb, sph, spt, scb, sch, shb, shh, sdb, sdh, sdt, sdd, offs_n,
                             mask_n, offs_dk, offs_dv, start_m, e1, b1, b2, e2, end_m, H, T, TQ,
-                            QOFF, TP, SW, DMIN, TPQ, L, U, lo, hi, scale, qk_scale, USE_DELTA,
+                            QOFF, QROW, TP, SW, DMIN, TPQ, L, U, lo, hi, scale, qk_scale, USE_DELTA,
                             IEEE, DK,
                             DV, BLOCK_M, BLOCK_N)
 
@@ -308,8 +308,9 @@ def bwd_dkdv_kernel(Q, K, V, P, PK, KCOL, SH, KV, DO, ROWS, DK_OUT, DV_OUT, DPK,
 @triton.jit
 def _dq_run(dq, acc_lo, acc_hi, acc_far, q, do, rows_base, k_base, v_base, kc_base, p_base, pk_base,
             dp_base, sh_base,
-            skt, skd, svt, svd, spt, offs_q, offs_m, offs_dk, offs_dv, n_start, n_end, T, TP,
-            TPQ, L, U, lo, hi, scale, qk_scale, MODE: tl.constexpr, MASKED: tl.constexpr,
+            skt, skd, svt, svd, spt, offs_q, offs_m, offs_pq, offs_dp, offs_dk, offs_dv, n_start,
+            n_end, T, QEND, TP, TPQ, L, U, lo, hi, scale, qk_scale, MODE: tl.constexpr,
+            MASKED: tl.constexpr,
             IEEE: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BLOCK_N_PROG: tl.constexpr):
     BLOCK_N: tl.constexpr = loop_tile(BLOCK_N_PROG, MODE, MASKED)
     R = L + U + 1
@@ -330,8 +331,8 @@ def _dq_run(dq, acc_lo, acc_hi, acc_far, q, do, rows_base, k_base, v_base, kc_ba
         if MODE == BAND and not MASKED:  # one float32 load per pair from the shear array
             t = (s + tl.load(sh_base + offs_n[None, :])) * qk_scale + kcol[None, :]
         elif MODE == BAND:
-            bias = band_bias(p_base, pk_base, spt, offs_m[:, None], offs_n[None, :],
-                             offs_n[None, :] - offs_m[:, None], T, T, L, U)
+            bias = band_bias(p_base, pk_base, spt, offs_pq[:, None], offs_n[None, :],
+                             offs_n[None, :] - offs_m[:, None], QEND, T, L, U)
             t = (s + bias) * qk_scale + kcol[None, :]
         else:
             t = s * qk_scale + kcol[None, :]
@@ -349,7 +350,7 @@ def _dq_run(dq, acc_lo, acc_hi, acc_far, q, do, rows_base, k_base, v_base, kc_ba
         elif MODE == BAND:
             acc_lo, acc_hi = _band_dP(ds, offs_n[None, :] - offs_m[:, None], mask_n[None, :], L, U,
                                       acc_lo, acc_hi,
-                                      dp_base + offs_m[:, None] * R + L, -scale, 1, True)
+                                      dp_base + offs_dp[:, None] * R + L, -scale, 1, True)
     return dq, acc_lo, acc_hi, acc_far
 
 
@@ -357,34 +358,40 @@ def _dq_run(dq, acc_lo, acc_hi, acc_far, q, do, rows_base, k_base, v_base, kc_ba
 def bwd_dq_kernel(Q, K, V, P, PK, KCOL, SH, KV, DO, ROWS, DQ_OUT, DPQ, CU_Q, CU_K,
                   sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd,
                   spb, sph, spt, scb, sch, shb, shh, sdb, sdh, sdt, sdd, sgqb, sgqh, sgqt, sgqd,
-                  H, G, T, TQ, TP, SW, DMIN, TPQ, L, U, lo, hi, scale, qk_scale, T_KEY, Q_KEY,
-                  W_KEY,
-                  HAS_PAD: tl.constexpr, USE_DELTA: tl.constexpr, VARLEN: tl.constexpr,
-                  IEEE: tl.constexpr,
+                  H, G, T, TQ, TP, SW, DMIN, TPQ, L, U, lo, hi, OFF, scale, qk_scale, T_KEY,
+                  Q_KEY, W_KEY, HAS_PAD: tl.constexpr, USE_DELTA: tl.constexpr,
+                  VARLEN: tl.constexpr, BLOCK: tl.constexpr, IEEE: tl.constexpr,
                   DK: tl.constexpr, DV: tl.constexpr, BLOCK_DK: tl.constexpr,
                   BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One program per query block of one (batch, query head): dq and the query rows of dP
-    (at the queries' key positions QOFF + i)."""
+    (at the queries' key positions QOFF + i; with BLOCK at their query indices i, in DPQ's own
+    [B*H, TPQ, R] rows)."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     off_b = (pid_bh // H).to(tl.int64)
     off_h = (pid_bh % H).to(tl.int64)
     off_hk = off_h // G
-    q_start, k_start, T, TQ = sequence(CU_Q, CU_K, off_b, T, TQ, VARLEN)
-    QOFF = T - TQ
+    q_start, k_start, T, TQ, QOFF, QROW = sequence(CU_Q, CU_K, off_b, T, TQ, OFF, VARLEN, BLOCK)
     k_base = K + off_b * skb + k_start * skt + off_hk * skh
     v_base = V + off_b * svb + k_start * svt + off_hk * svh
     p_base = P + off_b * spb + k_start * spt + off_h * sph
     pk_base = PK + off_b * spb + k_start * spt + off_h * sph  # key rows: 0 at padding keys
     kc_base = KCOL + off_b * scb + off_h * sch
     R = L + U + 1
-    dp_base = DPQ + pid_bh.to(tl.int64) * TP * R  # contiguous float32 [B*H, TP, R]
     rows_base = ROWS + pid_bh.to(tl.int64) * 4 * TPQ
 
     offs_q = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # query indices
     mask_m = offs_q < TQ
     m0 = pid_m * BLOCK_M + QOFF  # positions from here on
     offs_m = offs_q + QOFF
+    offs_pq = offs_q + QROW  # the queries' own rows of P
+    QEND = QROW + TQ  # one past the last query row of P
+    if BLOCK:  # contiguous float32 [B*H, TPQ, R], by query index
+        dp_base = DPQ + pid_bh.to(tl.int64) * TPQ * R
+        offs_dp = offs_q
+    else:  # contiguous float32 [B*H, TP, R], by key position
+        dp_base = DPQ + pid_bh.to(tl.int64) * TP * R
+        offs_dp = offs_m
     # + key index j: S[i, j − (QOFF + i) − DMIN] (delta_attention_tiles)
     sh_base = (SH + off_b * shb + off_h * shh + offs_q * (SW - 1) - QOFF - DMIN)[:, None]
     offs_dk = tl.arange(0, BLOCK_DK)
@@ -409,53 +416,53 @@ def bwd_dq_kernel(Q, K, V, P, PK, KCOL, SH, KV, DO, ROWS, DQ_OUT, DPQ, CU_Q, CU_
     if USE_DELTA:
         b1, b2 = split_runs(e1, e2, m0 - L - BLOCK_N + 2, m0 + BLOCK_M - 1 + U, BLOCK_N)
         dq, acc_lo, acc_hi, acc_far = _dq_run(
-            dq, acc_lo, acc_hi, acc_far, q, do, rows_base, k_base, v_base, kc_base, p_base, pk_base,
-            dp_base, sh_base, skt, skd, svt, svd, spt, offs_q, offs_m, offs_dk, offs_dv, start_n,
-            e1, T, TP,
-            TPQ, L, U, lo, hi, scale, qk_scale, BAND, True, IEEE, DK, DV, BLOCK_N)
+            dq, acc_lo, acc_hi, acc_far, q, do, rows_base, k_base, v_base, kc_base, p_base,
+            pk_base, dp_base, sh_base, skt, skd, svt, svd, spt, offs_q, offs_m, offs_pq, offs_dp,
+            offs_dk, offs_dv, start_n, e1, T, QEND, TP, TPQ, L, U, lo, hi, scale, qk_scale, BAND,
+            True, IEEE, DK, DV, BLOCK_N)
         dq, acc_lo, acc_hi, acc_far = _dq_run(
-            dq, acc_lo, acc_hi, acc_far, q, do, rows_base, k_base, v_base, kc_base, p_base, pk_base,
-            dp_base, sh_base, skt, skd, svt, svd, spt, offs_q, offs_m, offs_dk, offs_dv, e1, b1, T,
-            TP,
-            TPQ, L, U, lo, hi, scale, qk_scale, FAR_LO, False, IEEE, DK, DV, BLOCK_N)
+            dq, acc_lo, acc_hi, acc_far, q, do, rows_base, k_base, v_base, kc_base, p_base,
+            pk_base, dp_base, sh_base, skt, skd, svt, svd, spt, offs_q, offs_m, offs_pq, offs_dp,
+            offs_dk, offs_dv, e1, b1, T, QEND, TP, TPQ, L, U, lo, hi, scale, qk_scale, FAR_LO,
+            False, IEEE, DK, DV, BLOCK_N)
         acc_lo, acc_far = take_far_sums(acc_lo, acc_far)
         dq, acc_lo, acc_hi, acc_far = _dq_run(
-            dq, acc_lo, acc_hi, acc_far, q, do, rows_base, k_base, v_base, kc_base, p_base, pk_base,
-            dp_base, sh_base, skt, skd, svt, svd, spt, offs_q, offs_m, offs_dk, offs_dv, b1, b2, T,
-            TP,
-            TPQ, L, U, lo, hi, scale, qk_scale, BAND, False, IEEE, DK, DV, BLOCK_N)
+            dq, acc_lo, acc_hi, acc_far, q, do, rows_base, k_base, v_base, kc_base, p_base,
+            pk_base, dp_base, sh_base, skt, skd, svt, svd, spt, offs_q, offs_m, offs_pq, offs_dp,
+            offs_dk, offs_dv, b1, b2, T, QEND, TP, TPQ, L, U, lo, hi, scale, qk_scale, BAND,
+            False, IEEE, DK, DV, BLOCK_N)
         dq, acc_lo, acc_hi, acc_far = _dq_run(
-            dq, acc_lo, acc_hi, acc_far, q, do, rows_base, k_base, v_base, kc_base, p_base, pk_base,
-            dp_base, sh_base, skt, skd, svt, svd, spt, offs_q, offs_m, offs_dk, offs_dv, b2, e2, T,
-            TP,
-            TPQ, L, U, lo, hi, scale, qk_scale, FAR_HI, False, IEEE, DK, DV, BLOCK_N)
+            dq, acc_lo, acc_hi, acc_far, q, do, rows_base, k_base, v_base, kc_base, p_base,
+            pk_base, dp_base, sh_base, skt, skd, svt, svd, spt, offs_q, offs_m, offs_pq, offs_dp,
+            offs_dk, offs_dv, b2, e2, T, QEND, TP, TPQ, L, U, lo, hi, scale, qk_scale, FAR_HI,
+            False, IEEE, DK, DV, BLOCK_N)
         acc_hi, acc_far = take_far_sums(acc_hi, acc_far)
         dq, acc_lo, acc_hi, acc_far = _dq_run(
-            dq, acc_lo, acc_hi, acc_far, q, do, rows_base, k_base, v_base, kc_base, p_base, pk_base,
-            dp_base, sh_base, skt, skd, svt, svd, spt, offs_q, offs_m, offs_dk, offs_dv, e2, end_n,
-            T, TP,
-            TPQ, L, U, lo, hi, scale, qk_scale, BAND, True, IEEE, DK, DV, BLOCK_N)
+            dq, acc_lo, acc_hi, acc_far, q, do, rows_base, k_base, v_base, kc_base, p_base,
+            pk_base, dp_base, sh_base, skt, skd, svt, svd, spt, offs_q, offs_m, offs_pq, offs_dp,
+            offs_dk, offs_dv, e2, end_n, T, QEND, TP, TPQ, L, U, lo, hi, scale, qk_scale, BAND,
+            True, IEEE, DK, DV, BLOCK_N)
         if R == 1:
-            tl.store(dp_base + offs_m * R, -(acc_lo + acc_hi) * scale, mask=mask_m)
+            tl.store(dp_base + offs_dp * R, -(acc_lo + acc_hi) * scale, mask=mask_m)
         else:
-            tl.store(dp_base + offs_m * R, -acc_lo * scale, mask=mask_m)
-            tl.store(dp_base + offs_m * R + (R - 1), -acc_hi * scale, mask=mask_m)
+            tl.store(dp_base + offs_dp * R, -acc_lo * scale, mask=mask_m)
+            tl.store(dp_base + offs_dp * R + (R - 1), -acc_hi * scale, mask=mask_m)
     else:  # plain flash attention: no P traffic at all
         dq, acc_lo, acc_hi, acc_far = _dq_run(
-            dq, acc_lo, acc_hi, acc_far, q, do, rows_base, k_base, v_base, kc_base, p_base, pk_base,
-            dp_base, sh_base, skt, skd, svt, svd, spt, offs_q, offs_m, offs_dk, offs_dv, start_n,
-            e1, T, TP,
-            TPQ, L, U, lo, hi, scale, qk_scale, PLAIN, True, IEEE, DK, DV, BLOCK_N)
+            dq, acc_lo, acc_hi, acc_far, q, do, rows_base, k_base, v_base, kc_base, p_base,
+            pk_base, dp_base, sh_base, skt, skd, svt, svd, spt, offs_q, offs_m, offs_pq, offs_dp,
+            offs_dk, offs_dv, start_n, e1, T, QEND, TP, TPQ, L, U, lo, hi, scale, qk_scale, PLAIN,
+            True, IEEE, DK, DV, BLOCK_N)
         dq, acc_lo, acc_hi, acc_far = _dq_run(
-            dq, acc_lo, acc_hi, acc_far, q, do, rows_base, k_base, v_base, kc_base, p_base, pk_base,
-            dp_base, sh_base, skt, skd, svt, svd, spt, offs_q, offs_m, offs_dk, offs_dv, e1, e2, T,
-            TP,
-            TPQ, L, U, lo, hi, scale, qk_scale, PLAIN, False, IEEE, DK, DV, BLOCK_N)
+            dq, acc_lo, acc_hi, acc_far, q, do, rows_base, k_base, v_base, kc_base, p_base,
+            pk_base, dp_base, sh_base, skt, skd, svt, svd, spt, offs_q, offs_m, offs_pq, offs_dp,
+            offs_dk, offs_dv, e1, e2, T, QEND, TP, TPQ, L, U, lo, hi, scale, qk_scale, PLAIN,
+            False, IEEE, DK, DV, BLOCK_N)
         dq, acc_lo, acc_hi, acc_far = _dq_run(
-            dq, acc_lo, acc_hi, acc_far, q, do, rows_base, k_base, v_base, kc_base, p_base, pk_base,
-            dp_base, sh_base, skt, skd, svt, svd, spt, offs_q, offs_m, offs_dk, offs_dv, e2, end_n,
-            T, TP,
-            TPQ, L, U, lo, hi, scale, qk_scale, PLAIN, True, IEEE, DK, DV, BLOCK_N)
+            dq, acc_lo, acc_hi, acc_far, q, do, rows_base, k_base, v_base, kc_base, p_base,
+            pk_base, dp_base, sh_base, skt, skd, svt, svd, spt, offs_q, offs_m, offs_pq, offs_dp,
+            offs_dk, offs_dv, e2, end_n, T, QEND, TP, TPQ, L, U, lo, hi, scale, qk_scale, PLAIN,
+            True, IEEE, DK, DV, BLOCK_N)
     gq_base = DQ_OUT + off_b * sgqb + q_start * sgqt + off_h * sgqh
     tl.store(gq_base + offs_q[:, None] * sgqt + offs_dk[None, :] * sgqd,
              (dq * scale).to(DQ_OUT.dtype.element_ty), mask=mask_m[:, None] & mask_dk[None, :])

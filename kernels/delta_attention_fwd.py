@@ -25,9 +25,9 @@ from .delta_attention_tiles import (BAND, FAR_HI, FAR_LO, PLAIN, band_bias, dot,
 
 @triton.jit
 def _fwd_run(acc, l_i, m_i, q, qrow, k_base, v_base, p_base, pk_base, kc_base, sh_base, skt, skd,
-             svt, svd, spt, offs_m, offs_dk, offs_dv, n_start, n_end, T, TP, L, U, lo, hi, qk_scale,
-             MODE: tl.constexpr, MASKED: tl.constexpr, IEEE: tl.constexpr, DK: tl.constexpr,
-             DV: tl.constexpr, BLOCK_N_PROG: tl.constexpr):
+             svt, svd, spt, offs_m, offs_pq, offs_dk, offs_dv, n_start, n_end, T, QEND, TP, L, U,
+             lo, hi, qk_scale, MODE: tl.constexpr, MASKED: tl.constexpr, IEEE: tl.constexpr,
+             DK: tl.constexpr, DV: tl.constexpr, BLOCK_N_PROG: tl.constexpr):
     BLOCK_N: tl.constexpr = loop_tile(BLOCK_N_PROG, MODE, MASKED)
     if MODE == FAR_LO or MODE == FAR_HI:
         # the run's frame: logits without the query term -c·P[i, e]; an empty run shifts
@@ -47,8 +47,8 @@ def _fwd_run(acc, l_i, m_i, q, qrow, k_base, v_base, p_base, pk_base, kc_base, s
         if MODE == BAND and not MASKED:  # one float32 load per pair from the shear array
             t = (qk + tl.load(sh_base + offs_n[None, :])) * qk_scale + kcol
         elif MODE == BAND:
-            bias = band_bias(p_base, pk_base, spt, offs_m[:, None], offs_n[None, :],
-                             offs_n[None, :] - offs_m[:, None], T, T, L, U)
+            bias = band_bias(p_base, pk_base, spt, offs_pq[:, None], offs_n[None, :],
+                             offs_n[None, :] - offs_m[:, None], QEND, T, L, U)
             t = (qk + bias) * qk_scale + kcol
         else:
             t = qk * qk_scale + kcol
@@ -72,8 +72,9 @@ def _fwd_run(acc, l_i, m_i, q, qrow, k_base, v_base, p_base, pk_base, kc_base, s
 def fwd_kernel(Q, K, V, P, PK, KCOL, SH, KV, OUT, LSE, CU_Q, CU_K, PART,
                sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd,
                spb, sph, spt, scb, sch, shb, shh, sob, soh, sot, sod, slb, slh, slt,
-               H, G, T, TQ, TP, SW, DMIN, L, U, lo, hi, qk_scale, SPLIT_N, T_KEY, Q_KEY, W_KEY,
-               HAS_PAD: tl.constexpr, USE_DELTA: tl.constexpr, VARLEN: tl.constexpr,
+               H, G, T, TQ, TP, SW, DMIN, L, U, lo, hi, OFF, qk_scale, SPLIT_N, T_KEY, Q_KEY,
+               W_KEY, HAS_PAD: tl.constexpr, USE_DELTA: tl.constexpr, VARLEN: tl.constexpr,
+               BLOCK: tl.constexpr,
                SPLIT: tl.constexpr, STACK: tl.constexpr, IEEE: tl.constexpr, DK: tl.constexpr,
                DV: tl.constexpr, BLOCK_DK: tl.constexpr,
                BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -81,10 +82,11 @@ def fwd_kernel(Q, K, V, P, PK, KCOL, SH, KV, OUT, LSE, CU_Q, CU_K, PART,
     or with STACK (short query blocks: decoding) of one (element, key/value head): its rows are
     then the G·TQ queries of the group's G query heads, head-major, so that each key/value tile
     is read once per key/value head rather than once per query head. The TQ queries stand at key
-    positions QOFF.. (QOFF = T − TQ, the end of the keys); query head h reads key/value head
-    h // G. With SPLIT (decoding: few query blocks, long keys) the third grid dimension splits
-    the keys into SPLIT_N-key ranges (flash-decoding): each program writes its unnormalised
-    partial output, running maximum and sum to PART, and the launcher combines them."""
+    positions QOFF.. (QOFF = T − TQ, the end of the keys; with BLOCK, OFF) and their own rows of
+    P are rows QROW.. (``sequence``); query head h reads key/value head h // G. With SPLIT
+    (decoding: few query blocks, long keys) the third grid dimension splits the keys into
+    SPLIT_N-key ranges (flash-decoding): each program writes its unnormalised partial output,
+    running maximum and sum to PART, and the launcher combines them."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     if STACK:
@@ -95,8 +97,8 @@ def fwd_kernel(Q, K, V, P, PK, KCOL, SH, KV, OUT, LSE, CU_Q, CU_K, PART,
         off_b = (pid_bh // H).to(tl.int64)
         first_h = (pid_bh % H).to(tl.int64)
         off_hk = first_h // G
-    q_start, k_start, T, TQ = sequence(CU_Q, CU_K, off_b, T, TQ, VARLEN)
-    QOFF = T - TQ
+    q_start, k_start, T, TQ, QOFF, QROW = sequence(CU_Q, CU_K, off_b, T, TQ, OFF, VARLEN, BLOCK)
+    QEND = QROW + TQ  # one past the last query row of P
     offs_r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # the program's rows
     if STACK:  # row = g·TQ + query index: every row's position lies in [QOFF, QOFF + TQ)
         n_rows = G * TQ
@@ -113,6 +115,7 @@ def fwd_kernel(Q, K, V, P, PK, KCOL, SH, KV, OUT, LSE, CU_Q, CU_K, PART,
         m_span = BLOCK_M
     mask_m = offs_r < n_rows
     offs_m = offs_q + QOFF
+    offs_pq = offs_q + QROW  # the queries' own rows of P
     k_base = K + off_b * skb + k_start * skt + off_hk * skh
     v_base = V + off_b * svb + k_start * svt + off_hk * svh
     # per-query-head bases: scalars, or per row with STACK; the runs take them as tiles' rows
@@ -153,50 +156,46 @@ def fwd_kernel(Q, K, V, P, PK, KCOL, SH, KV, OUT, LSE, CU_Q, CU_K, PART,
     e1, e2 = split_runs(start_n, end_n, m0 + m_span - 1 + lo, m0 + hi - BLOCK_N + 2, BLOCK_N)
     if USE_DELTA:
         # the query rows of the two clipped buckets, read once for all far tiles
-        qrow_lo = tl.load(p_rows + offs_m * spt, mask=mask_m, other=0.0).to(tl.float32)
-        qrow_hi = tl.load(p_rows + offs_m * spt + (L + U), mask=mask_m, other=0.0).to(tl.float32)
+        qrow_lo = tl.load(p_rows + offs_pq * spt, mask=mask_m, other=0.0).to(tl.float32)
+        qrow_hi = tl.load(p_rows + offs_pq * spt + (L + U), mask=mask_m,
+                          other=0.0).to(tl.float32)
         qrow_lo = qrow_lo * qk_scale
         qrow_hi = qrow_hi * qk_scale
         # far-low: j - i <= -L for the whole tile; far-high: j - i >= U for the whole tile
         b1, b2 = split_runs(e1, e2, m0 - L - BLOCK_N + 2, m0 + m_span - 1 + U, BLOCK_N)
         acc, l_i, m_i = _fwd_run(acc, l_i, m_i, q, qrow_lo, k_base, v_base, p_base, pk_base,
-                                 kc_base, sh_base, skt, skd, svt, svd, spt, offs_m, offs_dk,
-                                 offs_dv,
-                                 start_n, e1, T, TP, L, U, lo, hi, qk_scale, BAND, True, IEEE, DK,
-                                 DV, BLOCK_N)
+                                 kc_base, sh_base, skt, skd, svt, svd, spt, offs_m, offs_pq,
+                                 offs_dk, offs_dv, start_n, e1, T, QEND, TP, L, U, lo, hi,
+                                 qk_scale, BAND, True, IEEE, DK, DV, BLOCK_N)
         acc, l_i, m_i = _fwd_run(acc, l_i, m_i, q, qrow_lo, k_base, v_base, p_base, pk_base,
-                                 kc_base, sh_base, skt, skd, svt, svd, spt, offs_m, offs_dk,
-                                 offs_dv,
-                                 e1, b1, T, TP, L, U, lo, hi, qk_scale, FAR_LO, False, IEEE, DK, DV,
-                                 BLOCK_N)
+                                 kc_base, sh_base, skt, skd, svt, svd, spt, offs_m, offs_pq,
+                                 offs_dk, offs_dv, e1, b1, T, QEND, TP, L, U, lo, hi, qk_scale,
+                                 FAR_LO, False, IEEE, DK, DV, BLOCK_N)
         acc, l_i, m_i = _fwd_run(acc, l_i, m_i, q, qrow_lo, k_base, v_base, p_base, pk_base,
-                                 kc_base, sh_base, skt, skd, svt, svd, spt, offs_m, offs_dk,
-                                 offs_dv,
-                                 b1, b2, T, TP, L, U, lo, hi, qk_scale, BAND, False, IEEE, DK, DV,
-                                 BLOCK_N)
+                                 kc_base, sh_base, skt, skd, svt, svd, spt, offs_m, offs_pq,
+                                 offs_dk, offs_dv, b1, b2, T, QEND, TP, L, U, lo, hi, qk_scale,
+                                 BAND, False, IEEE, DK, DV, BLOCK_N)
         acc, l_i, m_i = _fwd_run(acc, l_i, m_i, q, qrow_hi, k_base, v_base, p_base, pk_base,
-                                 kc_base, sh_base, skt, skd, svt, svd, spt, offs_m, offs_dk,
-                                 offs_dv,
-                                 b2, e2, T, TP, L, U, lo, hi, qk_scale, FAR_HI, False, IEEE, DK, DV,
-                                 BLOCK_N)
+                                 kc_base, sh_base, skt, skd, svt, svd, spt, offs_m, offs_pq,
+                                 offs_dk, offs_dv, b2, e2, T, QEND, TP, L, U, lo, hi, qk_scale,
+                                 FAR_HI, False, IEEE, DK, DV, BLOCK_N)
         acc, l_i, m_i = _fwd_run(acc, l_i, m_i, q, qrow_hi, k_base, v_base, p_base, pk_base,
-                                 kc_base, sh_base, skt, skd, svt, svd, spt, offs_m, offs_dk,
-                                 offs_dv,
-                                 e2, end_n, T, TP, L, U, lo, hi, qk_scale, BAND, True, IEEE, DK, DV,
-                                 BLOCK_N)
+                                 kc_base, sh_base, skt, skd, svt, svd, spt, offs_m, offs_pq,
+                                 offs_dk, offs_dv, e2, end_n, T, QEND, TP, L, U, lo, hi,
+                                 qk_scale, BAND, True, IEEE, DK, DV, BLOCK_N)
     else:  # plain flash attention: no P traffic at all
         acc, l_i, m_i = _fwd_run(acc, l_i, m_i, q, l_i, k_base, v_base, p_base, pk_base, kc_base,
-                                 sh_base, skt, skd, svt, svd, spt, offs_m, offs_dk, offs_dv,
-                                 start_n, e1, T, TP, L, U, lo, hi, qk_scale, PLAIN, True, IEEE, DK,
-                                 DV, BLOCK_N)
+                                 sh_base, skt, skd, svt, svd, spt, offs_m, offs_pq, offs_dk,
+                                 offs_dv, start_n, e1, T, QEND, TP, L, U, lo, hi, qk_scale, PLAIN,
+                                 True, IEEE, DK, DV, BLOCK_N)
         acc, l_i, m_i = _fwd_run(acc, l_i, m_i, q, l_i, k_base, v_base, p_base, pk_base, kc_base,
-                                 sh_base, skt, skd, svt, svd, spt, offs_m, offs_dk, offs_dv, e1, e2,
-                                 T, TP, L, U, lo, hi, qk_scale, PLAIN, False, IEEE, DK, DV,
-                                 BLOCK_N)
+                                 sh_base, skt, skd, svt, svd, spt, offs_m, offs_pq, offs_dk,
+                                 offs_dv, e1, e2, T, QEND, TP, L, U, lo, hi, qk_scale, PLAIN,
+                                 False, IEEE, DK, DV, BLOCK_N)
         acc, l_i, m_i = _fwd_run(acc, l_i, m_i, q, l_i, k_base, v_base, p_base, pk_base, kc_base,
-                                 sh_base, skt, skd, svt, svd, spt, offs_m, offs_dk, offs_dv, e2,
-                                 end_n, T, TP, L, U, lo, hi, qk_scale, PLAIN, True, IEEE, DK, DV,
-                                 BLOCK_N)
+                                 sh_base, skt, skd, svt, svd, spt, offs_m, offs_pq, offs_dk,
+                                 offs_dv, e2, end_n, T, QEND, TP, L, U, lo, hi, qk_scale, PLAIN,
+                                 True, IEEE, DK, DV, BLOCK_N)
 
     if SPLIT:  # PART [splits, B*H, TQ, BLOCK_DV + 2]: acc, then m (log2 domain) and l
         n_bh = tl.num_programs(1) * G if STACK else tl.num_programs(1)  # B*H

@@ -113,18 +113,29 @@ def window_mask(t, d, lo, hi):
 
 
 @triton.jit
-def sequence(CU_Q, CU_K, off_b, T, TQ, VARLEN: tl.constexpr):
-    """(q_start, k_start, T, TQ) of batch element off_b: the first query row and key row in the
-    tensors, and its key and query counts — from cu_seqlens for a packed batch (VARLEN), else
-    rows 0 and the launch's T, TQ."""
+def sequence(CU_Q, CU_K, off_b, T, TQ, OFF, VARLEN: tl.constexpr, BLOCK: tl.constexpr):
+    """(q_start, k_start, T, TQ, QOFF, QROW) of batch element off_b: the first query row and key
+    row in the tensors, its key and query counts — from cu_seqlens for a packed batch (VARLEN),
+    else rows 0 and the launch's T, TQ — and where its queries stand:
+
+    * QOFF: query i's position relative to key 0 is QOFF + i (every offset ``d = j − i`` of the
+      kernels is ``j − (QOFF + i)``). End-aligned queries: ``T − TQ``; a block at global
+      positions (BLOCK): ``OFF = q_start − k_start``, any sign, past the keys too.
+    * QROW: the row of P holding query 0's own row of P (query i's is QROW + i). End-aligned:
+      the query's key position, ``T − TQ``; a block: its query rows follow its T key rows in
+      one array (the launcher concatenates P_k and P_q), ``T``.
+
+    Tile bounds and offsets use QOFF; only the gathers of the queries' P rows use QROW."""
     if VARLEN:
         q_start = tl.load(CU_Q + off_b)
         k_start = tl.load(CU_K + off_b)
         TQ = tl.load(CU_Q + off_b + 1) - q_start
         T = tl.load(CU_K + off_b + 1) - k_start
-        return q_start.to(tl.int64), k_start.to(tl.int64), T, TQ
+        return q_start.to(tl.int64), k_start.to(tl.int64), T, TQ, T - TQ, T - TQ
+    elif BLOCK:
+        return 0, 0, T, TQ, OFF, T
     else:
-        return 0, 0, T, TQ
+        return 0, 0, T, TQ, T - TQ, T - TQ
 
 
 @triton.jit

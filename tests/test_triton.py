@@ -40,7 +40,7 @@ import triton  # noqa: E402
 import hdaf  # noqa: E402
 import hdaf.functional  # noqa: E402
 import hdaf.reference  # noqa: E402
-from conftest import TOL, grads, make_inputs, requires_cuda  # noqa: E402
+from conftest import TOL, assert_close, grads, make_inputs, requires_cuda  # noqa: E402
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"
@@ -904,6 +904,210 @@ def test_opcheck_schema_fake_autograd():
         utils = utils + ("test_aot_dispatch_dynamic",)
     torch.library.opcheck(torch.ops.hdaf.triton_delta_attention_forward.default, args,
                           test_utils=utils)
+
+
+# ----------------------------------------------------------------------------------------------
+# Blocks at global positions (docs/delta_attention.md, "Global positions"): the Triton block ops
+# against the float64 gather reference, the blocks merged into the full Triton call, and the ring
+# of hdaf.distributed with backend="triton"
+# ----------------------------------------------------------------------------------------------
+
+from test_delta_attention_block import CASES as BLOCK_CASES  # noqa: E402
+from test_delta_attention_block import _block_inputs  # noqa: E402
+
+#: (Tq, Tk, q_start, k_start, window_left, window_right, tiles): odd sizes, Tq > Tk, one query,
+#: one key, 63-row blocks crossing several 16- and 32-row tiles with every tile kind
+BLOCK_SIZES = [(1, 7, 9, 0, -1, -1, None), (7, 1, 0, 3, -1, -1, None), (9, 4, 1, 3, -1, -1, None),
+               (63, 7, 0, 40, 5, 2, None), (7, 63, 50, 0, -1, 0, None),
+               (63, 63, 20, 0, 30, 8, (16, 16)), (63, 33, 0, 17, -1, -1, (32, 32)),
+               (1, 63, 62, 0, 20, 0, None)]
+
+
+def _check_triton_block(Tq, Tk, q_start, k_start, wl, wr, Hp=1, B=2, H=4, Hkv=2, D=3, seed=0,
+                        all_padding=False):
+    """Forward (out, lse) and every gradient of the Triton block op against the float64 gather
+    reference; rows that see no key: out 0, lse -inf, zero gradients."""
+    ins = _block_inputs(B=B, H=H, Hkv=Hkv, Tq=Tq, Tk=Tk, D=D, Hp=Hp, seed=seed)
+    mask = ins[-1]
+    if all_padding:
+        mask[-1] = True  # the last element has only padding keys
+    ref = [t.detach().requires_grad_(True) for t in ins[:-1]]
+    got = [t.detach().float().to(DEVICE).requires_grad_(True) for t in ins[:-1]]
+    args = (q_start, k_start, 2, 2, wl, wr, 0.7)
+    out, lse = hdaf.block.block_forward("triton", *got, mask.to(DEVICE), *args)
+    want, want_lse = hdaf.block.block_forward("gather", *ref, mask, *args)
+    tag = f"Tq={Tq} Tk={Tk} q_start={q_start} k_start={k_start} window=({wl},{wr}) Hp={Hp}"
+    assert lse.dtype == torch.float32
+    assert torch.equal(lse.isinf().cpu(), want_lse.isinf()), tag
+    empty = want_lse.isinf()
+    assert (out.cpu()[empty] == 0).all() and (lse.cpu()[empty] == float("-inf")).all(), tag
+    assert_close(f"{tag} out", want, out.cpu(), torch.float32)
+    assert_close(f"{tag} lse", want_lse[~empty], lse.cpu()[~empty], torch.float32)
+    dout = torch.randn(want.shape, generator=torch.Generator().manual_seed(seed + 1),
+                       dtype=torch.float64)
+    g_want = torch.autograd.grad(want, ref, dout)
+    g_got = torch.autograd.grad(out, got, dout.float().to(DEVICE))
+    for name, w, g in zip(("q", "k", "v", "P_q", "P_k"), g_want, g_got):
+        assert_close(f"{tag} d{name}", w, g.cpu(), torch.float32)
+    assert (g_got[0].cpu()[empty] == 0).all(), f"{tag}: dq of rows without keys"
+    return empty
+
+
+@pytest.mark.parametrize("Hp", [1, 4])
+@pytest.mark.parametrize("q_start,k_start,wl,wr", BLOCK_CASES)
+def test_triton_block_matches_the_reference(q_start, k_start, wl, wr, Hp):
+    """Queries after, before and among the keys; windows that hide the whole block; causal;
+    padding; grouped heads; shared and per-head P."""
+    empty = _check_triton_block(5, 7, q_start, k_start, wl, wr, Hp=Hp)
+    if (q_start, k_start, wl, wr) == (30, 0, 3, 3):  # the window hides every key
+        assert empty.all()
+
+
+@pytest.mark.parametrize("case", BLOCK_SIZES, ids=lambda c: "Tq{}_Tk{}_q{}_k{}".format(*c[:4]))
+def test_triton_block_sizes_and_tiles(case):
+    *case, tiles = case
+    if tiles is None:
+        _check_triton_block(*case, B=1, H=2, Hkv=1, all_padding=False)
+        return
+    cfg = (*tiles, 1, 1)
+    with K.forced_configs(fwd=cfg, dkdv=cfg, dq=cfg):
+        _check_triton_block(*case, B=2, H=2, Hkv=1, Hp=2, D=8, all_padding=True)
+
+
+def test_triton_blocks_merged_equal_the_full_triton_call():
+    """One query run against three key blocks (the first hidden from the last rows by the
+    window): the merged forward and the summed block backward (given the merged out and lse)
+    equal one call of the end-aligned Triton op, every gradient included."""
+    g = torch.Generator().manual_seed(5)
+    B, H, T, D, R, n, Tq = 1, 2, 21, 8, 5, 7, 9
+    q, k, v = (torch.randn(B, H, T, D, generator=g).to(DEVICE) for _ in range(3))
+    P = torch.randn(B, 1, T, R, generator=g).to(DEVICE)
+    q = q[:, :, T - Tq:].contiguous()
+    args, scale = (2, 2, 8, 0), D ** -0.5
+    leaves = [t.requires_grad_(True) for t in (q, k, v, P)]
+    want, want_lse = torch.ops.hdaf.triton_delta_attention_forward(q, k, v, P, None, *args, scale)
+    dout = torch.randn(want.shape, generator=g).to(DEVICE)
+    want_grads = torch.autograd.grad(want, leaves, dout)
+    Pq = P.detach()[:, :, T - Tq:]
+    blocks = [(slice(j, j + n), j) for j in range(0, T, n)]
+    out = lse = None
+    with torch.no_grad():
+        for ks, k0 in blocks:
+            o, l_ = hdaf.block.block_forward("triton", q, k[:, :, ks], v[:, :, ks], Pq,
+                                             P[:, :, ks], None, T - Tq, k0, *args, scale)
+            out, lse = hdaf.block.merge_partial(out, lse, o, l_)
+    assert_close("out", want, out, torch.float32)
+    assert_close("lse", want_lse, lse, torch.float32)
+    dq, dk, dv, dP = 0, [], [], torch.zeros_like(P)
+    for ks, k0 in blocks:
+        gq, gk, gv, gPq, gPk = hdaf.block.block_backward(
+            "triton", dout, q, k[:, :, ks], v[:, :, ks], Pq, P[:, :, ks], None, out, lse,
+            T - Tq, k0, *args, scale)
+        dq = dq + gq
+        dk.append(gk)
+        dv.append(gv)
+        dP[:, :, ks] += gPk
+        dP[:, :, T - Tq:] += gPq
+    got = (dq, torch.cat(dk, 2), torch.cat(dv, 2), dP)
+    for name, w, g_ in zip(("q", "k", "v", "P"), want_grads, got):
+        assert_close(f"d{name}", w, g_, torch.float32)
+
+
+def test_block_auto_and_explicit_backends_take_the_triton_ops(monkeypatch):
+    """backend="triton" resolves for blocks (the op is registered), and its launches run."""
+    assert hasattr(torch.ops.hdaf, "triton_delta_attention_block_forward")
+    assert hdaf.dispatch.feature_reason("triton", {"offsets": "blocks"}) is None
+    q = torch.zeros(1, 1, 2, 8, device=DEVICE)
+    assert hdaf.block.resolve_block_backend("triton", q, q) == "triton"
+    if ON_GPU:
+        assert hdaf.block.resolve_block_backend("auto", q, q) == "triton"
+    K.launch_counts.clear()
+    _check_triton_block(3, 4, 2, 0, -1, -1, B=1, H=2, Hkv=2)
+    assert dict(K.launch_counts) == {"fwd": 1, "bwd_preprocess": 1, "bwd_dkdv": 1, "bwd_dq": 1}
+
+
+def test_block_errors_name_the_argument():
+    q, k, v, Pq, Pk, mask = (t.detach().float() for t in _block_inputs(B=1, H=2, Hkv=1, Tq=3,
+                                                                         Tk=4))
+    op = torch.ops.hdaf.triton_delta_attention_block_forward
+    with pytest.raises(ValueError, match="P_q must be"):
+        op(q, k, v, Pq[:, :, :2], Pk, None, 0, 0, 2, 2, -1, -1, 1.0)
+    with pytest.raises(ValueError, match="P_k must be"):
+        op(q, k, v, Pq, Pk[:, :, :3], None, 0, 0, 2, 2, -1, -1, 1.0)
+    with pytest.raises(ValueError, match="q_start and k_start"):
+        op(q, k, v, Pq, Pk, None, -1, 0, 2, 2, -1, -1, 1.0)
+    with pytest.raises(TypeError, match="float64"):
+        op(q.double(), k.double(), v.double(), Pq.double(), Pk.double(), None, 0, 0, 2, 2, -1,
+           -1, 1.0)
+
+
+def _ring_worker(rank, world, store_path, result_dir):
+    """One rank of a W=2 ring with backend="triton" in float32: every block goes through the
+    Triton block ops (the spies fail on any other backend), and the shards of the output and of
+    every gradient equal the float64 single-process operator."""
+    import test_distributed as TD
+    from hdaf import block
+    from hdaf.distributed import ring_delta_attention, shard
+    try:
+        TD._init(rank, world, store_path)
+        names = []
+        for fn in ("block_forward", "block_backward"):
+            def spy(name, *a, _orig=getattr(block, fn), **kw):
+                names.append(name)
+                return _orig(name, *a, **kw)
+            setattr(block, fn, spy)
+        K.launch_counts.clear()
+        cases = [dict(layout="zigzag", causal=True, pad=True, H=2, Hkv=1, per_head_x=False),
+                 dict(layout="contiguous", window=(3, 2), pad=False, H=2, Hkv=2,
+                      per_head_x=True)]
+        for case in cases:
+            layout, pad = case.pop("layout"), case.pop("pad")
+            H, Hkv, phx = case.pop("H"), case.pop("Hkv"), case.pop("per_head_x")
+            q, k, v, x, w, mask, dout = TD._inputs(2, H, Hkv, 12, 8, 2, 5, phx, False, pad)
+            leaves = [t.requires_grad_(True) for t in (q, k, v, x, w)]
+            want = hdaf.delta_attention(q, k, v, x, w, key_padding_mask=mask, max_distance=2,
+                                        backend="cpu", **case)
+            want_grads = torch.autograd.grad(want, leaves, dout)
+
+            def sh(t, dim=2):
+                return shard(t.detach(), dim, None, layout)
+
+            parts = [sh(q), sh(k), sh(v), sh(x, x.dim() - 2), w.detach()]
+            parts = [t.float().requires_grad_(True) for t in parts]
+            out = ring_delta_attention(*parts, group=None, layout=layout, max_distance=2,
+                                       key_padding_mask=None if mask is None else sh(mask, 1),
+                                       backend="triton", **case)
+            grads = list(torch.autograd.grad(out, parts, sh(dout).float()))
+            dist = TD.dist
+            dist.all_reduce(grads[4])
+            checks = [("out", sh(want), out), ("dq", sh(want_grads[0]), grads[0]),
+                      ("dk", sh(want_grads[1]), grads[1]), ("dv", sh(want_grads[2]), grads[2]),
+                      ("dx", sh(want_grads[3], x.dim() - 2), grads[3]),
+                      ("dw", want_grads[4], grads[4])]
+            for name, ref, got in checks:
+                assert_close(f"{layout} {case} {name}", ref, got, torch.float32)
+        assert names and set(names) == {"triton"}, f"blocks ran on {sorted(set(names))}"
+        assert K.launch_counts["fwd"] > 0 and K.launch_counts["bwd_dq"] > 0
+        dist.barrier()
+        dist.destroy_process_group()
+    except BaseException:
+        with open(os.path.join(result_dir, f"rank{rank}.err"), "w") as f:
+            import traceback
+            f.write(traceback.format_exc())
+        raise
+
+
+def test_ring_with_the_triton_backend(tmp_path):
+    """hdaf.distributed.ring_delta_attention(..., backend="triton") at world size 2 (gloo; the
+    spawned ranks inherit TRITON_INTERPRET=1 from this process's environment)."""
+    import test_distributed as TD
+    if not ON_GPU:
+        assert os.environ.get("TRITON_INTERPRET") == "1"
+    try:
+        TD._spawn(_ring_worker, 2, tmp_path, str(tmp_path))
+    except Exception:
+        errs = sorted(tmp_path.glob("rank*.err"))
+        raise AssertionError("\n".join(e.read_text() for e in errs) or "a rank failed")
 
 
 # ----------------------------------------------------------------------------------------------
