@@ -17,7 +17,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-TIMEOUT_S = 20
+# The group's timeout: a failing rank is detected when its connection closes (about 2 s here),
+# so this only bounds a real hang; it is long enough that a rank starved by other jobs on a
+# loaded 2-core machine is not mistaken for a failed one.
+TIMEOUT_S = 60
 
 
 def _init(rank, world, store_path):
