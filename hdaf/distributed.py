@@ -295,7 +295,8 @@ def _agree(plan: _Plan, q, k, v, P, has_mask: bool) -> None:
 
 
 def ring_delta_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                         x: Optional[torch.Tensor], w: Optional[torch.Tensor], *, group, layout: str = "zigzag",
+                         x: Optional[torch.Tensor], w: Optional[torch.Tensor], *, group,
+                         layout: str = "zigzag",
                          max_distance: IntOrPair = None, window: IntOrPair = None,
                          causal: bool = False, key_padding_mask: Optional[torch.Tensor] = None,
                          scale: Optional[float] = None, backend: str = "auto") -> torch.Tensor:
