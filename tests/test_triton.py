@@ -1097,12 +1097,15 @@ def _ring_worker(rank, world, store_path, result_dir):
         raise
 
 
-def test_ring_with_the_triton_backend(tmp_path):
+def test_ring_with_the_triton_backend(tmp_path, monkeypatch):
     """hdaf.distributed.ring_delta_attention(..., backend="triton") at world size 2 (gloo; the
     spawned ranks inherit TRITON_INTERPRET=1 from this process's environment)."""
     import test_distributed as TD
     if not ON_GPU:
         assert os.environ.get("TRITON_INTERPRET") == "1"
+    # The ranks import this module, and with it `conftest`, from this process's sys.path: put
+    # tests/ first, since other test modules put bench/ (which has its own conftest.py) before it
+    monkeypatch.syspath_prepend(os.path.dirname(os.path.abspath(__file__)))
     try:
         TD._spawn(_ring_worker, 2, tmp_path, str(tmp_path))
     except Exception:
