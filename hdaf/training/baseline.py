@@ -132,15 +132,17 @@ def fit_select_evaluate(datasets: Dict[str, Sequence[dict]], config: dict, eval_
     return out
 
 
-def run_change_baseline(cfg: dict, log=print) -> dict:
+def run_change_baseline(cfg: dict, settings: dict = None, log=print) -> dict:
     """Load the data as the models do (``cfg["data"]``), fit, select, evaluate; write
-    ``<run_dir>/metrics_<eval split>.json``.  Seconds on the main job's data."""
+    ``<run_dir>/metrics_<eval split>.json``.  Seconds on the main job's data.  ``settings``:
+    the baseline's own ``model.config`` (keys of ``DEFAULTS``), i.e. the experiment run's, not
+    the base config's (that one configures the neural models)."""
     from ..data.loading import load_data
 
     datasets, _ = load_data(cfg["data"], log=log)
     split = cfg["eval"]["split"]
     res = fit_select_evaluate({k: v.samples for k, v in datasets.items()},
-                              (cfg.get("model") or {}).get("config") or {}, split,
+                              settings or {}, split,
                               threshold=cfg["eval"].get("threshold"))
     res["split"] = split
     os.makedirs(cfg["run_dir"], exist_ok=True)

@@ -94,7 +94,8 @@ def run_single(cfg: dict, only=None, log=print) -> dict:
         t = time.time()
         if (rcfg.get("model") or {}).get("name") == baseline.NAME:  # seconds: always recomputed
             log(f"[experiment] ===== {name} =====")
-            results[name] = baseline.run_change_baseline(rcfg, log=log)
+            results[name] = baseline.run_change_baseline(
+                rcfg, ((over or {}).get("model") or {}).get("config"), log=log)
         elif os.path.exists(final) and os.path.exists(metrics_path):
             log(f"[experiment] {name}: finished earlier, reusing {metrics_path}")
             with open(metrics_path) as f:
