@@ -548,3 +548,20 @@ def test_synthetic_change_knobs(tmp_path):
 def test_synthetic_knob_errors_name_the_parameter(tmp_path, kw, word):
     with pytest.raises(ValueError, match=word.replace(".", r"\.")):
         generate_synthetic(str(tmp_path), **SMALL, **kw)
+
+
+def test_change_grid_config_parses_and_every_setting_generates(tmp_path):
+    """configs/change_grid.yaml: >= 5 seeds, an analysis plan, and every setting a valid set of
+    generator overrides (tiny sizes here)."""
+    import yaml
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "configs", "change_grid.yaml")) as f:
+        grid = yaml.safe_load(f)
+    assert len(set(grid["seeds"])) >= 5
+    assert grid["analysis"]["split"] == "test" and grid["analysis"]["diagnosis_split"] == "valid"
+    assert "reference" in grid["settings"] and len(grid["settings"]) >= 6
+    for name, over in grid["settings"].items():
+        d = str(tmp_path / name)
+        generate_synthetic(d, **SMALL, **over)
+        assert os.path.exists(os.path.join(d, FILES["vision"])), name
