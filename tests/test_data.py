@@ -453,3 +453,115 @@ def test_synthetic_offset_and_signal_knobs(tmp_path):
     stamp.write_text(json.dumps(p))
     assert ensure_synthetic(str(tmp_path / "default"), n_speakers=20) is None
     assert ensure_synthetic(str(tmp_path / "default"), n_speakers=20, signal_strength=2.0) is not None
+
+
+# ----------------------------------------------------------------------------- generator knobs
+def _content_hash(folder):
+    """sha256 of every array in the ``.csd`` files (by path, dtype, bytes) and of splits.json:
+    the data, independent of HDF5's file layout (SYNTHETIC.json, the parameter record, is not
+    hashed: it lists every knob, new ones included)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for f in sorted(os.listdir(folder)):
+        p = os.path.join(folder, f)
+        if f.endswith(".csd"):
+            with h5py.File(p, "r") as g:
+                def visit(name, obj):
+                    if isinstance(obj, h5py.Dataset):
+                        a = np.asarray(obj[()])
+                        h.update(name.encode())
+                        h.update(str(a.dtype).encode())
+                        h.update(repr(a.tolist()).encode() if a.dtype == object else a.tobytes())
+                g.visititems(visit)
+        elif f == "splits.json":
+            with open(p, "rb") as fh:
+                h.update(fh.read())
+    return h.hexdigest()
+
+
+def test_synthetic_defaults_are_bitwise_unchanged(tmp_path):
+    """The main job's data (the generator's defaults) and a small draw hash as they did before
+    the drift / ramp / complementary / label-noise knobs existed (hashes taken then)."""
+    generate_synthetic(str(tmp_path / "d"))
+    assert _content_hash(str(tmp_path / "d")) == \
+        "02f19401317e851c11b55f084657703ee1f90f3442cdb9ad5664a93420d7e0bb"
+    generate_synthetic(str(tmp_path / "s"), n_speakers=10)
+    assert _content_hash(str(tmp_path / "s")) == \
+        "0eb5b130844bdb1c013501d6dd59a3a2cf643de0eb0cb35abd275cfdbb8cd90e"
+
+
+def _frames(folder, role):
+    return load_csd(os.path.join(folder, FILES[role]))[0]
+
+
+def test_synthetic_change_knobs(tmp_path):
+    """Each knob changes what it says and nothing else: labels, words and splits stay those of
+    the default draw; drift makes frames differ by a line in time; with no emotion carried and
+    no offset, a modality's frames are pure noise (the default draw's noise)."""
+    base = str(tmp_path / "base")
+    generate_synthetic(base, **SMALL)
+    lab0 = _frames(base, "labels")
+    for name, kw in {"drift": dict(speaker_drift=0.5), "ramp": dict(signal_shape="ramp"),
+                     "comp": dict(signal_emotions={"vision": ["happy"], "audio": ["sad"], "text": []}),
+                     "noise": dict(label_noise={"audio": 1.0})}.items():
+        d = str(tmp_path / name)
+        generate_synthetic(d, **SMALL, **kw)
+        lab = _frames(d, "labels")
+        for v in lab0:
+            np.testing.assert_array_equal(lab[v]["features"], lab0[v]["features"])
+        with open(os.path.join(d, "splits.json")) as f, open(os.path.join(base, "splits.json")) as g:
+            assert json.load(f) == json.load(g)
+        a, a0 = _frames(d, "audio"), _frames(base, "audio")
+        assert any(not np.array_equal(a[v]["features"], a0[v]["features"]) for v in a0), name
+    # drift: the difference to the default draw is linear in time, per feature
+    a, a0 = _frames(str(tmp_path / "drift"), "vision"), _frames(base, "vision")
+    v = sorted(a0)[0]
+    diff = (a[v]["features"] - a0[v]["features"]).astype(np.float64)
+    mid = a0[v]["intervals"].mean(1)
+    slope = np.linalg.lstsq(mid[:, None], diff, rcond=None)[0]
+    np.testing.assert_allclose(mid[:, None] * slope, diff, atol=1e-4)
+    assert np.abs(slope).max() > 0.01
+    # ramps: within a segment, the signal grows in several steps (a step has two levels)
+    generate_synthetic(str(tmp_path / "r0"), **SMALL, speaker_offset=0.0, noise=0.0, signal_shape="ramp")
+    x = _frames(str(tmp_path / "r0"), "vision")
+    lab = _frames(str(tmp_path / "r0"), "labels")
+    v = next(v for v in lab if lab[v]["features"][0, 1:].max() > 0)
+    a, b = lab[v]["intervals"][0]
+    mid = x[v]["intervals"].mean(1)
+    seg = x[v]["features"][(mid >= a) & (mid < b)]
+    assert len(np.unique(np.round(np.linalg.norm(seg, axis=1), 4))) > 3
+    # complementary: text carries nothing, so with no offset and no noise its vectors are the vocabulary's
+    generate_synthetic(str(tmp_path / "c0"), **SMALL, speaker_offset=0.0, noise=0.0,
+                       signal_emotions={"text": []})
+    generate_synthetic(str(tmp_path / "c1"), **SMALL, speaker_offset=0.0, noise=0.0, signal_strength=0.0)
+    t0, t1 = _frames(str(tmp_path / "c0"), "text"), _frames(str(tmp_path / "c1"), "text")
+    for v in t0:
+        np.testing.assert_array_equal(t0[v]["features"], t1[v]["features"])
+
+
+@pytest.mark.parametrize("kw, word", [
+    (dict(signal_shape="saw"), "signal_shape"), (dict(speaker_drift=-1), "speaker_drift"),
+    (dict(ramp_onset=[0.7, 0.2]), "ramp_onset"), (dict(signal_emotions={"video": []}), "signal_emotions"),
+    (dict(signal_emotions={"audio": ["joy"]}), "signal_emotions.audio"),
+    (dict(label_noise={"audio": 1.5}), "label_noise.audio")])
+def test_synthetic_knob_errors_name_the_parameter(tmp_path, kw, word):
+    with pytest.raises(ValueError, match=word.replace(".", r"\.")):
+        generate_synthetic(str(tmp_path), **SMALL, **kw)
+
+
+def test_change_grid_config_parses_and_every_setting_generates(tmp_path):
+    """configs/change_grid.yaml: >= 5 seeds, an analysis plan, and every setting a valid set of
+    generator overrides (tiny sizes here)."""
+    import yaml
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "configs", "change_grid.yaml")) as f:
+        grid = yaml.safe_load(f)
+    assert len(set(grid["seeds"])) >= 5
+    assert grid["analysis"]["split"] == "test" and grid["analysis"]["diagnosis_split"] == "valid"
+    assert "reference" in grid["settings"] and len(grid["settings"]) >= 6
+    for name, over in grid["settings"].items():
+        d = str(tmp_path / name)
+        generate_synthetic(d, **SMALL, **over)
+        assert os.path.exists(os.path.join(d, FILES["vision"])), name

@@ -406,3 +406,81 @@ def test_multiseed_does_not_import_experiment():
     names += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
     names += [a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) for a in n.names]
     assert not [n for n in names if "experiment" in n], names
+
+
+# ----------------------------------------------------------------------------- change baseline
+def _ramp_samples(n, seed, T=30, d=4):
+    """Segments whose dominant emotion is in a ramp of vision feature k (k = class), on top of a
+    per-segment random level: the level says nothing, the change says the class."""
+    rng = np.random.RandomState(seed)
+    out = []
+    for i in range(n):
+        k = i % 6
+        y = np.zeros(6, np.float32)
+        y[k] = 2.0
+        v = rng.randn(1, 6) * 3.0 + 0.3 * rng.randn(T, 6)
+        v[:, k] += np.linspace(0.0, 2.0, T)
+        a = rng.randn(T, d)
+        out.append({"id": f"s{seed}_{i}", "text": np.zeros((3, 5), np.float32),
+                    "text_mask": np.zeros(3, bool), "vision": v.astype(np.float32),
+                    "vision_mask": np.zeros(T, bool), "audio": a.astype(np.float32),
+                    "audio_mask": np.zeros(T, bool), "labels": y})
+    return out
+
+
+def test_change_baseline_beats_chance_and_selects_on_valid_only():
+    from hdaf.training.baseline import change_features, fit_select_evaluate
+
+    data = {"train": _ramp_samples(120, 0), "valid": _ramp_samples(36, 1), "test": _ramp_samples(36, 2)}
+    # padding is ignored: masked steps do not enter the windows
+    s = dict(data["train"][0])
+    s["vision"] = np.concatenate([s["vision"], np.full((5, 6), 99.0, np.float32)])
+    s["vision_mask"] = np.concatenate([s["vision_mask"], np.ones(5, bool)])
+    np.testing.assert_allclose(change_features(s, "vision"), change_features(data["train"][0], "vision"))
+    res = fit_select_evaluate(data, {}, "test")
+    assert res["unimodal"]["vision"]["acc6"] > 0.8 and res["fused"]["acc6"] > 0.6  # chance: 1/6
+    assert res["unimodal"]["audio"]["acc6"] < 0.5  # audio is noise
+    assert set(res["selection"]) == {"vision", "audio", "both"}
+    again = fit_select_evaluate(data, {}, "test")
+    assert json.dumps(again, default=float) == json.dumps(res, default=float)  # deterministic
+    # the eval split's labels are never read for selection: corrupt them, C is unchanged
+    bad = [dict(x, labels=np.roll(x["labels"], 1)) for x in data["test"]]
+    res2 = fit_select_evaluate(dict(data, test=bad), {}, "test")
+    assert res2["selection"] == res["selection"]
+    assert res2["unimodal"]["vision"]["acc6"] < 0.3
+    with pytest.raises(ValueError, match="C_grid"):
+        fit_select_evaluate(data, {"C_grid": []}, "test")
+    with pytest.raises(ValueError, match="unknown keys"):
+        fit_select_evaluate(data, {"Cs": [1.0]}, "test")
+    with pytest.raises(ValueError, match="'valid' missing"):
+        fit_select_evaluate({"train": data["train"], "test": data["test"]}, {}, "test")
+
+
+def test_change_baseline_in_the_experiment_table_and_summary(tmp_path, data_dir, capsys):
+    """Its own run (``--only`` selects it, no training), in both data modes, with the default
+    table's "Non-neural baseline" rows in the single-seed table and the multi-seed summary."""
+    from hdaf.training.experiment import DEFAULT_TABLE, run_experiment
+
+    cfg = tiny_config(tmp_path, data_dir)
+    cfg["data"]["normalize"] = "center"
+    cfg["experiment"] = {"runs": {
+        "change_baseline": {"data": {"mode": "unaligned"}, "model": {"name": "change_baseline",
+                                                                    "config": {"C_grid": [0.1, 1.0]}}},
+        "baseline_aligned": {"data": {"mode": "aligned"}, "model": {"name": "change_baseline"}},
+        "hdaf_aligned": {}}, "table": DEFAULT_TABLE}
+    res = run_experiment(cfg, only=["change_baseline", "baseline_aligned"], log=print)
+    out = capsys.readouterr().out
+    assert "| *Non-neural baseline* |" in out
+    for row in ("Change baseline: vision", "Change baseline: audio", "Change baseline: both"):
+        assert f"| {row} |" in out
+    assert "Aligned data (not run)" in out
+    assert not os.path.exists(os.path.join(cfg["run_dir"], "hdaf_aligned"))
+    assert res["results"]["baseline_aligned"]["fused"]["n"] == res["results"]["change_baseline"]["fused"]["n"]
+    m = json.load(open(os.path.join(cfg["run_dir"], "change_baseline", "metrics_test.json")))
+    assert m["selection"]["both"]["C"] in (0.1, 1.0)
+    cfg["run_dir"] = str(tmp_path / "seeds")
+    run_experiment(cfg, only=["change_baseline"], seeds=[0, 1], log=_quiet)
+    summary = json.load(open(os.path.join(cfg["run_dir"], "results.json")))
+    rows = {r["label"]: r for g in summary["groups"] for r in g["rows"]}
+    assert rows["Change baseline: both"]["seeds_run"] == [0, 1]
+    assert "Change baseline: audio" in open(os.path.join(cfg["run_dir"], "results.md")).read()

@@ -28,6 +28,27 @@ The two knobs of the study in ``configs/delta_study.yaml``:
 
 With both at 1.0 the data are bitwise those of earlier versions (which had no
 ``signal_strength``).
+
+Knobs under which per-segment centring does not remove the nuisance (defaults: off; with every
+one at its default the data are bitwise those of earlier versions, because each knob draws from
+its own random stream, seeded from ``seed``, and the main stream is untouched):
+
+* ``speaker_drift`` (default 0.0): a per-speaker *linear drift*: every feature moves at
+  ``speaker_drift * (gain_m * sum_k d_k D_m[k] + 0.3 * n)`` per second of the video (``d_k``
+  uniform in ``[-3, 3]`` on a random half of the emotions, 0 elsewhere), from the video's start.
+  Centring a segment removes the drift's level, not its slope: a late-minus-early difference
+  then sees the drift as well as the signal.
+* ``signal_shape`` (default ``"step"``): ``"ramp"`` replaces each segment's step by a linear ramp
+  from 0 to the full signal, starting at a random fraction ``ramp_onset`` (uniform range, default
+  ``[0.1, 0.6]``) of the segment and lasting a random fraction ``ramp_duration`` (uniform range,
+  default ``[0.1, 0.5]``; cut at the segment's end).
+* ``signal_emotions`` (default ``{}``: every modality carries all six): per modality, the
+  emotions (names, ``hdaf.data.mosei.EMOTIONS``) its signal carries, e.g. ``{vision: [happy,
+  sad, anger], audio: [surprise, disgust, fear], text: []}`` for complementary modalities, where
+  no single modality suffices.
+* ``label_noise`` (default ``{}``: none): per modality, the probability that a segment's signal
+  in that modality is drawn from another, random label (the generator's label distribution)
+  instead of the segment's own: that modality's evidence then disagrees with the label.
 """
 from __future__ import annotations
 
@@ -38,7 +59,7 @@ from typing import Dict, Optional
 import numpy as np
 
 from .csd import default_metadata, write_csd
-from .mosei import DIMS
+from .mosei import DIMS, EMOTIONS
 
 FILES = {
     "words": "CMU_MOSEI_TimestampedWords.csd",
@@ -55,6 +76,8 @@ DEFAULTS = dict(seed=0, n_speakers=200, videos_per_speaker=1, segments_per_video
                 segment_seconds=(1.5, 2.5), gap_seconds=(0.3, 1.0), word_seconds=(0.2, 0.45),
                 sp_prob=0.1, vocab_size=400, noise=0.5, gains={"text": 0.6, "audio": 0.8, "vision": 1.0},
                 speaker_offset=1.0, signal_strength=1.0, no_emotion_prob=0.08,
+                speaker_drift=0.0, signal_shape="step", ramp_onset=(0.1, 0.6), ramp_duration=(0.1, 0.5),
+                signal_emotions={}, label_noise={},
                 split_fractions=(0.8, 0.1, 0.1),
                 dominant_probs=(0.35, 0.2, 0.15, 0.1, 0.12, 0.08))
 
@@ -65,7 +88,30 @@ def _params(**overrides) -> dict:
         if k not in DEFAULTS:
             raise ValueError(f"unknown synthetic-data parameter {k!r}; known: {sorted(DEFAULTS)}")
         p[k] = json.loads(json.dumps(v))
+    _check(p)
     return p
+
+
+def _check(p: dict) -> None:
+    """Clear errors for the knobs' values (names the parameter)."""
+    if p["signal_shape"] not in ("step", "ramp"):
+        raise ValueError(f"synthetic-data parameter signal_shape must be 'step' or 'ramp', got {p['signal_shape']!r}")
+    if not float(p["speaker_drift"]) >= 0:
+        raise ValueError(f"synthetic-data parameter speaker_drift must be >= 0, got {p['speaker_drift']!r}")
+    for k in ("ramp_onset", "ramp_duration"):
+        r = p[k]
+        if not (isinstance(r, (list, tuple)) and len(r) == 2 and 0 <= float(r[0]) <= float(r[1]) <= 1):
+            raise ValueError(f"synthetic-data parameter {k} must be [low, high] with 0 <= low <= high <= 1, got {r!r}")
+    for k in ("signal_emotions", "label_noise"):
+        if not isinstance(p[k], dict) or any(m not in DIMS for m in p[k]):
+            raise ValueError(f"synthetic-data parameter {k} must map modalities {sorted(DIMS)} to values, got {p[k]!r}")
+    for m, names in p["signal_emotions"].items():
+        if not isinstance(names, list) or any(e not in EMOTIONS for e in names):
+            raise ValueError(f"synthetic-data parameter signal_emotions.{m} must be a list of emotions "
+                             f"from {EMOTIONS}, got {names!r}")
+    for m, q in p["label_noise"].items():
+        if not (isinstance(q, (int, float)) and 0 <= q <= 1):
+            raise ValueError(f"synthetic-data parameter label_noise.{m} must be a probability in [0, 1], got {q!r}")
 
 
 def _labels(rng: np.random.RandomState, p: dict) -> np.ndarray:
@@ -81,10 +127,28 @@ def _labels(rng: np.random.RandomState, p: dict) -> np.ndarray:
     return np.clip(y, 0, 3)
 
 
+def _noisy(rng: np.random.RandomState, p: dict, modality: str) -> bool:
+    """Whether this segment's signal in ``modality`` shows another label (``label_noise``)."""
+    q = float(p["label_noise"].get(modality, 0.0))
+    return q > 0 and rng.rand() < q
+
+
+def _ramp(t, ramp):
+    """0 before the ramp's start, 1 after its end, linear in between."""
+    start, duration = ramp
+    return np.clip((np.asarray(t, np.float64) - start) / duration, 0.0, 1.0)
+
+
 def generate_synthetic(out_dir: str, **overrides) -> Dict[str, str]:
     """Write the dataset into ``out_dir``; returns ``{role: path}``.  Deterministic in ``seed``."""
     p = _params(**overrides)
     rng = np.random.RandomState(p["seed"])
+    # one stream per knob, apart from the main one: a knob at its default draws nothing, and
+    # switching one on changes neither the main draws nor another knob's
+    rng_drift, rng_ramp, rng_noise = (np.random.RandomState([p["seed"], i]) for i in (1, 2, 3))
+    emo_mask = {m: np.array([e in p["signal_emotions"][m] for e in EMOTIONS], np.float64)
+                for m in p["signal_emotions"]}
+    drift_on, ramp_on = float(p["speaker_drift"]) > 0, p["signal_shape"] == "ramp"
     dims = dict(DIMS)
     # unit emotion directions per modality and a vocabulary of word vectors
     D = {}
@@ -101,11 +165,17 @@ def generate_synthetic(out_dir: str, **overrides) -> Dict[str, str]:
         off_coef = rng.rand(6) * 3.0 * (rng.rand(6) < 0.5)
         so = float(p["speaker_offset"])
         offsets = {m: so * (p["gains"][m] * off_coef @ D[m] + 0.3 * rng.randn(dims[m])) for m in dims}
+        drift = {m: np.zeros(dims[m]) for m in dims}  # per second, from the video's start
+        if drift_on:
+            d_coef = rng_drift.uniform(-3.0, 3.0, 6) * (rng_drift.rand(6) < 0.5)
+            drift = {m: float(p["speaker_drift"]) * (p["gains"][m] * d_coef @ D[m]
+                                                     + 0.3 * rng_drift.randn(dims[m])) for m in dims}
         videos_of[spk] = []
         for v in range(p["videos_per_speaker"]):
             vid = f"{spk}_v{v:02d}"
             videos_of[spk].append(vid)
             t = float(rng.uniform(*p["gap_seconds"]))
+            t0 = 0.0  # the video's start (frames start at 0 s)
             segs, labs = [], []
             w_feats, w_ivs, w_tok = [], [], []
             steps = []  # (start, end, onset, signal vectors)
@@ -114,8 +184,19 @@ def generate_synthetic(out_dir: str, **overrides) -> Dict[str, str]:
                 a, b = t, t + dur
                 y = _labels(rng, p)
                 onset = a + dur * float(rng.uniform(0.3, 0.6))
-                sig = {m: float(p["signal_strength"]) * p["gains"][m] * (y @ D[m]) for m in dims}
-                steps.append((a, b, onset, sig))
+                ramp = None  # (start, duration) of a ramp instead of the step at `onset`
+                if ramp_on:
+                    r0 = a + dur * float(rng_ramp.uniform(*p["ramp_onset"]))
+                    ramp = (r0, max(1e-6, min(dur * float(rng_ramp.uniform(*p["ramp_duration"])), b - r0)))
+                sig = {}
+                for m in dims:
+                    ym = y
+                    if _noisy(rng_noise, p, m):
+                        ym = _labels(rng_noise, p)
+                    if m in emo_mask:
+                        ym = ym * emo_mask[m]
+                    sig[m] = float(p["signal_strength"]) * p["gains"][m] * (ym @ D[m])
+                steps.append((a, b, onset, sig, ramp))
                 segs.append((a, b))
                 sentiment = float(np.clip(y[0] - y[1:].max(initial=0) * 0.5 + rng.randn() * 0.3, -3, 3))
                 labs.append(np.concatenate([[sentiment], y]))
@@ -132,8 +213,13 @@ def generate_synthetic(out_dir: str, **overrides) -> Dict[str, str]:
                         wi = rng.randint(p["vocab_size"])
                         w_tok.append(words_vocab[wi])
                         x = vocab[wi] + offsets["text"] + p["noise"] * rng.randn(dims["text"]) * 0.5
-                        if 0.5 * (2 * tw + wd) >= onset:
+                        wmid = 0.5 * (2 * tw + wd)
+                        if ramp is not None:
+                            x = x + _ramp(wmid, ramp) * sig["text"]
+                        elif wmid >= onset:
                             x = x + sig["text"]
+                        if drift_on:
+                            x = x + (wmid - t0) * drift["text"]
                         w_feats.append(x)
                     w_ivs.append((tw, tw + wd))
                     tw += wd + float(rng.uniform(0.0, 0.08))
@@ -144,9 +230,15 @@ def generate_synthetic(out_dir: str, **overrides) -> Dict[str, str]:
                 ivs = np.stack([np.arange(n) / rate, (np.arange(n) + 1) / rate], 1)
                 mid = ivs.mean(1)
                 x = offsets[m][None, :] + p["noise"] * rng.randn(n, dims[m])
-                for (a, b, onset, sig) in steps:
-                    on = (mid >= onset) & (mid < b)
-                    x[on] += sig[m]
+                for (a, b, onset, sig, ramp) in steps:
+                    if ramp is not None:
+                        on = (mid >= a) & (mid < b)
+                        x[on] += _ramp(mid[on], ramp)[:, None] * sig[m][None, :]
+                    else:
+                        on = (mid >= onset) & (mid < b)
+                        x[on] += sig[m]
+                if drift_on:
+                    x += (mid - t0)[:, None] * drift[m][None, :]
                 data[m][vid] = {"features": x.astype(np.float32), "intervals": ivs}
             data["text"][vid] = {"features": np.asarray(w_feats, np.float32).reshape(-1, dims["text"]),
                                  "intervals": np.asarray(w_ivs, np.float64).reshape(-1, 2)}

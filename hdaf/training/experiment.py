@@ -18,7 +18,7 @@ import os
 import time
 from typing import Dict
 
-from . import multiseed, numerics
+from . import baseline, multiseed, numerics
 from .config import deep_update, dump
 from .report import build_table, plot_curves, save_table, to_markdown
 
@@ -28,6 +28,8 @@ DEFAULT_RUNS = {
     "hdaf_no_delta": {"data": {"mode": "aligned"}, "model": {"config": {"use_delta": False}}},
     "mult_aligned": {"data": {"mode": "aligned"}, "model": {"name": "mult"},
                      "train": {"schedule": "end_to_end"}},
+    # non-neural: logistic regression on late-minus-early window means (hdaf.training.baseline)
+    "change_baseline": {"data": {"mode": "unaligned"}, "model": {"name": "change_baseline"}},
 }
 
 DEFAULT_TABLE = [
@@ -42,6 +44,10 @@ DEFAULT_TABLE = [
         ["HDAF, delta term off (aligned)", "hdaf_no_delta", "fused"]]],
     ["Comparison", [
         ["MulT (aligned)", "mult_aligned", "fused"]]],
+    ["Non-neural baseline", [
+        ["Change baseline: vision", "change_baseline", "vision"],
+        ["Change baseline: audio", "change_baseline", "audio"],
+        ["Change baseline: both", "change_baseline", "fused"]]],
 ]
 
 
@@ -86,7 +92,11 @@ def run_single(cfg: dict, only=None, log=print) -> dict:
         metrics_path = os.path.join(rcfg["run_dir"], f"metrics_{rcfg['eval']['split']}.json")
         final = os.path.join(rcfg["run_dir"], "final.pt")
         t = time.time()
-        if os.path.exists(final) and os.path.exists(metrics_path):
+        if (rcfg.get("model") or {}).get("name") == baseline.NAME:  # seconds: always recomputed
+            log(f"[experiment] ===== {name} =====")
+            results[name] = baseline.run_change_baseline(
+                rcfg, ((over or {}).get("model") or {}).get("config"), log=log)
+        elif os.path.exists(final) and os.path.exists(metrics_path):
             log(f"[experiment] {name}: finished earlier, reusing {metrics_path}")
             with open(metrics_path) as f:
                 results[name] = json.load(f)
@@ -105,10 +115,7 @@ def run_single(cfg: dict, only=None, log=print) -> dict:
     for title, rows in table_spec:
         grow = []
         for label, run, head in rows:
-            res = results.get(run)
-            m = None
-            if res is not None:
-                m = res["fused"] if head == "fused" else (res.get("unimodal") or {}).get(head)
+            m = multiseed.metrics_of(results.get(run), head)
             grow.append((label, m, None if m is not None else "not run"))
         groups.append((title, grow))
     table = build_table(groups)

@@ -93,7 +93,7 @@ def _compare_pairs(exp: dict, runs: Dict[str, dict]) -> List[List[str]]:
     return [list(p) for p in pairs]
 
 
-def _metrics_of(res: Optional[dict], head: str) -> Optional[dict]:
+def metrics_of(res: Optional[dict], head: str) -> Optional[dict]:
     if res is None:
         return None
     return res["fused"] if head == "fused" else (res.get("unimodal") or {}).get(head)
@@ -107,7 +107,7 @@ def aggregate(per_seed: Dict[int, Dict[str, dict]], table_spec, pairs, confidenc
     for title, rows in table_spec:
         g = {"title": title, "rows": []}
         for label, run, head in rows:
-            vals = {s: row_values(_metrics_of(per_seed[s].get(run), head)) for s in seeds}
+            vals = {s: row_values(metrics_of(per_seed[s].get(run), head)) for s in seeds}
             ran = [s for s in seeds if per_seed[s].get(run) is not None]
             stats = [summarize([vals[s][i] for s in seeds], confidence) for i in range(len(COLUMNS))]
             g["rows"].append({"label": label, "run": run, "head": head, "seeds_run": ran,
@@ -119,8 +119,8 @@ def aggregate(per_seed: Dict[int, Dict[str, dict]], table_spec, pairs, confidenc
         a, b = p[0], p[1]
         head = p[2] if len(p) > 2 else "fused"
         head_b = p[3] if len(p) > 3 else head
-        va = {s: row_values(_metrics_of(per_seed[s].get(a), head)) for s in seeds}
-        vb = {s: row_values(_metrics_of(per_seed[s].get(b), head_b)) for s in seeds}
+        va = {s: row_values(metrics_of(per_seed[s].get(a), head)) for s in seeds}
+        vb = {s: row_values(metrics_of(per_seed[s].get(b), head_b)) for s in seeds}
         out["comparisons"].append({
             "a": a, "b": b, "head": head, "head_b": head_b, "a_label": labels.get((a, head), a),
             "b_label": labels.get((b, head_b), b if head_b == "fused" else f"{b} ({head_b})"),
