@@ -12,6 +12,7 @@ cd "$ROOT"
 # AVX2 and AVX-512 machines. configs/main.yaml pins the thread count (`threads: 1`).
 if grep -qw avx2 /proc/cpuinfo 2>/dev/null; then
   export ATEN_CPU_CAPABILITY="${ATEN_CPU_CAPABILITY:-avx2}" MKL_CBWR="${MKL_CBWR:-AVX2}" \
-         ONEDNN_MAX_CPU_ISA="${ONEDNN_MAX_CPU_ISA:-AVX2}"
+         ONEDNN_MAX_CPU_ISA="${ONEDNN_MAX_CPU_ISA:-AVX2}" \
+         OPENBLAS_CORETYPE="${OPENBLAS_CORETYPE:-Haswell}"  # numpy/scipy (the change baseline)
 fi
 python -m hdaf experiment --config configs/main.yaml "$@"

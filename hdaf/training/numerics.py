@@ -23,9 +23,9 @@ from typing import Iterator, Optional
 
 import torch
 
-#: Read once when torch / MKL / oneDNN start: pin the instruction set the CPU kernels use.
-#: ``scripts/main.sh`` sets each to AVX2 unless it is already set.
-ISA_ENV = ("ATEN_CPU_CAPABILITY", "MKL_CBWR", "ONEDNN_MAX_CPU_ISA")
+#: Read once when torch / MKL / oneDNN / OpenBLAS (numpy, scipy) start: pin the instruction set
+#: the CPU kernels use. ``scripts/main.sh`` sets each to AVX2 (Haswell) unless already set.
+ISA_ENV = ("ATEN_CPU_CAPABILITY", "MKL_CBWR", "ONEDNN_MAX_CPU_ISA", "OPENBLAS_CORETYPE")
 
 
 def check_threads(threads) -> Optional[int]:
