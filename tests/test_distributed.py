@@ -48,14 +48,16 @@ def _inputs(B, H, Hkv, T, D, Dr, R, per_head_x, per_head_w, pad):
     return q, k, v, x, w, mask, dout
 
 
-def _check_case(case, group):
+def _check_case(case, group, dtype=torch.float64, D=3, tol=dict(atol=1e-10, rtol=1e-9)):
+    """The ring on shards (cast to ``dtype``, head dim ``D``) against the float64 single-process
+    operator: output and every gradient within ``tol``, and bitwise equal over two runs."""
     from hdaf.distributed import ring_delta_attention, shard
 
     import hdaf
     layout = case.pop("layout")
     shape = {k: case.pop(k) for k in ("B", "H", "Hkv", "T", "per_head_x", "per_head_w", "pad")}
     ring_backend = case.pop("backend", "auto")
-    q, k, v, x, w, mask, dout = _inputs(D=3, Dr=2, R=5, **shape)
+    q, k, v, x, w, mask, dout = _inputs(D=D, Dr=2, R=5, **shape)
     leaves = [t.requires_grad_(True) for t in (q, k, v, x, w)]
     want = hdaf.delta_attention(q, k, v, x, w, key_padding_mask=mask, max_distance=2,
                                 backend="cpu", **case)
@@ -67,12 +69,11 @@ def _check_case(case, group):
     runs = []
     for _ in range(2):
         parts = [sh(q), sh(k), sh(v), sh(x, x.dim() - 2), w.detach().clone()]
-        for t in parts:
-            t.requires_grad_(True)
+        parts = [t.to(dtype).requires_grad_(True) for t in parts]
         out = ring_delta_attention(*parts, group=group, layout=layout, max_distance=2,
                                    key_padding_mask=None if mask is None else sh(mask, 1),
                                    backend=ring_backend, **case)
-        grads = list(torch.autograd.grad(out, parts, sh(dout)))
+        grads = list(torch.autograd.grad(out, parts, sh(dout).to(dtype)))
         runs.append([out] + grads)
     for a, b in zip(*runs):
         assert torch.equal(a, b), f"{case}: two runs differ"
@@ -82,7 +83,7 @@ def _check_case(case, group):
               ("dk", sh(want_grads[1]), dk), ("dv", sh(want_grads[2]), dv),
               ("dx", sh(want_grads[3], x.dim() - 2), dx), ("dw", want_grads[4], dw)]
     for name, ref, got in checks:
-        torch.testing.assert_close(got, ref, atol=1e-10, rtol=1e-9,
+        torch.testing.assert_close(got.to(ref.dtype), ref, **tol,
                                    msg=lambda m: f"{layout} {shape} {case} {name}: {m}")
 
 

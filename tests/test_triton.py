@@ -1043,11 +1043,10 @@ def test_block_errors_name_the_argument():
 
 def _ring_worker(rank, world, store_path, result_dir):
     """One rank of a W=2 ring with backend="triton" in float32: every block goes through the
-    Triton block ops (the spies fail on any other backend), and the shards of the output and of
-    every gradient equal the float64 single-process operator."""
+    Triton block ops (the spies fail on any other backend), the shards of the output and of
+    every gradient equal the float64 single-process operator, and two runs are bitwise equal."""
     import test_distributed as TD
     from hdaf import block
-    from hdaf.distributed import ring_delta_attention, shard
     try:
         TD._init(rank, world, store_path)
         names = []
@@ -1057,39 +1056,15 @@ def _ring_worker(rank, world, store_path, result_dir):
                 return _orig(name, *a, **kw)
             setattr(block, fn, spy)
         K.launch_counts.clear()
-        cases = [dict(layout="zigzag", causal=True, pad=True, H=2, Hkv=1, per_head_x=False),
-                 dict(layout="contiguous", window=(3, 2), pad=False, H=2, Hkv=2,
-                      per_head_x=True)]
+        cases = [TD._case(B=2, T=12, causal=True, pad=True, H=2, Hkv=1),
+                 TD._case("contiguous", B=2, T=12, window=(3, 2), H=2, Hkv=2, per_head_x=True)]
         for case in cases:
-            layout, pad = case.pop("layout"), case.pop("pad")
-            H, Hkv, phx = case.pop("H"), case.pop("Hkv"), case.pop("per_head_x")
-            q, k, v, x, w, mask, dout = TD._inputs(2, H, Hkv, 12, 8, 2, 5, phx, False, pad)
-            leaves = [t.requires_grad_(True) for t in (q, k, v, x, w)]
-            want = hdaf.delta_attention(q, k, v, x, w, key_padding_mask=mask, max_distance=2,
-                                        backend="cpu", **case)
-            want_grads = torch.autograd.grad(want, leaves, dout)
-
-            def sh(t, dim=2):
-                return shard(t.detach(), dim, None, layout)
-
-            parts = [sh(q), sh(k), sh(v), sh(x, x.dim() - 2), w.detach()]
-            parts = [t.float().requires_grad_(True) for t in parts]
-            out = ring_delta_attention(*parts, group=None, layout=layout, max_distance=2,
-                                       key_padding_mask=None if mask is None else sh(mask, 1),
-                                       backend="triton", **case)
-            grads = list(torch.autograd.grad(out, parts, sh(dout).float()))
-            dist = TD.dist
-            dist.all_reduce(grads[4])
-            checks = [("out", sh(want), out), ("dq", sh(want_grads[0]), grads[0]),
-                      ("dk", sh(want_grads[1]), grads[1]), ("dv", sh(want_grads[2]), grads[2]),
-                      ("dx", sh(want_grads[3], x.dim() - 2), grads[3]),
-                      ("dw", want_grads[4], grads[4])]
-            for name, ref, got in checks:
-                assert_close(f"{layout} {case} {name}", ref, got, torch.float32)
+            TD._check_case(dict(case, backend="triton"), None, dtype=torch.float32, D=8,
+                           tol=TOL[torch.float32])
         assert names and set(names) == {"triton"}, f"blocks ran on {sorted(set(names))}"
         assert K.launch_counts["fwd"] > 0 and K.launch_counts["bwd_dq"] > 0
-        dist.barrier()
-        dist.destroy_process_group()
+        TD.dist.barrier()
+        TD.dist.destroy_process_group()
     except BaseException:
         with open(os.path.join(result_dir, f"rank{rank}.err"), "w") as f:
             import traceback
