@@ -21,8 +21,11 @@ def _file_digest(path: Optional[str]) -> list:
     there (its absence decides the result too: e.g. no ``splits.json``)."""
     if path is None or not os.path.isfile(path):
         return [path, None]
-    with open(path, "rb") as f:
-        return [os.path.abspath(path), hashlib.file_digest(f, "sha256").hexdigest()]
+    h = hashlib.sha256()
+    with open(path, "rb") as f:  # hashlib.file_digest needs Python 3.11; we support 3.10
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return [os.path.abspath(path), h.hexdigest()]
 
 
 def csd_cache_key(folder: str, kw: dict) -> str:
