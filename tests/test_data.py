@@ -290,6 +290,33 @@ def test_aligned_cap_and_truncation_counts(tmp_path):
     assert [len(s["text"]) for s in out["train"]] == [2, 5]
 
 
+def test_aligned_span_to_next_word_by_hand(tmp_path):
+    """aligned_span='to_next_word': a word spans from its start to the next kept word's start
+    (the first from the segment's start, the last to its end): every frame of a segment is kept,
+    in time order, and nothing is counted as outside words."""
+    folder = write_hand_dataset(str(tmp_path / "d"))
+    out, rep = load_hand(folder, mode="aligned", aligned_span="to_next_word", max_frames_per_word=8)
+    c = lambda k: rep.get("train", k)  # noqa: E731
+    assert c("vision_frames_outside_words_dropped") == 0 and c("audio_frames_outside_words_dropped") == 0
+    assert c("audio_frames_over_word_cap_dropped") == 0
+    s0, s1 = out["train"]
+    # seg 0: a spans [0, .8) -> vision 0-2, audio 0-3 (K=4); b spans [.8, 2) -> vision 3-7, audio 4-9 (K=6)
+    assert s0["text_mask"].tolist() == [False] + [True] * 3 + [False] + [True] * 5
+    assert s0["vision"][~s0["vision_mask"], 0].tolist() == list(range(8))
+    assert s0["audio"][~s0["audio_mask"], 0].tolist() == list(range(10))
+    assert s0["vision_mask"].tolist() == [False] * 3 + [True] + [False] * 5 + [True]
+    # seg 1: c spans [3, 3.4) -> vision 12-13, audio 15-16; d spans [3.4, 5) -> vision 14-19, audio 17-24
+    assert s1["vision"][~s1["vision_mask"], 0].tolist() == list(range(12, 20))
+    assert s1["audio"][~s1["audio_mask"], 0].tolist() == list(range(15, 25))
+    assert len(s1["text"]) == 2 + 8
+    # the cap still applies, counted
+    _, rep = load_hand(folder, mode="aligned", aligned_span="to_next_word", max_frames_per_word=4)
+    assert rep.get("train", "audio_frames_over_word_cap_dropped") == 2 + 4      # b: 6 -> 4; d: 8 -> 4
+    assert rep.get("train", "vision_frames_over_word_cap_dropped") == 1 + 2     # b: 5 -> 4; d: 6 -> 4
+    with pytest.raises(ValueError, match="aligned_span"):
+        load_hand(folder, mode="aligned", aligned_span="gaps")
+
+
 def test_aligned_average(tmp_path):
     folder = write_hand_dataset(str(tmp_path / "d"))
     out, rep = load_hand(folder, mode="aligned", aligned_combine="average")
@@ -540,7 +567,28 @@ def test_synthetic_change_knobs(tmp_path):
         np.testing.assert_array_equal(t0[v]["features"], t1[v]["features"])
 
 
+def test_synthetic_feature_scale(tmp_path):
+    """feature_scale multiplies every acoustic and visual dimension by one constant in
+    10 ** [-s, s] for the whole dataset; words, text, labels and splits are those of the default draw."""
+    base, sc = str(tmp_path / "base"), str(tmp_path / "scaled")
+    generate_synthetic(base, **SMALL)
+    generate_synthetic(sc, **SMALL, feature_scale=1.5)
+    for role in ("text", "labels", "words"):
+        a, a0 = _frames(sc, role), _frames(base, role)
+        for v in a0:
+            assert np.array_equal(np.asarray(a[v]["features"]), np.asarray(a0[v]["features"])), role
+    for m in ("audio", "vision"):
+        a, a0 = _frames(sc, m), _frames(base, m)
+        x = np.concatenate([a[v]["features"] for v in sorted(a0)]).astype(np.float64)
+        x0 = np.concatenate([a0[v]["features"] for v in sorted(a0)]).astype(np.float64)
+        ratio = x / x0
+        g = np.median(ratio, 0)
+        np.testing.assert_allclose(ratio, np.broadcast_to(g, ratio.shape), rtol=1e-5)
+        assert np.all(np.abs(np.log10(g)) <= 1.5 + 1e-6) and np.log10(g).max() - np.log10(g).min() > 1.0
+
+
 @pytest.mark.parametrize("kw, word", [
+    (dict(feature_scale=-0.5), "feature_scale"),
     (dict(signal_shape="saw"), "signal_shape"), (dict(speaker_drift=-1), "speaker_drift"),
     (dict(ramp_onset=[0.7, 0.2]), "ramp_onset"), (dict(signal_emotions={"video": []}), "signal_emotions"),
     (dict(signal_emotions={"audio": ["joy"]}), "signal_emotions.audio"),

@@ -72,3 +72,56 @@ def test_load_data_applies_it(tmp_path):
         keep = ~a["vision_mask"]
         np.testing.assert_allclose(b["vision"][keep], a["vision"][keep] - a["vision"][keep].mean(0),
                                    atol=1e-4)
+
+
+def test_center_scale_uses_the_training_split_only():
+    """center_scale: each segment centred, then divided per dimension by the standard deviation
+    of the centred training steps; the other splits do not move the scale."""
+    rng = np.random.RandomState(3)
+    train = [_sample(rng, T=7, masked=(6,)) for _ in range(4)]
+    valid = [_sample(rng, T=5, masked=()) for _ in range(2)]
+    out = normalize_segments({"train": train, "valid": valid}, "center_scale")
+    for m in MODALITIES:
+        cen = [s[m][~s[m + "_mask"]].astype(np.float64) for s in train]
+        cen = np.concatenate([c - c.mean(0) for c in cen])
+        sd = cen.std(0) + 1e-5
+        for split, items in (("train", train), ("valid", valid)):
+            for s, o in zip(items, out[split]):
+                keep = ~s[m + "_mask"]
+                ref = (s[m][keep] - s[m][keep].mean(0)) / sd
+                np.testing.assert_allclose(o[m][keep], ref, rtol=1e-4, atol=1e-5)
+                assert np.all(o[m][~keep] == 0)
+    # the training split's centred steps end with unit variance per dimension
+    for m in MODALITIES:
+        v = np.concatenate([o[m][~s[m + "_mask"]] for s, o in zip(train, out["train"])])
+        np.testing.assert_allclose(v.std(0), 1.0, rtol=1e-3)
+    # another valid split gives the same training scale
+    other = [_sample(rng, T=5, masked=()) for _ in range(3)]
+    again = normalize_segments({"train": train, "valid": other}, "center_scale")
+    for m in MODALITIES:
+        np.testing.assert_allclose(again["train"][0][m], out["train"][0][m])
+
+
+def test_center_scale_removes_per_dimension_scales():
+    """Multiplying a feature dimension by a constant everywhere (units, a sensor's gain) leaves
+    center_scale's output unchanged; a dimension constant in training keeps scale 1."""
+    rng = np.random.RandomState(4)
+    data = {"train": [_sample(rng) for _ in range(3)], "test": [_sample(rng) for _ in range(2)]}
+    gains = {m: 10.0 ** rng.uniform(-1.5, 1.5, data["train"][0][m].shape[1]) for m in MODALITIES}
+    scaled = {k: [{**s, **{m: (s[m] * gains[m]).astype(np.float32) for m in MODALITIES}} for s in v]
+              for k, v in data.items()}
+    a = normalize_segments(data, "center_scale")
+    b = normalize_segments(scaled, "center_scale")
+    for k in data:
+        for x, y in zip(a[k], b[k]):
+            for m in MODALITIES:
+                np.testing.assert_allclose(x[m], y[m], rtol=2e-3, atol=2e-4)
+    flat = {k: [{**s, "audio": np.full_like(s["audio"], 5.0)} for s in v] for k, v in data.items()}
+    out = normalize_segments(flat, "center_scale")
+    assert all(np.all(s["audio"] == 0) for v in out.values() for s in v)
+
+
+def test_center_scale_needs_a_training_split():
+    rng = np.random.RandomState(5)
+    with pytest.raises(ValueError, match="center_scale.*'train'"):
+        normalize_segments({"valid": [_sample(rng)]}, "center_scale")

@@ -63,6 +63,7 @@ def load_data(dcfg: dict, log=print) -> Tuple[Dict[str, SegmentDataset], DataRep
             log(f"[data] synthetic dataset {'generated in' if made else 'reused from'} {folder}")
         kw = dict(mode=dcfg.get("mode", "aligned"), aligned_combine=dcfg.get("aligned_combine", "stack"),
                   max_frames_per_word=dcfg.get("max_frames_per_word", 8), max_len=dcfg.get("max_len"),
+                  aligned_span=dcfg.get("aligned_span", "word"),
                   split=dcfg.get("split", "auto"), seed=dcfg.get("split_seed", 0),
                   fractions=tuple(dcfg.get("split_fractions", (0.8, 0.1, 0.1))),
                   files=dcfg.get("files"), visual=dcfg.get("visual", "facet"),

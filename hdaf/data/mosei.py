@@ -17,7 +17,17 @@ frames inside the word's interval are
 * ``"average"``: averaged to one vector per word (the SDK's collapse); a word with no frames of a
   modality gets a zero vector, masked.
 
-Frames inside a segment but inside no kept word are dropped and counted (aligned mode only).
+Which frames belong to a word (``aligned_span``):
+
+* ``"word"`` (default): the frames whose midpoint lies in the word's own interval (the SDK's
+  rule); frames inside a segment but inside no kept word (pauses, removed 'sp' tokens, gaps) are
+  dropped and counted;
+* ``"to_next_word"``: a word's span runs from its start to the next kept word's start (the
+  first from the segment's start, the last to the segment's end), so every frame of the segment
+  belongs to exactly one word and none is dropped for lying between words: pauses stay in the
+  aligned sequences, in time order.
+
+Aligned mode only; frames beyond ``max_frames_per_word`` in one word are still dropped (counted).
 
 Unaligned mode: the raw sequences of each modality inside the segment, no base modality; only
 truncation to ``max_len`` (counted) ever shortens them.
@@ -125,12 +135,15 @@ def check_labels(labels: np.ndarray, path: str, vid: str) -> np.ndarray:
 
 class _Config:
     def __init__(self, mode="aligned", aligned_combine="stack", max_frames_per_word=8,
-                 max_len=None, remove_sp=True, strict=False, sp_tokens=("sp", "[sp]")):
+                 max_len=None, remove_sp=True, strict=False, sp_tokens=("sp", "[sp]"),
+                 aligned_span="word"):
         if mode not in ("aligned", "unaligned"):
             raise ValueError(f"data.mode must be 'aligned' or 'unaligned', got {mode!r}")
         if aligned_combine not in ("stack", "average"):
             raise ValueError(f"data.aligned_combine must be 'stack' or 'average', got {aligned_combine!r}")
-        self.mode, self.combine = mode, aligned_combine
+        if aligned_span not in ("word", "to_next_word"):
+            raise ValueError(f"data.aligned_span must be 'word' or 'to_next_word', got {aligned_span!r}")
+        self.mode, self.combine, self.span = mode, aligned_combine, aligned_span
         self.cap = int(max_frames_per_word)
         ml = {"text": 50, "audio": 200, "vision": 150, "aligned": 200}
         ml.update(max_len or {})
@@ -165,6 +178,13 @@ def _segment(vid, j, seg, feats, ivs, words, cfg: _Config, rep: DataReport, sec:
             out[m + "_mask"] = np.zeros(len(idx), dtype=bool)
     else:
         wiv = ivs["text"][widx]
+        if cfg.span == "to_next_word" and len(wiv):
+            spans = np.empty_like(wiv)
+            spans[:, 0] = wiv[:, 0]
+            spans[0, 0] = min(a, wiv[0, 0])
+            spans[:-1, 1] = np.maximum(wiv[1:, 0], wiv[:-1, 0])
+            spans[-1, 1] = max(b, wiv[-1, 1])
+            wiv = spans
         wmid_assign = {}
         for m in ("audio", "vision"):
             mids = _mid(ivs[m])[fidx[m]]
@@ -324,6 +344,7 @@ def _read_video(seqs, vid: str, cfg: _Config, rep: DataReport, sec: str, widths:
 
 def load_csd_folder(data_dir: str, mode: str = "aligned", aligned_combine: str = "stack",
                     max_frames_per_word: int = 8, max_len: Optional[dict] = None,
+                    aligned_span: str = "word",
                     split: str = "auto", seed: int = 0, fractions=(0.8, 0.1, 0.1),
                     files: Optional[Dict[str, str]] = None, visual: str = "facet",
                     remove_sp: bool = True, strict: bool = False,
@@ -335,12 +356,14 @@ def load_csd_folder(data_dir: str, mode: str = "aligned", aligned_combine: str =
     ``strict=True`` turns "video missing from a modality file" and "inverted interval" into errors
     instead of counted drops.  ``max_segments`` caps segments per split (counted) for quick runs.
     """
-    cfg = _Config(mode, aligned_combine, max_frames_per_word, max_len, remove_sp, strict)
+    cfg = _Config(mode, aligned_combine, max_frames_per_word, max_len, remove_sp, strict,
+                  aligned_span=aligned_span)
     rep = report or DataReport(f"data report ({mode})")
     paths = find_files(data_dir, files, visual)
     rep.note("files: " + ", ".join(f"{k}={os.path.basename(v) if v else None}" for k, v in paths.items()))
     rep.note(f"mode={mode}" + (f", aligned_combine={aligned_combine}, max_frames_per_word="
-                               f"{cfg.cap}" if mode == "aligned" else "") + f", max_len={cfg.max_len}")
+                               f"{cfg.cap}, aligned_span={aligned_span}" if mode == "aligned" else "")
+             + f", max_len={cfg.max_len}")
     if paths["words"] is None:
         rep.note("no words file: 'sp' pause tokens cannot be identified and are kept")
     seqs = {}

@@ -49,6 +49,10 @@ its own random stream, seeded from ``seed``, and the main stream is untouched):
 * ``label_noise`` (default ``{}``: none): per modality, the probability that a segment's signal
   in that modality is drawn from another, random label (the generator's label distribution)
   instead of the segment's own: that modality's evidence then disagrees with the label.
+* ``feature_scale`` (default 0.0): heterogeneous feature scales, as real acoustic and visual
+  features have: every acoustic and visual feature dimension (everything written for it: signal,
+  offsets, drift, noise) is multiplied by ``10 ** u``, ``u`` uniform in ``[-feature_scale,
+  feature_scale]``, one draw per dimension for the whole dataset.
 """
 from __future__ import annotations
 
@@ -77,7 +81,7 @@ DEFAULTS = dict(seed=0, n_speakers=200, videos_per_speaker=1, segments_per_video
                 sp_prob=0.1, vocab_size=400, noise=0.5, gains={"text": 0.6, "audio": 0.8, "vision": 1.0},
                 speaker_offset=1.0, signal_strength=1.0, no_emotion_prob=0.08,
                 speaker_drift=0.0, signal_shape="step", ramp_onset=(0.1, 0.6), ramp_duration=(0.1, 0.5),
-                signal_emotions={}, label_noise={},
+                signal_emotions={}, label_noise={}, feature_scale=0.0,
                 split_fractions=(0.8, 0.1, 0.1),
                 dominant_probs=(0.35, 0.2, 0.15, 0.1, 0.12, 0.08))
 
@@ -96,6 +100,8 @@ def _check(p: dict) -> None:
     """Clear errors for the knobs' values (names the parameter)."""
     if p["signal_shape"] not in ("step", "ramp"):
         raise ValueError(f"synthetic-data parameter signal_shape must be 'step' or 'ramp', got {p['signal_shape']!r}")
+    if not float(p["feature_scale"]) >= 0:
+        raise ValueError(f"synthetic-data parameter feature_scale must be >= 0, got {p['feature_scale']!r}")
     if not float(p["speaker_drift"]) >= 0:
         raise ValueError(f"synthetic-data parameter speaker_drift must be >= 0, got {p['speaker_drift']!r}")
     for k in ("ramp_onset", "ramp_duration"):
@@ -145,7 +151,7 @@ def generate_synthetic(out_dir: str, **overrides) -> Dict[str, str]:
     rng = np.random.RandomState(p["seed"])
     # one stream per knob, apart from the main one: a knob at its default draws nothing, and
     # switching one on changes neither the main draws nor another knob's
-    rng_drift, rng_ramp, rng_noise = (np.random.RandomState([p["seed"], i]) for i in (1, 2, 3))
+    rng_drift, rng_ramp, rng_noise, rng_scale = (np.random.RandomState([p["seed"], i]) for i in (1, 2, 3, 4))
     emo_mask = {m: np.array([e in p["signal_emotions"][m] for e in EMOTIONS], np.float64)
                 for m in p["signal_emotions"]}
     drift_on, ramp_on = float(p["speaker_drift"]) > 0, p["signal_shape"] == "ramp"
@@ -157,6 +163,10 @@ def generate_synthetic(out_dir: str, **overrides) -> Dict[str, str]:
         D[m] = q.T  # 6 x d, orthonormal rows
     vocab = rng.randn(p["vocab_size"], dims["text"]) * 0.3
     words_vocab = [f"w{i}" for i in range(p["vocab_size"])]
+    scales = {m: np.ones(dims[m]) for m in RATES}
+    if float(p["feature_scale"]) > 0:
+        fs = float(p["feature_scale"])
+        scales = {m: 10.0 ** rng_scale.uniform(-fs, fs, dims[m]) for m in RATES}
     data = {r: {} for r in FILES}
     speakers = [f"spk{s:03d}" for s in range(p["n_speakers"])]
     videos_of = {}
@@ -239,6 +249,8 @@ def generate_synthetic(out_dir: str, **overrides) -> Dict[str, str]:
                         x[on] += sig[m]
                 if drift_on:
                     x += (mid - t0)[:, None] * drift[m][None, :]
+                if float(p["feature_scale"]) > 0:
+                    x = x * scales[m][None, :]
                 data[m][vid] = {"features": x.astype(np.float32), "intervals": ivs}
             data["text"][vid] = {"features": np.asarray(w_feats, np.float32).reshape(-1, dims["text"]),
                                  "intervals": np.asarray(w_ivs, np.float64).reshape(-1, 2)}

@@ -54,6 +54,7 @@ DEFAULTS: Dict[str, Any] = {
         "mode": "aligned",      # aligned | unaligned
         "aligned_combine": "stack",  # stack | average
         "max_frames_per_word": 8,
+        "aligned_span": "word",      # word (the SDK rule: frames inside the word) | to_next_word (a word spans to the next one: no frame dropped between words)
         "max_len": {"text": 50, "audio": 200, "vision": 150, "aligned": 200},
         "split": "auto",        # auto | standard | random | path/to/splits.json
         "split_seed": 0,
@@ -62,7 +63,7 @@ DEFAULTS: Dict[str, Any] = {
         "files": {},            # role -> file name overrides (words, text, audio, vision, labels)
         "remove_sp": True,
         "strict": False,
-        "normalize": "none",    # none | center | standardize: per segment and feature (hdaf.data.normalize)
+        "normalize": "none",    # none | center | standardize | center_scale: per segment and feature (hdaf.data.normalize)
         "max_segments": None,
         "cache_dir": None,
         "synthetic": {},        # overrides of hdaf.data.synthetic.DEFAULTS
@@ -73,7 +74,7 @@ DEFAULTS: Dict[str, Any] = {
         "config": {},           # passed to hdaf.models.build_model (HDAFConfig / MulTConfig)
     },
     "train": {
-        "schedule": "staged",   # staged (Table 1: unimodal -> dcca -> fusion) | end_to_end
+        "schedule": "staged",   # staged (Table 1: unimodal -> dcca -> fusion) | end_to_end | staged+end_to_end (the stages, then joint fine-tuning)
         "stages": copy.deepcopy(PAPER_SCHEDULE),
         "end_to_end": {"epochs": 10, "lr": 1e-4, "batch_size": 16, "weight_decay": 1e-5,
                        "unimodal_weight": 0.5, "cca_weight": 0.1},

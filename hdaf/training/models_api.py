@@ -11,6 +11,10 @@ from typing import Dict, List, Tuple
 import torch
 
 STAGES = ("unimodal", "dcca", "fusion")
+# staged: Table 1's stage-wise training; end_to_end: one joint stage; staged+end_to_end: the stages,
+# then a joint fine-tuning stage of every parameter (train.end_to_end, with its unimodal and CCA
+# loss weights) starting from the stages' weights
+SCHEDULES = ("staged", "end_to_end", "staged+end_to_end")
 # Names a model config may use for the input feature sizes.
 _DIM_KEYS = {"text": ("text_dim", "d_text", "dim_text", "text_in_dim", "text_input_dim", "orig_d_l"),
              "audio": ("audio_dim", "d_audio", "dim_audio", "audio_in_dim", "audio_input_dim", "orig_d_a"),
@@ -72,10 +76,12 @@ def head_of(model: torch.nn.Module, model_section: dict) -> str:
 
 
 def stage_names(model: torch.nn.Module, schedule: str) -> List[str]:
-    if schedule not in ("staged", "end_to_end"):
-        raise ValueError(f"train.schedule must be 'staged' or 'end_to_end', got {schedule!r}")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"train.schedule must be one of {SCHEDULES}, got {schedule!r}")
     if schedule == "end_to_end" or not hasattr(model, "stage_parameters"):
         return ["end_to_end"]
+    if schedule == "staged+end_to_end":
+        return stage_names(model, "staged") + ["end_to_end"]
     out = []
     for s in STAGES:
         try:
