@@ -211,6 +211,29 @@ def test_resume_is_bitwise_identical(tmp_path, data_dir):
     assert os.path.exists(os.path.join(cfg["run_dir"], "data_report.txt"))
 
 
+def test_staged_then_end_to_end_schedule(tmp_path, data_dir):
+    """train.schedule='staged+end_to_end': the paper's three stages, then one joint stage that
+    starts from the fusion stage's weights and trains every parameter."""
+    import torch
+
+    cfg = tiny_config(tmp_path, data_dir, schedule="staged+end_to_end")
+    cfg["train"]["end_to_end"].update({"epochs": 1, "batch_size": 8})
+    _train(cfg)
+    hist = json.load(open(os.path.join(cfg["run_dir"], "history.json")))
+    assert [e["stage"] for e in hist] == ["unimodal"] * 2 + ["dcca"] + ["fusion"] * 2 + ["end_to_end"]
+    ck = os.path.join(cfg["run_dir"], "checkpoints")
+    assert sorted(os.listdir(ck)) == ["last.pt", "stage_dcca.pt", "stage_end_to_end.pt", "stage_fusion.pt",
+                                      "stage_unimodal.pt"]
+    fus = torch.load(os.path.join(ck, "stage_fusion.pt"), weights_only=False)["model"]
+    e2e = torch.load(os.path.join(ck, "stage_end_to_end.pt"), weights_only=False)["model"]
+    # the joint stage moved the encoders (frozen since the unimodal stage) and the fusion layers
+    enc = [k for k in fus if k.startswith("encoders.vision.conv")]
+    assert enc and all(not torch.equal(fus[k], e2e[k]) for k in enc)
+    assert not torch.equal(fus["out.weight"], e2e["out.weight"])
+    with pytest.raises(ValueError, match="train.schedule"):
+        _train(tiny_config(tmp_path / "bad", data_dir, schedule="staged+fusion"))
+
+
 def test_existing_run_needs_resume_or_overwrite(tmp_path, data_dir):
     cfg = tiny_config(tmp_path, data_dir, schedule="end_to_end")
     cfg["train"]["end_to_end"].update({"epochs": 1, "batch_size": 8})
