@@ -1,6 +1,7 @@
 """Shared test helpers: inputs for the operator, dtype-tied tolerances, one device helper."""
 from __future__ import annotations
 
+import glob
 import os
 
 import torch
@@ -65,6 +66,25 @@ def device_for_tests() -> str:
 
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def cuda_include_dir():
+    """A folder holding the CUDA runtime headers the host emulations of csrc/cuda/host_emulation
+    include, or None."""
+    cands = [os.path.join(os.environ[e], "include") for e in ("CUDA_HOME", "CUDA_PATH")
+             if os.environ.get(e)]
+    try:
+        import nvidia  # NVIDIA's pip wheels (torch's CUDA builds depend on them)
+        for root in nvidia.__path__:
+            cands += sorted(glob.glob(os.path.join(root, "*", "include")))
+    except ImportError:
+        pass
+    cands += ["/usr/local/cuda/include"] + sorted(glob.glob("/usr/local/cuda-*/include"))
+    need = ("cuda_runtime.h", "cuda_fp16.h", "cuda_bf16.h", "mma.h", os.path.join("crt", "host_defines.h"))
+    for d in cands:
+        if all(os.path.exists(os.path.join(d, f)) for f in need):
+            return d
+    return None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -19,7 +19,6 @@
 """
 from __future__ import annotations
 
-import glob
 import os
 import re
 import shutil
@@ -32,7 +31,7 @@ import pytest
 import torch
 
 import hdaf
-from conftest import GRAD_NAMES, TOL, make_inputs, requires_cuda
+from conftest import GRAD_NAMES, TOL, cuda_include_dir, make_inputs, requires_cuda
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OPS = ("hdaf::delta_attention_forward", "hdaf::delta_attention_backward")
@@ -108,29 +107,11 @@ LARGE_SMEM = 1 << 18  # every large tile configuration fits
 SMALL_SMEM = 0  # forces the small tile configuration
 
 
-def _cuda_include_dir():
-    """A folder holding the CUDA runtime headers the kernels include, or None."""
-    cands = [os.path.join(os.environ[e], "include") for e in ("CUDA_HOME", "CUDA_PATH")
-             if os.environ.get(e)]
-    try:
-        import nvidia  # NVIDIA's pip wheels (torch's CUDA builds depend on them)
-        for root in nvidia.__path__:
-            cands += sorted(glob.glob(os.path.join(root, "*", "include")))
-    except ImportError:
-        pass
-    cands += ["/usr/local/cuda/include"] + sorted(glob.glob("/usr/local/cuda-*/include"))
-    need = ("cuda_runtime.h", "cuda_fp16.h", "cuda_bf16.h", "mma.h", os.path.join("crt", "host_defines.h"))
-    for d in cands:
-        if all(os.path.exists(os.path.join(d, f)) for f in need):
-            return d
-    return None
-
-
 @pytest.fixture(scope="module")
 def emulation():
     if os.environ.get("HDAF_SKIP_CUDA_EMULATION") == "1":
         pytest.skip("HDAF_SKIP_CUDA_EMULATION=1")
-    inc = _cuda_include_dir()
+    inc = cuda_include_dir()
     if inc is None:
         pytest.skip("the CUDA runtime headers (cuda_fp16.h, mma.h) were not found: set CUDA_HOME")
     from torch.utils.cpp_extension import load

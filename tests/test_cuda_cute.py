@@ -14,9 +14,17 @@ Its op ``hdaf::cuda_cute_delta_attention_forward`` has the schema of
 * ``test_cute_forward_matches_gather`` needs the flagged build and a GPU (sm_80+): out and lse
   against the float64 ``gather`` reference, by the flash-attention error rule of tests/test_cuda.py.
   No GPU has run it yet.
+* ``test_cute_emulation_*`` (any machine with a C++20 compiler, the CUDA headers and the CUTLASS
+  headers of requirements.txt; no GPU, no flagged build): the very kernel template and tile
+  configurations of ``csrc/cuda_cute/fwd_cute_*.cu``, compiled for the CPU with emulated SM80
+  operations (``csrc/cuda/host_emulation/cute_fwd_emulation.cpp``), against the same reference
+  for every case, both dtypes and both head dims, with the emulated operations counted against
+  the tile split. Skipped only when one of those is missing, or with HDAF_SKIP_CUDA_EMULATION=1.
 """
 from __future__ import annotations
 
+import glob
+import importlib.util
 import itertools
 import json
 import os
@@ -30,7 +38,7 @@ import pytest
 import torch
 
 import hdaf
-from conftest import requires_cuda
+from conftest import cuda_include_dir, requires_cuda
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OP = "cuda_cute_delta_attention_forward"
@@ -288,10 +296,9 @@ CASES = {
 }
 
 
-def _inputs(dtype, T, D, L, U, per_head, seed=0):
+def _inputs(dtype, T, D, L, U, per_head, seed=0, device="cuda", B=2, H=3):
     g = torch.Generator().manual_seed(seed)
-    B, H = 2, 3
-    rnd = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).to(dtype).cuda()  # noqa: E731
+    rnd = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).to(dtype).to(device)  # noqa: E731
     q, k, v = rnd(B, H, T, D), rnd(B, H, T, D), rnd(B, H, T, D)
     P = rnd(B, H if per_head else 1, T, L + U + 1)
     return q, k, v, P
@@ -319,6 +326,42 @@ def _ref_lse(q, k, P, mask, L, U, lo, hi, scale):
     return logits.masked_fill(~vis, float("-inf")).logsumexp(-1)
 
 
+def _window(window, causal):
+    """The op's (window_left, window_right) for a case's window and causal flag."""
+    Wl, Wr = (-1, -1) if window is None else window
+    if causal:
+        Wr = 0 if Wr < 0 else min(Wr, 0)
+    return Wl, Wr
+
+
+def _check_against_gather(where, out, lse, q, k, v, P, mask, L, U, window, causal, scale,
+                          lse_tol):
+    """out by the flash-attention error rule against the float64 gather reference; lse within
+    lse_tol (absolute); rows that see no key: lse -inf and out 0."""
+    dtype, T = q.dtype, q.shape[2]
+    assert out.dtype == dtype and out.shape == v.shape, f"{where}: out {out.dtype} {tuple(out.shape)}"
+    assert lse.dtype == torch.float32 and lse.shape == q.shape[:3], f"{where}: lse {lse.dtype}"
+    ref = _gather(*(t.double() for t in (q, k, v, P)), mask, L, U, window, causal, scale)
+    base = _gather(q, k, v, P, mask, L, U, window, causal, scale)
+    err = (out.double() - ref).abs().max().item() if ref.numel() else 0.0
+    base_err = (base.double() - ref).abs().max().item() if ref.numel() else 0.0
+    bound = 2.0 * base_err + FLOOR[dtype] * max(1.0, ref.abs().max().item() if ref.numel() else 0.0)
+    assert torch.isfinite(out).all(), f"{where}: non-finite output"
+    assert err <= bound, (f"{where}: max error {err:.3e} vs float64 gather exceeds 2 x "
+                          f"gather-in-{dtype}'s {base_err:.3e} + floor")
+
+    Wl, Wr = _window(window, causal)
+    lo = -(T - 1) if Wl < 0 else -Wl
+    hi = (T - 1) if Wr < 0 else Wr
+    ref_lse = _ref_lse(*(t.double() for t in (q, k, P)), mask, L, U, lo, hi, scale)
+    empty = torch.isneginf(ref_lse)
+    assert torch.equal(torch.isneginf(lse), empty), f"{where}: -inf lse where no key is visible"
+    assert (out[empty] == 0).all(), f"{where}: rows that see no key must be 0"
+    if (~empty).any():
+        lse_err = (lse[~empty].double() - ref_lse[~empty]).abs().max().item()
+        assert lse_err <= lse_tol, f"{where}: lse max error {lse_err:.3e} > {lse_tol:.1e}"
+
+
 @requires_cuda
 @requires_cute
 @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=lambda d: str(d).split(".")[-1])
@@ -332,26 +375,175 @@ def test_cute_forward_matches_gather(T, case, D, dtype):
     q, k, v, P = _inputs(dtype, T, D, L, U, per_head)
     mask = padding(T).cuda() if padding is not None else None
     scale = D ** -0.5
-    Wl, Wr = (-1, -1) if window is None else window
-    if causal:
-        Wr = 0 if Wr < 0 else min(Wr, 0)
+    Wl, Wr = _window(window, causal)
     out, lse = getattr(torch.ops.hdaf, OP)(q, k, v, P, mask, L, U, Wl, Wr, scale)
-    assert out.dtype == dtype and out.shape == v.shape
-    assert lse.dtype == torch.float32 and lse.shape == q.shape[:3]
+    _check_against_gather(f"{case} T={T} D={D} {dtype}", out, lse, q, k, v, P, mask, L, U, window,
+                          causal, scale, lse_tol=5e-2)
 
-    ref = _gather(*(t.double() for t in (q, k, v, P)), mask, L, U, window, causal, scale)
-    base = _gather(q, k, v, P, mask, L, U, window, causal, scale)
-    err = (out.double() - ref).abs().max().item()
-    base_err = (base.double() - ref).abs().max().item()
-    bound = 2.0 * base_err + FLOOR[dtype] * max(1.0, ref.abs().max().item())
-    assert torch.isfinite(out).all(), f"{case} T={T} D={D}: non-finite output"
-    assert err <= bound, (f"{case} T={T} D={D} {dtype}: max error {err:.3e} vs float64 gather "
-                          f"exceeds 2 x gather-in-{dtype}'s {base_err:.3e} + floor")
 
+# ---------------------------------------------------------------------------------------------
+# On the CPU: the very kernel through the host emulation of its SM80 operations
+# ---------------------------------------------------------------------------------------------
+
+EMULATION_SRC = os.path.join(REPO, "csrc", "cuda", "host_emulation", "cute_fwd_emulation.cpp")
+UNITS = sorted(glob.glob(os.path.join(REPO, "csrc", "cuda_cute", "fwd_cute_*.cu")))
+# The float32 lse of the emulation (exact products, float softmax state) against float64.
+EMU_LSE_TOL = 1e-4
+
+
+def _shipped_tiles():
+    """(dtype, head dim) -> (query rows, key rows, warps) of each instantiation unit, which the
+    emulation compiles as they are."""
+    dtypes = {"__nv_bfloat16": torch.bfloat16, "__half": torch.float16}
+    tiles = {}
+    for path in UNITS:
+        with open(path) as f:
+            m = re.search(r"^HDAF_CUTE_DEFINE_FWD\((\w+), [\w:]+, (\d+), (\d+), (\d+), (\d+)\)",
+                          f.read(), re.M)
+        assert m, f"{path}: no HDAF_CUTE_DEFINE_FWD line"
+        tiles[(dtypes[m[1]], int(m[2]))] = tuple(int(x) for x in m.groups()[2:])
+    return tiles
+
+
+def _cutlass_include_dir():
+    """The folder holding cute/ and cutlass/, looked up as setup.py does, or None."""
+    cands = [os.environ["CUTLASS_INCLUDE_DIR"]] if os.environ.get("CUTLASS_INCLUDE_DIR") else []
+    spec = importlib.util.find_spec("cutlass_library")
+    cands += [os.path.join(loc, "source", "include")
+              for loc in ((spec.submodule_search_locations or []) if spec else [])]
+    for d in cands:
+        if os.path.isfile(os.path.join(d, "cute", "tensor.hpp")) and \
+                os.path.isfile(os.path.join(d, "cutlass", "cutlass.h")):
+            return d
+    return None
+
+
+def _cxx20_missing(tmp):
+    """Why the C++ compiler torch uses cannot build the emulation (C++20 <barrier>), or None."""
+    cxx = os.environ.get("CXX", "c++")
+    if shutil.which(cxx) is None:
+        return f"no C++ compiler ({cxx!r} not on PATH)"
+    src = tmp / "barrier.cpp"
+    src.write_text("#include <barrier>\nint main() { std::barrier<> b(1); b.arrive_and_wait(); }\n")
+    proc = subprocess.run([cxx, "-std=c++20", "-pthread", str(src), "-o", str(tmp / "barrier")],
+                          capture_output=True, text=True, timeout=120)
+    if proc.returncode != 0:
+        return f"{cxx} cannot compile C++20 std::barrier: {proc.stderr.strip()[-300:]}"
+    return None
+
+
+@pytest.fixture(scope="module")
+def cute_emulation(tmp_path_factory):
+    """torch.ops.hdaf_cute_emulation, built once per module (about 30 s on 2 cores)."""
+    if os.environ.get("HDAF_SKIP_CUDA_EMULATION") == "1":
+        pytest.skip("HDAF_SKIP_CUDA_EMULATION=1")
+    inc = cuda_include_dir()
+    if inc is None:
+        pytest.skip("the CUDA headers (cuda_runtime.h, cuda_fp16.h, crt/host_defines.h) were not "
+                    "found: set CUDA_HOME")
+    cccl = os.path.join(inc, "cccl")  # CUDA 13 keeps libcu++ (cuda/std), which CUTLASS needs, here
+    includes = [inc] + ([cccl] if os.path.isdir(cccl) else [])
+    if not any(os.path.isfile(os.path.join(d, "cuda", "std", "utility")) for d in includes):
+        pytest.skip(f"libcu++ (cuda/std/utility), which CUTLASS includes, is not in {includes}")
+    cutlass = _cutlass_include_dir()
+    if cutlass is None:
+        pytest.skip("the CUTLASS/CuTe headers were not found: pip install nvidia-cutlass "
+                    "(requirements.txt) or set CUTLASS_INCLUDE_DIR")
+    why = _cxx20_missing(tmp_path_factory.mktemp("cxx20"))
+    if why is not None:
+        pytest.skip(why)
+    from torch.utils.cpp_extension import load
+    load(name="hdaf_cute_emulation", sources=[EMULATION_SRC],
+         extra_include_paths=[os.path.join(REPO, "csrc", "include")] + includes + [cutlass],
+         # CuTe reads register fragments through recast (half_t storage as uint32_t): with g++'s
+         # default strict aliasing at -O2 the fp16 P V product read stale registers.
+         extra_cflags=["-O2", "-fno-strict-aliasing", "-pthread"], extra_ldflags=["-pthread"],
+         with_cuda=False, is_python_module=False, verbose=False)
+    return torch.ops.hdaf_cute_emulation
+
+
+def _key_tile_span(m0, T, L, U, lo, hi, BN, BM):
+    """[begin, end) of the key tiles query block m0 visits (cute_tiles::key_tiles)."""
+    begin = max(m0 + lo, 0) // BN * BN
+    return begin, max(min(m0 + BM + hi, T), begin)
+
+
+def _expected_counters(B, H, T, D, L, U, lo, hi, BM, BN, W):
+    """[mma.sync, ldmatrix, ldmatrix.trans, cp.async bytes] one launch issues: per query block Q
+    once (rows < T); per visited key tile K and V (rows < T), S = Q K^T and O += P V."""
+    atoms_m = BM // W // 16  # m16 tiles per warp: warps split the query rows only
+    mma = ldsm = ldsm_t = nbytes = 0
+    for m0 in range(0, T, BM):
+        ldsm += W * atoms_m * 16 * D // 256  # Q: one x4 per 16x16
+        nbytes += 2 * D * min(BM, T - m0)
+        begin, end = _key_tile_span(m0, T, L, U, lo, hi, BN, BM)
+        for n0 in range(begin, end, BN):
+            mma += W * atoms_m * ((BN // 8) * (D // 16) + (D // 8) * (BN // 16))
+            ldsm += W * BN * D // 256  # K: every warp reads the whole tile
+            ldsm_t += W * BN * D // 256  # V
+            nbytes += 2 * 2 * D * min(BN, T - n0)
+    return [B * H * x for x in (mma, ldsm, ldsm_t, nbytes)]
+
+
+def _run_emulation(emu, case, T, D, dtype, B=2, H=2, at_issue=False):
+    L, U, window, causal, padding, per_head = CASES[case]
+    q, k, v, P = _inputs(dtype, T, D, L, U, per_head, device="cpu", B=B, H=H)
+    mask = padding(T) if padding is not None else None
+    if mask is not None:
+        mask = mask[:B]
+    scale = D ** -0.5
+    Wl, Wr = _window(window, causal)
+    out, lse, counters = emu.forward(q, k, v, P, mask, L, U, Wl, Wr, scale, at_issue)
+    return (q, k, v, P, mask, scale, Wl, Wr), out, lse, counters
+
+
+# Each shipped configuration sees every case at T <= 63; at T = 300 (several query blocks, band
+# and far tiles of both kinds) every case runs in both dtypes and both head dims, in two of the
+# four configurations, which alternate between the cases.
+CONFIGS = [(torch.bfloat16, 64), (torch.float16, 64), (torch.bfloat16, 128), (torch.float16, 128)]
+EMU_PARAMS = [(T, case, D, dtype) for T in (1, 7, 63) for case in CASES for dtype, D in CONFIGS] + [
+    (300, case, D, dtype) for i, case in enumerate(CASES)
+    for dtype, D in ((CONFIGS[0], CONFIGS[3]) if i % 2 == 0 else (CONFIGS[1], CONFIGS[2]))]
+
+
+@pytest.mark.parametrize("T,case,D,dtype", EMU_PARAMS,
+                         ids=[f"T{T}-{c}-D{D}-{str(d).split('.')[-1]}" for T, c, D, d in EMU_PARAMS])
+def test_cute_emulation_matches_gather(cute_emulation, T, case, D, dtype):
+    """The shipped kernel template and tile configuration, run on the CPU with emulated mma.sync /
+    ldmatrix / cp.async: out and lse against the float64 gather reference, and exactly the
+    operations its tiling implies (so the emulated kernel, nothing else, produced them)."""
+    (q, k, v, P, mask, scale, Wl, Wr), out, lse, counters = _run_emulation(
+        cute_emulation, case, T, D, dtype)
+    L, U, window, causal, _, _ = CASES[case]
+    where = f"emulation {case} T={T} D={D} {dtype}"
+    _check_against_gather(where, out, lse, q, k, v, P, mask, L, U, window, causal, scale,
+                          lse_tol=EMU_LSE_TOL)
+    BM, BN, W = _shipped_tiles()[(dtype, D)]
     lo = -(T - 1) if Wl < 0 else -Wl
     hi = (T - 1) if Wr < 0 else Wr
-    ref_lse = _ref_lse(*(t.double() for t in (q, k, P)), mask, L, U, lo, hi, scale)
-    empty = torch.isneginf(ref_lse)
-    assert torch.equal(torch.isneginf(lse), empty), f"{case}: -inf lse where no key is visible"
-    assert (out[empty] == 0).all(), f"{case}: rows that see no key must be 0"
-    torch.testing.assert_close(lse[~empty].double(), ref_lse[~empty], atol=5e-2, rtol=0)
+    want = _expected_counters(q.shape[0], q.shape[1], T, D, L, U, lo, hi, BM, BN, W)
+    assert counters.tolist() == want, (f"{where}: [mma, ldmatrix, ldmatrix.trans, cp.async bytes] "
+                                       f"= {counters.tolist()}, the tiling implies {want}")
+
+
+def test_cute_emulation_cp_async_landing_does_not_change_the_result(cute_emulation):
+    """cp.async landing at issue or only at its wait gives bitwise the same result: no warp reads
+    a tile before its copy is waited for, and no copy overwrites a tile a warp still reads."""
+    _, out_w, lse_w, c_w = _run_emulation(cute_emulation, "wide_R_causal", 300, 64, torch.bfloat16)
+    _, out_i, lse_i, c_i = _run_emulation(cute_emulation, "wide_R_causal", 300, 64, torch.bfloat16,
+                                          at_issue=True)
+    assert torch.equal(out_w, out_i) and torch.equal(lse_w, lse_i)
+    assert torch.equal(c_w, c_i)
+
+
+def test_cute_emulation_covers_every_shipped_configuration():
+    """The emulation compiles the instantiation units setup.py builds, and the tests above run
+    each of their (dtype, head dim) configurations."""
+    assert sorted(os.path.basename(u) for u in UNITS) == [
+        "fwd_cute_bf16_hdim128.cu", "fwd_cute_bf16_hdim64.cu", "fwd_cute_fp16_hdim128.cu",
+        "fwd_cute_fp16_hdim64.cu"]
+    with open(EMULATION_SRC) as f:
+        included = re.findall(r'^#include "\.\./\.\./cuda_cute/(fwd_cute_\w+\.cu)"', f.read(), re.M)
+    assert sorted(included) == sorted(os.path.basename(u) for u in UNITS)
+    assert set(_shipped_tiles()) == set(CONFIGS)
+    assert {(dtype, D) for T, _, D, dtype in EMU_PARAMS if T == 300} == set(CONFIGS)

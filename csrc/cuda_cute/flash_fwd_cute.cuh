@@ -2,7 +2,9 @@
 // Spec: docs/delta_attention.md. OPT-IN (setup.py: HDAF_BUILD_CUTE=1), served only by the op
 // hdaf::cuda_cute_delta_attention_forward, never by `auto`; compile-verified only, no GPU has run
 // it yet (docs/verification.md, "The CuTe forward"). Included only by the instantiation units
-// fwd_cute_*.cu.
+// fwd_cute_*.cu, which the host emulation (csrc/cuda/host_emulation/cute_fwd_emulation.cpp)
+// also compiles, for the CPU, with HDAF_CUTE_EMULATION defined: the SM80 operations are then
+// CPU versions with the same CuTe traits (cute_sm80_emulation.h), everything else is this file.
 //
 // One CTA = kBlockM query rows of one (batch, head). Warps are stacked along the rows (each owns
 // kBlockM / kNWarps of them), so a row's softmax state lives in the 4 lanes of one quad.
@@ -41,11 +43,25 @@
 #include "hdaf/delta_common.h"
 #include "tile_split.h"
 
+// Kernel launch; the host emulation redefines it to run the kernel on the CPU.
+#ifndef HDAF_LAUNCH
+#define HDAF_LAUNCH(kernel, grid, block, smem, stream, ...) \
+  kernel<<<(grid), (block), (smem), (stream)>>>(__VA_ARGS__)
+#endif
+
 namespace hdaf {
 namespace cuda {
 namespace cute_fwd {
 
 using namespace cute;
+
+// The SM80 operations: CuTe's, or with HDAF_CUTE_EMULATION the host emulation's structs of the
+// same names and traits (never chosen by __CUDA_ARCH__: the emulated kernel is this kernel).
+#if defined(HDAF_CUTE_EMULATION)
+namespace sm80 = ::hdaf_cute_emu;
+#else
+namespace sm80 = ::cute;
+#endif
 
 // What a key block is, seen from a query block.
 enum TileKind { kFarLo = 0, kBand = 1, kFarHi = 2 };
@@ -63,8 +79,8 @@ struct FwdTraits {
   static_assert(kBlockN % 16 == 0, "key tiles are whole k16 steps of P V");
 
   using MmaAtom = std::conditional_t<std::is_same_v<Element, cutlass::half_t>,
-                                     MMA_Atom<SM80_16x8x16_F32F16F16F32_TN>,
-                                     MMA_Atom<SM80_16x8x16_F32BF16BF16F32_TN>>;
+                                     MMA_Atom<sm80::SM80_16x8x16_F32F16F16F32_TN>,
+                                     MMA_Atom<sm80::SM80_16x8x16_F32BF16BF16F32_TN>>;
   // Warps along M only; an N extent of 16 lets one ldmatrix.x4 feed two n8 MMAs.
   using TiledMma = TiledMMA<MmaAtom, Layout<Shape<Int<kNWarps>, _1, _1>>,
                             Tile<Int<16 * kNWarps>, _16, _16>>;
@@ -82,8 +98,8 @@ struct FwdTraits {
       SmemLayoutKV{}, make_layout(Shape<Int<kHeadDim>, Int<kBlockN>>{}, GenRowMajor{})));
   using SmemLayoutVtNoSwizzle = decltype(get_nonswizzle_portion(SmemLayoutVt{}));
 
-  using SmemCopyAtom = Copy_Atom<SM75_U32x4_LDSM_N, Element>;   // Q, K: ldmatrix
-  using SmemCopyAtomT = Copy_Atom<SM75_U16x8_LDSM_T, Element>;  // V: ldmatrix.trans
+  using SmemCopyAtom = Copy_Atom<sm80::SM75_U32x4_LDSM_N, Element>;   // Q, K: ldmatrix
+  using SmemCopyAtomT = Copy_Atom<sm80::SM75_U16x8_LDSM_T, Element>;  // V: ldmatrix.trans
   using SmemCopyAtomO = Copy_Atom<AutoVectorizingCopyWithAssumedAlignment<128>, Element>;
 
   // gmem <-> smem: 16 bytes per thread and copy, a 64-element row chunk per kThreadsPerRow threads.
@@ -92,7 +108,7 @@ struct FwdTraits {
   using GmemThreads = Layout<Shape<Int<kNThreads / kThreadsPerRow>, Int<kThreadsPerRow>>,
                              Stride<Int<kThreadsPerRow>, _1>>;
   using GmemCopyQKV = decltype(make_tiled_copy(
-      Copy_Atom<SM80_CP_ASYNC_CACHEGLOBAL<cute::uint128_t>, Element>{}, GmemThreads{},
+      Copy_Atom<sm80::SM80_CP_ASYNC_CACHEGLOBAL<cute::uint128_t>, Element>{}, GmemThreads{},
       Layout<Shape<_1, Int<kElemsPer16B>>>{}));
   using GmemCopyO = decltype(make_tiled_copy(Copy_Atom<UniversalCopy<cute::uint128_t>, Element>{},
                                              GmemThreads{}, Layout<Shape<_1, Int<kElemsPer16B>>>{}));
@@ -230,7 +246,7 @@ __device__ __forceinline__ void tile_logits(S& s, RC const& rc, const float (&pr
 
 template <class Traits>
 __global__ void __launch_bounds__(Traits::kNThreads) fwd_kernel(const FwdParams p) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#if defined(HDAF_CUTE_EMULATION) || (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800)
   using Element = typename Traits::Element;
   constexpr int kBlockM = Traits::kBlockM;
   constexpr int kBlockN = Traits::kBlockN;
@@ -345,8 +361,8 @@ __global__ void __launch_bounds__(Traits::kNThreads) fwd_kernel(const FwdParams 
     copy_rows(gmem_copy, tKgK(_, _, _, n_begin / kBlockN), tKsK, tKVid, T - n_begin);
     load_pcol(n_begin);
   }
-  cp_async_fence();
-  cp_async_wait<0>();
+  sm80::cp_async_fence();
+  sm80::cp_async_wait<0>();
   __syncthreads();
   copy(smem_copy_Q, sthr_Q.partition_S(sQ), sthr_Q.retile_D(tSrQ));
   clear(acc_o);
@@ -355,10 +371,10 @@ __global__ void __launch_bounds__(Traits::kNThreads) fwd_kernel(const FwdParams 
   for (int n0 = n_begin; n0 < n_end; n0 += kBlockN) {
     Tensor acc_s = partition_fragment_C(mma, Shape<Int<kBlockM>, Int<kBlockN>>{});
     clear(acc_s);
-    cp_async_wait<0>();
+    sm80::cp_async_wait<0>();
     __syncthreads();  // K(n0), pcol(n0) are in smem, and no warp still reads V(n0 - kBlockN)
     copy_rows(gmem_copy, tVgV(_, _, _, n0 / kBlockN), tVsV, tKVid, T - n0);
-    cp_async_fence();
+    sm80::cp_async_fence();
     gemm_a_in_regs(mma, acc_s, tSrQ, tSrK, tSsK, smem_copy_K, sthr_K);
 
     Tensor s = make_tensor(acc_s.data(), acc_rowcol(acc_s.layout()));
@@ -373,13 +389,13 @@ __global__ void __launch_bounds__(Traits::kNThreads) fwd_kernel(const FwdParams 
       tile_logits<kFarHi>(s, rc, prow_hi, a, edge);
     }
 
-    cp_async_wait<0>();
+    sm80::cp_async_wait<0>();
     __syncthreads();  // V(n0) is in smem, and no warp still reads K(n0) or pcol(n0)
     if (n0 + kBlockN < n_end) {
       copy_rows(gmem_copy, tKgK(_, _, _, n0 / kBlockN + 1), tKsK, tKVid, T - n0 - kBlockN);
       load_pcol(n0 + kBlockN);
     }
-    cp_async_fence();
+    sm80::cp_async_fence();
 
     // Online softmax: a row with nothing visible yet keeps max -inf and sum 0 (base 0 keeps
     // exp2 free of -inf - -inf).
@@ -422,7 +438,7 @@ __global__ void __launch_bounds__(Traits::kNThreads) fwd_kernel(const FwdParams 
     }
   }
   Tensor ro = to_element<Element>(acc_o);
-  cp_async_wait<0>();
+  sm80::cp_async_wait<0>();
   __syncthreads();  // every warp is past its last read of sQ (Q) and sV: sQ becomes sO
   Tensor sO = make_tensor(sQ.data(), typename Traits::SmemLayoutQ{});
   auto smem_copy_O = make_tiled_copy_C(typename Traits::SmemCopyAtomO{}, mma);
@@ -443,7 +459,7 @@ __global__ void __launch_bounds__(Traits::kNThreads) fwd_kernel(const FwdParams 
       for (int k = 0; k < size<2>(tOgO); ++k) copy(gmem_copy_o, tOrO(_, m, k), tOgO(_, m, k));
     }
   }
-#endif  // __CUDA_ARCH__ >= 800
+#endif  // HDAF_CUTE_EMULATION || __CUDA_ARCH__ >= 800
 }
 
 template <class Traits>
@@ -456,7 +472,7 @@ cudaError_t launch(const FwdParams& p, cudaStream_t stream) {
     if (err != cudaSuccess) return err;
   }
   const int64_t blocks = (p.T + Traits::kBlockM - 1) / Traits::kBlockM * p.B * p.H;
-  kernel<<<dim3(unsigned(blocks)), dim3(Traits::kNThreads), kSmem, stream>>>(p);
+  HDAF_LAUNCH(kernel, unsigned(blocks), Traits::kNThreads, kSmem, stream, p);
   return cudaGetLastError();
 }
 

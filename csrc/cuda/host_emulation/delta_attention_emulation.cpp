@@ -2,10 +2,8 @@
 // machines without a GPU (tests/test_cuda.py builds it with torch.utils.cpp_extension.load).
 // Not part of the hdaf._C build (setup.py compiles csrc/cuda/*.cu only).
 //
-// Emulation: one std::thread per CUDA thread of a block, blocks one after another; a
-// std::barrier per block for __syncthreads / __syncthreads_or and one per warp for
-// __syncwarp and __shfl_xor_sync; the dynamic shared memory is one buffer filled with NaN
-// bytes before each block, so reads of unwritten shared memory show up. wmma is emulated
+// Emulation: threads, barriers and NaN-filled shared memory as in block_emulation.h (one
+// std::thread per CUDA thread, a std::barrier per block and per warp). wmma is emulated
 // with its documented semantics (each lane holds the whole 16x16 tile, loads check the
 // 32-byte pointer and ldm alignment the hardware requires), and __CUDA_ARCH__ is set to 800
 // while the kernels are compiled, so fp16/bf16 take the tensor-core path exactly as the
@@ -20,102 +18,14 @@
 #include <cuda_runtime.h>
 #include <mma.h>
 
-#include <barrier>
 #include <cmath>
-#include <cstddef>
 #include <cstdint>
-#include <limits>
 #include <cstring>
-#include <memory>
+#include <limits>
 #include <stdexcept>
-#include <thread>
 #include <type_traits>
-#include <vector>
 
-#undef __global__
-#undef __device__
-#undef __host__
-#undef __forceinline__
-#undef __shared__
-#undef __launch_bounds__
-#define __global__
-#define __device__
-#define __host__
-#define __forceinline__ inline
-#define __shared__
-#define __launch_bounds__(x)
-
-namespace hdaf_emu {
-struct Dim3 {
-  unsigned x = 0, y = 0, z = 0;
-};
-thread_local Dim3 thread_idx, block_idx, block_dim;
-std::barrier<>* block_barrier = nullptr;
-std::vector<std::unique_ptr<std::barrier<>>> warp_barriers;
-int or_flag = 0;
-double shuffle_buffer[1024];
-constexpr size_t kSmemBytes = size_t(1) << 18;
-extern unsigned char* const shared_memory;  // the kernels' `smem`, defined below
-
-inline void syncthreads() { block_barrier->arrive_and_wait(); }
-inline int syncthreads_or(int v) {
-  block_barrier->arrive_and_wait();
-  if (thread_idx.x == 0) or_flag = 0;
-  block_barrier->arrive_and_wait();
-  if (v) or_flag = 1;
-  block_barrier->arrive_and_wait();
-  return or_flag;
-}
-inline void syncwarp() { warp_barriers[thread_idx.x / 32]->arrive_and_wait(); }
-template <class V>
-V shfl_xor(unsigned, V v, int lane_mask) {
-  syncwarp();
-  shuffle_buffer[thread_idx.x] = static_cast<double>(v);
-  syncwarp();
-  const unsigned src = (thread_idx.x & ~31u) | ((thread_idx.x & 31u) ^ unsigned(lane_mask));
-  return static_cast<V>(shuffle_buffer[src]);
-}
-
-template <class Kernel, class... Args>
-void launch(Kernel kernel, unsigned grid, int threads, size_t smem_bytes, cudaStream_t,
-            Args... args) {
-  if (smem_bytes > kSmemBytes) throw std::runtime_error("emulation: shared memory too large");
-  if (threads > 1024 || threads % 32 != 0) throw std::runtime_error("emulation: block size");
-  // One pool of `threads` threads runs the blocks one after another.
-  std::barrier<> bar(threads);
-  block_barrier = &bar;
-  warp_barriers.clear();
-  for (int w = 0; w < threads / 32; ++w) warp_barriers.emplace_back(new std::barrier<>(32));
-  std::vector<std::thread> pool;
-  pool.reserve(threads);
-  for (int t = 0; t < threads; ++t) {
-    pool.emplace_back([=, &bar] {
-      thread_idx.x = t;
-      block_dim.x = threads;
-      for (unsigned b = 0; b < grid; ++b) {
-        block_idx.x = b;
-        bar.arrive_and_wait();  // the previous block is done
-        if (t == 0) std::memset(shared_memory, 0xFF, smem_bytes);
-        bar.arrive_and_wait();
-        kernel(args...);
-      }
-    });
-  }
-  for (auto& th : pool) th.join();
-}
-}  // namespace hdaf_emu
-
-#define threadIdx (hdaf_emu::thread_idx)
-#define blockIdx (hdaf_emu::block_idx)
-#define blockDim (hdaf_emu::block_dim)
-#define __syncthreads() hdaf_emu::syncthreads()
-#define __syncthreads_or(v) hdaf_emu::syncthreads_or(v)
-#define __syncwarp() hdaf_emu::syncwarp()
-#define __shfl_xor_sync(m, v, o) hdaf_emu::shfl_xor(m, v, o)
-#define cudaFuncSetAttribute(...) cudaSuccess
-#define cudaGetLastError() cudaSuccess
-#define HDAF_LAUNCH(kernel, grid, block, smem, stream, ...) \
-  hdaf_emu::launch(kernel, grid, block, smem, stream, __VA_ARGS__)
+#include "block_emulation.h"
 
 // wmma with its documented semantics.
 namespace nvcuda {

@@ -1,0 +1,261 @@
+"""Static machine-code profile of the CuTe forward (csrc/cuda_cute) for sm_90 (and sm_80), without
+a GPU.
+
+Each instantiation unit ``csrc/cuda_cute/fwd_cute_*.cu`` is compiled by nvcc to a cubin with
+setup.py's CUDA flags (``-O3 --expt-relaxed-constexpr -lineinfo``) and the CuTe headers of the
+``nvidia-cutlass`` package (or ``CUTLASS_INCLUDE_DIR``), ``ptxas -v`` giving registers and spills.
+The cubin is disassembled with ``nvdisasm`` (Triton's wheel) and its hot loop, the key-tile
+loop, found and counted by ``bench/static_profile.py``'s parser, the method used for the Triton
+kernels: instructions per iteration per warp by class, and non-matrix instructions per 1,024
+MACs per warp, ``(instructions - matrix) / (kBlockM * kBlockN * 2D / warps / 1024)``.
+
+The kernel's loop body holds every tile kind behind forward branches (far-low, band and
+far-high logits, the edge mask, the load of the next K tile), so one iteration runs a path
+through it, not all of it. Three figures per unit: the whole body (every path; what the Triton
+report calls the loop), and the shortest and longest paths from the loop head to its back edge
+through the body's forward branches (predicated instructions count as issued). A far tile
+without a mask runs at least the shortest path: if that misses a target, the far tiles do.
+Nothing is timed.
+
+    python bench/static_profile_cute.py                # sm_90, the four units
+    python bench/static_profile_cute.py --arch 90 80
+    python bench/static_profile_cute.py --report bench/results/static_cute_sm90.json
+
+Writes ``bench/results/static_cute_sm<arch>.json`` and ``.md`` (``--out-dir``).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import glob
+import importlib.util
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Dict, List, Optional, Sequence, Tuple
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_spec = importlib.util.spec_from_file_location(
+    "static_profile", os.path.join(REPO, "bench", "static_profile.py"))
+sp = importlib.util.module_from_spec(_spec)
+sys.modules.setdefault("static_profile", sp)  # dataclasses look their module up there
+_spec.loader.exec_module(sp)
+
+UNITS_GLOB = os.path.join(REPO, "csrc", "cuda_cute", "fwd_cute_*.cu")
+_DEFINE = re.compile(r"^HDAF_CUTE_DEFINE_FWD\((\w+), ([\w:]+), (\d+), (\d+), (\d+), (\d+)\)", re.M)
+DTYPES = {"__nv_bfloat16": "bf16", "__half": "fp16"}
+#: The issue's sm_90 bf16 forward targets for far tiles (D=64, D=128), per 1,024 MACs per warp.
+FAR_TARGETS = {64: 2.0, 128: 1.7}
+
+
+def unit_config(path: str) -> dict:
+    """dtype, head dim and tile configuration of one instantiation unit, from its
+    HDAF_CUTE_DEFINE_FWD line."""
+    with open(path) as f:
+        m = _DEFINE.search(f.read())
+    if m is None:
+        raise ValueError(f"{path}: no HDAF_CUTE_DEFINE_FWD line")
+    return dict(unit=os.path.basename(path), dtype=DTYPES[m[1]], D=int(m[3]), BLOCK_M=int(m[4]),
+                BLOCK_N=int(m[5]), num_warps=int(m[6]))
+
+
+def path_spans(instrs: Sequence, labels: Dict[str, int],
+               loop: Tuple[int, int]) -> Optional[dict]:
+    """Shortest and longest paths (non-matrix and matrix instructions) from the first instruction
+    of a loop body to its back edge, through its forward branches; a branch out of the body ends
+    that path (it leaves the loop). None when no path reaches the back edge."""
+    body = [i for i in instrs if loop[0] <= i.addr <= loop[1]]
+    at = {i.addr: n for n, i in enumerate(body)}
+    # Walk backwards: best[n] = (min non-matrix, its matrix, max non-matrix, its matrix) from n.
+    best: List[Optional[Tuple[int, int, int, int]]] = [None] * (len(body) + 1)
+    for n in range(len(body) - 1, -1, -1):
+        i = body[n]
+        is_matrix = sp.classify(i.opcode) in sp.MATRIX
+        here = (0 if is_matrix else 1, 1 if is_matrix else 0)
+        if n == len(body) - 1:
+            best[n] = (here[0], here[1], here[0], here[1])
+            continue
+        succ = []
+        if i.base == "BRA":
+            t = labels.get(i.target)
+            if t is not None and i.addr < t <= loop[1]:
+                succ.append(at[t])
+            if i.pred:
+                succ.append(n + 1)
+        elif i.base != "EXIT":
+            succ.append(n + 1)
+        reach = [best[s] for s in succ if best[s] is not None]
+        if not reach:
+            continue
+        lo = min(reach, key=lambda r: (r[0], -r[1]))
+        hi = max(reach, key=lambda r: (r[2], r[3]))
+        best[n] = (here[0] + lo[0], here[1] + lo[1], here[0] + hi[2], here[1] + hi[3])
+    if best[0] is None:
+        return None
+    return dict(shortest=dict(non_matrix=best[0][0], matrix=best[0][1]),
+                longest=dict(non_matrix=best[0][2], matrix=best[0][3]))
+
+
+def profile_unit_sass(text: str, cfg: dict) -> List[dict]:
+    """The hot loops of one unit's SASS with the whole-body and per-path figures."""
+    config = dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"])
+    rows = sp.profile_sass(text, "fwd", config, cfg["D"], cfg["D"])
+    instrs, labels = sp.parse_sass(text)
+    kmacs_per_warp = None
+    for row in rows:
+        loop = (int(row["first"], 16), int(row["last"], 16))
+        kmacs_per_warp = row["macs"] / cfg["num_warps"] / 1024
+        spans = path_spans(instrs, labels, loop)
+        if spans is not None:
+            for name, s in spans.items():
+                s["non_matrix_per_kmac"] = round(s["non_matrix"] / kmacs_per_warp, 3)
+        row["paths"] = spans
+    return rows
+
+
+def _cutlass_include() -> str:
+    cands = [os.environ["CUTLASS_INCLUDE_DIR"]] if os.environ.get("CUTLASS_INCLUDE_DIR") else []
+    spec = importlib.util.find_spec("cutlass_library")
+    cands += [os.path.join(loc, "source", "include")
+              for loc in ((spec.submodule_search_locations or []) if spec else [])]
+    for d in cands:
+        if os.path.isfile(os.path.join(d, "cute", "tensor.hpp")):
+            return d
+    raise SystemExit("the CuTe headers were not found: pip install nvidia-cutlass, or set "
+                     f"CUTLASS_INCLUDE_DIR (looked in: {cands or 'nothing'})")
+
+
+def _nvcc() -> str:
+    for cand in (os.path.join(os.environ.get("CUDA_HOME", ""), "bin", "nvcc"), shutil.which("nvcc")):
+        if cand and os.path.isfile(cand):
+            return cand
+    raise SystemExit("nvcc not found: put it on PATH or set CUDA_HOME")
+
+
+def compile_unit(path: str, arch: int, cutlass: str, dump_sass: Optional[str]) -> dict:
+    cfg = unit_config(path)
+    row = dict(cfg, arch=arch)
+    t0 = time.time()
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = os.path.join(tmp, "unit.cubin")
+        cmd = [_nvcc(), "-cubin", f"-arch=sm_{arch}", "-O3", "--expt-relaxed-constexpr",
+               "-lineinfo", "-Xptxas", "-v", f"-I{os.path.join(REPO, 'csrc', 'include')}",
+               f"-I{cutlass}", path, "-o", cubin]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            row["error"] = proc.stderr.strip()[-2000:]
+            return row
+        row["ptxas"] = sp.parse_ptxas_log(proc.stderr + proc.stdout)
+        with open(cubin, "rb") as f:
+            text = sp.disassemble(f.read())
+    row["compile_s"] = round(time.time() - t0, 1)
+    if dump_sass:
+        os.makedirs(dump_sass, exist_ok=True)
+        with open(os.path.join(dump_sass, f"{cfg['unit']}.sm_{arch}.sass"), "w") as f:
+            f.write(text)
+    row["loops"] = profile_unit_sass(text, cfg)
+    return row
+
+
+def provenance(argv: Sequence[str], cutlass: str) -> dict:
+    nvcc = subprocess.run([_nvcc(), "--version"], capture_output=True, text=True).stdout
+    nvcc = [line.strip() for line in nvcc.splitlines() if "release" in line]
+    version = ""
+    ver_h = os.path.join(cutlass, "cutlass", "version.h")
+    if os.path.isfile(ver_h):
+        with open(ver_h) as f:
+            parts = dict(re.findall(r"#define CUTLASS_(MAJOR|MINOR|PATCH) (\d+)", f.read()))
+        version = ".".join(parts.get(k, "?") for k in ("MAJOR", "MINOR", "PATCH"))
+    return dict(
+        command="python bench/static_profile_cute.py " + " ".join(argv),
+        date_utc=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        machine=dict(platform=platform.platform(), cores=os.cpu_count()),
+        versions=dict(python=platform.python_version(), nvcc=nvcc[-1] if nvcc else "",
+                      cutlass=version),
+        git_commit=sp._git("rev-parse", "HEAD"),
+        sources_modified=bool(sp._git("status", "--porcelain", "--", "csrc/cuda_cute")),
+    )
+
+
+def _fmt(x) -> str:
+    return "–" if x is None else f"{x:.2f}"
+
+
+def render_markdown(doc: dict) -> str:
+    arch = doc["arch"]
+    lines = [f"# CuTe forward, static profile, sm_{arch}", "",
+             f"`{doc['command']}` ({doc['date_utc']}, commit {doc['git_commit'][:10]}"
+             f"{', csrc/cuda_cute modified' if doc.get('sources_modified') else ''}; "
+             f"{doc['versions']['nvcc']}, CUTLASS {doc['versions']['cutlass']}). "
+             "Hot loop (the key-tile loop), per iteration per warp; non-matrix instructions per "
+             "1,024 MACs per warp for the whole loop body (every tile kind's path) and for the "
+             "shortest and longest paths through it. Nothing is timed.", "",
+             "| unit | tile (M×N, warps) | regs | spill (B) | body instr. | HMMA | whole body "
+             "| shortest path | longest path | far target | verdict |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for r in doc["rows"]:
+        tile = f"{r['BLOCK_M']}×{r['BLOCK_N']}, {r['num_warps']} w"
+        if r.get("error"):
+            lines.append(f"| {r['unit']} | {tile} | compile error | | | | | | | | |")
+            continue
+        p = r.get("ptxas") or {}
+        spill = p.get("spill_stores", 0) + p.get("spill_loads", 0) if p else None
+        for lp in r.get("loops") or []:
+            paths = lp.get("paths") or {}
+            short = (paths.get("shortest") or {}).get("non_matrix_per_kmac")
+            long_ = (paths.get("longest") or {}).get("non_matrix_per_kmac")
+            target = FAR_TARGETS.get(r["D"]) if (arch == 90 and r["dtype"] == "bf16") else None
+            verdict = "–"
+            if target is not None and short is not None:
+                verdict = (f"missed: even the shortest path is {short:.2f}" if short > target
+                           else "not decided by these bounds" if (long_ or 0) > target else "met")
+            lines.append(
+                f"| {r['unit']} | {tile} | {p.get('registers', '–')} | "
+                f"{'–' if spill is None else spill} | {lp['instructions']} | {lp['matrix']} | "
+                f"{_fmt(lp['non_matrix_per_kmac'])} | {_fmt(short)} | {_fmt(long_)} | "
+                f"{'–' if target is None else f'≤ {target}'} | {verdict} |")
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--arch", type=int, nargs="+", choices=(80, 90), default=[90])
+    p.add_argument("--out-dir", default=os.path.join(REPO, "bench", "results"))
+    p.add_argument("--dump-sass", metavar="DIR", help="also write each unit's SASS there")
+    p.add_argument("--report", metavar="JSON", help="print the markdown of a written JSON only")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    if args.report:
+        with open(args.report) as f:
+            print(render_markdown(json.load(f)), end="")
+        return 0
+    cutlass = _cutlass_include()
+    meta = provenance(argv, cutlass)
+    units = sorted(glob.glob(UNITS_GLOB))
+    os.makedirs(args.out_dir, exist_ok=True)
+    for arch in args.arch:
+        t0 = time.time()
+        rows = [compile_unit(u, arch, cutlass, args.dump_sass) for u in units]
+        doc = dict(arch=arch, **meta, wall_s=round(time.time() - t0, 1), rows=rows)
+        base = os.path.join(args.out_dir, f"static_cute_sm{arch}")
+        with open(base + ".json", "w") as f:
+            json.dump(doc, f, indent=1)
+            f.write("\n")
+        with open(base + ".md", "w") as f:
+            f.write(render_markdown(doc))
+        print(f"wrote {base}.json and .md ({doc['wall_s']:.0f} s)", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

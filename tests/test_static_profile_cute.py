@@ -1,0 +1,89 @@
+"""bench/static_profile_cute.py: the unit configurations, the path bounds on a hand-written SASS
+listing, and the committed sm_90 / sm_80 results (no compile here)."""
+from __future__ import annotations
+
+import glob
+import importlib.util
+import json
+import os
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_spec = importlib.util.spec_from_file_location(
+    "static_profile_cute", os.path.join(REPO, "bench", "static_profile_cute.py"))
+spc = importlib.util.module_from_spec(_spec)
+sys.modules.setdefault("static_profile_cute", spc)
+_spec.loader.exec_module(spc)
+
+# A loop [0x20, 0xc0]: HMMA, a two-way branch (3 or 1 instructions), a forward branch out of the
+# loop, the back edge; then EXIT.
+SASS = """\
+//--------------------- .text.toy_kernel         --------------------------
+toy_kernel:
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+        /*0010*/                   MOV R2, RZ ;
+.L_x_0:
+        /*0020*/                   HMMA.16816.F32.BF16 R4, R8, R12, R4 ;
+        /*0030*/                   ISETP.GE.AND P0, PT, R2, 0x10, PT ;
+        /*0040*/               @P0 BRA `(.L_x_1) ;
+        /*0050*/                   FADD R3, R3, 1 ;
+        /*0060*/                   FMUL R3, R3, R3 ;
+        /*0070*/                   BRA `(.L_x_2) ;
+.L_x_1:
+        /*0080*/                   FADD R3, R3, 2 ;
+.L_x_2:
+        /*0090*/                   IADD3 R2, R2, 0x1, RZ ;
+        /*00a0*/                   ISETP.GE.AND P1, PT, R2, 0x20, PT ;
+        /*00b0*/               @P1 BRA `(.L_x_3) ;
+        /*00c0*/                   BRA `(.L_x_0) ;
+.L_x_3:
+        /*00d0*/                   EXIT ;
+"""
+
+
+def test_path_bounds_on_a_hand_written_loop():
+    instrs, labels = spc.sp.parse_sass(SASS)
+    loops = spc.sp.find_loops(instrs, labels)
+    assert loops == [(0x20, 0xc0)]
+    spans = spc.path_spans(instrs, labels, loops[0])
+    # shortest: HMMA, ISETP, BRA, FADD(2), IADD3, ISETP, BRA, BRA = 7 non-matrix + 1 matrix
+    # longest:  HMMA, ISETP, BRA, FADD, FMUL, BRA, IADD3, ISETP, BRA, BRA = 9 + 1
+    assert spans == dict(shortest=dict(non_matrix=7, matrix=1), longest=dict(non_matrix=9, matrix=1))
+
+
+def test_unit_configurations():
+    got = sorted((c["unit"], c["dtype"], c["D"], c["BLOCK_M"], c["BLOCK_N"], c["num_warps"])
+                 for c in map(spc.unit_config, glob.glob(spc.UNITS_GLOB)))
+    assert [g[:3] for g in got] == [("fwd_cute_bf16_hdim128.cu", "bf16", 128),
+                                    ("fwd_cute_bf16_hdim64.cu", "bf16", 64),
+                                    ("fwd_cute_fp16_hdim128.cu", "fp16", 128),
+                                    ("fwd_cute_fp16_hdim64.cu", "fp16", 64)]
+
+
+@pytest.mark.parametrize("arch", (90, 80))
+def test_committed_profile(arch):
+    """Every shipped unit profiled without errors or spills; the hot loop holds exactly the
+    mma.sync of one key tile per warp (the count the CPU emulation test requires too); the
+    shortest path is at most the longest, which is at most the whole body; the markdown is the
+    JSON's rendering."""
+    base = os.path.join(REPO, "bench", "results", f"static_cute_sm{arch}")
+    with open(base + ".json") as f:
+        doc = json.load(f)
+    assert doc["arch"] == arch
+    assert sorted(r["unit"] for r in doc["rows"]) == sorted(
+        os.path.basename(u) for u in glob.glob(spc.UNITS_GLOB))
+    for r in doc["rows"]:
+        assert not r.get("error"), r["unit"]
+        assert r["ptxas"]["spill_stores"] == 0 and r["ptxas"]["spill_loads"] == 0, r["unit"]
+        assert len(r["loops"]) == 1, r["unit"]
+        lp = r["loops"][0]
+        bm, bn, w, d = r["BLOCK_M"], r["BLOCK_N"], r["num_warps"], r["D"]
+        assert lp["mma_sync"] == lp["matrix"] == (bm // w // 16) * 2 * bn * d // 128, r["unit"]
+        p = lp["paths"]
+        assert p["shortest"]["matrix"] == p["longest"]["matrix"] == lp["matrix"], r["unit"]
+        assert p["shortest"]["non_matrix"] <= p["longest"]["non_matrix"] <= \
+            lp["instructions"] - lp["matrix"], r["unit"]
+    with open(base + ".md") as f:
+        assert f.read() == spc.render_markdown(doc)
