@@ -3,6 +3,7 @@
 
     python scripts/change_diagnosis.py run [--variants nb cs ...] [--jobs 2]
     python scripts/change_diagnosis.py report [--out docs/results/change_diagnosis]
+    python scripts/change_diagnosis.py probe [--variant nb --setting crd]
 
 Why did the vision and acoustic encoders miss changes that a logistic regression on
 late-minus-early window means finds?  Each *variant* (a list of ``--set`` overrides of the main
@@ -52,7 +53,7 @@ VARIANTS = {
     "span": (BEFORE[:1] + BEFORE[3:] + ["data.aligned_span=to_next_word", "data.max_frames_per_word=16"],
              ["crdp"], None, "words span to the next word, 16 frames each"),
     "nb": (NEW + BEFORE[3:], ["ref", "rd", "crd", "crdp", "crds"], None, "both (the main job's preprocessing now)"),
-    "nb_unaligned": (NEW + BEFORE[3:], ["ref", "crd"], ["hdaf_unaligned", "mult_aligned"],
+    "nb_unaligned": (NEW + BEFORE[3:], ["crd"], ["hdaf_unaligned", "mult_aligned"],
                      "both; unaligned HDAF and MulT"),
     "nb_dropout0.3": (NEW + BEFORE[3:] + ["model.config.dropout=0.3"], ["crd"], None, "both; dropout 0.3"),
     "nb_fusion_wd": (NEW + BEFORE[3:] + ["train.stages.fusion.weight_decay=0.01", "train.stages.fusion.lr=3e-4"],
@@ -145,6 +146,51 @@ def report(args) -> int:
     return 0
 
 
+def probe(args) -> int:
+    """Is the fused head the bottleneck?  For each seed of ``<variant>/<setting>``: a logistic
+    regression on the trained model's vision and acoustic unimodal logits (fitted on train, C
+    chosen on valid from a small grid) against the fused head, both scored on valid."""
+    import numpy as np
+    import torch
+    from sklearn.linear_model import LogisticRegression
+    from threadpoolctl import threadpool_limits
+
+    from hdaf.data.loading import load_data
+    from hdaf.training import checkpoint as ckpt
+    from hdaf.training.config import load_file
+    from hdaf.training.evaluate import predict
+    from hdaf.training.metrics import dominant
+    from hdaf.training.models_api import load_model
+
+    rd = _dir(args.variant, args.setting)
+    out = {"variant": args.variant, "setting": args.setting, "split": "valid", "per_seed": {}}
+    cpu = torch.device("cpu")
+    for seed in sorted(x for x in os.listdir(rd) if x.startswith("seed")):
+        run = os.path.join(rd, seed, "hdaf_aligned")
+        cfg = load_file(os.path.join(run, "config.yaml"))
+        model, _ = load_model(ckpt.load(os.path.join(run, "final.pt"), map_location=cpu), cpu)
+        ds, _ = load_data(cfg["data"], log=lambda *a: None)
+        pred = {k: predict(model, ds[k], cpu) for k in ("train", "valid")}
+
+        def xy(p):
+            x = np.concatenate([p["unimodal"]["vision"], p["unimodal"]["audio"]], 1)
+            c, has = dominant(p["labels"])
+            return x[has], c[has], p["logits"][has]
+
+        xt, yt, _ = xy(pred["train"])
+        xv, yv, fv = xy(pred["valid"])
+        with threadpool_limits(1):
+            lr = max(LogisticRegression(C=c, max_iter=2000).fit(xt, yt).score(xv, yv) for c in (0.01, 0.1, 1.0, 10.0))
+        out["per_seed"][seed] = {"lr_on_unimodal_logits": 100 * lr, "fused_head": 100 * float((fv.argmax(1) == yv).mean())}
+        print(seed, out["per_seed"][seed], flush=True)
+    for k in ("lr_on_unimodal_logits", "fused_head"):
+        out[k] = float(np.mean([v[k] for v in out["per_seed"].values()]))
+    with open(os.path.join(ROOT, args.out + "_probe.json"), "w") as f:
+        json.dump(out, f, indent=1)
+    print(json.dumps({k: out[k] for k in ("lr_on_unimodal_logits", "fused_head")}))
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -155,6 +201,11 @@ def main(argv=None) -> int:
     q = sub.add_parser("report")
     q.add_argument("--out", default="docs/results/change_diagnosis")
     q.set_defaults(fn=report)
+    b = sub.add_parser("probe", help="logistic regression on the unimodal logits against the fused head")
+    b.add_argument("--variant", default="nb")
+    b.add_argument("--setting", default="crd")
+    b.add_argument("--out", default="docs/results/change_diagnosis")
+    b.set_defaults(fn=probe)
     args = p.parse_args(argv)
     return args.fn(args)
 
