@@ -221,12 +221,56 @@ def diagnosis_block() -> str:
     return "\n".join(lines)
 
 
+CHANGE_DIAGNOSIS_MD = "docs/results/change_diagnosis.md"
+CHANGE_GRID_JSON = "docs/results/change_grid.json"
+
+
+def change_diagnosis_block() -> str:
+    """scripts/change_diagnosis.py report's table (validation splits)."""
+    if not os.path.exists(os.path.join(REPO, CHANGE_DIAGNOSIS_MD)):
+        return f"Not run: `python scripts/change_diagnosis.py run` then `report` writes `{CHANGE_DIAGNOSIS_MD}`."
+    return _read(CHANGE_DIAGNOSIS_MD).strip("\n")
+
+
+GAIN = "delta term's gain"
+
+
+def change_grid_block() -> str:
+    """One row per setting of the change grid: the targets' rows (means) and the claims."""
+    if not os.path.exists(os.path.join(REPO, CHANGE_GRID_JSON)):
+        return f"Not run: `python scripts/change_grid.py run` then `report` writes `{CHANGE_GRID_JSON}`."
+    grid = json.loads(_read(CHANGE_GRID_JSON))
+    short = {"HDAF aligned − MulT": "HDAF − MulT ≥ −1", "HDAF unaligned − aligned": "|unal. − al.| ≤ 2",
+             "HDAF − delta term off": "delta term's gain"}
+    lines = ["| setting | vision head / baseline | acoustic head / baseline | HDAF aligned / unaligned / baseline both "
+             "| MulT | HDAF − MulT ≥ −1 | fused − best head > 0, p < .05 | \\|unal. − al.\\| ≤ 2 "
+             "| delta term's gain | targets met |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, st in grid["settings"].items():
+        r = {k: (v["mean"] if v else float("nan")) for k, v in st["rows"].items()}
+        cl = {}
+        for c in st["claims"]:
+            key = short.get(c["claim"], "best" if c["claim"].startswith("HDAF fused") else c["claim"])
+            mark = "" if c["met"] is None else (" ✓" if c["met"] else " ✗")
+            cl[key] = f"{c['diff']:+.1f} [{c['ci_low']:+.1f}, {c['ci_high']:+.1f}]{mark}"
+        met = sum(t["met"] for t in st["targets"])
+        lines.append(
+            f"| `{name}` | {r['vision head']:.1f} / {r['Change baseline: vision']:.1f} "
+            f"| {r['acoustic head']:.1f} / {r['Change baseline: audio']:.1f} "
+            f"| {r['HDAF aligned']:.1f} / {r['HDAF unaligned']:.1f} / {r['Change baseline: both']:.1f} "
+            f"| {r['MulT']:.1f} | {cl.get('HDAF − MulT ≥ −1', '–')} | {cl.get('best', '–')} "
+            f"| {cl.get('|unal. − al.| ≤ 2', '–')} | {cl.get(GAIN, '–')} | {met}/{len(st['targets'])} |")
+    if grid.get("missing"):
+        lines.append(f"\nNot run: {', '.join(grid['missing'])}.")
+    return "\n".join(lines)
+
+
 GENERATORS: Dict[str, Callable[[], str]] = {
     "cpu": cpu_block, "gpu": gpu_block, "static_sm90": static_block,
     "gqa_varlen": gqa_varlen_block, "context_parallel": context_parallel_block,
     "main_job": main_job_block, "claims": claims_block}
 STUDY_GENERATORS: Dict[str, Callable[[], str]] = {
-    "diagnosis": diagnosis_block, "main_seeds": seeds_block}
+    "diagnosis": diagnosis_block, "main_seeds": seeds_block,
+    "change_diagnosis": change_diagnosis_block, "change_grid": change_grid_block}
 
 
 def render(text: str, generators: Dict[str, Callable[[], str]] = GENERATORS) -> str:

@@ -110,6 +110,34 @@ def _fmt(st) -> str:
     return f"{st['mean']:.1f} [{st['ci_low']:.1f}, {st['ci_high']:.1f}]"
 
 
+def _cmp(summary: dict, a: str, b: str, head_a: str = "fused", head_b: str = "fused"):
+    for c in summary.get("comparisons", []):
+        if (c["a"], c["b"], c["head"], c.get("head_b", c["head"])) == (a, b, head_a, head_b):
+            return c["stats"]["Acc6"]
+    return None
+
+
+def _claims(summary: dict) -> list:
+    """The paper's three claims and the delta term's gain, as claims_markdown judges them."""
+    out = []
+
+    def add(name, st, met):
+        if st is not None:
+            out.append({"claim": name, "diff": st["mean_diff"], "ci_low": st["ci_low"],
+                        "ci_high": st["ci_high"], "p_t": st["p_t"], "met": met(st)})
+
+    add("HDAF aligned − MulT", _cmp(summary, "hdaf_aligned", "mult_aligned"), lambda st: st["mean_diff"] >= -1.0)
+    heads = {h: _stat(summary, "hdaf_aligned", h) for h in ("text", "audio", "vision")}
+    heads = {h: st for h, st in heads.items() if st is not None}
+    if heads:
+        best = max(heads, key=lambda h: heads[h]["mean"])
+        add(f"HDAF fused − best unimodal head ({best})", _cmp(summary, "hdaf_aligned", "hdaf_aligned", "fused", best),
+            lambda st: st["mean_diff"] > 0 and st["p_t"] < 0.05)
+    add("HDAF unaligned − aligned", _cmp(summary, "hdaf_unaligned", "hdaf_aligned"), lambda st: abs(st["mean_diff"]) <= 2.0)
+    add("HDAF − delta term off", _cmp(summary, "hdaf_aligned", "hdaf_no_delta"), lambda st: None)
+    return out
+
+
 def report(args) -> int:
     from hdaf.training.multiseed import claims_markdown
 
@@ -137,7 +165,8 @@ def report(args) -> int:
             met = rows[a]["mean"] >= rows[b]["mean"] - margin
             targets.append({"target": what, "value": rows[a]["mean"], "bound": rows[b]["mean"] - margin,
                             "met": bool(met)})
-        out["settings"][setting] = {"overrides": over or {}, "rows": rows, "targets": targets,
+        claims = _claims(summary)
+        out["settings"][setting] = {"overrides": over or {}, "rows": rows, "targets": targets, "claims": claims,
                                     "comparisons": summary.get("comparisons"),
                                     "timing": summary.get("timing"), "split": summary.get("split")}
         md += [f"## `{setting}`: `{json.dumps(over or {})}`", "",
