@@ -432,9 +432,9 @@ def _cxx20_missing(tmp):
     return None
 
 
-@pytest.fixture(scope="module")
-def cute_emulation(tmp_path_factory):
-    """torch.ops.hdaf_cute_emulation, built once per module (about 30 s on 2 cores)."""
+def _build_emulation(name, src, tmp_path_factory):
+    """torch.ops.<name>, the host emulation built from src (about 30 s on 2 cores), or a skip
+    naming what is missing."""
     if os.environ.get("HDAF_SKIP_CUDA_EMULATION") == "1":
         pytest.skip("HDAF_SKIP_CUDA_EMULATION=1")
     inc = cuda_include_dir()
@@ -453,13 +453,19 @@ def cute_emulation(tmp_path_factory):
     if why is not None:
         pytest.skip(why)
     from torch.utils.cpp_extension import load
-    load(name="hdaf_cute_emulation", sources=[EMULATION_SRC],
+    load(name=name, sources=[src],
          extra_include_paths=[os.path.join(REPO, "csrc", "include")] + includes + [cutlass],
          # CuTe reads register fragments through recast (half_t storage as uint32_t): with g++'s
          # default strict aliasing at -O2 the fp16 P V product read stale registers.
          extra_cflags=["-O2", "-fno-strict-aliasing", "-pthread"], extra_ldflags=["-pthread"],
          with_cuda=False, is_python_module=False, verbose=False)
-    return torch.ops.hdaf_cute_emulation
+    return getattr(torch.ops, name)
+
+
+@pytest.fixture(scope="module")
+def cute_emulation(tmp_path_factory):
+    """torch.ops.hdaf_cute_emulation (the forward), built once per module."""
+    return _build_emulation("hdaf_cute_emulation", EMULATION_SRC, tmp_path_factory)
 
 
 def _key_tile_span(m0, T, L, U, lo, hi, BN, BM):
@@ -547,3 +553,158 @@ def test_cute_emulation_covers_every_shipped_configuration():
     assert sorted(included) == sorted(os.path.basename(u) for u in UNITS)
     assert set(_shipped_tiles()) == set(CONFIGS)
     assert {(dtype, D) for T, _, D, dtype in EMU_PARAMS if T == 300} == set(CONFIGS)
+
+
+# ---------------------------------------------------------------------------------------------
+# The backward on the CPU: the CuTe dQ and dK/dV kernels through the same host emulation
+# ---------------------------------------------------------------------------------------------
+
+BWD_EMULATION_SRC = os.path.join(REPO, "csrc", "cuda", "host_emulation", "cute_bwd_emulation.cpp")
+BWD_UNITS = sorted(glob.glob(os.path.join(REPO, "csrc", "cuda_cute", "bwd_cute_*.cu")))
+GRAD_NAMES = ("dq", "dk", "dv", "dP")
+
+
+@pytest.fixture(scope="module")
+def cute_bwd_emulation(tmp_path_factory):
+    """torch.ops.hdaf_cute_bwd_emulation (the backward), built once per module."""
+    return _build_emulation("hdaf_cute_bwd_emulation", BWD_EMULATION_SRC, tmp_path_factory)
+
+
+def _shipped_bwd_tiles():
+    """(dtype, head dim) -> (query rows, key rows, warps) of each backward instantiation unit."""
+    dtypes = {"__nv_bfloat16": torch.bfloat16, "__half": torch.float16}
+    tiles = {}
+    for path in BWD_UNITS:
+        with open(path) as f:
+            m = re.search(r"^HDAF_CUTE_DEFINE_BWD\((\w+), [\w:]+, (\d+), (\d+), (\d+), (\d+)\)",
+                          f.read(), re.M)
+        assert m, f"{path}: no HDAF_CUTE_DEFINE_BWD line"
+        tiles[(dtypes[m[1]], int(m[2]))] = tuple(int(x) for x in m.groups()[2:])
+    return tiles
+
+
+def _expected_bwd_counters(B, H, T, D, L, U, lo, hi, BM, BN, W):
+    """[mma.sync, ldmatrix, ldmatrix.trans, cp.async bytes] of the dQ and dK/dV launches.
+    dQ, per query block (Q, dO once) and visited key tile (K, V): S = Q K^T and dO V^T with both
+    operands from smem, dQ += dS K (K^T by ldmatrix.trans). dK/dV, per key block (K, V once) and
+    visited query tile (Q, dO): S^T = K Q^T, V dO^T, dV += p^T dO and dK += dS^T Q (dO^T, Q^T by
+    ldmatrix.trans). The D_i launch issues none of them."""
+    mma = ldsm = ldsm_t = nbytes = 0
+    am = BM // W // 16  # dQ: m16 tiles per warp along the query rows
+    for m0 in range(0, T, BM):
+        nbytes += 2 * 2 * D * min(BM, T - m0)
+        begin, end = _key_tile_span(m0, T, L, U, lo, hi, BN, BM)
+        for n0 in range(begin, end, BN):
+            mma += W * am * (2 * (BN // 8) * (D // 16) + (D // 8) * (BN // 16))
+            ldsm += W * (2 * am * (D // 16) + 2 * BN * D // 256)
+            ldsm_t += W * D * BN // 256
+            nbytes += 2 * 2 * D * min(BN, T - n0)
+    an = BN // W // 16  # dK/dV: m16 tiles per warp along the key rows
+    for n0 in range(0, T, BN):
+        nbytes += 2 * 2 * D * min(BN, T - n0)
+        begin = max(n0 - hi, 0) // BM * BM
+        end = max(min(n0 + BN - lo, T), begin)
+        for m0 in range(begin, end, BM):
+            mma += W * an * (2 * (BM // 8) * (D // 16) + 2 * (D // 8) * (BM // 16))
+            ldsm += W * (2 * an * (D // 16) + 2 * BM * D // 256)
+            ldsm_t += W * 2 * D * BM // 256
+            nbytes += 2 * 2 * D * min(BM, T - m0)
+    return [B * H * x for x in (mma, ldsm, ldsm_t, nbytes)]
+
+
+def _grads_of_gather(q, k, v, P, mask, L, U, window, causal, scale, dout):
+    """(out, dq, dk, dv, dP) of the gather backend by autograd, in the inputs' dtype."""
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v, P)]
+    out = _gather(*leaves, mask, L, U, window, causal, scale)
+    grads = torch.autograd.grad(out, leaves, dout)
+    return (out.detach(),) + tuple(grads)
+
+
+def _run_bwd_emulation(emu, case, T, D, dtype, B=2, H=2, at_issue=False):
+    """The emulated backward on the float64 reference's out and lse (cast as the forward returns
+    them), and the float64 reference gradients and those of gather in dtype."""
+    L, U, window, causal, padding, per_head = CASES[case]
+    q, k, v, P = _inputs(dtype, T, D, L, U, per_head, device="cpu", B=B, H=H)
+    dout = torch.randn(B, H, T, D, generator=torch.Generator().manual_seed(7),
+                       dtype=torch.float64).to(dtype)
+    mask = padding(T)[:B] if padding is not None else None
+    scale = D ** -0.5
+    Wl, Wr = _window(window, causal)
+    lo = -(T - 1) if Wl < 0 else -Wl
+    hi = (T - 1) if Wr < 0 else Wr
+    ref = _grads_of_gather(*(t.double() for t in (q, k, v, P)), mask, L, U, window, causal, scale,
+                           dout.double())
+    base = _grads_of_gather(q, k, v, P, mask, L, U, window, causal, scale, dout)
+    lse = _ref_lse(*(t.double() for t in (q, k, P)), mask, L, U, lo, hi, scale).float()
+    *got, counters = emu.backward(dout, q, k, v, P, mask, ref[0].to(dtype), lse, L, U, Wl, Wr,
+                                  scale, at_issue)
+    return (L, U, lo, hi), ref[1:], base[1:], got, counters
+
+
+# Every case at T = 63 (one or two tiles, batch 1, two heads: shared P sums over them), the four
+# configurations alternating over the cases; T = 300 (several query and key blocks, band and far
+# tiles) for four cases, one per configuration, with one (batch, head) except the padding case's
+# two sequence lengths; T = 1 and 7 in every configuration. The emulation runs a std::thread per
+# CUDA thread: a T = 300 (batch, head) takes 5-10 s on 2 cores.
+BWD_PARAMS = ([(63, case, *CONFIGS[i % 4][::-1]) for i, case in enumerate(CASES)] +
+              [(300, case, *CONFIGS[i][::-1])
+               for i, case in enumerate(("plain", "window", "padding", "masked_rows"))] +
+              [(T, case, *cfg[::-1]) for cfg in CONFIGS for T, case in ((1, "plain"), (7, "masked_rows"))
+               if (T == 1) == (cfg[1] == 64)])
+
+
+def _bwd_batch_heads(T, case):
+    return (2 if case == "padding" else 1), (1 if T > 63 else 2)
+
+
+@pytest.mark.parametrize("T,case,D,dtype", BWD_PARAMS,
+                         ids=[f"T{T}-{c}-D{D}-{str(d).split('.')[-1]}" for T, c, D, d in BWD_PARAMS])
+def test_cute_emulation_backward_matches_gather(cute_bwd_emulation, T, case, D, dtype):
+    """The shipped backward kernels and tile configurations, run on the CPU with emulated SM80
+    operations: dq, dk, dv and dP against the float64 gather reference's autograd gradients by
+    the flash-attention error rule (at most 2x the error of gather in the same dtype, plus a
+    floor), rows that see no key getting exactly 0, and exactly the operations the tiling implies."""
+    B, H = _bwd_batch_heads(T, case)
+    (L, U, lo, hi), ref, base, got, counters = _run_bwd_emulation(cute_bwd_emulation, case, T, D,
+                                                                  dtype, B=B, H=H)
+    where = f"emulation backward {case} T={T} D={D} {dtype}"
+    for name, r, b, g in zip(GRAD_NAMES, ref, base, got):
+        assert g.dtype == dtype and g.shape == r.shape, f"{where}: {name} {g.dtype} {tuple(g.shape)}"
+        assert torch.isfinite(g).all(), f"{where}: non-finite {name}"
+        err = (g.double() - r).abs().max().item()
+        base_err = (b.double() - r).abs().max().item()
+        bound = 2.0 * base_err + FLOOR[dtype] * max(1.0, r.abs().max().item())
+        assert err <= bound, (f"{where}: {name} max error {err:.3e} vs float64 gather exceeds "
+                              f"2 x gather-in-{dtype}'s {base_err:.3e} + floor")
+    if case == "masked_rows":  # rows 0..4 see no key: no gradient through them
+        assert (got[0][:, :, :5] == 0).all(), f"{where}: dq of rows that see no key"
+    BM, BN, W = _shipped_bwd_tiles()[(dtype, D)]
+    want = _expected_bwd_counters(B, H, T, D, L, U, lo, hi, BM, BN, W)
+    assert counters.tolist() == want, (f"{where}: [mma, ldmatrix, ldmatrix.trans, cp.async bytes] "
+                                       f"= {counters.tolist()}, the tiling implies {want}")
+
+
+def test_cute_emulation_backward_is_deterministic_and_cp_async_landing_does_not_matter(
+        cute_bwd_emulation):
+    """Two runs give bitwise the same gradients (no atomics), and landing cp.async at issue
+    instead of at its wait changes nothing: no warp reads a stage before its copy is waited for,
+    and no copy overwrites a stage a warp still reads."""
+    runs = [_run_bwd_emulation(cute_bwd_emulation, "plain", 200, 128, torch.float16, B=1, H=1,
+                               at_issue=a) for a in (False, False, True)]
+    for _, _, _, got, counters in runs[1:]:
+        for name, a, b in zip(GRAD_NAMES, runs[0][3], got):
+            assert torch.equal(a, b), name
+        assert torch.equal(runs[0][4], counters)
+
+
+def test_cute_emulation_backward_covers_every_shipped_configuration():
+    assert sorted(os.path.basename(u) for u in BWD_UNITS) == [
+        "bwd_cute_bf16_hdim128.cu", "bwd_cute_bf16_hdim64.cu", "bwd_cute_fp16_hdim128.cu",
+        "bwd_cute_fp16_hdim64.cu"]
+    with open(BWD_EMULATION_SRC) as f:
+        included = re.findall(r'^#include "\.\./\.\./cuda_cute/(bwd_cute_\w+\.cu)"', f.read(), re.M)
+    assert sorted(included) == sorted(os.path.basename(u) for u in BWD_UNITS)
+    assert set(_shipped_bwd_tiles()) == set(CONFIGS)
+    for T in (63, 300):
+        assert {(dtype, D) for t, _, D, dtype in BWD_PARAMS if t == T} == set(CONFIGS)
+    assert {case for t, case, _, _ in BWD_PARAMS if t == 63} == set(CASES)
