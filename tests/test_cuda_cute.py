@@ -42,6 +42,7 @@ from conftest import cuda_include_dir, requires_cuda
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OP = "cuda_cute_delta_attention_forward"
+BWD_OP = "cuda_cute_delta_attention_backward"
 FLOOR = {torch.float16: 1e-3, torch.bfloat16: 8e-3}
 
 
@@ -138,6 +139,83 @@ def test_tile_split_covers_every_visible_pair_with_the_right_bucket(tiles_progra
     assert kinds_seen == {"far_lo", "band", "far_hi"}
 
 
+# Reads the same lines; per key block prints "n0 begin end" and the tile_kind of each visited
+# query tile, then per query block the tile_kind of each key tile key_tiles visits, then "END".
+QUERY_TILES_PROGRAM = r"""
+#include <cstdio>
+#include "tile_split.h"
+int main() {
+  long T, L, U, Wl, Wr, BM, BN, pad;
+  while (std::scanf("%ld %ld %ld %ld %ld %ld %ld %ld", &T, &L, &U, &Wl, &Wr, &BM, &BN, &pad) == 8) {
+    const hdaf::Band b = hdaf::make_band(T, Wl, Wr);
+    for (int n0 = 0; n0 < T; n0 += BN) {
+      const auto t = hdaf::cute_tiles::query_tiles(n0, T, b.lo, b.hi, BM, BN);
+      std::printf("K %d %d %d", n0, t.begin, t.end);
+      for (int m0 = t.begin; m0 < t.end; m0 += BM)
+        std::printf(" %d", hdaf::cute_tiles::tile_kind(m0, n0, L, U, BM, BN));
+      std::printf("\n");
+    }
+    for (int m0 = 0; m0 < T; m0 += BM) {
+      const auto t = hdaf::cute_tiles::key_tiles(m0, T, L, U, b.lo, b.hi, BM, BN);
+      std::printf("Q %d %d %d %d", m0, t.begin, t.band, t.far_hi);
+      for (int n0 = t.begin; n0 < t.end; n0 += BN)
+        std::printf(" %d", hdaf::cute_tiles::tile_kind(m0, n0, L, U, BM, BN));
+      std::printf("\n");
+    }
+    std::printf("END\n");
+  }
+}
+"""
+
+
+def test_query_tiles_cover_every_visible_pair_and_tile_kind_matches_the_runs(tmp_path):
+    """The backward's dK/dV pass: every query that sees a key of block n0 lies in a visited query
+    tile; a far-low / far-high tile holds only pairs of bucket 0 / R-1 (visible or not: the pass
+    adds its whole rows); tile_kind agrees with key_tiles' runs, which the forward and dQ walk."""
+    cxx = shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
+    if cxx is None:
+        pytest.skip("no C++ compiler")
+    (tmp_path / "q.cpp").write_text(QUERY_TILES_PROGRAM)
+    subprocess.run([cxx, "-std=c++17", "-O1", f"-I{REPO}/csrc/include", f"-I{REPO}/csrc/cuda_cute",
+                    str(tmp_path / "q.cpp"), "-o", str(tmp_path / "q")], check=True, timeout=120)
+    grid = list(itertools.product(
+        (1, 7, 63, 64, 65, 130, 300), ((0, 0), (3, 3), (2, 5), (0, 30), (200, 200), (5, 0)),
+        ((-1, -1), (-1, 0), (40, 17), (0, 30), (0, 0), (3, -1)), ((64, 64), (16, 16), (64, 128))))
+    lines = "".join(f"{T} {L} {U} {Wl} {Wr} {BM} {BN} 0\n" for T, (L, U), (Wl, Wr), (BM, BN) in grid)
+    out = subprocess.run([str(tmp_path / "q")], input=lines, capture_output=True, text=True,
+                         check=True, timeout=120).stdout.split("END\n")
+    kinds_seen = set()
+    for (T, (L, U), (Wl, Wr), (BM, BN)), block in zip(grid, out):
+        lo = -(T - 1) if Wl < 0 or Wl > T - 1 else -Wl
+        hi = (T - 1) if Wr < 0 or Wr > T - 1 else Wr
+        pos = torch.arange(T)
+        d = pos[None, :] - pos[:, None]  # [i, j]
+        vis = (d >= lo) & (d <= hi)
+        where = f"T={T} L={L} U={U} window=({Wl},{Wr}) tiles {BM}x{BN}"
+        for line in block.strip().splitlines():
+            tag, *nums = line.split()
+            nums = list(map(int, nums))
+            if tag == "K":
+                n0, begin, end, *kinds = nums
+                assert begin % BM == 0 and begin <= end <= T, f"{where}: {line}"
+                cols = slice(n0, min(n0 + BN, T))
+                seen = torch.zeros(T, dtype=torch.bool)
+                seen[begin:end] = True
+                assert not (vis[:, cols] & ~seen[:, None]).any(), f"{where} n0={n0}: a query is skipped"
+                for m0, kind in zip(range(begin, end, BM), kinds):
+                    kinds_seen.add(kind)
+                    # the whole tile, rows past T too (the pass adds whole rows of dS)
+                    r = (pos[n0:n0 + BN][None, :] - torch.arange(m0, m0 + BM)[:, None]).clamp(-L, U) + L
+                    if kind != 1:
+                        assert (r == (0 if kind == 0 else L + U)).all(), f"{where} {m0},{n0}: {kind}"
+            else:
+                m0, begin, band, far_hi, *kinds = nums
+                for n0, kind in zip(range(begin, begin + BN * len(kinds), BN), kinds):
+                    run = 0 if n0 < band else 1 if n0 < far_hi else 2
+                    assert kind == run, f"{where} m0={m0} n0={n0}: tile_kind {kind}, run {run}"
+    assert kinds_seen == {0, 1, 2}
+
+
 # ---------------------------------------------------------------------------------------------
 # setup.py, run with setuptools.setup replaced by a recorder (in a child: setup.py sets env vars)
 # ---------------------------------------------------------------------------------------------
@@ -194,8 +272,9 @@ def test_setup_with_the_flag_adds_the_cute_sources_and_headers():
     got = _setup(HDAF_BUILD_CUTE="1")
     assert not isinstance(got, str), got
     cute = sorted(os.path.basename(s) for s in got["sources"] if "cuda_cute" in s)
-    assert cute == ["delta_attention_cute.cpp", "fwd_cute_bf16_hdim128.cu", "fwd_cute_bf16_hdim64.cu",
-                    "fwd_cute_fp16_hdim128.cu", "fwd_cute_fp16_hdim64.cu"], cute
+    assert cute == ["bwd_cute_bf16_hdim128.cu", "bwd_cute_bf16_hdim64.cu", "bwd_cute_fp16_hdim128.cu",
+                    "bwd_cute_fp16_hdim64.cu", "delta_attention_cute.cpp", "fwd_cute_bf16_hdim128.cu",
+                    "fwd_cute_bf16_hdim64.cu", "fwd_cute_fp16_hdim128.cu", "fwd_cute_fp16_hdim64.cu"], cute
     assert any(os.path.isfile(os.path.join(d, "cute", "tensor.hpp")) for d in got["include_dirs"])
 
 
@@ -216,10 +295,12 @@ def test_setup_with_the_flag_names_the_missing_headers():
 # ---------------------------------------------------------------------------------------------
 
 @requires_cute
-def test_cute_op_is_registered():
-    assert torch._C._dispatch_has_kernel_for_dispatch_key(f"hdaf::{OP}", "CUDA")
-    ours = getattr(torch.ops.hdaf, OP).default._schema
-    ref = torch.ops.hdaf.delta_attention_forward.default._schema
+@pytest.mark.parametrize("op,ref", ((OP, "delta_attention_forward"),
+                                    (BWD_OP, "delta_attention_backward")))
+def test_cute_op_is_registered(op, ref):
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(f"hdaf::{op}", "CUDA")
+    ours = getattr(torch.ops.hdaf, op).default._schema
+    ref = getattr(torch.ops.hdaf, ref).default._schema
     assert [(a.name, str(a.type)) for a in ours.arguments] == \
         [(a.name, str(a.type)) for a in ref.arguments]
     assert [str(r.type) for r in ours.returns] == [str(r.type) for r in ref.returns]
@@ -379,6 +460,35 @@ def test_cute_forward_matches_gather(T, case, D, dtype):
     out, lse = getattr(torch.ops.hdaf, OP)(q, k, v, P, mask, L, U, Wl, Wr, scale)
     _check_against_gather(f"{case} T={T} D={D} {dtype}", out, lse, q, k, v, P, mask, L, U, window,
                           causal, scale, lse_tol=5e-2)
+
+
+@requires_cuda
+@requires_cute
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("D", (64, 128))
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("T", (1, 7, 63, 300, 1000))
+def test_cute_backward_matches_gather(T, case, D, dtype):
+    """dq, dk, dv, dP of the CuTe backward op (on the float64 reference's out and lse) against
+    the float64 gather reference's autograd gradients, by the flash-attention error rule."""
+    if torch.cuda.get_device_capability()[0] < 8:
+        pytest.skip("the CuTe kernels need sm_80+")
+    L, U, window, causal, padding, per_head = CASES[case]
+    q, k, v, P = _inputs(dtype, T, D, L, U, per_head)
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(7),
+                       dtype=torch.float64).to(dtype).cuda()
+    mask = padding(T).cuda() if padding is not None else None
+    scale = D ** -0.5
+    Wl, Wr = _window(window, causal)
+    lo = -(T - 1) if Wl < 0 else -Wl
+    hi = (T - 1) if Wr < 0 else Wr
+    ref = _grads_of_gather(*(t.double() for t in (q, k, v, P)), mask, L, U, window, causal, scale,
+                           dout.double())
+    base = _grads_of_gather(q, k, v, P, mask, L, U, window, causal, scale, dout)
+    lse = _ref_lse(*(t.double() for t in (q, k, P)), mask, L, U, lo, hi, scale).float()
+    got = getattr(torch.ops.hdaf, BWD_OP)(dout, q, k, v, P, mask, ref[0].to(dtype), lse, L, U,
+                                          Wl, Wr, scale)
+    _check_grads(f"{case} T={T} D={D} {dtype}", ref[1:], base[1:], got, dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -620,6 +730,21 @@ def _grads_of_gather(q, k, v, P, mask, L, U, window, causal, scale, dout):
     return (out.detach(),) + tuple(grads)
 
 
+def _check_grads(where, ref, base, got, dtype):
+    """dq, dk, dv, dP by the flash-attention error rule: at most 2x the error of gather in the
+    same dtype against the float64 reference, plus a floor."""
+    for name, r, b, g in zip(GRAD_NAMES, ref, base, got):
+        assert g.dtype == dtype and g.shape == r.shape, f"{where}: {name} {g.dtype} {tuple(g.shape)}"
+        assert torch.isfinite(g).all(), f"{where}: non-finite {name}"
+        if r.numel() == 0:
+            continue
+        err = (g.double().cpu() - r.cpu()).abs().max().item()
+        base_err = (b.double() - r).abs().max().item()
+        bound = 2.0 * base_err + FLOOR[dtype] * max(1.0, r.abs().max().item())
+        assert err <= bound, (f"{where}: {name} max error {err:.3e} vs float64 gather exceeds "
+                              f"2 x gather-in-{dtype}'s {base_err:.3e} + floor")
+
+
 def _run_bwd_emulation(emu, case, T, D, dtype, B=2, H=2, at_issue=False):
     """The emulated backward on the float64 reference's out and lse (cast as the forward returns
     them), and the float64 reference gradients and those of gather in dtype."""
@@ -668,14 +793,7 @@ def test_cute_emulation_backward_matches_gather(cute_bwd_emulation, T, case, D, 
     (L, U, lo, hi), ref, base, got, counters = _run_bwd_emulation(cute_bwd_emulation, case, T, D,
                                                                   dtype, B=B, H=H)
     where = f"emulation backward {case} T={T} D={D} {dtype}"
-    for name, r, b, g in zip(GRAD_NAMES, ref, base, got):
-        assert g.dtype == dtype and g.shape == r.shape, f"{where}: {name} {g.dtype} {tuple(g.shape)}"
-        assert torch.isfinite(g).all(), f"{where}: non-finite {name}"
-        err = (g.double() - r).abs().max().item()
-        base_err = (b.double() - r).abs().max().item()
-        bound = 2.0 * base_err + FLOOR[dtype] * max(1.0, r.abs().max().item())
-        assert err <= bound, (f"{where}: {name} max error {err:.3e} vs float64 gather exceeds "
-                              f"2 x gather-in-{dtype}'s {base_err:.3e} + floor")
+    _check_grads(where, ref, base, got, dtype)
     if case == "masked_rows":  # rows 0..4 see no key: no gradient through them
         assert (got[0][:, :, :5] == 0).all(), f"{where}: dq of rows that see no key"
     BM, BN, W = _shipped_bwd_tiles()[(dtype, D)]
