@@ -1,8 +1,8 @@
-"""The opt-in CuTe forward (csrc/cuda_cute, built only with ``HDAF_BUILD_CUTE=1``).
+"""The opt-in CuTe forward and backward (csrc/cuda_cute, built only with ``HDAF_BUILD_CUTE=1``).
 
-Its op ``hdaf::cuda_cute_delta_attention_forward`` has the schema of
-``hdaf::delta_attention_forward`` and exists only when the extension was built with the flag;
-``auto`` never calls it.
+Their ops ``hdaf::cuda_cute_delta_attention_forward`` / ``_backward`` have the schemas of
+``hdaf::delta_attention_forward`` / ``_backward`` and exist only when the extension was built with
+the flag; ``auto`` never calls them.
 
 * ``test_tile_split_*`` (any machine with a C++ compiler): the tile arithmetic the kernel runs
   (``csrc/cuda_cute/tile_split.h``, compiled here for the CPU) against every (query, key) pair.
@@ -20,6 +20,10 @@ Its op ``hdaf::cuda_cute_delta_attention_forward`` has the schema of
   operations (``csrc/cuda/host_emulation/cute_fwd_emulation.cpp``), against the same reference
   for every case, both dtypes and both head dims, with the emulated operations counted against
   the tile split. Skipped only when one of those is missing, or with HDAF_SKIP_CUDA_EMULATION=1.
+* ``test_cute_emulation_backward_*``: the same for the backward units ``bwd_cute_*.cu``
+  (``cute_bwd_emulation.cpp``): dq, dk, dv, dP against the float64 gather reference's autograd
+  gradients, operation counts of both kernels, cp.async landing; ``test_query_tiles_*`` the
+  dK/dV pass's walk over query tiles; ``test_cute_backward_matches_gather`` the op on a GPU.
 """
 from __future__ import annotations
 
@@ -310,7 +314,7 @@ def test_cute_op_is_registered(op, ref):
 
 
 CHECKS_CHILD = textwrap.dedent("""
-    import torch, hdaf
+    import sys, torch, hdaf
     from torch._subclasses.fake_tensor import FakeTensorMode
     with FakeTensorMode():
         def qkv(dk, dv, dtype=torch.float16):
@@ -324,19 +328,25 @@ CHECKS_CHILD = textwrap.dedent("""
             "dk160": (qkv(160, 160), 3),
             "bad_R": (qkv(64, 64), 2),
         }
+        lse32, lse64 = (torch.empty(1, 2, 5, dtype=t, device="cuda") for t in (torch.float32, torch.float64))
     cuda_only = torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)
-    op = torch.ops.hdaf.cuda_cute_delta_attention_forward.default
+    backward = sys.argv[1] == "backward"
+    op = getattr(torch.ops.hdaf, f"cuda_cute_delta_attention_{sys.argv[1]}").default
     for name, ((q, k, v, P), LU) in cases.items():
+        lse = lse64 if q.dtype == torch.float64 else lse32
         try:
-            op.redispatch(cuda_only, q, k, v, P, None, LU, LU, -1, -1, 0.125)
+            if backward:  # grad_out, out shaped like v
+                op.redispatch(cuda_only, v, q, k, v, P, None, v, lse, LU, LU, -1, -1, 0.125)
+            else:
+                op.redispatch(cuda_only, q, k, v, P, None, LU, LU, -1, -1, 0.125)
             print(name, "NO ERROR", flush=True)
         except RuntimeError as exc:
             print(name, "RAISED", str(exc).splitlines()[0], flush=True)
 """)
 REJECTIONS = {
-    "float32": r"^hdaf cuda_cute_delta_attention_forward: q must be float16 or bfloat16 .*got Float$",
+    "float32": r"^hdaf cuda_cute_delta_attention_{op}: q must be float16 or bfloat16 .*got Float$",
     "float64": r"q must be float16 or bfloat16 .*got Double$",
-    "dk32": r"^hdaf cuda_cute_delta_attention_forward: head dim must be 64 or 128, got Dk=32",
+    "dk32": r"^hdaf cuda_cute_delta_attention_{op}: head dim must be 64 or 128, got Dk=32",
     "dk64_dv128": r"needs Dk == Dv, got Dk=64 and Dv=128",
     # the shared checks (csrc/delta_attention_checks.cpp) come first
     "dk160": r"^hdaf delta_attention \(CUDA\): head dims up to 128 are supported, got Dk=160 and Dv=160",
@@ -345,9 +355,11 @@ REJECTIONS = {
 
 
 @requires_cute
-def test_cute_checks_reject_unsupported_inputs_without_a_gpu():
+@pytest.mark.parametrize("direction", ("forward", "backward"))
+def test_cute_checks_reject_unsupported_inputs_without_a_gpu(direction):
     # cwd: the tests folder, so the child imports the same hdaf as this process (not ./hdaf)
-    proc = subprocess.run([sys.executable, "-c", CHECKS_CHILD], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-c", CHECKS_CHILD, direction], capture_output=True,
+                          text=True,
                           timeout=300, cwd=os.path.dirname(os.path.abspath(__file__)),
                           env=os.environ.copy())
     assert proc.returncode == 0, f"child died ({proc.returncode}):\n{proc.stdout}\n{proc.stderr[-3000:]}"
@@ -356,6 +368,7 @@ def test_cute_checks_reject_unsupported_inputs_without_a_gpu():
     for name, pattern in REJECTIONS.items():
         assert name in got, f"{name}: no result (stdout: {proc.stdout!r})"
         assert got[name].startswith("RAISED "), f"{name}: expected a RuntimeError, got {got[name]!r}"
+        pattern = pattern.replace("{op}", direction)
         assert re.search(pattern, got[name][len("RAISED "):]), f"{name}: {got[name]!r} !~ {pattern!r}"
 
 

@@ -184,24 +184,24 @@ __device__ __forceinline__ void bucket_sums(S const& ds, RC const& rc, int row0,
   CUTE_UNROLL
   for (int mi = 0; mi < kRows; ++mi) {
     const int row = row0 + get<0>(rc(mi, 0));
-    if (kKind != kBand) {
+    if constexpr (kKind != kBand) {
       float sum = 0.f;
       CUTE_UNROLL
       for (int ni = 0; ni < kCols; ++ni) sum += ds(mi, ni);
       (kKind == kFarLo ? edge_lo : edge_hi)[mi] += sum;
-      continue;
-    }
-    CUTE_UNROLL
-    for (int ni = 0; ni < kCols; ++ni) {
-      const int col = col0 + get<1>(rc(0, ni));
-      const int d = kKeyRows ? row - col : col - row;  // j - i
-      const int r = min(max(d, -L), U) + L;
-      if (r == 0) {
-        edge_lo[mi] += ds(mi, ni);
-      } else if (r == R - 1) {
-        edge_hi[mi] += ds(mi, ni);
-      } else if (row < T && col < T) {
-        dp_rows[int64_t(row) * R + r] = mul * ds(mi, ni);
+    } else {
+      CUTE_UNROLL
+      for (int ni = 0; ni < kCols; ++ni) {
+        const int col = col0 + get<1>(rc(0, ni));
+        const int d = kKeyRows ? row - col : col - row;  // j - i
+        const int r = min(max(d, -L), U) + L;
+        if (r == 0) {
+          edge_lo[mi] += ds(mi, ni);
+        } else if (r == R - 1) {
+          edge_hi[mi] += ds(mi, ni);
+        } else if (row < T && col < T) {
+          dp_rows[int64_t(row) * R + r] = mul * ds(mi, ni);
+        }
       }
     }
   }
