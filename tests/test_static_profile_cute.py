@@ -123,15 +123,16 @@ def test_backward_unit_configurations():
                    ("bwd_cute_fp16_hdim64.cu", "bwd", "fp16", 64)]
 
 
-def test_committed_backward_profile():
+@pytest.mark.parametrize("arch", (90, 80))
+def test_committed_backward_profile(arch):
     """Every backward unit profiled without errors; per kernel one hot loop holding exactly the
     mma.sync of one tile per warp (dQ: S, dP, dQ; dK/dV: S, dP, dV, dK; the counts the CPU
     emulation test requires too); shortest path <= longest <= whole body; the markdown is the
     JSON's rendering. Spills are reported, not required to be zero."""
-    base = os.path.join(REPO, "bench", "results", "static_cute_bwd_sm90")
+    base = os.path.join(REPO, "bench", "results", f"static_cute_bwd_sm{arch}")
     with open(base + ".json") as f:
         doc = json.load(f)
-    assert doc["arch"] == 90
+    assert doc["arch"] == arch
     assert sorted(r["unit"] for r in doc["rows"]) == sorted(
         os.path.basename(u) for u in glob.glob(spc.BWD_UNITS_GLOB))
     for r in doc["rows"]:
