@@ -479,14 +479,14 @@ def test_cute_forward_matches_gather(T, case, D, dtype):
 @requires_cute
 @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=lambda d: str(d).split(".")[-1])
 @pytest.mark.parametrize("D", (64, 128))
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", list(CASES) + ["one_bucket", "two_buckets_causal"])
 @pytest.mark.parametrize("T", (1, 7, 63, 300, 1000))
 def test_cute_backward_matches_gather(T, case, D, dtype):
     """dq, dk, dv, dP of the CuTe backward op (on the float64 reference's out and lse) against
     the float64 gather reference's autograd gradients, by the flash-attention error rule."""
     if torch.cuda.get_device_capability()[0] < 8:
         pytest.skip("the CuTe kernels need sm_80+")
-    L, U, window, causal, padding, per_head = CASES[case]
+    L, U, window, causal, padding, per_head = BWD_CASES[case]
     q, k, v, P = _inputs(dtype, T, D, L, U, per_head)
     dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(7),
                        dtype=torch.float64).to(dtype).cuda()
@@ -682,6 +682,9 @@ def test_cute_emulation_covers_every_shipped_configuration():
 # The backward on the CPU: the CuTe dQ and dK/dV kernels through the same host emulation
 # ---------------------------------------------------------------------------------------------
 
+# Backward-only cases: one bucket (R = 1: far-low and far-high tiles share bucket 0) and two.
+BWD_CASES = {**CASES, "one_bucket": (0, 0, None, False, None, True),
+             "two_buckets_causal": (0, 1, None, True, None, False)}
 BWD_EMULATION_SRC = os.path.join(REPO, "csrc", "cuda", "host_emulation", "cute_bwd_emulation.cpp")
 BWD_UNITS = sorted(glob.glob(os.path.join(REPO, "csrc", "cuda_cute", "bwd_cute_*.cu")))
 GRAD_NAMES = ("dq", "dk", "dv", "dP")
@@ -761,7 +764,7 @@ def _check_grads(where, ref, base, got, dtype):
 def _run_bwd_emulation(emu, case, T, D, dtype, B=2, H=2, at_issue=False):
     """The emulated backward on the float64 reference's out and lse (cast as the forward returns
     them), and the float64 reference gradients and those of gather in dtype."""
-    L, U, window, causal, padding, per_head = CASES[case]
+    L, U, window, causal, padding, per_head = BWD_CASES[case]
     q, k, v, P = _inputs(dtype, T, D, L, U, per_head, device="cpu", B=B, H=H)
     dout = torch.randn(B, H, T, D, generator=torch.Generator().manual_seed(7),
                        dtype=torch.float64).to(dtype)
@@ -788,11 +791,12 @@ BWD_PARAMS = ([(63, case, *CONFIGS[i % 4][::-1]) for i, case in enumerate(CASES)
               [(300, case, *CONFIGS[i][::-1])
                for i, case in enumerate(("plain", "window", "padding", "masked_rows"))] +
               [(T, case, *cfg[::-1]) for cfg in CONFIGS for T, case in ((1, "plain"), (7, "masked_rows"))
-               if (T == 1) == (cfg[1] == 64)])
+               if (T == 1) == (cfg[1] == 64)] +
+              [(150, "one_bucket", 64, torch.bfloat16), (63, "two_buckets_causal", 128, torch.float16)])
 
 
 def _bwd_batch_heads(T, case):
-    return (2 if case == "padding" else 1), (1 if T > 63 else 2)
+    return (2 if case == "padding" else 1), (1 if T > 63 and case != "one_bucket" else 2)
 
 
 @pytest.mark.parametrize("T,case,D,dtype", BWD_PARAMS,
@@ -838,4 +842,5 @@ def test_cute_emulation_backward_covers_every_shipped_configuration():
     assert set(_shipped_bwd_tiles()) == set(CONFIGS)
     for T in (63, 300):
         assert {(dtype, D) for t, _, D, dtype in BWD_PARAMS if t == T} == set(CONFIGS)
-    assert {case for t, case, _, _ in BWD_PARAMS if t == 63} == set(CASES)
+    assert {case for t, case, _, _ in BWD_PARAMS if t == 63} >= set(CASES)
+    assert {case for _, case, _, _ in BWD_PARAMS} == set(BWD_CASES)

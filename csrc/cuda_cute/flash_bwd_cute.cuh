@@ -208,7 +208,8 @@ __device__ __forceinline__ void bucket_sums(S const& ds, RC const& rc, int row0,
 }
 
 // The edge buckets of each row, quad-reduced, one lane per row storing: dp[row, 0] and
-// dp[row, R-1] = mul * sum (R = 1: the one bucket takes the low sum, the high one stays empty).
+// dp[row, R-1] = mul * sum. With R = 1 both are bucket 0, which takes both sums (far-high tiles,
+// every pair j - i >= U = 0, added theirs to the high one).
 template <class RC, int kRows>
 __device__ __forceinline__ void store_edge_sums(RC const& rc, int row0, int T, int R, int tid,
                                                 float (&edge_lo)[kRows], float (&edge_hi)[kRows],
@@ -219,8 +220,12 @@ __device__ __forceinline__ void store_edge_sums(RC const& rc, int row0, int T, i
     const float hi = quad_sum(edge_hi[mi]);
     const int row = row0 + get<0>(rc(mi, 0));
     if (tid % 4 == 0 && row < T) {
-      dp_rows[int64_t(row) * R] = mul * lo;
-      if (R > 1) dp_rows[int64_t(row) * R + R - 1] = mul * hi;
+      if (R > 1) {
+        dp_rows[int64_t(row) * R] = mul * lo;
+        dp_rows[int64_t(row) * R + R - 1] = mul * hi;
+      } else {
+        dp_rows[int64_t(row) * R] = mul * (lo + hi);
+      }
     }
   }
 }
