@@ -138,6 +138,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
   const DeltaSizes s = check_cute_inputs(q_in, k_in, v_in, P_in, key_padding_mask, L, U,
                                          window_left, window_right, scale, kWhoBwd);
   check_backward_args(OpDevice::CUDA, s, q_in, grad_out_in, out_in, lse_in);
+  // The backward's grids: ceil(T / 64) blocks per (batch, head) for dQ and dK/dV, one warp per
+  // row (4 or 8 per block) for D_i.
+  TORCH_CHECK((s.T + 63) / 64 * s.B * s.H < (int64_t(1) << 31) &&
+                  (s.B * s.H * s.T + 3) / 4 < (int64_t(1) << 31),
+              kWhoBwd, ": B*H*ceil(T/64) = ", (s.T + 63) / 64 * s.B * s.H, " and B*H*T/4 = ",
+              (s.B * s.H * s.T + 3) / 4, " thread blocks must stay below the grid limit 2^31");
   c10::cuda::CUDAGuard guard(q_in.device());
   const at::Tensor q = aligned(q_in), k = aligned(k_in), v = aligned(v_in),
                    grad_out = aligned(grad_out_in), P = P_in.contiguous(),
