@@ -12,9 +12,9 @@ Environment variables:
     TORCH_CUDA_ARCH_LIST      default "8.0;9.0" when no GPU is visible
     MAX_JOBS                  parallel compile jobs (ninja), respected by torch's BuildExtension
     DEBUG=1                   -O0 -g
-    HDAF_BUILD_CUTE=1         also build the opt-in CuTe forward (csrc/cuda_cute; the op
-                              hdaf::cuda_cute_delta_attention_forward, never used by `auto`, not yet
-                              run on a GPU). Needs the CUTLASS/CuTe headers: `pip install
+    HDAF_BUILD_CUTE=1         also build the opt-in CuTe forward and backward (csrc/cuda_cute; the
+                              ops hdaf::cuda_cute_delta_attention_forward / _backward, never used
+                              by `auto`, not yet run on a GPU). Needs the CUTLASS/CuTe headers: `pip install
                               nvidia-cutlass`, or CUTLASS_INCLUDE_DIR=<folder holding cute/, cutlass/>
 """
 import glob
@@ -144,7 +144,7 @@ def extensions():
     if _env_flag("HDAF_BUILD_CUTE"):
         # Opt-in only: the default build (and CI) never compiles CuTe.
         cute_inc = _cute_include_dir()
-        print(f"hdaf: also building the CuTe forward (csrc/cuda_cute; CuTe headers: {cute_inc})")
+        print(f"hdaf: also building the CuTe forward and backward (csrc/cuda_cute; CuTe headers: {cute_inc})")
         include_dirs = include_dirs + [cute_inc]
         sources += sorted(glob.glob(os.path.join("csrc", "cuda_cute", "*.cpp")))
         sources += sorted(glob.glob(os.path.join("csrc", "cuda_cute", "*.cu")))

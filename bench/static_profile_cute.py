@@ -1,5 +1,5 @@
-"""Static machine-code profile of the CuTe forward (csrc/cuda_cute) for sm_90 (and sm_80), without
-a GPU.
+"""Static machine-code profile of the CuTe forward and backward (csrc/cuda_cute) for sm_90 (and
+sm_80), without a GPU.
 
 Each instantiation unit ``csrc/cuda_cute/fwd_cute_*.cu`` is compiled by nvcc to a cubin with
 setup.py's CUDA flags (``-O3 --expt-relaxed-constexpr -lineinfo``) and the CuTe headers of the
@@ -17,11 +17,19 @@ through the body's forward branches (predicated instructions count as issued). A
 without a mask runs at least the shortest path: if that misses a target, the far tiles do.
 Nothing is timed.
 
-    python bench/static_profile_cute.py                # sm_90, the four units
+The backward units ``bwd_cute_*.cu`` (``--direction bwd``) hold three kernels each; the dQ and
+the dK/dV kernel are profiled separately, each from its own section of the cubin and its own
+``ptxas -v`` entry: the hot loop is the dQ kernel's key-tile loop (MACs ``BM·BN·3D``: S, dP, dQ)
+and the dK/dV kernel's query-tile loop (``BM·BN·4D``: S, dP, dV, dK), with the same whole-body
+and path figures.
+
+    python bench/static_profile_cute.py                # sm_90, the four forward units
     python bench/static_profile_cute.py --arch 90 80
+    python bench/static_profile_cute.py --direction bwd   # the four backward units
     python bench/static_profile_cute.py --report bench/results/static_cute_sm90.json
 
-Writes ``bench/results/static_cute_sm<arch>.json`` and ``.md`` (``--out-dir``).
+Writes ``bench/results/static_cute_sm<arch>.json`` and ``.md``, or ``static_cute_bwd_sm<arch>``
+for the backward (``--out-dir``).
 """
 from __future__ import annotations
 
@@ -48,21 +56,53 @@ sys.modules.setdefault("static_profile", sp)  # dataclasses look their module up
 _spec.loader.exec_module(sp)
 
 UNITS_GLOB = os.path.join(REPO, "csrc", "cuda_cute", "fwd_cute_*.cu")
-_DEFINE = re.compile(r"^HDAF_CUTE_DEFINE_FWD\((\w+), ([\w:]+), (\d+), (\d+), (\d+), (\d+)\)", re.M)
+BWD_UNITS_GLOB = os.path.join(REPO, "csrc", "cuda_cute", "bwd_cute_*.cu")
+_DEFINE = re.compile(r"^HDAF_CUTE_DEFINE_(FWD|BWD)\((\w+), ([\w:]+), (\d+), (\d+), (\d+), (\d+)\)",
+                     re.M)
+#: The backward's kernels with a hot loop: (name in the mangled symbol, static_profile MAC kind).
+BWD_KERNELS = (("dq_kernel", "dq"), ("dkdv_kernel", "dkdv"))
 DTYPES = {"__nv_bfloat16": "bf16", "__half": "fp16"}
 #: The issue's sm_90 bf16 forward targets for far tiles (D=64, D=128), per 1,024 MACs per warp.
 FAR_TARGETS = {64: 2.0, 128: 1.7}
 
 
 def unit_config(path: str) -> dict:
-    """dtype, head dim and tile configuration of one instantiation unit, from its
-    HDAF_CUTE_DEFINE_FWD line."""
+    """Direction, dtype, head dim and tile configuration of one instantiation unit, from its
+    HDAF_CUTE_DEFINE_FWD / _BWD line."""
     with open(path) as f:
         m = _DEFINE.search(f.read())
     if m is None:
-        raise ValueError(f"{path}: no HDAF_CUTE_DEFINE_FWD line")
-    return dict(unit=os.path.basename(path), dtype=DTYPES[m[1]], D=int(m[3]), BLOCK_M=int(m[4]),
-                BLOCK_N=int(m[5]), num_warps=int(m[6]))
+        raise ValueError(f"{path}: no HDAF_CUTE_DEFINE_FWD / _BWD line")
+    cfg = dict(unit=os.path.basename(path), dtype=DTYPES[m[2]], D=int(m[4]), BLOCK_M=int(m[5]),
+               BLOCK_N=int(m[6]), num_warps=int(m[7]))
+    if m[1] == "BWD":
+        cfg["direction"] = "bwd"
+    return cfg
+
+
+def split_functions(text: str) -> Dict[str, str]:
+    """An nvdisasm listing cut into its functions' sections: mangled name -> listing (which
+    static_profile.parse_sass reads as its first function)."""
+    out: Dict[str, List[str]] = {}
+    name = None
+    for line in text.splitlines():
+        m = sp._SECTION.match(line)
+        if m:
+            name = m.group(1)
+            out[name] = []
+        if name is not None:
+            out[name].append(line)
+    return {k: "\n".join(v) + "\n" for k, v in out.items()}
+
+
+_PTXAS_ENTRY = re.compile(r"Compiling entry function '(\S+)'")
+
+
+def parse_ptxas_entries(log: str) -> Dict[str, Optional[dict]]:
+    """Per kernel (mangled name) the registers and spills of a ``ptxas -v`` log."""
+    marks = [(m.start(), m.group(1)) for m in _PTXAS_ENTRY.finditer(log)]
+    return {name: sp.parse_ptxas_log(log[start:(marks[n + 1][0] if n + 1 < len(marks) else None)])
+            for n, (start, name) in enumerate(marks)}
 
 
 def path_spans(instrs: Sequence, labels: Dict[str, int],
@@ -102,10 +142,11 @@ def path_spans(instrs: Sequence, labels: Dict[str, int],
                 longest=dict(non_matrix=best[0][2], matrix=best[0][3]))
 
 
-def profile_unit_sass(text: str, cfg: dict) -> List[dict]:
-    """The hot loops of one unit's SASS with the whole-body and per-path figures."""
+def profile_unit_sass(text: str, cfg: dict, kind: str = "fwd") -> List[dict]:
+    """The hot loops of one kernel's SASS with the whole-body and per-path figures; kind is
+    static_profile's MAC formula (fwd, dq, dkdv)."""
     config = dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"])
-    rows = sp.profile_sass(text, "fwd", config, cfg["D"], cfg["D"])
+    rows = sp.profile_sass(text, kind, config, cfg["D"], cfg["D"])
     instrs, labels = sp.parse_sass(text)
     kmacs_per_warp = None
     for row in rows:
@@ -151,7 +192,7 @@ def compile_unit(path: str, arch: int, cutlass: str, dump_sass: Optional[str]) -
         if proc.returncode != 0:
             row["error"] = proc.stderr.strip()[-2000:]
             return row
-        row["ptxas"] = sp.parse_ptxas_log(proc.stderr + proc.stdout)
+        log = proc.stderr + proc.stdout
         with open(cubin, "rb") as f:
             text = sp.disassemble(f.read())
     row["compile_s"] = round(time.time() - t0, 1)
@@ -159,7 +200,19 @@ def compile_unit(path: str, arch: int, cutlass: str, dump_sass: Optional[str]) -
         os.makedirs(dump_sass, exist_ok=True)
         with open(os.path.join(dump_sass, f"{cfg['unit']}.sm_{arch}.sass"), "w") as f:
             f.write(text)
-    row["loops"] = profile_unit_sass(text, cfg)
+    if cfg.get("direction") != "bwd":
+        row["ptxas"] = sp.parse_ptxas_log(log)
+        row["loops"] = profile_unit_sass(text, cfg)
+        return row
+    functions, usage = split_functions(text), parse_ptxas_entries(log)
+    row["kernels"] = []
+    for kernel, kind in BWD_KERNELS:
+        names = [n for n in functions if kernel in n]
+        if len(names) != 1:
+            row["kernels"].append(dict(kernel=kernel, error=f"{len(names)} functions named so"))
+            continue
+        row["kernels"].append(dict(kernel=kernel, kind=kind, ptxas=usage.get(names[0]),
+                                   loops=profile_unit_sass(functions[names[0]], cfg, kind)))
     return row
 
 
@@ -223,9 +276,46 @@ def render_markdown(doc: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def render_markdown_bwd(doc: dict) -> str:
+    arch = doc["arch"]
+    lines = [f"# CuTe backward, static profile, sm_{arch}", "",
+             f"`{doc['command']}` ({doc['date_utc']}, commit {doc['git_commit'][:10]}"
+             f"{', csrc/cuda_cute modified' if doc.get('sources_modified') else ''}; "
+             f"{doc['versions']['nvcc']}, CUTLASS {doc['versions']['cutlass']}). "
+             "Hot loops: the dQ kernel's key-tile loop (S, dP, dQ per tile) and the dK/dV "
+             "kernel's query-tile loop (S, dP, dV, dK), per iteration per warp; non-matrix "
+             "instructions per 1,024 MACs per warp for the whole loop body (every tile kind's "
+             "path) and for the shortest and longest paths through it. Nothing is timed.", "",
+             "| unit | kernel | tile (M×N, warps) | regs | spill (B) | body instr. | HMMA "
+             "| whole body | shortest path | longest path |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in doc["rows"]:
+        tile = f"{r['BLOCK_M']}×{r['BLOCK_N']}, {r['num_warps']} w"
+        if r.get("error"):
+            lines.append(f"| {r['unit']} | | {tile} | compile error | | | | | | |")
+            continue
+        for k in r.get("kernels") or []:
+            if k.get("error"):
+                lines.append(f"| {r['unit']} | {k['kernel']} | {tile} | {k['error']} | | | | | | |")
+                continue
+            p = k.get("ptxas") or {}
+            spill = p.get("spill_stores", 0) + p.get("spill_loads", 0) if p else None
+            for lp in k.get("loops") or []:
+                paths = lp.get("paths") or {}
+                short = (paths.get("shortest") or {}).get("non_matrix_per_kmac")
+                long_ = (paths.get("longest") or {}).get("non_matrix_per_kmac")
+                lines.append(
+                    f"| {r['unit']} | {k['kernel']} | {tile} | {p.get('registers', '–')} | "
+                    f"{'–' if spill is None else spill} | {lp['instructions']} | {lp['matrix']} | "
+                    f"{_fmt(lp['non_matrix_per_kmac'])} | {_fmt(short)} | {_fmt(long_)} |")
+    return "\n".join(lines) + "\n"
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", type=int, nargs="+", choices=(80, 90), default=[90])
+    p.add_argument("--direction", choices=("fwd", "bwd"), default="fwd",
+                   help="the forward units (default) or the backward units")
     p.add_argument("--out-dir", default=os.path.join(REPO, "bench", "results"))
     p.add_argument("--dump-sass", metavar="DIR", help="also write each unit's SASS there")
     p.add_argument("--report", metavar="JSON", help="print the markdown of a written JSON only")
@@ -237,22 +327,25 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.report:
         with open(args.report) as f:
-            print(render_markdown(json.load(f)), end="")
+            doc = json.load(f)
+        bwd = any("kernels" in r for r in doc["rows"])
+        print((render_markdown_bwd if bwd else render_markdown)(doc), end="")
         return 0
     cutlass = _cutlass_include()
     meta = provenance(argv, cutlass)
-    units = sorted(glob.glob(UNITS_GLOB))
+    bwd = args.direction == "bwd"
+    units = sorted(glob.glob(BWD_UNITS_GLOB if bwd else UNITS_GLOB))
     os.makedirs(args.out_dir, exist_ok=True)
     for arch in args.arch:
         t0 = time.time()
         rows = [compile_unit(u, arch, cutlass, args.dump_sass) for u in units]
         doc = dict(arch=arch, **meta, wall_s=round(time.time() - t0, 1), rows=rows)
-        base = os.path.join(args.out_dir, f"static_cute_sm{arch}")
+        base = os.path.join(args.out_dir, f"static_cute_{'bwd_' if bwd else ''}sm{arch}")
         with open(base + ".json", "w") as f:
             json.dump(doc, f, indent=1)
             f.write("\n")
         with open(base + ".md", "w") as f:
-            f.write(render_markdown(doc))
+            f.write((render_markdown_bwd if bwd else render_markdown)(doc))
         print(f"wrote {base}.json and .md ({doc['wall_s']:.0f} s)", file=sys.stderr)
     return 0
 

@@ -87,3 +87,68 @@ def test_committed_profile(arch):
             lp["instructions"] - lp["matrix"], r["unit"]
     with open(base + ".md") as f:
         assert f.read() == spc.render_markdown(doc)
+
+
+# Two kernels in one listing (addresses restart per section) and their ptxas entries.
+TWO_KERNELS = SASS.replace("toy_kernel", "_Z9dq_kernelv") + SASS.replace("toy_kernel", "_Z11dkdv_kernelv")
+PTXAS_LOG = """\
+ptxas info    : Compiling entry function '_Z11dkdv_kernelv' for 'sm_90'
+ptxas info    : Function properties for _Z11dkdv_kernelv
+    64 bytes stack frame, 60 bytes spill stores, 88 bytes spill loads
+ptxas info    : Used 255 registers, used 1 barriers, 64 bytes cumulative stack size
+ptxas info    : Compiling entry function '_Z9dq_kernelv' for 'sm_90'
+ptxas info    : Function properties for _Z9dq_kernelv
+    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 254 registers, used 1 barriers
+"""
+
+
+def test_backward_listing_split_per_kernel():
+    funcs = spc.split_functions(TWO_KERNELS)
+    assert sorted(funcs) == ["_Z11dkdv_kernelv", "_Z9dq_kernelv"]
+    for text in funcs.values():
+        instrs, labels = spc.sp.parse_sass(text)
+        assert spc.sp.find_loops(instrs, labels) == [(0x20, 0xc0)]
+    usage = spc.parse_ptxas_entries(PTXAS_LOG)
+    assert usage["_Z11dkdv_kernelv"] == dict(registers=255, stack=64, spill_stores=60, spill_loads=88)
+    assert usage["_Z9dq_kernelv"] == dict(registers=254, stack=0, spill_stores=0, spill_loads=0)
+
+
+def test_backward_unit_configurations():
+    got = sorted((c["unit"], c["direction"], c["dtype"], c["D"])
+                 for c in map(spc.unit_config, glob.glob(spc.BWD_UNITS_GLOB)))
+    assert got == [("bwd_cute_bf16_hdim128.cu", "bwd", "bf16", 128),
+                   ("bwd_cute_bf16_hdim64.cu", "bwd", "bf16", 64),
+                   ("bwd_cute_fp16_hdim128.cu", "bwd", "fp16", 128),
+                   ("bwd_cute_fp16_hdim64.cu", "bwd", "fp16", 64)]
+
+
+@pytest.mark.parametrize("arch", (90, 80))
+def test_committed_backward_profile(arch):
+    """Every backward unit profiled without errors; per kernel one hot loop holding exactly the
+    mma.sync of one tile per warp (dQ: S, dP, dQ; dK/dV: S, dP, dV, dK; the counts the CPU
+    emulation test requires too); shortest path <= longest <= whole body; the markdown is the
+    JSON's rendering. Spills are reported, not required to be zero."""
+    base = os.path.join(REPO, "bench", "results", f"static_cute_bwd_sm{arch}")
+    with open(base + ".json") as f:
+        doc = json.load(f)
+    assert doc["arch"] == arch
+    assert sorted(r["unit"] for r in doc["rows"]) == sorted(
+        os.path.basename(u) for u in glob.glob(spc.BWD_UNITS_GLOB))
+    for r in doc["rows"]:
+        assert not r.get("error"), r["unit"]
+        bm, bn, w, d = r["BLOCK_M"], r["BLOCK_N"], r["num_warps"], r["D"]
+        want = {"dq_kernel": (bm // w // 16) * 3 * bn * d // 128,
+                "dkdv_kernel": (bn // w // 16) * 4 * bm * d // 128}
+        assert sorted(k["kernel"] for k in r["kernels"]) == sorted(want), r["unit"]
+        for k in r["kernels"]:
+            assert not k.get("error") and k["ptxas"]["registers"] <= 255, (r["unit"], k)
+            assert len(k["loops"]) == 1, (r["unit"], k["kernel"])
+            lp = k["loops"][0]
+            assert lp["mma_sync"] == lp["matrix"] == want[k["kernel"]], (r["unit"], k["kernel"])
+            p = lp["paths"]
+            assert p["shortest"]["matrix"] == p["longest"]["matrix"] == lp["matrix"]
+            assert p["shortest"]["non_matrix"] <= p["longest"]["non_matrix"] <= \
+                lp["instructions"] - lp["matrix"]
+    with open(base + ".md") as f:
+        assert f.read() == spc.render_markdown_bwd(doc)

@@ -70,5 +70,17 @@ size_t delta_fwd_cute_smem_bytes();
 template <typename scalar_t, int kHeadDim>
 cudaError_t delta_fwd_cute_launch(const FwdParams& p, cudaStream_t stream);
 
+// The CuTe backward (same build switch and status): BwdParams with lse, D and both dP halves in
+// float32. dP_heads takes the key-row half (dP[j, r(i,j)] += scale dS_ij, written by the dK/dV
+// pass) and dP_rows the query-row half (dP[i, r(i,j)] -= scale dS_ij, by the dQ pass), each
+// [B,H,T,R], zero on entry; the caller adds them (and sums over heads when Hp = 1).
+struct CuteBwdParams : BwdParams {
+  void* dP_rows;
+};
+template <typename scalar_t, int kHeadDim>
+size_t delta_bwd_cute_smem_bytes();
+template <typename scalar_t, int kHeadDim>
+cudaError_t delta_bwd_cute_launch(const CuteBwdParams& p, cudaStream_t stream);
+
 }  // namespace cuda
 }  // namespace hdaf

@@ -1,5 +1,6 @@
-// Which key tiles one query block of the CuTe forward visits, and what each of them is.
-// Torch-free and __host__ __device__: the kernel (flash_fwd_cute.cuh) calls it, and
+// Which key tiles one query block of the CuTe forward / dQ pass visits, which query tiles one key
+// block of the dK/dV pass visits, and what each of them is.
+// Torch-free and __host__ __device__: the kernels (flash_fwd_cute.cuh, flash_bwd_cute.cuh) call it, and
 // tests/test_cuda_cute.py compiles it on the CPU and checks it against every (query, key) pair.
 #pragma once
 
@@ -34,6 +35,27 @@ HDAF_HD KeyTiles key_tiles(int m0, int T, int L, int U, int lo, int hi, int BM, 
 // end of the sequence, or the call has a key padding mask. Otherwise every pair is visible.
 HDAF_HD bool tile_needs_mask(int m0, int n0, int T, int lo, int hi, int BM, int BN, bool has_pad) {
   return has_pad || n0 - (m0 + BM - 1) < lo || n0 + BN - 1 - m0 > hi || n0 + BN > T;
+}
+
+// Block-aligned query tiles (starts multiples of BM) that may see the keys [n0, n0 + BN):
+// [begin, end), `end` one past the last query that sees one of them.
+struct QueryTiles {
+  int begin, end;
+};
+
+HDAF_HD QueryTiles query_tiles(int n0, int T, int lo, int hi, int BM, int BN) {
+  QueryTiles t;
+  t.begin = imax(n0 - hi, 0) / BM * BM;
+  t.end = imax(imin(n0 + BN - lo, T), t.begin);
+  return t;
+}
+
+// The kind of the tile (query rows [m0, m0 + BM), keys [n0, n0 + BN)): every pair's bucket is 0
+// (far-low, 0), R-1 (far-high, 2), or the bucket varies (band, 1). Same bounds as key_tiles.
+HDAF_HD int tile_kind(int m0, int n0, int L, int U, int BM, int BN) {
+  if (n0 + BN - 1 - m0 <= -L) return 0;
+  if (n0 - (m0 + BM - 1) >= U) return 2;
+  return 1;
 }
 
 }  // namespace cute_tiles
