@@ -25,8 +25,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 SEEDS = "100-104"
-PINS = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2",
-        "OPENBLAS_CORETYPE": "Haswell"}
+from hdaf.training.numerics import ISA_PINS as PINS  # noqa: E402  (scripts/main.sh's pins)
 COMP = {"vision": ["happy", "sad", "anger"], "audio": ["surprise", "disgust", "fear"], "text": []}
 SETTINGS = {
     "ref": ({}, "the main job's data (steps, constant offsets)"),

@@ -30,8 +30,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 GRID = os.path.join(ROOT, "configs", "change_grid.yaml")
-PINS = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2",
-        "OPENBLAS_CORETYPE": "Haswell"}
+from hdaf.training.numerics import ISA_PINS as PINS  # noqa: E402  (scripts/main.sh's pins)
 # (label in the report, run, head) of the rows reported per setting
 ROWS = [("vision head", "hdaf_aligned", "vision"), ("acoustic head", "hdaf_aligned", "audio"),
         ("text head", "hdaf_aligned", "text"), ("HDAF aligned", "hdaf_aligned", "fused"),

@@ -26,6 +26,10 @@ import torch
 #: Read once when torch / MKL / oneDNN / OpenBLAS (numpy, scipy) start: pin the instruction set
 #: the CPU kernels use. ``scripts/main.sh`` sets each to AVX2 (Haswell) unless already set.
 ISA_ENV = ("ATEN_CPU_CAPABILITY", "MKL_CBWR", "ONEDNN_MAX_CPU_ISA", "OPENBLAS_CORETYPE")
+#: The values ``scripts/main.sh`` exports on an AVX2 machine (for scripts that start the main job
+#: themselves, e.g. scripts/change_grid.py).
+ISA_PINS = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2",
+            "OPENBLAS_CORETYPE": "Haswell"}
 
 
 def check_threads(threads) -> Optional[int]:
