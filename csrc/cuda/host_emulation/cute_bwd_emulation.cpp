@@ -12,19 +12,7 @@
 // ldmatrix.trans calls and cp.async bytes of the three launches together.
 //
 // Build with -fno-strict-aliasing (see cute_fwd_emulation.cpp).
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
-
-// Declared only, as in cute_fwd_emulation.cpp: named by converters these kernels never use.
-int __dp4a(int, int, int);
-unsigned __byte_perm(unsigned, unsigned, unsigned);
-__half2 __hfma2(__half2, __half2, __half2);
-
-#include <cute/tensor.hpp>
-#include <cutlass/array.h>
-#include <cutlass/numeric_conversion.h>
-#include <cutlass/numeric_types.h>
+#include "cute_host_prelude.h"
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -37,11 +25,6 @@ __half2 __hfma2(__half2, __half2, __half2);
 #include <cstdint>
 #include <optional>
 #include <tuple>
-
-#include "cute_sm80_emulation.h"
-
-inline int min(int a, int b) { return a < b ? a : b; }
-inline int max(int a, int b) { return a > b ? a : b; }
 
 #define HDAF_CUTE_EMULATION 1
 #define hdaf hdaf_cute_host

@@ -15,21 +15,7 @@
 // Build with -fno-strict-aliasing: CuTe reads register fragments through recast (mma_unpack
 // views half_t / bfloat16_t fragments as uint32_t registers), which g++ -O2 otherwise may
 // reorder against the stores that filled them (seen: the fp16 P V product read stale registers).
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
-
-// Device intrinsics that CUTLASS's numeric_conversion.h names in converters this kernel does not
-// instantiate (int8 / fp8 paths); the host CUDA headers do not declare them. Declared only: a use
-// would fail to link instead of computing anything.
-int __dp4a(int, int, int);
-unsigned __byte_perm(unsigned, unsigned, unsigned);
-__half2 __hfma2(__half2, __half2, __half2);
-
-#include <cute/tensor.hpp>
-#include <cutlass/array.h>
-#include <cutlass/numeric_conversion.h>
-#include <cutlass/numeric_types.h>
+#include "cute_host_prelude.h"
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -40,12 +26,6 @@ __half2 __hfma2(__half2, __half2, __half2);
 #include <cstdint>
 #include <optional>
 #include <tuple>
-
-#include "cute_sm80_emulation.h"
-
-// CUDA's integer min / max device built-ins, for the host.
-inline int min(int a, int b) { return a < b ? a : b; }
-inline int max(int a, int b) { return a > b ? a : b; }
 
 // The shipped instantiation units, in a namespace of their own (hdaf._C, loaded in the same
 // process, may hold the GPU build of the same templates).
