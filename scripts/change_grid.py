@@ -110,10 +110,11 @@ def _fmt(st) -> str:
 
 
 def _cmp(summary: dict, a: str, b: str, head_a: str = "fused", head_b: str = "fused"):
-    for c in summary.get("comparisons", []):
-        if (c["a"], c["b"], c["head"], c.get("head_b", c["head"])) == (a, b, head_a, head_b):
-            return c["stats"]["Acc6"]
-    return None
+    """Acc6 statistics of the paired comparison ``a − b`` (``multiseed._comparison``'s lookup)."""
+    from hdaf.training.multiseed import _comparison
+
+    c = _comparison(summary, a, b, head_a, head_b)
+    return None if c is None else c["stats"]["Acc6"]
 
 
 def _claims(summary: dict) -> list:
