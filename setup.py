@@ -12,10 +12,9 @@ Environment variables:
     TORCH_CUDA_ARCH_LIST      default "8.0;9.0" when no GPU is visible
     MAX_JOBS                  parallel compile jobs (ninja), respected by torch's BuildExtension
     DEBUG=1                   -O0 -g
-    HDAF_BUILD_CUTE=1         also build the opt-in CuTe forward and backward (csrc/cuda_cute; the
-                              ops hdaf::cuda_cute_delta_attention_forward / _backward, never used
-                              by `auto`, not yet run on a GPU). Needs the CUTLASS/CuTe headers: `pip install
-                              nvidia-cutlass`, or CUTLASS_INCLUDE_DIR=<folder holding cute/, cutlass/>
+    CUTLASS_INCLUDE_DIR       the folder holding cute/ and cutlass/ (the CUDA kernels are written
+                              on CuTe); default: the headers of the pip package nvidia-cutlass
+                              (requirements.txt)
 """
 import glob
 import importlib.util
@@ -111,9 +110,10 @@ def _cute_include_dir():
     looked = "; ".join(f"{d} ({what})" for what, d in cands) or (
         "CUTLASS_INCLUDE_DIR is unset and the pip package nvidia-cutlass (module cutlass_library) "
         "is not installed")
-    sys.exit(f"HDAF_BUILD_CUTE=1 but the CUTLASS/CuTe headers {' and '.join(need)} were not found "
+    sys.exit(f"the CUDA build needs the CUTLASS/CuTe headers {' and '.join(need)} were not found "
              f"(looked in: {looked}). Install them with `pip install nvidia-cutlass` or set "
-             f"CUTLASS_INCLUDE_DIR to the folder that holds cute/ and cutlass/.")
+             f"CUTLASS_INCLUDE_DIR to the folder that holds cute/ and cutlass/ (or build the CPU "
+             f"kernels only with HDAF_SKIP_CUDA_BUILD=1).")
 
 
 def extensions():
@@ -126,8 +126,6 @@ def extensions():
                os.path.join("csrc", "delta_attention_checks.cpp")] + sorted(
         glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     use_cuda, why = _want_cuda()
-    if _env_flag("HDAF_BUILD_CUTE") and not use_cuda:
-        sys.exit(f"HDAF_BUILD_CUTE=1 needs the CUDA build, which is not possible here: {why}")
     if not use_cuda:
         print(f"hdaf: building the CPU kernels only ({why})")
         return [CppExtension("hdaf._C", sources, include_dirs=include_dirs,
@@ -141,13 +139,9 @@ def extensions():
     sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cpp")))
     sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
     nvcc_flags = opt + ["--expt-relaxed-constexpr", "-lineinfo"]
-    if _env_flag("HDAF_BUILD_CUTE"):
-        # Opt-in only: the default build (and CI) never compiles CuTe.
-        cute_inc = _cute_include_dir()
-        print(f"hdaf: also building the CuTe forward and backward (csrc/cuda_cute; CuTe headers: {cute_inc})")
-        include_dirs = include_dirs + [cute_inc]
-        sources += sorted(glob.glob(os.path.join("csrc", "cuda_cute", "*.cpp")))
-        sources += sorted(glob.glob(os.path.join("csrc", "cuda_cute", "*.cu")))
+    cute_inc = _cute_include_dir()
+    print(f"hdaf: CuTe headers from {cute_inc}")
+    include_dirs = include_dirs + [cute_inc]
     return [CUDAExtension("hdaf._C", sources, include_dirs=include_dirs + _nvidia_pip_includes(),
                           extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags})]
 

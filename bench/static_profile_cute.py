@@ -1,7 +1,7 @@
-"""Static machine-code profile of the CuTe forward and backward (csrc/cuda_cute) for sm_90 (and
+"""Static machine-code profile of the CuTe forward and backward (csrc/cuda) for sm_90 (and
 sm_80), without a GPU.
 
-Each instantiation unit ``csrc/cuda_cute/fwd_cute_*.cu`` is compiled by nvcc to a cubin with
+Each instantiation unit ``csrc/cuda/fwd_*.cu`` is compiled by nvcc to a cubin with
 setup.py's CUDA flags (``-O3 --expt-relaxed-constexpr -lineinfo``) and the CuTe headers of the
 ``nvidia-cutlass`` package (or ``CUTLASS_INCLUDE_DIR``), ``ptxas -v`` giving registers and spills.
 The cubin is disassembled with ``nvdisasm`` (Triton's wheel) and its hot loop, the key-tile
@@ -17,7 +17,7 @@ through the body's forward branches (predicated instructions count as issued). A
 without a mask runs at least the shortest path: if that misses a target, the far tiles do.
 Nothing is timed.
 
-The backward units ``bwd_cute_*.cu`` (``--direction bwd``) hold three kernels each; the dQ and
+The backward units ``bwd_*.cu`` (``--direction bwd``) hold three kernels each; the dQ and
 the dK/dV kernel are profiled separately, each from its own section of the cubin and its own
 ``ptxas -v`` entry: the hot loop is the dQ kernel's key-tile loop (MACs ``BM·BN·3D``: S, dP, dQ)
 and the dK/dV kernel's query-tile loop (``BM·BN·4D``: S, dP, dV, dK), with the same whole-body
@@ -55,8 +55,8 @@ sp = importlib.util.module_from_spec(_spec)
 sys.modules.setdefault("static_profile", sp)  # dataclasses look their module up there
 _spec.loader.exec_module(sp)
 
-UNITS_GLOB = os.path.join(REPO, "csrc", "cuda_cute", "fwd_cute_*.cu")
-BWD_UNITS_GLOB = os.path.join(REPO, "csrc", "cuda_cute", "bwd_cute_*.cu")
+UNITS_GLOB = os.path.join(REPO, "csrc", "cuda", "fwd_*.cu")
+BWD_UNITS_GLOB = os.path.join(REPO, "csrc", "cuda", "bwd_*.cu")
 _DEFINE = re.compile(r"^HDAF_CUTE_DEFINE_(FWD|BWD)\((\w+), ([\w:]+), (\d+), (\d+), (\d+), (\d+)\)",
                      re.M)
 #: The backward's kernels with a hot loop: (name in the mangled symbol, static_profile MAC kind).
@@ -232,7 +232,7 @@ def provenance(argv: Sequence[str], cutlass: str) -> dict:
         versions=dict(python=platform.python_version(), nvcc=nvcc[-1] if nvcc else "",
                       cutlass=version),
         git_commit=sp._git("rev-parse", "HEAD"),
-        sources_modified=bool(sp._git("status", "--porcelain", "--", "csrc/cuda_cute")),
+        sources_modified=bool(sp._git("status", "--porcelain", "--", "csrc/cuda")),
     )
 
 
@@ -244,7 +244,7 @@ def render_markdown(doc: dict) -> str:
     arch = doc["arch"]
     lines = [f"# CuTe forward, static profile, sm_{arch}", "",
              f"`{doc['command']}` ({doc['date_utc']}, commit {doc['git_commit'][:10]}"
-             f"{', csrc/cuda_cute modified' if doc.get('sources_modified') else ''}; "
+             f"{', csrc/cuda modified' if doc.get('sources_modified') else ''}; "
              f"{doc['versions']['nvcc']}, CUTLASS {doc['versions']['cutlass']}). "
              "Hot loop (the key-tile loop), per iteration per warp; non-matrix instructions per "
              "1,024 MACs per warp for the whole loop body (every tile kind's path) and for the "
@@ -280,7 +280,7 @@ def render_markdown_bwd(doc: dict) -> str:
     arch = doc["arch"]
     lines = [f"# CuTe backward, static profile, sm_{arch}", "",
              f"`{doc['command']}` ({doc['date_utc']}, commit {doc['git_commit'][:10]}"
-             f"{', csrc/cuda_cute modified' if doc.get('sources_modified') else ''}; "
+             f"{', csrc/cuda modified' if doc.get('sources_modified') else ''}; "
              f"{doc['versions']['nvcc']}, CUTLASS {doc['versions']['cutlass']}). "
              "Hot loops: the dQ kernel's key-tile loop (S, dP, dQ per tile) and the dK/dV "
              "kernel's query-tile loop (S, dP, dV, dK), per iteration per warp; non-matrix "

@@ -56,10 +56,10 @@ def test_path_bounds_on_a_hand_written_loop():
 def test_unit_configurations():
     got = sorted((c["unit"], c["dtype"], c["D"], c["BLOCK_M"], c["BLOCK_N"], c["num_warps"])
                  for c in map(spc.unit_config, glob.glob(spc.UNITS_GLOB)))
-    assert [g[:3] for g in got] == [("fwd_cute_bf16_hdim128.cu", "bf16", 128),
-                                    ("fwd_cute_bf16_hdim64.cu", "bf16", 64),
-                                    ("fwd_cute_fp16_hdim128.cu", "fp16", 128),
-                                    ("fwd_cute_fp16_hdim64.cu", "fp16", 64)]
+    assert [g[:3] for g in got] == [("fwd_bf16_hdim128.cu", "bf16", 128),
+                                    ("fwd_bf16_hdim64.cu", "bf16", 64),
+                                    ("fwd_fp16_hdim128.cu", "fp16", 128),
+                                    ("fwd_fp16_hdim64.cu", "fp16", 64)]
 
 
 @pytest.mark.parametrize("arch", (90, 80))
@@ -117,10 +117,10 @@ def test_backward_listing_split_per_kernel():
 def test_backward_unit_configurations():
     got = sorted((c["unit"], c["direction"], c["dtype"], c["D"])
                  for c in map(spc.unit_config, glob.glob(spc.BWD_UNITS_GLOB)))
-    assert got == [("bwd_cute_bf16_hdim128.cu", "bwd", "bf16", 128),
-                   ("bwd_cute_bf16_hdim64.cu", "bwd", "bf16", 64),
-                   ("bwd_cute_fp16_hdim128.cu", "bwd", "fp16", 128),
-                   ("bwd_cute_fp16_hdim64.cu", "bwd", "fp16", 64)]
+    assert got == [("bwd_bf16_hdim128.cu", "bwd", "bf16", 128),
+                   ("bwd_bf16_hdim64.cu", "bwd", "bf16", 64),
+                   ("bwd_fp16_hdim128.cu", "bwd", "fp16", 128),
+                   ("bwd_fp16_hdim64.cu", "bwd", "fp16", 64)]
 
 
 @pytest.mark.parametrize("arch", (90, 80))

@@ -1,4 +1,4 @@
-// What both CuTe emulation units (cute_fwd_emulation.cpp, cute_bwd_emulation.cpp) need before
+// What both CuTe emulation units (fwd_emulation.cpp, bwd_emulation.cpp) need before
 // they include the shipped kernel units: the CUDA host headers, CuTe / CUTLASS, and the device
 // built-ins those headers name but the host headers do not declare.
 #pragma once

@@ -1,6 +1,6 @@
 // CuTe's SM80 operations on the CPU: mma.sync m16n8k16 (bf16 / fp16 in, fp32 accumulate),
 // ldmatrix x4 (plain and .trans) and 16-byte cp.async, for host emulation builds of the CuTe
-// kernels (csrc/cuda_cute/ compiled with HDAF_CUTE_EMULATION; see cute_fwd_emulation.cpp).
+// kernels (csrc/cuda/ compiled with HDAF_CUTE_EMULATION; see fwd_emulation.cpp).
 //
 // On the host CuTe's own operation structs (cute/arch/mma_sm80.hpp, copy_sm75.hpp,
 // copy_sm80.hpp) reach CUTE_INVALID_CONTROL_PATH: with NDEBUG they print and leave the result

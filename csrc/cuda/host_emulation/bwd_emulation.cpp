@@ -1,7 +1,7 @@
-// Runs the CuTe backward (csrc/cuda_cute/flash_bwd_cute.cuh) on the CPU, for tests on machines
+// Runs the CuTe backward (csrc/cuda/flash_bwd.cuh) on the CPU, for tests on machines
 // without a GPU (tests/test_cuda_cute.py builds it with torch.utils.cpp_extension.load; never
-// part of hdaf._C). Like cute_fwd_emulation.cpp: it compiles the four instantiation units
-// csrc/cuda_cute/bwd_cute_*.cu themselves, with HDAF_CUTE_EMULATION defined, so the kernels take
+// part of hdaf._C). Like fwd_emulation.cpp: it compiles the four instantiation units
+// csrc/cuda/bwd_*.cu themselves, with HDAF_CUTE_EMULATION defined, so the kernels take
 // the SM80 operations of cute_sm80_emulation.h and block_emulation.h runs their blocks.
 //
 // Registered op (contiguous CPU tensors, float16 / bfloat16, Dk == Dv in {64, 128}):
@@ -11,7 +11,7 @@
 // P is shared), and counters (int64) as in the forward's emulation: warp-level mma.sync, ldmatrix,
 // ldmatrix.trans calls and cp.async bytes of the three launches together.
 //
-// Build with -fno-strict-aliasing (see cute_fwd_emulation.cpp).
+// Build with -fno-strict-aliasing (see fwd_emulation.cpp).
 #include "cute_host_prelude.h"
 
 #include <ATen/core/Tensor.h>
@@ -28,10 +28,10 @@
 
 #define HDAF_CUTE_EMULATION 1
 #define hdaf hdaf_cute_host
-#include "../../cuda_cute/bwd_cute_bf16_hdim128.cu"
-#include "../../cuda_cute/bwd_cute_bf16_hdim64.cu"
-#include "../../cuda_cute/bwd_cute_fp16_hdim128.cu"
-#include "../../cuda_cute/bwd_cute_fp16_hdim64.cu"
+#include "../bwd_bf16_hdim128.cu"
+#include "../bwd_bf16_hdim64.cu"
+#include "../bwd_fp16_hdim128.cu"
+#include "../bwd_fp16_hdim64.cu"
 #undef hdaf
 
 // `extern __shared__ unsigned char smem_raw[]` in the backward kernels declares this array.

@@ -2,7 +2,7 @@
 // Spec: docs/delta_attention.md ("Backward"). OPT-IN like the forward (setup.py: HDAF_BUILD_CUTE=1),
 // served only by the op hdaf::cuda_cute_delta_attention_backward, never by `auto`; compile-verified
 // only, no GPU has run it yet. Included by the instantiation units bwd_cute_*.cu, which the host
-// emulation (csrc/cuda/host_emulation/cute_bwd_emulation.cpp) also compiles for the CPU with
+// emulation (csrc/cuda/host_emulation/bwd_emulation.cpp) also compiles for the CPU with
 // HDAF_CUTE_EMULATION defined (the SM80 operations through the `sm80` alias, as in the forward).
 //
 // Three launches, no atomics (every output element has one writer; deterministic):
@@ -29,29 +29,15 @@
 //           (lse = -inf) and rows past the end take lse2 = +inf: p = 0 there, whatever S is.
 #pragma once
 
-#include "flash_fwd_cute.cuh"
+#include "flash_fwd.cuh"
 
 namespace hdaf {
 namespace cuda {
 namespace cute_bwd {
 
 using namespace cute;
-using cute_fwd::acc_as_a;
-using cute_fwd::acc_rowcol;
-using cute_fwd::copy_rows;
-using cute_fwd::gemm_a_in_regs;
-using cute_fwd::kBand;
-using cute_fwd::kFarHi;
-using cute_fwd::kFarLo;
-using cute_fwd::quad_sum;
+using namespace kcommon;
 using cute_fwd::TileArgs;
-using cute_fwd::to_element;
-
-#if defined(HDAF_CUTE_EMULATION)
-namespace sm80 = ::hdaf_cute_emu;
-#else
-namespace sm80 = ::cute;
-#endif
 
 constexpr float kLog2e = 1.4426950408889634f;
 

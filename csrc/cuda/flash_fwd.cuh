@@ -2,7 +2,7 @@
 // Spec: docs/delta_attention.md. OPT-IN (setup.py: HDAF_BUILD_CUTE=1), served only by the op
 // hdaf::cuda_cute_delta_attention_forward, never by `auto`; compile-verified only, no GPU has run
 // it yet (docs/verification.md, "The CuTe forward"). Included only by the instantiation units
-// fwd_cute_*.cu, which the host emulation (csrc/cuda/host_emulation/cute_fwd_emulation.cpp)
+// fwd_cute_*.cu, which the host emulation (csrc/cuda/host_emulation/fwd_emulation.cpp)
 // also compiles, for the CPU, with HDAF_CUTE_EMULATION defined: the SM80 operations are then
 // CPU versions with the same CuTe traits (cute_sm80_emulation.h), everything else is this file.
 //
@@ -39,32 +39,17 @@
 #include <cstdint>
 #include <type_traits>
 
-#include "../cuda/delta_attention_cuda.h"
+#include "delta_attention_cuda.h"
 #include "hdaf/delta_common.h"
+#include "kernel_common.cuh"
 #include "tile_split.h"
-
-// Kernel launch; the host emulation redefines it to run the kernel on the CPU.
-#ifndef HDAF_LAUNCH
-#define HDAF_LAUNCH(kernel, grid, block, smem, stream, ...) \
-  kernel<<<(grid), (block), (smem), (stream)>>>(__VA_ARGS__)
-#endif
 
 namespace hdaf {
 namespace cuda {
 namespace cute_fwd {
 
 using namespace cute;
-
-// The SM80 operations: CuTe's, or with HDAF_CUTE_EMULATION the host emulation's structs of the
-// same names and traits (never chosen by __CUDA_ARCH__: the emulated kernel is this kernel).
-#if defined(HDAF_CUTE_EMULATION)
-namespace sm80 = ::hdaf_cute_emu;
-#else
-namespace sm80 = ::cute;
-#endif
-
-// What a key block is, seen from a query block.
-enum TileKind { kFarLo = 0, kBand = 1, kFarHi = 2 };
+using namespace kcommon;
 
 template <typename Element_, int kHeadDim_, int kBlockM_, int kBlockN_, int kNWarps_>
 struct FwdTraits {
@@ -118,77 +103,6 @@ struct FwdTraits {
       int(size(SmemLayoutQ{}) + 2 * size(SmemLayoutKV{})) * int(sizeof(Element)) +
       2 * kBlockN * int(sizeof(float));
 };
-
-// ---------------------------------------------------------------------------------------------
-// Register-layout helpers
-// ---------------------------------------------------------------------------------------------
-
-// An m16n8 accumulator ((2 cols, 2 rows), MMA_M, MMA_N) seen as (row, col) = ((2,MMA_M), (2,MMA_N)).
-template <class Layout>
-CUTE_HOST_DEVICE constexpr auto acc_rowcol(Layout l) {
-  static_assert(decltype(size<0>(l))::value == 4 && decltype(rank(l))::value == 3);
-  auto d = logical_divide(l, Shape<_2>{});  // ((2,2),MMA_M,MMA_N)
-  return make_layout(make_layout(get<0, 1>(d), get<1>(d)), make_layout(get<0, 0>(d), get<2>(d)));
-}
-
-// The S accumulator as the A operand of O += P V: an m16n8k16 A fragment spans two n8 tiles of
-// S, ((2,2),MMA_M,MMA_N) -> ((2,2,2),MMA_M,MMA_N/2).
-template <class Layout>
-CUTE_HOST_DEVICE constexpr auto acc_as_a(Layout l) {
-  auto d = logical_divide(l, Shape<X, X, _2>{});  // ((2,2),MMA_M,(2,MMA_N/2))
-  return make_layout(make_layout(get<0>(d), get<2, 0>(d)), get<1>(d), get<2, 1>(d));
-}
-
-// fp32 register fragment -> Element fragment of the same layout (packed conversions).
-template <typename Element, class Frag>
-__device__ __forceinline__ auto to_element(Frag const& f) {
-  constexpr int N = decltype(size(f))::value;
-  Tensor out = make_tensor<Element>(f.layout());
-  *reinterpret_cast<cutlass::Array<Element, N>*>(out.data()) =
-      cutlass::NumericArrayConverter<Element, float, N>{}(
-          *reinterpret_cast<const cutlass::Array<float, N>*>(f.data()));
-  return out;
-}
-
-__device__ __forceinline__ float quad_max(float x) {
-  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
-  return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
-}
-__device__ __forceinline__ float quad_sum(float x) {
-  x += __shfl_xor_sync(0xffffffffu, x, 2);
-  return x + __shfl_xor_sync(0xffffffffu, x, 1);
-}
-
-// acc += A B^T with A already in registers (tCrA: (MMA, MMA_M, MMA_K)) and B read from smem by
-// ldmatrix one k-slice ahead of the MMAs that consume it.
-template <class Mma, class Acc, class FragA, class FragB, class SmemB, class CopyB, class ThrCopyB>
-__device__ __forceinline__ void gemm_a_in_regs(Mma const& mma, Acc& acc, FragA const& tCrA,
-                                               FragB& tCrB, SmemB const& tCsB, CopyB const& copy_b,
-                                               ThrCopyB const& thr_copy_b) {
-  Tensor tCrB_view = thr_copy_b.retile_D(tCrB);
-  copy(copy_b, tCsB(_, _, 0), tCrB_view(_, _, 0));
-  CUTE_UNROLL
-  for (int k = 0; k < size<2>(tCrA); ++k) {
-    if (k + 1 < size<2>(tCrA)) copy(copy_b, tCsB(_, _, k + 1), tCrB_view(_, _, k + 1));
-    cute::gemm(mma, tCrA(_, _, k), tCrB(_, _, k), acc);
-  }
-}
-
-// gmem -> smem copy of a (rows, head dim) tile partition (CPY, CPY_M, CPY_K). Rows at or past
-// rows_left (the end of the sequence) are zero-filled, so stale smem never reaches P V as NaN.
-template <class TiledCopy, class Src, class Dst, class Ids>
-__device__ __forceinline__ void copy_rows(TiledCopy const& tc, Src const& S, Dst& D, Ids const& ids,
-                                          int rows_left) {
-  CUTE_UNROLL
-  for (int m = 0; m < size<1>(S); ++m) {
-    if (get<0>(ids(0, m, 0)) < rows_left) {
-      CUTE_UNROLL
-      for (int k = 0; k < size<2>(S); ++k) copy(tc, S(_, m, k), D(_, m, k));
-    } else {
-      clear(D(_, m, _));
-    }
-  }
-}
 
 // What the logits of one tile need besides S.
 template <typename Element>

@@ -1,6 +1,6 @@
-// Runs the CuTe forward (csrc/cuda_cute/flash_fwd_cute.cuh) on the CPU, for tests on machines
+// Runs the CuTe forward (csrc/cuda/flash_fwd.cuh) on the CPU, for tests on machines
 // without a GPU (tests/test_cuda_cute.py builds it with torch.utils.cpp_extension.load; never
-// part of hdaf._C). It compiles the four instantiation units csrc/cuda_cute/fwd_cute_*.cu
+// part of hdaf._C). It compiles the four instantiation units csrc/cuda/fwd_*.cu
 // themselves, so the kernel template and its tile configurations are the shipped ones; with
 // HDAF_CUTE_EMULATION defined the kernel takes the SM80 operations of cute_sm80_emulation.h
 // (mma.sync, ldmatrix, cp.async with CuTe's own traits) and block_emulation.h runs its blocks
@@ -31,10 +31,10 @@
 // process, may hold the GPU build of the same templates).
 #define HDAF_CUTE_EMULATION 1
 #define hdaf hdaf_cute_host
-#include "../../cuda_cute/fwd_cute_bf16_hdim128.cu"
-#include "../../cuda_cute/fwd_cute_bf16_hdim64.cu"
-#include "../../cuda_cute/fwd_cute_fp16_hdim128.cu"
-#include "../../cuda_cute/fwd_cute_fp16_hdim64.cu"
+#include "../fwd_bf16_hdim128.cu"
+#include "../fwd_bf16_hdim64.cu"
+#include "../fwd_fp16_hdim128.cu"
+#include "../fwd_fp16_hdim64.cu"
 #include "../host_params.h"
 #undef hdaf
 

@@ -1,6 +1,6 @@
 // Which key tiles one query block of the CuTe forward / dQ pass visits, which query tiles one key
 // block of the dK/dV pass visits, and what each of them is.
-// Torch-free and __host__ __device__: the kernels (flash_fwd_cute.cuh, flash_bwd_cute.cuh) call it, and
+// Torch-free and __host__ __device__: the kernels (flash_fwd.cuh, flash_bwd.cuh) call it, and
 // tests/test_cuda_cute.py compiles it on the CPU and checks it against every (query, key) pair.
 #pragma once
 

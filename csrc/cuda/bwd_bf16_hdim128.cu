@@ -1,6 +1,6 @@
 // CuTe backward of hdaf::delta_attention, bfloat16, head dim 128: tiles of 64 query rows and 64 key
-// rows, 4 warps, for both the dQ and the dK/dV pass (instantiation unit; see flash_bwd_cute.cuh).
+// rows, 4 warps, for both the dQ and the dK/dV pass (instantiation unit; see flash_bwd.cuh).
 // Not timed on a GPU.
-#include "flash_bwd_cute.cuh"
+#include "flash_bwd.cuh"
 
 HDAF_CUTE_DEFINE_BWD(__nv_bfloat16, cutlass::bfloat16_t, 128, 64, 64, 4)
