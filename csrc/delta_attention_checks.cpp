@@ -53,16 +53,21 @@ void check_scalars(const char* w, int64_t L, int64_t U, int64_t window_left,
   TORCH_CHECK(std::isfinite(scale), w, ": scale must be finite, got ", scale);
 }
 
-// The hand-written CUDA kernels compute self-attention with one key/value head per query head.
-void refuse_on_cuda(OpDevice dev, const char* w, int64_t H, int64_t Hkv, int64_t Tq,
-                    int64_t Tk) {
+// What the CUDA kernels (csrc/cuda, CuTe tensor-core kernels) instantiate: float16 and bfloat16,
+// Dk == Dv in {64, 128}. Anything else is NotImplementedError naming the backends that take it.
+void check_cuda_kernels(OpDevice dev, const char* w, at::ScalarType dtype, int64_t Dk,
+                        int64_t Dv) {
   if (dev != OpDevice::CUDA) return;
-  TORCH_CHECK_NOT_IMPLEMENTED(Hkv == H, w, ": grouped-query heads (q has H=", H,
-                              " heads, k and v Hkv=", Hkv,
-                              ") are not supported by backend='cuda'; use backend='triton'");
-  TORCH_CHECK_NOT_IMPLEMENTED(Tq == Tk, w, ": a query block shorter than the keys (Tq=", Tq,
-                              " < Tk=", Tk,
-                              ") is not supported by backend='cuda'; use backend='triton'");
+  TORCH_CHECK_NOT_IMPLEMENTED(
+      dtype == at::kHalf || dtype == at::kBFloat16, w,
+      ": backend='cuda' computes float16 and bfloat16 (tensor-core kernels), got ", dtype,
+      "; use backend='triton' (float16, bfloat16, float32) or 'gather' (any dtype, the PyTorch "
+      "reference)");
+  TORCH_CHECK_NOT_IMPLEMENTED(Dk == Dv, w, ": backend='cuda' needs Dk == Dv, got Dk=", Dk,
+                              " and Dv=", Dv, "; use backend='triton'");
+  TORCH_CHECK_NOT_IMPLEMENTED(Dk == 64 || Dk == 128, w,
+                              ": backend='cuda' has kernels for head dims 64 and 128, got ", Dk,
+                              "; use backend='triton' (head dims up to 128)");
 }
 
 void check_cu_seqlens(const char* w, const char* name, const at::Tensor& cu,
@@ -126,7 +131,7 @@ DeltaSizes check_padded_args(OpDevice dev, const char* w, const at::Tensor& q, c
   TORCH_CHECK(!end_aligned || s.T <= s.Tk, w, ": q has Tq=", s.T, " queries but k has Tk=", s.Tk,
               " keys: Tq <= Tk is required (the queries are the last Tq positions)");
   check_head_dims(dev, w, s.Dk, s.Dv);
-  refuse_on_cuda(dev, w, s.H, s.Hkv, s.T, s.Tk);
+  check_cuda_kernels(dev, w, q.scalar_type(), s.Dk, s.Dv);
   check_scalars(w, L, U, window_left, window_right, scale);
   TORCH_CHECK(P.dim() == 4 && P.size(0) == s.B && (P.size(1) == 1 || P.size(1) == s.H) &&
                   P.size(2) == s.Tk,
@@ -207,9 +212,6 @@ VarlenSizes check_varlen_args(OpDevice dev, const at::Tensor& q, const at::Tenso
                               int64_t max_seqlen_q, int64_t max_seqlen_k, int64_t L, int64_t U,
                               int64_t window_left, int64_t window_right, double scale) {
   const char* w = who(dev);
-  TORCH_CHECK_NOT_IMPLEMENTED(dev != OpDevice::CUDA, w,
-                              ": packed variable-length batches are not supported by "
-                              "backend='cuda'; use backend='triton'");
   TORCH_CHECK(q.dim() == 3, w, ": q must be 3-D [Total_q,H,Dk], got shape ", q.sizes());
   TORCH_CHECK(supported_dtype(q.scalar_type()), w,
               ": q must be float16, bfloat16, float32 or float64, got ", q.scalar_type());
@@ -230,6 +232,7 @@ VarlenSizes check_varlen_args(OpDevice dev, const at::Tensor& q, const at::Tenso
   s.Dv = v.size(2);
   check_head_ratio(w, s.H, s.Hkv, q, k);
   check_head_dims(dev, w, s.Dk, s.Dv);
+  check_cuda_kernels(dev, w, q.scalar_type(), s.Dk, s.Dv);
   check_scalars(w, L, U, window_left, window_right, scale);
   TORCH_CHECK(P.dim() == 3 && P.size(0) == s.Total_k && (P.size(1) == 1 || P.size(1) == s.H), w,
               ": P must be [Total_k,Hp,R] with Total_k=", s.Total_k, ", Hp in {1, ", s.H,

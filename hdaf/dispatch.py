@@ -14,9 +14,9 @@ BACKENDS = ("auto", "naive", "gather", "cpu", "triton", "cuda")
 _FORWARD_OP = "hdaf::delta_attention_forward"
 
 # What a call may need beyond self-attention with one key/value head per query head
-# (docs/delta_attention.md, "Backends"), and which backends compute it. The hand-written CUDA
-# kernels take none of them (their op refuses them too, csrc/delta_attention_checks.cpp);
-# Triton's packed batches need its varlen op, hdaf::triton_delta_attention_varlen_forward.
+# (docs/delta_attention.md, "Backends"), and which backends compute it. The CUDA kernels take
+# no global positions (their op refuses them too, csrc/delta_attention_checks.cpp); Triton's
+# packed batches need its varlen op, hdaf::triton_delta_attention_varlen_forward.
 FEATURES = {
     "gqa": "grouped-query heads (fewer key/value heads than query heads)",
     "tq<tk": "a query block shorter than the keys (Tq < Tk)",
@@ -26,7 +26,7 @@ FEATURES = {
 }
 SUPPORTS = {
     "naive": frozenset(FEATURES), "gather": frozenset(FEATURES), "cpu": frozenset(FEATURES),
-    "triton": frozenset(FEATURES), "cuda": frozenset(),
+    "triton": frozenset(FEATURES), "cuda": frozenset({"gqa", "tq<tk", "varlen"}),
 }
 _TRITON_VARLEN_OP = "triton_delta_attention_varlen_forward"
 #: Backends whose kernels have a plain path, compiled without the delta term: a call without it
@@ -118,17 +118,20 @@ def unavailable_reason(backend: str, device: torch.device) -> Optional[str]:
 # H100 80GB on 2026-11-24 with torch 2.11.0+cu130 and triton 3.6.0, for the kernels of that date
 # (before the far/band rewrite of the Triton kernels); bf16, B=4, H=16, Dk=Dv=64, Dr=64,
 # max_distance=64, T=4096 (docs/verification.md). Not re-measured since. Other dtypes and head
-# dims use the nearest measured configuration. To update from a GPU bench run:
+# dims use the nearest measured configuration. The CUDA kernels (csrc/cuda, CuTe) have not been
+# measured on a GPU: with no entry they rank last, so `auto` keeps choosing Triton where both
+# run. To update from a GPU bench run:
 # `python bench/report.py bench/results/gpu_<name>.json --auto-table`.
 AUTO_MEASUREMENTS: Dict[Tuple[str, torch.dtype, int], Dict[str, Tuple[float, float]]] = {
-    ("cuda", torch.bfloat16, 64): {"triton": (2.0, 9.5), "cuda": (19.9, 80.0)},
+    ("cuda", torch.bfloat16, 64): {"triton": (2.0, 9.5)},
 }
-# What each GPU kernel takes: Triton has no float64 (tl.dot), both tile whole head rows of at
-# most 128 (kernels/delta_attention.py MAX_HEAD_DIM, csrc/include/hdaf/delta_attention_checks.h
-# kCudaMaxHeadDim).
-GPU_LIMITS: Dict[str, Tuple[Tuple[torch.dtype, ...], int]] = {
-    "triton": ((torch.float16, torch.bfloat16, torch.float32), 128),
-    "cuda": ((torch.float16, torch.bfloat16, torch.float32, torch.float64), 128),
+# What each GPU kernel takes: (dtypes, largest head dim, the head dims it has kernels for or
+# None for all up to the largest). Triton has no float64 (tl.dot) and tiles whole head rows of
+# at most 128 (kernels/delta_attention.py MAX_HEAD_DIM); the CUDA kernels are tensor-core
+# kernels for float16 / bfloat16 with Dk == Dv in {64, 128} (csrc/delta_attention_checks.cpp).
+GPU_LIMITS: Dict[str, Tuple[Tuple[torch.dtype, ...], int, Optional[Tuple[int, ...]]]] = {
+    "triton": ((torch.float16, torch.bfloat16, torch.float32), 128, None),
+    "cuda": ((torch.float16, torch.bfloat16), 128, (64, 128)),
 }
 
 
@@ -162,7 +165,7 @@ def auto_candidates(device_type: str, dtype: Optional[torch.dtype] = None,
     if device_type != "cuda":
         return [], [f"no compiled kernel for {device_type} tensors"]
     fits, excluded = [], []
-    for name, (dtypes, max_head_dim) in GPU_LIMITS.items():
+    for name, (dtypes, max_head_dim, head_dims) in GPU_LIMITS.items():
         lacking = [f for f in features if f not in SUPPORTS[name]]
         if lacking:
             excluded.append(f"{name}: lacks {'; '.join(FEATURES[f] for f in lacking)}")
@@ -170,6 +173,8 @@ def auto_candidates(device_type: str, dtype: Optional[torch.dtype] = None,
             excluded.append(f"{name}: no {dtype} kernel")
         elif head_dim is not None and head_dim > max_head_dim:
             excluded.append(f"{name}: head dim {head_dim} > {max_head_dim}")
+        elif head_dim is not None and head_dims is not None and head_dim not in head_dims:
+            excluded.append(f"{name}: no kernel for head dim {head_dim} (has {head_dims})")
         else:
             fits.append(name)
     fits.sort(key=lambda name: _measured_ms(name, device_type, dtype, head_dim))
@@ -230,9 +235,10 @@ def backends() -> Dict[str, object]:
         info["available"][dev.type] = [b for b in BACKENDS[1:] if unavailable_reason(b, dev) is None]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            if dev.type == "cuda":  # the choice depends on the dtype there (head dims <= 128)
-                info["auto"]["cuda"] = {str(dt).replace("torch.", ""): resolve("auto", dev, dt)
-                                        for dt in GPU_LIMITS["cuda"][0]}
+            if dev.type == "cuda":  # the choice depends on the dtype there (head dim 64 here)
+                info["auto"]["cuda"] = {str(dt).replace("torch.", ""): resolve("auto", dev, dt, 64)
+                                        for dt in (torch.float16, torch.bfloat16, torch.float32,
+                                                   torch.float64)}
             else:
                 info["auto"][dev.type] = resolve("auto", dev)
     return info

@@ -290,8 +290,9 @@ def delta_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         scale: logit scale, default ``1/sqrt(headdim_k)``.
         backend: "auto" (the compiled kernel measured fastest for the device, dtype and head
             dim, see ``hdaf.dispatch.auto_candidates``; the "gather" reference with a one-time
-            warning when none is available), "naive", "gather", "cpu", "triton", "cuda" ("cuda"
-            takes neither grouped heads nor seqlen_q < seqlen_k).
+            warning when none is available), "naive", "gather", "cpu", "triton", "cuda" ("cuda":
+            float16 / bfloat16 with headdim_k == headdim_v in {64, 128}; NotImplementedError
+            naming the backends to use otherwise).
 
     Returns:
         (batch, nheads, seqlen_q, headdim_v). A query with no visible key gets 0 (and gradient 0).
@@ -405,8 +406,8 @@ def delta_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         max_seqlen_q, max_seqlen_k: at least the longest query / key length (as in
             flash-attention; the kernels may size their grids by them).
         max_distance, window, causal, scale, backend: as in :func:`delta_attention` (there is no
-            key padding mask: a packed batch has none). ``backend="cuda"`` refuses packed
-            batches; ``"triton"`` needs its varlen op (``hdaf::triton_delta_attention_varlen_*``).
+            key padding mask: a packed batch has none). ``"triton"`` needs its varlen op
+            (``hdaf::triton_delta_attention_varlen_*``).
 
     Returns:
         (total_q, nheads, headdim_v).

@@ -4,7 +4,7 @@ The schemas of ``hdaf::delta_attention_forward`` / ``_backward``, of the packed-
 ``hdaf::delta_attention_varlen_forward`` / ``_backward`` and of the global-position
 ``hdaf::delta_attention_block_forward`` / ``_backward`` are defined once, in C++
 (``csrc/delta_attention.cpp``); the CPU kernel (``csrc/cpu``) implements all six, the CUDA
-kernels (``csrc/cuda``) the first two, per dispatch key (the block ops refuse CUDA tensors).
+kernels (``csrc/cuda``) the first four, per dispatch key (the block ops refuse CUDA tensors).
 The Triton kernels register ops of the same signatures under ``hdaf::triton_delta_attention_*``
 (``kernels/delta_attention.py``: the padded, packed-batch and block ops), and reuse
 :func:`register_delta_autograd` / :func:`register_varlen_autograd` /

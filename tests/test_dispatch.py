@@ -30,12 +30,19 @@ def test_auto_on_cuda_takes_triton_measured_faster(available, dtype):
     assert dispatch.resolve("auto", CUDA) == "triton"  # dtype unknown: the measured choice
 
 
-def test_auto_on_cuda_takes_cuda_for_float64_or_without_triton(available):
-    available("triton", "cuda")
-    assert dispatch.resolve("auto", CUDA, torch.float64, 64) == "cuda"  # Triton has no float64
+def test_auto_on_cuda_takes_cuda_without_triton_where_it_has_kernels(available):
+    """The CUDA kernels are float16 / bfloat16 with head dims 64 and 128: auto takes them when
+    Triton is missing, and falls back to gather (saying why) for float32 / float64 or another
+    head dim."""
     available("cuda")
-    for dtype in LOW + (torch.float64,):
-        assert dispatch.resolve("auto", CUDA, dtype, 64) == "cuda"
+    for dtype in (torch.float16, torch.bfloat16):
+        for d in (64, 128):
+            assert dispatch.resolve("auto", CUDA, dtype, d) == "cuda"
+    for dtype, d, why in ((torch.float32, 64, "no torch.float32 kernel"),
+                          (torch.float64, 64, "no torch.float64 kernel"),
+                          (torch.bfloat16, 96, r"no kernel for head dim 96 \(has \(64, 128\)\)")):
+        with pytest.warns(RuntimeWarning, match=f"cuda: {why}"):
+            assert dispatch.resolve("auto", CUDA, dtype, d) == "gather"
 
 
 def test_auto_on_cuda_falls_back_to_gather_and_says_why(available):
@@ -52,7 +59,8 @@ def test_auto_follows_the_measurement_table(available, monkeypatch):
     """The rule is the table: were cuda measured faster, auto would take it."""
     available("triton", "cuda")
     key = ("cuda", torch.bfloat16, 64)
-    assert dispatch.AUTO_MEASUREMENTS[key] == {"triton": (2.0, 9.5), "cuda": (19.9, 80.0)}
+    assert dispatch.AUTO_MEASUREMENTS[key] == {"triton": (2.0, 9.5)}  # cuda not measured: last
+    assert dispatch.resolve("auto", CUDA, torch.bfloat16, 64) == "triton"
     monkeypatch.setitem(dispatch.AUTO_MEASUREMENTS, key, {"triton": (2.0, 9.5), "cuda": (1.0, 5.0)})
     assert dispatch.resolve("auto", CUDA, torch.bfloat16, 64) == "cuda"
     # another dtype / head dim without its own row uses the nearest measured configuration
@@ -73,8 +81,8 @@ def test_gpu_limits_match_the_kernels():
     limit = dispatch.GPU_LIMITS["cuda"][1]
     assert dispatch.GPU_LIMITS["triton"][1] == limit
     for d, ok in ((limit, True), (limit + 1, False)):
-        q = torch.zeros(1, 1, 3, d)
-        P = torch.zeros(1, 1, 3, 1)
+        q = torch.zeros(1, 1, 3, d, dtype=torch.bfloat16)
+        P = torch.zeros(1, 1, 3, 1, dtype=torch.bfloat16)
         call = lambda: torch.ops.hdaf._check_forward_args(q, q, q, P, None, 0, 0, -1, -1, 1.0,  # noqa: E731
                                                           "cuda")
         if ok:
@@ -109,4 +117,4 @@ def test_backends_report_auto_per_dtype_on_cuda(available, monkeypatch):
     info = hdaf.backends()
     assert info["auto"]["cpu"] == "cpu"
     assert info["auto"]["cuda"] == {"float16": "triton", "bfloat16": "triton",
-                                    "float32": "triton", "float64": "cuda"}
+                                    "float32": "triton", "float64": "gather"}

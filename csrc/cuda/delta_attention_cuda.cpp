@@ -1,17 +1,15 @@
-// CUDA implementation of hdaf::delta_attention_forward / _backward (schema in
-// csrc/delta_attention.cpp, spec in docs/delta_attention.md): the device checks, allocation,
-// dtype dispatch to the launchers of fwd_*.cu / bwd_*.cu, and the TORCH_LIBRARY_IMPL(hdaf, CUDA)
-// registration. The argument checks are hdaf::check_forward_args / check_backward_args
-// (csrc/delta_attention_checks.cpp), the same code the CPU op runs.
+// CUDA implementation of hdaf::delta_attention_forward / _backward and
+// hdaf::delta_attention_varlen_forward / _backward (schemas in csrc/delta_attention.cpp, spec in
+// docs/delta_attention.md): the device checks, allocation, dtype / head-dim dispatch to the
+// launchers of fwd_*.cu / bwd_*.cu, and the TORCH_LIBRARY_IMPL(hdaf, CUDA) registration. The
+// argument checks are hdaf::check_forward_args / check_varlen_args (csrc/delta_attention_checks.cpp),
+// the very code the CPU op runs; they also hold what the kernels instantiate (float16 / bfloat16,
+// Dk == Dv in {64, 128}) and raise NotImplementedError naming the backends for anything else.
 //
 // Host code compiled by the host C++ compiler, like flash-attention's flash_api.cpp: every
-// torch-facing line (checks, exceptions, allocation) is built as in any .cpp extension, and
-// nvcc compiles only the torch-free kernel files.
-//
-// dtypes: float16 and bfloat16 (tensor-core tile matmuls on sm_80+, float32
-// accumulation), float32 (FMA tile matmuls, float32 throughout, no tf32) and float64
-// (FMA, float64 throughout; lse float64 as the spec asks). Head dims Dk, Dv <= 128
-// (hdaf::kCudaMaxHeadDim).
+// torch-facing line is built as in any .cpp extension; nvcc compiles only the torch-free kernel
+// units. The parameter blocks come from host_params.h, which the host emulation
+// (csrc/cuda/host_emulation) uses too, so the kernels it verifies on the CPU get the same blocks.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
@@ -26,167 +24,261 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime_api.h>
 
-#include <cmath>
-#include <limits>
+#include <algorithm>
+#include <cstdint>
 #include <optional>
 #include <tuple>
 
 #include "delta_attention_cuda.h"
-#include "host_params.h"
 #include "hdaf/delta_attention_checks.h"
+#include "host_params.h"
 
 namespace hdaf {
 namespace cuda {
 namespace {
 
-at::ScalarType acc_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+constexpr const char* kWho = "hdaf delta_attention (CUDA)";
 
-using Shape = DeltaSizes;
+// The (dtype, head dim) of a call as a type: Config::scalar_t, Config::kD.
+template <typename scalar_t_, int kD_>
+struct Config {
+  using scalar_t = scalar_t_;
+  static constexpr int kD = kD_;
+};
 
-// The shared argument checks, then what only the CUDA op needs: q (hence all) on a GPU.
-Shape check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                   const at::Tensor& P, const std::optional<at::Tensor>& key_padding_mask,
-                   int64_t L, int64_t U, int64_t window_left, int64_t window_right,
-                   double scale) {
-  const Shape s = check_forward_args(OpDevice::CUDA, q, k, v, P, key_padding_mask, L, U,
-                                     window_left, window_right, scale);
-  TORCH_CHECK(q.is_cuda(), "hdaf delta_attention (CUDA): q must be a CUDA tensor, got ",
-              q.device());
-  return s;
+// Calls f(Config<scalar_t, D>{}) for the dtype and head dim of the call; the shared checks have
+// already refused everything else.
+template <class F>
+void dispatch(at::ScalarType dtype, int64_t D, F&& f) {
+  const bool half = dtype == at::kHalf;
+  if (D == 64) {
+    half ? f(Config<__half, 64>{}) : f(Config<__nv_bfloat16, 64>{});
+  } else {
+    half ? f(Config<__half, 128>{}) : f(Config<__nv_bfloat16, 128>{});
+  }
 }
 
-void check_grid(const Shape& s) {
-  // The largest grid is ceil(T/16) * B * H blocks (float64 tiles); gridDim.x < 2^31.
-  const int64_t blocks = (s.T + 15) / 16 * s.B * s.H;
-  TORCH_CHECK(blocks < (int64_t(1) << 31), "hdaf delta_attention (CUDA): B*H*ceil(T/16) = ",
-              blocks, " thread blocks exceed the grid limit (B=", s.B, ", H=", s.H, ", T=", s.T,
+struct DeviceInfo {
+  int num_sms;
+};
+
+// sm_80+ (mma.sync m16n8k16 with bf16, cp.async) and the kernel's shared memory.
+DeviceInfo check_device(const at::Tensor& q, size_t smem_bytes) {
+  TORCH_CHECK(q.is_cuda(), kWho, ": q must be a CUDA tensor, got ", q.device());
+  const int dev = q.device().index();
+  int major = 0, minor = 0, optin = 0, sms = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+  TORCH_CHECK_NOT_IMPLEMENTED(major >= 8, kWho, ": backend='cuda' needs compute capability 8.0 "
+                              "or newer, device ", dev, " is ", major, ".", minor,
+                              "; use backend='triton'");
+  TORCH_CHECK(smem_bytes <= static_cast<size_t>(optin), kWho, ": the kernel needs ", smem_bytes,
+              " bytes of shared memory per block, device ", dev, " allows ", optin);
+  return DeviceInfo{sms};
+}
+
+// Sizes the kernels index with 32-bit integers inside one sequence, and the 1-D grid limit.
+void check_limits(int64_t B, int64_t H, int64_t Tq, int64_t Tk, int64_t D, int64_t R) {
+  TORCH_CHECK(Tk * D < (int64_t(1) << 31) && Tk * R < (int64_t(1) << 31), kWho,
+              ": Tk*D and Tk*R must be < 2^31, got Tk=", Tk, ", D=", D, ", R=", R);
+  const int64_t blocks = (std::max(Tq, Tk) + 63) / 64 * B * H;
+  TORCH_CHECK(blocks < (int64_t(1) << 31), kWho, ": B*H*ceil(T/64) = ", blocks,
+              " thread blocks exceed the grid limit (B=", B, ", H=", H, ", Tq=", Tq, ", Tk=", Tk,
               ")");
 }
 
-int max_smem_per_block(const at::Tensor& q) {
-  int optin = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin,
-                                        q.device().index()));
-  return optin;
+// cp.async moves 16-byte chunks: a tensor it reads must start 16-byte aligned (a contiguous view
+// with a storage offset may not; a fresh copy does).
+at::Tensor aligned(const at::Tensor& t) {
+  at::Tensor c = t.contiguous();
+  return reinterpret_cast<std::uintptr_t>(c.data_ptr()) % 16 == 0 ? c : c.clone();
 }
 
-void check_smem(size_t bytes, int optin, const at::Tensor& q, const Shape& s, const char* what) {
-  TORCH_CHECK(bytes <= static_cast<size_t>(optin), "hdaf delta_attention (CUDA): the ", what,
-              " kernel needs ", bytes, " bytes of shared memory per block for ", q.scalar_type(),
-              " with Dk=", s.Dk, ", Dv=", s.Dv, ", but the device allows ", optin,
-              " (use smaller head dims, or a device with more shared memory)");
-}
-
-ProblemDims dims_of(const Shape& s, int64_t L, int64_t U, int64_t window_left,
-                    int64_t window_right, double scale) {
-  return ProblemDims{s.B, s.H, s.Hp, s.T, s.Dk, s.Dv, s.R, L, U, window_left, window_right, scale};
-}
-
-template <typename scalar_t>
-void run_forward(const FwdParams& p, const at::Tensor& q, const Shape& s) {
-  const int optin = max_smem_per_block(q);
-  check_smem(delta_fwd_smem_bytes<scalar_t>(s.Dk, s.Dv, optin), optin, q, s, "forward");
-  C10_CUDA_CHECK(delta_fwd_launch<scalar_t>(p, optin, c10::cuda::getCurrentCUDAStream()));
+// Split-key decoding for calls whose grid leaves the device mostly idle (decoding: few queries,
+// many keys): partial results per split in float32, merged by the launcher's combine kernel.
+template <typename scalar_t, int D>
+void launch_forward(FwdParams& p, const at::Tensor& out, const at::Tensor& lse,
+                    const DeviceInfo& dev) {
+  const int bm = delta_fwd_block_m<scalar_t, D>(), bn = delta_fwd_block_n<scalar_t, D>();
+  const int64_t ctas = (int64_t(p.Tq) + bm - 1) / bm * p.B * p.H;
+  const int splits = num_splits_heuristic(ctas, (p.Tk + bn - 1) / bn, dev.num_sms);
+  at::Tensor out_accum, lse_accum;
+  if (splits > 1) {
+    auto shape = out.sizes().vec();
+    shape.insert(shape.begin(), splits);
+    out_accum = at::empty(shape, out.options().dtype(at::kFloat));
+    shape = lse.sizes().vec();
+    shape.insert(shape.begin(), splits);
+    lse_accum = at::empty(shape, lse.options());
+    set_splits(p, splits, out_accum, lse_accum);
+  }
+  const cudaError_t err = delta_fwd_launch<scalar_t, D>(p, c10::cuda::getCurrentCUDAStream());
+  C10_CUDA_CHECK(err);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-template <typename scalar_t>
-void run_backward(const BwdParams& p, const at::Tensor& q, const Shape& s) {
-  const int optin = max_smem_per_block(q);
-  check_smem(delta_bwd_smem_bytes<scalar_t>(s.Dk, s.Dv, optin), optin, q, s, "backward");
-  C10_CUDA_CHECK(delta_bwd_launch<scalar_t>(p, optin, c10::cuda::getCurrentCUDAStream()));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-std::tuple<at::Tensor, at::Tensor> delta_attention_forward_cuda(
-    const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& P_in,
-    const std::optional<at::Tensor>& key_padding_mask, int64_t L, int64_t U, int64_t window_left,
-    int64_t window_right, double scale) {
-  const Shape s = check_inputs(q_in, k_in, v_in, P_in, key_padding_mask, L, U, window_left,
-                               window_right, scale);
-  check_grid(s);
+std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q_in, const at::Tensor& k_in,
+                                           const at::Tensor& v_in, const at::Tensor& P_in,
+                                           const std::optional<at::Tensor>& key_padding_mask,
+                                           int64_t L, int64_t U, int64_t window_left,
+                                           int64_t window_right, double scale) {
+  const DeltaSizes s = check_forward_args(OpDevice::CUDA, q_in, k_in, v_in, P_in,
+                                          key_padding_mask, L, U, window_left, window_right,
+                                          scale);
+  TORCH_CHECK(q_in.is_cuda(), kWho, ": q must be a CUDA tensor, got ", q_in.device());
+  check_limits(s.B, s.H, s.T, s.Tk, s.Dk, s.R);
   c10::cuda::CUDAGuard guard(q_in.device());
-  const at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous(),
-                   P = P_in.contiguous();
+  const at::Tensor q = aligned(q_in), k = aligned(k_in), v = aligned(v_in), P = aligned(P_in);
   at::Tensor mask;
   if (key_padding_mask.has_value()) mask = key_padding_mask->contiguous();
-
   at::Tensor out = at::empty({s.B, s.H, s.T, s.Dv}, q.options());
-  at::Tensor lse = at::empty({s.B, s.H, s.T}, q.options().dtype(acc_dtype(q.scalar_type())));
+  at::Tensor lse = at::empty({s.B, s.H, s.T}, q.options().dtype(at::kFloat));
   if (s.B * s.H * s.T == 0) return {out, lse};
-
-  const FwdParams p = make_fwd_params(dims_of(s, L, U, window_left, window_right, scale), q, k, v,
-                                      P, mask, out, lse);
-
-  switch (q.scalar_type()) {
-    case at::kHalf: run_forward<__half>(p, q, s); break;
-    case at::kBFloat16: run_forward<__nv_bfloat16>(p, q, s); break;
-    case at::kFloat: run_forward<float>(p, q, s); break;
-    case at::kDouble: run_forward<double>(p, q, s); break;
-    default: TORCH_CHECK(false, "hdaf delta_attention (CUDA): unsupported dtype ", q.scalar_type());
-  }
+  const CallArgs c{s.B, s.H, s.Hkv, s.Hp, s.T, s.Tk, s.Dk, s.R, L, U, window_left, window_right,
+                   scale};
+  FwdParams p = make_fwd_params(c, /*varlen=*/false, q, k, v, P, mask, out, lse, at::Tensor(),
+                                at::Tensor());
+  dispatch(q.scalar_type(), s.Dk, [&](auto cfg) {
+    using C = decltype(cfg);
+    const DeviceInfo dev = check_device(q, delta_fwd_smem_bytes<typename C::scalar_t, C::kD>());
+    launch_forward<typename C::scalar_t, C::kD>(p, out, lse, dev);
+  });
   return {out, lse};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> delta_attention_backward_cuda(
+// dP = dP_keys + dP_rows per query head, summed over heads in a fixed order when P is shared
+// (Hp = 1; `head_dim` is the heads' dimension), in P's dtype.
+at::Tensor grad_P_of(at::Tensor& dP_keys, const at::Tensor& dP_rows, int64_t Hp, int64_t head_dim,
+                     const at::Tensor& P) {
+  at::Tensor g = dP_keys.add_(dP_rows);
+  if (Hp == 1) g = g.sum(head_dim, /*keepdim=*/true);
+  return g.to(P.scalar_type());
+}
+
+template <typename scalar_t, int D>
+void launch_backward(const BwdParams& p, const at::Tensor& q) {
+  check_device(q, delta_bwd_smem_bytes<scalar_t, D>());
+  const cudaError_t err = delta_bwd_launch<scalar_t, D>(p, c10::cuda::getCurrentCUDAStream());
+  C10_CUDA_CHECK(err);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
     const at::Tensor& grad_out_in, const at::Tensor& q_in, const at::Tensor& k_in,
     const at::Tensor& v_in, const at::Tensor& P_in,
     const std::optional<at::Tensor>& key_padding_mask, const at::Tensor& out_in,
     const at::Tensor& lse_in, int64_t L, int64_t U, int64_t window_left, int64_t window_right,
     double scale) {
-  const Shape s = check_inputs(q_in, k_in, v_in, P_in, key_padding_mask, L, U, window_left,
-                               window_right, scale);
+  const DeltaSizes s = check_forward_args(OpDevice::CUDA, q_in, k_in, v_in, P_in,
+                                          key_padding_mask, L, U, window_left, window_right,
+                                          scale);
   check_backward_args(OpDevice::CUDA, s, q_in, grad_out_in, out_in, lse_in);
-  check_grid(s);
-  const at::ScalarType acc = acc_dtype(q_in.scalar_type());
+  TORCH_CHECK(q_in.is_cuda(), kWho, ": q must be a CUDA tensor, got ", q_in.device());
+  check_limits(s.B, s.H, s.T, s.Tk, s.Dk, s.R);
   c10::cuda::CUDAGuard guard(q_in.device());
-  const at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous(),
-                   P = P_in.contiguous(), grad_out = grad_out_in.contiguous(),
-                   out = out_in.contiguous(), lse = lse_in.contiguous();
+  const at::Tensor q = aligned(q_in), k = aligned(k_in), v = aligned(v_in), P = aligned(P_in),
+                   grad_out = aligned(grad_out_in), out = aligned(out_in),
+                   lse = lse_in.contiguous();
   at::Tensor mask;
   if (key_padding_mask.has_value()) mask = key_padding_mask->contiguous();
-
-  at::Tensor grad_q = at::empty_like(q);
-  at::Tensor grad_k = at::empty_like(k);
-  at::Tensor grad_v = at::empty_like(v);
-  if (s.B * s.H * s.T == 0) return {grad_q, grad_k, grad_v, at::zeros_like(P)};
-  at::Tensor D = at::empty({s.B, s.H, s.T}, q.options().dtype(acc));
-  // Per-head dP, each element owned by one thread of each kernel (deterministic).
-  at::Tensor dP_heads = at::zeros({s.B, s.H, s.T, s.R}, q.options().dtype(acc));
-
-  BwdParams p;
-  p.grad_out = grad_out.data_ptr();
-  p.q = q.data_ptr();
-  p.k = k.data_ptr();
-  p.v = v.data_ptr();
-  p.P = P.data_ptr();
-  p.mask = mask.defined() ? mask.data_ptr<bool>() : nullptr;
-  p.out = out.data_ptr();
-  p.lse = lse.data_ptr();
-  p.D = D.data_ptr();
-  p.grad_q = grad_q.data_ptr();
-  p.grad_k = grad_k.data_ptr();
-  p.grad_v = grad_v.data_ptr();
-  p.dP_heads = dP_heads.data_ptr();
-  static_cast<ProblemDims&>(p) = dims_of(s, L, U, window_left, window_right, scale);
-
-  switch (q.scalar_type()) {
-    case at::kHalf: run_backward<__half>(p, q, s); break;
-    case at::kBFloat16: run_backward<__nv_bfloat16>(p, q, s); break;
-    case at::kFloat: run_backward<float>(p, q, s); break;
-    case at::kDouble: run_backward<double>(p, q, s); break;
-    default: TORCH_CHECK(false, "hdaf delta_attention (CUDA): unsupported dtype ", q.scalar_type());
+  at::Tensor grad_q = at::empty_like(q), grad_k = at::empty_like(k), grad_v = at::empty_like(v);
+  if (s.B * s.H * s.T == 0) {  // no query: nothing flows back
+    return {grad_q, grad_k.zero_(), grad_v.zero_(), at::zeros_like(P)};
   }
-  // Sum over heads in a fixed order when P is shared by all heads (Hp = 1).
-  at::Tensor grad_P = s.Hp == 1 ? dP_heads.sum(1, /*keepdim=*/true) : dP_heads;
-  return {grad_q, grad_k, grad_v, grad_P.to(P.scalar_type())};
+  const auto f32 = q.options().dtype(at::kFloat);
+  at::Tensor Dsum = at::empty_like(lse);
+  at::Tensor dP_keys = at::zeros({s.B, s.H, s.Tk, s.R}, f32);
+  at::Tensor dP_rows = at::zeros({s.B, s.H, s.Tk, s.R}, f32);
+  const CallArgs c{s.B, s.H, s.Hkv, s.Hp, s.T, s.Tk, s.Dk, s.R, L, U, window_left, window_right,
+                   scale};
+  const FwdParams f = make_fwd_params(c, /*varlen=*/false, q, k, v, P, mask, out, lse,
+                                      at::Tensor(), at::Tensor());
+  const BwdParams p =
+      make_bwd_params(f, /*varlen=*/false, grad_out, Dsum, grad_q, grad_k, grad_v, dP_keys,
+                      dP_rows);
+  dispatch(q.scalar_type(), s.Dk,
+           [&](auto cfg) {
+    using C = decltype(cfg);
+    launch_backward<typename C::scalar_t, C::kD>(p, q);
+  });
+  return {grad_q, grad_k, grad_v, grad_P_of(dP_keys, dP_rows, s.Hp, 1, P)};
+}
+
+std::tuple<at::Tensor, at::Tensor> varlen_forward(
+    const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& P_in,
+    const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
+    int64_t max_seqlen_k, int64_t L, int64_t U, int64_t window_left, int64_t window_right,
+    double scale) {
+  const VarlenSizes s = check_varlen_args(OpDevice::CUDA, q_in, k_in, v_in, P_in, cu_seqlens_q,
+                                          cu_seqlens_k, max_seqlen_q, max_seqlen_k, L, U,
+                                          window_left, window_right, scale);
+  TORCH_CHECK(q_in.is_cuda(), kWho, ": q must be a CUDA tensor, got ", q_in.device());
+  check_limits(s.B, s.H, max_seqlen_q, max_seqlen_k, s.Dk, s.R);
+  c10::cuda::CUDAGuard guard(q_in.device());
+  const at::Tensor q = aligned(q_in), k = aligned(k_in), v = aligned(v_in), P = aligned(P_in);
+  const at::Tensor cq = cu_seqlens_q.contiguous(), ck = cu_seqlens_k.contiguous();
+  at::Tensor out = at::empty({s.Total_q, s.H, s.Dv}, q.options());
+  at::Tensor lse = at::empty({s.H, s.Total_q}, q.options().dtype(at::kFloat));
+  if (s.B * s.H * s.Total_q == 0 || max_seqlen_q == 0) return {out, lse};
+  const CallArgs c{s.B, s.H, s.Hkv, s.Hp, max_seqlen_q, max_seqlen_k, s.Dk, s.R, L, U,
+                   window_left, window_right, scale};
+  FwdParams p = make_fwd_params(c, /*varlen=*/true, q, k, v, P, at::Tensor(), out, lse, cq, ck);
+  dispatch(q.scalar_type(), s.Dk, [&](auto cfg) {
+    using C = decltype(cfg);
+    const DeviceInfo dev = check_device(q, delta_fwd_smem_bytes<typename C::scalar_t, C::kD>());
+    launch_forward<typename C::scalar_t, C::kD>(p, out, lse, dev);
+  });
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> varlen_backward(
+    const at::Tensor& grad_out_in, const at::Tensor& q_in, const at::Tensor& k_in,
+    const at::Tensor& v_in, const at::Tensor& P_in, const at::Tensor& cu_seqlens_q,
+    const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
+    const at::Tensor& out_in, const at::Tensor& lse_in, int64_t L, int64_t U, int64_t window_left,
+    int64_t window_right, double scale) {
+  const VarlenSizes s = check_varlen_args(OpDevice::CUDA, q_in, k_in, v_in, P_in, cu_seqlens_q,
+                                          cu_seqlens_k, max_seqlen_q, max_seqlen_k, L, U,
+                                          window_left, window_right, scale);
+  check_varlen_backward_args(OpDevice::CUDA, s, q_in, grad_out_in, out_in, lse_in);
+  TORCH_CHECK(q_in.is_cuda(), kWho, ": q must be a CUDA tensor, got ", q_in.device());
+  check_limits(s.B, s.H, max_seqlen_q, max_seqlen_k, s.Dk, s.R);
+  c10::cuda::CUDAGuard guard(q_in.device());
+  const at::Tensor q = aligned(q_in), k = aligned(k_in), v = aligned(v_in), P = aligned(P_in),
+                   grad_out = aligned(grad_out_in), out = aligned(out_in),
+                   lse = lse_in.contiguous();
+  const at::Tensor cq = cu_seqlens_q.contiguous(), ck = cu_seqlens_k.contiguous();
+  at::Tensor grad_q = at::empty_like(q), grad_k = at::empty_like(k), grad_v = at::empty_like(v);
+  if (s.B * s.H * s.Total_q == 0 || max_seqlen_q == 0) {
+    return {grad_q, grad_k.zero_(), grad_v.zero_(), at::zeros_like(P)};
+  }
+  const auto f32 = q.options().dtype(at::kFloat);
+  at::Tensor Dsum = at::empty_like(lse);
+  at::Tensor dP_keys = at::zeros({s.Total_k, s.H, s.R}, f32);
+  at::Tensor dP_rows = at::zeros({s.Total_k, s.H, s.R}, f32);
+  const CallArgs c{s.B, s.H, s.Hkv, s.Hp, max_seqlen_q, max_seqlen_k, s.Dk, s.R, L, U,
+                   window_left, window_right, scale};
+  const FwdParams f =
+      make_fwd_params(c, /*varlen=*/true, q, k, v, P, at::Tensor(), out, lse, cq, ck);
+  const BwdParams p = make_bwd_params(f, /*varlen=*/true, grad_out, Dsum, grad_q, grad_k, grad_v,
+                                      dP_keys, dP_rows);
+  dispatch(q.scalar_type(), s.Dk,
+           [&](auto cfg) {
+    using C = decltype(cfg);
+    launch_backward<typename C::scalar_t, C::kD>(p, q);
+  });
+  return {grad_q, grad_k, grad_v, grad_P_of(dP_keys, dP_rows, s.Hp, 1, P)};
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(hdaf, CUDA, m) {
-  m.impl("delta_attention_forward", &delta_attention_forward_cuda);
-  m.impl("delta_attention_backward", &delta_attention_backward_cuda);
+  m.impl("delta_attention_forward", &forward);
+  m.impl("delta_attention_backward", &backward);
+  m.impl("delta_attention_varlen_forward", &varlen_forward);
+  m.impl("delta_attention_varlen_backward", &varlen_backward);
 }
 
 }  // namespace cuda

@@ -13,13 +13,13 @@
 
 namespace hdaf {
 
-// Largest head dim (Dk and Dv each) of the CUDA kernels: their shared-memory tiles hold whole
-// head rows. The CPU kernel takes any head dim.
+// Largest head dim (Dk and Dv each) of the CUDA kernels, which instantiate Dk == Dv in {64, 128}
+// for float16 and bfloat16 only (NotImplementedError otherwise). The CPU kernel takes any.
 constexpr int64_t kCudaMaxHeadDim = 128;
 
 // q [B,H,T,Dk]; k [B,Hkv,Tk,Dk]; v [B,Hkv,Tk,Dv]; P [B,Hp,Tk,R] with Hp in {1, H} and
 // R = L + U + 1. T is the number of queries (Tq <= Tk; query i stands at Tk - T + i) and Hkv
-// divides H. The CUDA op only takes Hkv == H and T == Tk.
+// divides H.
 struct DeltaSizes {
   int64_t B, H, Hp, T, Dk, Dv, R, Hkv, Tk;
 };
