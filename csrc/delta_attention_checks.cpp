@@ -131,7 +131,6 @@ DeltaSizes check_padded_args(OpDevice dev, const char* w, const at::Tensor& q, c
   TORCH_CHECK(!end_aligned || s.T <= s.Tk, w, ": q has Tq=", s.T, " queries but k has Tk=", s.Tk,
               " keys: Tq <= Tk is required (the queries are the last Tq positions)");
   check_head_dims(dev, w, s.Dk, s.Dv);
-  check_cuda_kernels(dev, w, q.scalar_type(), s.Dk, s.Dv);
   check_scalars(w, L, U, window_left, window_right, scale);
   TORCH_CHECK(P.dim() == 4 && P.size(0) == s.B && (P.size(1) == 1 || P.size(1) == s.H) &&
                   P.size(2) == s.Tk,
@@ -150,6 +149,8 @@ DeltaSizes check_padded_args(OpDevice dev, const char* w, const at::Tensor& q, c
     TORCH_CHECK(m.dim() == 2 && m.size(0) == s.B && m.size(1) == s.Tk, w,
                 ": key_padding_mask must be [B,Tk]=[", s.B, ", ", s.Tk, "], got ", m.sizes());
   }
+  // Last: a well-formed call the CUDA kernels do not instantiate.
+  check_cuda_kernels(dev, w, q.scalar_type(), s.Dk, s.Dv);
   return s;
 }
 
@@ -232,7 +233,6 @@ VarlenSizes check_varlen_args(OpDevice dev, const at::Tensor& q, const at::Tenso
   s.Dv = v.size(2);
   check_head_ratio(w, s.H, s.Hkv, q, k);
   check_head_dims(dev, w, s.Dk, s.Dv);
-  check_cuda_kernels(dev, w, q.scalar_type(), s.Dk, s.Dv);
   check_scalars(w, L, U, window_left, window_right, scale);
   TORCH_CHECK(P.dim() == 3 && P.size(0) == s.Total_k && (P.size(1) == 1 || P.size(1) == s.H), w,
               ": P must be [Total_k,Hp,R] with Total_k=", s.Total_k, ", Hp in {1, ", s.H,
@@ -264,6 +264,8 @@ VarlenSizes check_varlen_args(OpDevice dev, const at::Tensor& q, const at::Tenso
                   " keys: Tq <= Tk is required in every sequence");
     }
   }
+  // Last: a well-formed call the CUDA kernels do not instantiate.
+  check_cuda_kernels(dev, w, q.scalar_type(), s.Dk, s.Dv);
   return s;
 }
 

@@ -249,8 +249,9 @@ def test_cuda_head_dim_limit_is_enforced_by_the_shared_checks(Dk, Dv):
         torch.ops.hdaf._check_forward_args(*args, "cuda")
     assert torch.ops.hdaf._check_forward_args(*args, "cpu") == [1, 1, 1, 5, Dk, Dv, 7, 1, 5]
     q128, _, v128, _, _, _ = make_inputs(B=1, H=1, T=5, Dk=128, requires_grad=False)
-    assert torch.ops.hdaf._check_forward_args(q128, q128, v128, P, None, 3, 3, -1, -1, 0.1,
-                                              "cuda")[4:6] == [128, 128]
+    bf = lambda t: t.to(torch.bfloat16)  # noqa: E731  (the CUDA kernels' dtypes)
+    assert torch.ops.hdaf._check_forward_args(bf(q128), bf(q128), bf(v128), bf(P), None, 3, 3, -1,
+                                              -1, 0.1, "cuda")[4:6] == [128, 128]
     out, _ = torch.ops.hdaf.delta_attention_forward(*args)
     for backend in ("cpu", "auto"):  # the public path on CPU: served, and right
         got = hdaf.delta_attention(q, k, v, x, w, scale=0.1, backend=backend)
