@@ -15,10 +15,11 @@
 #
 # --quick: the same phases cut to fit a window of a few minutes (estimated 5-6 min on an H200
 # with the build; at most 8 min by its time limits):
-#   build      the local GPU's arch only, the opt-in CuTe forward off (HDAF_BUILD_CUTE=0),
-#              MAX_JOBS=nproc (ninja compiles the 12 sources in parallel)
+#   build      the local GPU's arch only, MAX_JOBS=nproc (ninja compiles the 8 CuTe kernel
+#              units and the host sources in parallel)
 #   tests      pytest -m quick: QUICK_GPU_TESTS in tests/conftest.py, 18 tests of both backends
-#              against the float64 reference, forward and every gradient, fp32/fp16/bf16,
+#              against the float64 reference, forward and every gradient (CUDA: fp16/bf16,
+#              D 64/128, grouped heads, a decoding step, a packed batch; Triton: fp32/fp16/bf16),
 #              padding, causal, windows, fully masked rows; Triton runs one pinned block
 #              configuration per kernel (HDAF_TRITON_CONFIGS) instead of autotuning, so each
 #              test shape compiles 3 kernels instead of ~20; a skipped test fails the phase
@@ -223,7 +224,13 @@ step_build() {
   arch="${GPU%% *}"
   export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-$arch}"
   export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
-  if [[ $QUICK -eq 1 ]]; then export HDAF_BUILD_CUTE=0; fi
+  # The CUDA kernels are CuTe: setup.py finds the headers through the nvidia-cutlass package or
+  # CUTLASS_INCLUDE_DIR; a machine without a registry gets a copy in third_party/cutlass/include
+  # (scripts/vendor_cutlass_headers.sh, git-ignored).
+  if [[ -z "${CUTLASS_INCLUDE_DIR:-}" && -f third_party/cutlass/include/cute/tensor.hpp ]]; then
+    export CUTLASS_INCLUDE_DIR="$ROOT/third_party/cutlass/include"
+  fi
+  echo "CuTe headers: ${CUTLASS_INCLUDE_DIR:-from the nvidia-cutlass package}"
   "$PY" -c "from torch.utils.cpp_extension import is_ninja_available as n
 print('ninja:', 'yes, sources compile in parallel' if n() else 'NO: sources compile one at a time')"
   echo "building for TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST with MAX_JOBS=$MAX_JOBS"

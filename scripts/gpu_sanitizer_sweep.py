@@ -10,8 +10,9 @@
 Cases (``scripts/gpu_check.sh`` runs it plain, then under memcheck): head dims 16–128 with
 Dk != Dv, T in {1, 7, 63, 100, 300} (none a multiple of any tile size above 1), shared and
 per-head x and w, asymmetric max_distance, windows, causal, key padding, fully masked rows and a
-fully padded batch; float16, bfloat16, float32 and float64 (float64 on ``cuda`` only: Triton
-has none, it runs float32 instead). Every output and gradient is compared with the float64
+fully padded batch; float16, bfloat16, float32 and float64. Triton has no float64 (it runs
+float32 instead); the ``cuda`` kernels are float16 / bfloat16 with Dk == Dv in {64, 128}, so a
+``cuda`` run takes bfloat16 for float32 / float64 and the kernel head dim at or above max(Dk, Dv). Every output and gradient is compared with the float64
 ``gather`` reference on the same rounded inputs (loose tolerances: memory errors are the target
 here; tests/ holds the accuracy rules). Exit status 1 on any failure or mismatch.
 Only the public API is used (``hdaf.delta_attention(..., backend=...)``).
@@ -146,6 +147,9 @@ def main(argv=None) -> int:
     for (config, T, dims, dt), backend in itertools.product(todo, backends):
         if backend == "triton" and dt == "float64":
             dt = "float32"  # Triton has no float64
+        if backend == "cuda":  # the CUDA kernels' dtypes and head dims
+            dt = dt if dt in ("float16", "bfloat16") else "bfloat16"
+            dims = (64, 64) if max(dims) <= 64 else (128, 128)
         runs.append((backend, config, T, dims, dt))
     if args.list:
         for r in runs:

@@ -267,8 +267,10 @@ def test_quick_test_selection_exists_and_covers_both_backends():
     cuda = [t for t in got if t.startswith("tests/test_cuda.py::")]
     triton = [t for t in got if t.startswith("tests/test_triton.py::")]
     assert cuda and triton
-    for dtype in ("float32", "float16", "bfloat16"):
+    for dtype in ("float16", "bfloat16"):  # the CUDA kernels' dtypes; float32 is refused
         assert any(f"-{dtype}]" in t for t in cuda), dtype
+    for what in ("refuses_float32", "mqa_decode", "gqa_tq37", "varlen", "d64", "d128"):
+        assert any(what in t for t in cuda), what
     for i in range(3):  # test_triton's dtype ids: float32, float16, bfloat16
         assert any(t.endswith(f"-dtype{i}]") for t in triton), i
     for case in ("causal_pad", "window", "allpad", "fully_masked", "paper_pad"):
