@@ -3,4 +3,4 @@
 // see flash_fwd.cuh).
 #include "flash_fwd.cuh"
 
-HDAF_CUTE_DEFINE_FWD(__nv_bfloat16, cutlass::bfloat16_t, 128, 128, 64, 8)
+HDAF_DEFINE_FWD(__nv_bfloat16, cutlass::bfloat16_t, 128, 128, 64, 8)

@@ -3,4 +3,4 @@
 // spilled 156 bytes (sm_80, CUDA 13.0); 8 warps: 222 registers, no spill. Not timed on a GPU.
 #include "flash_fwd.cuh"
 
-HDAF_CUTE_DEFINE_FWD(__nv_bfloat16, cutlass::bfloat16_t, 64, 128, 64, 8)
+HDAF_DEFINE_FWD(__nv_bfloat16, cutlass::bfloat16_t, 64, 128, 64, 8)
