@@ -166,13 +166,12 @@ __global__ void __launch_bounds__(Traits::kNThreads) fwd_kernel(const FwdParams 
   Tensor sVtNoSwizzle = make_tensor(sV.data().get(), typename Traits::SmemLayoutVtNoSwizzle{});
   // Far-tile key columns of the current key tile: c P[n0 + col, 0], then c P[n0 + col, R-1].
   float* s_kcol = reinterpret_cast<float*>(smem_raw + (size(sQ) + 2 * size(sK)) * sizeof(Element));
+  static_assert(2 * kBlockN <= Traits::kNThreads, "one far-tile key column entry per thread");
   auto load_kcol = [&](int n0) {
-    for (int col = tid; col < kBlockN; col += Traits::kNThreads) {
-      const int j = n0 + col;
-      const bool in = j < Tk;
-      const Element* pj = Pb + int64_t(in ? j : 0) * Ps;
-      s_kcol[col] = in ? c * float(pj[0]) : 0.f;
-      s_kcol[kBlockN + col] = in ? c * float(pj[R - 1]) : 0.f;
+    if (tid < 2 * kBlockN) {
+      const int j = n0 + tid % kBlockN;
+      const float x = j < Tk ? float(Pb[int64_t(j) * Ps + (tid < kBlockN ? 0 : R - 1)]) : 0.f;
+      s_kcol[tid] = c * x;
     }
   };
 
@@ -336,13 +335,13 @@ __global__ void __launch_bounds__(Traits::kNThreads) fwd_kernel(const FwdParams 
       for (int ni = 0; ni < kCols; ++ni) mx = fmaxf(mx, s(mi, ni));
       const float m_new = fmaxf(row_max[mi], quad_max(mx) - qconst[mi]);
       const float base = m_new == -INFINITY ? 0.f : m_new;
-      const float alpha = exp2f(row_max[mi] - base);
+      const float alpha = exp2_approx(row_max[mi] - base);
       row_max[mi] = m_new;
       const float base_s = base + qconst[mi];
       float sum = 0.f;
       CUTE_UNROLL
       for (int ni = 0; ni < kCols; ++ni) {
-        s(mi, ni) = exp2f(s(mi, ni) - base_s);
+        s(mi, ni) = exp2_approx(s(mi, ni) - base_s);
         sum += s(mi, ni);
       }
       row_sum[mi] = row_sum[mi] * alpha + sum;  // this thread's columns; quad-reduced at the end

@@ -72,6 +72,18 @@ __device__ __forceinline__ auto to_element(Frag const& f) {
   return out;
 }
 
+// 2^x by the hardware approximation (MUFU.EX2, flush-to-zero): exp2f without fast-math adds a
+// range test and two scalings per call. The emulation uses exp2f.
+__device__ __forceinline__ float exp2_approx(float x) {
+#if defined(__CUDA_ARCH__)
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+#else
+  return exp2f(x);
+#endif
+}
+
 __device__ __forceinline__ float quad_max(float x) {
   x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
   return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
