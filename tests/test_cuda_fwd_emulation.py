@@ -200,13 +200,14 @@ def _split_range(begin, end, BN, s, S):
 def _expected_counters(seqs, H, D, L, U, Wl, Wr, BM, BN, W, num_splits=1):
     """[mma.sync, ldmatrix, ldmatrix.trans, cp.async bytes] one launch issues. seqs: (Tq_b,
     Tk_b) per sequence. Per query block (rows < Tq_b) and split: Q once; per visited key tile
-    of the split K and V (rows < Tk_b), S = Q K^T and O += P V."""
+    of the split K and V (rows < Tk_b), S = Q K^T and O += P V. The tiles are those the block's
+    rows below Tq_b see."""
     atoms_m = BM // W // 16  # m16 tiles per warp: warps split the query rows only
     mma = ldsm = ldsm_t = nbytes = 0
     for Tq, Tk in seqs:
         lo, hi = _band(Tk, Wl, Wr)
         for m0 in range(0, Tq, BM):
-            begin, end = _key_tile_span(Tk - Tq + m0, Tk, L, U, lo, hi, BN, BM)
+            begin, end = _key_tile_span(Tk - Tq + m0, Tk, L, U, lo, hi, BN, min(BM, Tq - m0))
             for s in range(num_splits):
                 ldsm += W * atoms_m * 16 * D // 256  # Q: one x4 per 16x16
                 nbytes += 2 * D * min(BM, Tq - m0)
@@ -262,8 +263,9 @@ def _check_padded(emu, where, case, dtype, D, q, k, v, P, mask, L, U, Wl, Wr, nu
 
 PADDED = [(T, case, *CONFIGS[(i + j) % len(CONFIGS)])
           for j, T in enumerate((1, 7, 63)) for i, case in enumerate(CASES)] + [
-    (300, case, *CONFIGS[i]) for i, case in enumerate(("wide_R_causal", "window", "padding",
-                                                       "paper_preset"))]
+    (300, case, *CONFIGS[i % len(CONFIGS)])
+    for i, case in enumerate(("wide_R_causal", "window", "padding", "paper_preset", "plain",
+                              "per_head_P"))]  # the last two: unmasked far-low and far-high tiles
 
 
 @pytest.mark.parametrize("T,case,dtype,D", PADDED,

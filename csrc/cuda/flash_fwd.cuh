@@ -211,9 +211,11 @@ __global__ void __launch_bounds__(Traits::kNThreads) fwd_kernel(const FwdParams 
   static_assert(kCols % 2 == 0, "S columns come in adjacent pairs");
 
   // The tiles of this block, this split's share of them, and the runs of each loop.
+  // (Only the block's rows below Tq count: the rows past it are computed but never stored.)
+  const int rows_m = min(kBlockM, Tq - m0);
   const cute_tiles::KeyTiles tiles =
-      cute_tiles::key_tiles(pos0, Tk, L, U, lo, hi, kBlockM, kBlockN);
-  const cute_tiles::TileRun fast = cute_tiles::unmasked_tiles(tiles, pos0, Tk, lo, hi, kBlockM,
+      cute_tiles::key_tiles(pos0, Tk, L, U, lo, hi, rows_m, kBlockN);
+  const cute_tiles::TileRun fast = cute_tiles::unmasked_tiles(tiles, pos0, Tk, lo, hi, rows_m,
                                                               kBlockN, pad != nullptr);
   int s_begin = tiles.begin, s_end = tiles.end;
   if (p.num_splits > 1) {
