@@ -199,8 +199,8 @@ def _split_range(begin, end, BN, s, S):
 
 def _expected_counters(seqs, H, D, L, U, Wl, Wr, BM, BN, W, num_splits=1):
     """[mma.sync, ldmatrix, ldmatrix.trans, cp.async bytes] one launch issues. seqs: (Tq_b,
-    Tk_b) per sequence. Per query block (rows < Tq_b) and split: Q once; per visited key tile
-    of the split K and V (rows < Tk_b), S = Q K^T and O += P V. The tiles are those the block's
+    Tk_b) per sequence. Per query block (rows < Tq_b) and split: Q into smem once; per visited
+    key tile of the split Q (from smem), K and V (rows < Tk_b), S = Q K^T and O += P V. The tiles are those the block's
     rows below Tq_b see."""
     atoms_m = BM // W // 16  # m16 tiles per warp: warps split the query rows only
     mma = ldsm = ldsm_t = nbytes = 0
@@ -209,11 +209,11 @@ def _expected_counters(seqs, H, D, L, U, Wl, Wr, BM, BN, W, num_splits=1):
         for m0 in range(0, Tq, BM):
             begin, end = _key_tile_span(Tk - Tq + m0, Tk, L, U, lo, hi, BN, min(BM, Tq - m0))
             for s in range(num_splits):
-                ldsm += W * atoms_m * 16 * D // 256  # Q: one x4 per 16x16
-                nbytes += 2 * D * min(BM, Tq - m0)
+                nbytes += 2 * D * min(BM, Tq - m0)  # Q
                 sb, se = _split_range(begin, end, BN, s, num_splits) if num_splits > 1 else (begin, end)
                 for n0 in range(sb, se, BN):
                     mma += W * atoms_m * ((BN // 8) * (D // 16) + (D // 8) * (BN // 16))
+                    ldsm += W * atoms_m * 16 * D // 256  # Q from smem: one x4 per 16x16
                     ldsm += W * BN * D // 256  # K: every warp reads the whole tile
                     ldsm_t += W * BN * D // 256  # V
                     nbytes += 2 * 2 * D * min(BN, Tk - n0)

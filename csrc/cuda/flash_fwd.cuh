@@ -10,7 +10,8 @@
 // window and causal relation and the query's own P row use that position. Warps are stacked
 // along the rows (each owns kBlockM / kNWarps of them), so a row's softmax state lives in the
 // 4 lanes of one quad.
-//   Q      gmem --cp.async--> smem --ldmatrix--> registers, once; the MMAs read Q from registers.
+//   Q      gmem --cp.async--> smem, once; ldmatrix reads it for every key tile (holding it in
+//          registers for good took 16 / 32 registers at D = 64 / 128, and ptxas spilled).
 //   K, V   one smem tile each; V(n) loads (cp.async) under S = Q K(n)^T and the next K tile under
 //          the softmax and O += P V(n): two copy groups in flight, as in FlashAttention-2.
 //   MMA    cute::TiledMMA of SM80 mma.sync m16n8k16 (fp16/bf16 operands, fp32 accumulators);
@@ -104,6 +105,15 @@ struct FwdTraits {
       Layout<Shape<_1, Int<kElemsPer16B>>>{}));
   using GmemCopyO = decltype(make_tiled_copy(Copy_Atom<UniversalCopy<cute::uint128_t>, Element>{},
                                              GmemThreads{}, Layout<Shape<_1, Int<kElemsPer16B>>>{}));
+
+  // Band and masked tiles: the MMAs of S start from the gathered bias (its loads are issued
+  // before them and their registers are free again when S is), or the bias is added to S after
+  // them. First at D = 128: gathering after the MMAs took ~60 more registers there and ptxas
+  // spilled; after at D = 64, where first spilled in the masked loop (sm_90, CUDA 13.0).
+  static constexpr bool kBiasFirst = kHeadDim >= 128;
+  // Registers of S per thread: rows (2 per m16 tile of the warp) and columns (2 per n8 tile).
+  static constexpr int kRows = 2 * (kBlockM / (16 * kNWarps));
+  static constexpr int kCols = 2 * (kBlockN / 8);
 
   // Q, K, V tiles, then the key tile's far-tile columns P[j, 0] and P[j, R-1] in float32.
   static constexpr int kSmemBytes =
@@ -206,9 +216,8 @@ __global__ void __launch_bounds__(Traits::kNThreads) fwd_kernel(const FwdParams 
   // Each S register's (row, col) in the tile, viewed as (row, col) like S itself.
   Tensor tSid = thr_mma.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kBlockN>>{}));
   Tensor rc = make_tensor(tSid.data(), acc_rowcol(tSid.layout()));
-  constexpr int kRows = decltype(size<0>(rc))::value;
-  constexpr int kCols = decltype(size<1>(rc))::value;
-  static_assert(kCols % 2 == 0, "S columns come in adjacent pairs");
+  static_assert(decltype(size<0>(rc))::value == Traits::kRows &&
+                decltype(size<1>(rc))::value == Traits::kCols, "S register layout");
 
   // The tiles of this block, this split's share of them, and the runs of each loop.
   // (Only the block's rows below Tq count: the rows past it are computed but never stored.)
@@ -223,37 +232,46 @@ __global__ void __launch_bounds__(Traits::kNThreads) fwd_kernel(const FwdParams 
     s_begin = min(tiles.begin + split * n_tiles / p.num_splits * kBlockN, tiles.end);
     s_end = min(tiles.begin + (split + 1) * n_tiles / p.num_splits * kBlockN, tiles.end);
   }
-  auto clip = [&](int a, int z, int& ra, int& rz) {
+  // The loops, in visiting order: far-low, band, far-high (unmasked), then the masked tiles
+  // left and right of them (3, 4: one loop). run(k) gives loop k's tiles [first, end) within
+  // this split; after(k) the first tile of the loops after loop k (-1: none), for the prefetch.
+  auto run = [&](int k, int& ra, int& rz) {
+    int a, z;
+    switch (k) {
+      case 0: a = fast.first; z = min(tiles.band, fast.last); break;
+      case 1: a = max(tiles.band, fast.first); z = min(tiles.far_hi, fast.last); break;
+      case 2: a = max(tiles.far_hi, fast.first); z = fast.last; break;
+      case 3: a = tiles.begin; z = fast.first; break;
+      default: a = fast.last; z = tiles.end; break;
+    }
     ra = max(a, s_begin);
     rz = max(min(z, s_end), ra);
   };
-  // Loop order: far-low, band, far-high (unmasked), then the masked tiles left and right of
-  // them. run_begin[k], run_end[k]: the k-th loop's tiles.
-  int run_begin[5], run_end[5];
-  clip(fast.first, min(tiles.band, fast.last), run_begin[0], run_end[0]);
-  clip(max(tiles.band, fast.first), min(tiles.far_hi, fast.last), run_begin[1], run_end[1]);
-  clip(max(tiles.far_hi, fast.first), fast.last, run_begin[2], run_end[2]);
-  clip(tiles.begin, fast.first, run_begin[3], run_end[3]);
-  clip(fast.last, tiles.end, run_begin[4], run_end[4]);
-  // The first tile of the loops after loop k (-1: none), for the prefetch across loops.
-  int after[5];
-  after[4] = -1;
-  CUTE_UNROLL
-  for (int k = 3; k >= 0; --k) after[k] = run_begin[k + 1] < run_end[k + 1] ? run_begin[k + 1] : after[k + 1];
-  const int first_tile = run_begin[0] < run_end[0] ? run_begin[0] : after[0];
+  auto after = [&](int k) {
+    CUTE_UNROLL
+    for (int k2 = 1; k2 < 5; ++k2) {
+      int a, z;
+      run(k2, a, z);
+      if (k2 > k && a < z) return a;
+    }
+    return -1;
+  };
+
+  int first_tile, first_end;
+  run(0, first_tile, first_end);
+  if (first_tile == first_end) first_tile = after(0);
 
   // Per query row of this thread: its key position, its P row (clamped into the sequence for
   // the rows past Tq, which are computed but never stored), c P[t_i, 0], c P[t_i, R-1]; the
   // softmax state (log2 domain).
-  int qpos[kRows];
-  const Element* prow[kRows];
-  float qc_lo[kRows], qc_hi[kRows], row_max[kRows], row_sum[kRows];
+  int qpos[Traits::kRows];
+  float qc_lo[Traits::kRows], qc_hi[Traits::kRows], row_max[Traits::kRows], row_sum[Traits::kRows];
+  auto prow = [&](int mi) { return Pb + int64_t(min(qpos[mi], Tk - 1)) * Ps; };
   CUTE_UNROLL
-  for (int mi = 0; mi < kRows; ++mi) {
+  for (int mi = 0; mi < Traits::kRows; ++mi) {
     qpos[mi] = pos0 + get<0>(rc(mi, 0));
-    prow[mi] = Pb + int64_t(min(qpos[mi], Tk - 1)) * Ps;
-    qc_lo[mi] = c * float(prow[mi][0]);
-    qc_hi[mi] = c * float(prow[mi][R - 1]);
+    qc_lo[mi] = c * float(prow(mi)[0]);
+    qc_hi[mi] = c * float(prow(mi)[R - 1]);
     row_max[mi] = -INFINITY;
     row_sum[mi] = 0.f;
   }
@@ -265,9 +283,7 @@ __global__ void __launch_bounds__(Traits::kNThreads) fwd_kernel(const FwdParams 
     load_kcol(first_tile);
   }
   sm80::cp_async_fence();
-  sm80::cp_async_wait<0>();
-  __syncthreads();
-  copy(smem_copy_Q, sthr_Q.partition_S(sQ), sthr_Q.retile_D(tSrQ));
+  Tensor tSsQ = sthr_Q.partition_S(sQ);
   clear(acc_o);
   Tensor o = make_tensor(acc_o.data(), acc_rowcol(acc_o.layout()));
 
@@ -278,45 +294,68 @@ __global__ void __launch_bounds__(Traits::kNThreads) fwd_kernel(const FwdParams 
     constexpr bool kMasked = decltype(masked_c)::value;
     constexpr bool kFar = kKind != kBand && !kMasked;
     Tensor acc_s = partition_fragment_C(mma, Shape<Int<kBlockM>, Int<kBlockN>>{});
-    clear(acc_s);
+    Tensor s = make_tensor(acc_s.data(), acc_rowcol(acc_s.layout()));
+    if constexpr (!kFar && Traits::kBiasFirst) {
+      // Band and masked tiles: the bias P[j, r] - P[t_i, r], gathered.
+      const Element* prows[Traits::kRows];
+      CUTE_UNROLL
+      for (int mi = 0; mi < Traits::kRows; ++mi) prows[mi] = prow(mi);
+      CUTE_UNROLL
+      for (int ni = 0; ni < Traits::kCols; ++ni) {
+        const int j = n0 + get<1>(rc(0, ni));
+        const Element* pj = Pb + int64_t(min(j, Tk - 1)) * Ps;
+        CUTE_UNROLL
+        for (int mi = 0; mi < Traits::kRows; ++mi) {
+          const int r = min(max(j - qpos[mi], -L), U) + L;
+          s(mi, ni) = float(pj[r]) - float(prows[mi][r]);
+        }
+      }
+    } else {
+      clear(acc_s);
+    }
     sm80::cp_async_wait<0>();
-    __syncthreads();  // K(n0), kcol(n0) are in smem, and no warp still reads the previous V
+    __syncthreads();  // Q, K(n0), kcol(n0) are in smem, and no warp still reads the previous V
     copy_rows(gmem_copy, tVgV(_, _, _, n0 / kBlockN), tVsV, tKVid, Tk - n0);
     sm80::cp_async_fence();
-    gemm_a_in_regs(mma, acc_s, tSrQ, tSrK, tSsK, smem_copy_K, sthr_K);
+    gemm_smem_ab(mma, acc_s, tSrQ, tSsQ, smem_copy_Q, sthr_Q, tSrK, tSsK, smem_copy_K, sthr_K);
 
     // Logits, log2 domain, less the row constant qconst (far tiles: c P[t_i, e]).
-    Tensor s = make_tensor(acc_s.data(), acc_rowcol(acc_s.layout()));
-    float qconst[kRows];
+    float qconst[Traits::kRows];
     if constexpr (kFar) {
       const float* kcol = s_kcol + (kKind == kFarLo ? 0 : kBlockN);
       CUTE_UNROLL
-      for (int mi = 0; mi < kRows; ++mi) qconst[mi] = kKind == kFarLo ? qc_lo[mi] : qc_hi[mi];
+      for (int mi = 0; mi < Traits::kRows; ++mi) qconst[mi] = kKind == kFarLo ? qc_lo[mi] : qc_hi[mi];
       CUTE_UNROLL
-      for (int ni = 0; ni < kCols; ni += 2) {
+      for (int ni = 0; ni < Traits::kCols; ni += 2) {
         const float2 kc = *reinterpret_cast<const float2*>(kcol + get<1>(rc(0, ni)));
         CUTE_UNROLL
-        for (int mi = 0; mi < kRows; ++mi) {
+        for (int mi = 0; mi < Traits::kRows; ++mi) {
           s(mi, ni) = fmaf(s(mi, ni), c, kc.x);
           s(mi, ni + 1) = fmaf(s(mi, ni + 1), c, kc.y);
         }
       }
     } else {
+      const Element* prows[Traits::kRows];
       CUTE_UNROLL
-      for (int ni = 0; ni < kCols; ++ni) {
+      for (int mi = 0; mi < Traits::kRows; ++mi) prows[mi] = prow(mi);
+      CUTE_UNROLL
+      for (int ni = 0; ni < Traits::kCols; ++ni) {
         const int j = n0 + get<1>(rc(0, ni));
         const Element* pj = Pb + int64_t(min(j, Tk - 1)) * Ps;
         const bool hidden = kMasked && (j >= Tk || (pad != nullptr && pad[min(j, Tk - 1)]));
         CUTE_UNROLL
-        for (int mi = 0; mi < kRows; ++mi) {
+        for (int mi = 0; mi < Traits::kRows; ++mi) {
           const int d = j - qpos[mi];
-          const int r = min(max(d, -L), U) + L;
-          const float t = (s(mi, ni) + (float(pj[r]) - float(prow[mi][r]))) * c;
-          s(mi, ni) = (kMasked && (hidden || d < lo || d > hi)) ? -INFINITY : t;
+          float x = s(mi, ni);
+          if constexpr (!Traits::kBiasFirst) {
+            const int r = min(max(d, -L), U) + L;
+            x += float(pj[r]) - float(prows[mi][r]);
+          }
+          s(mi, ni) = (kMasked && (hidden || d < lo || d > hi)) ? -INFINITY : x * c;
         }
       }
       CUTE_UNROLL
-      for (int mi = 0; mi < kRows; ++mi) qconst[mi] = 0.f;
+      for (int mi = 0; mi < Traits::kRows; ++mi) qconst[mi] = 0.f;
     }
 
     sm80::cp_async_wait<0>();
@@ -331,10 +370,10 @@ __global__ void __launch_bounds__(Traits::kNThreads) fwd_kernel(const FwdParams 
     // domain and exp2 takes s - (max + qconst). A row with nothing visible yet keeps max -inf
     // and sum 0 (base 0 keeps exp2 free of -inf - -inf).
     CUTE_UNROLL
-    for (int mi = 0; mi < kRows; ++mi) {
+    for (int mi = 0; mi < Traits::kRows; ++mi) {
       float mx = -INFINITY;
       CUTE_UNROLL
-      for (int ni = 0; ni < kCols; ++ni) mx = fmaxf(mx, s(mi, ni));
+      for (int ni = 0; ni < Traits::kCols; ++ni) mx = fmaxf(mx, s(mi, ni));
       const float m_new = fmaxf(row_max[mi], quad_max(mx) - qconst[mi]);
       const float base = m_new == -INFINITY ? 0.f : m_new;
       const float alpha = exp2_approx(row_max[mi] - base);
@@ -342,7 +381,7 @@ __global__ void __launch_bounds__(Traits::kNThreads) fwd_kernel(const FwdParams 
       const float base_s = base + qconst[mi];
       float sum = 0.f;
       CUTE_UNROLL
-      for (int ni = 0; ni < kCols; ++ni) {
+      for (int ni = 0; ni < Traits::kCols; ++ni) {
         s(mi, ni) = exp2_approx(s(mi, ni) - base_s);
         sum += s(mi, ni);
       }
@@ -361,27 +400,39 @@ __global__ void __launch_bounds__(Traits::kNThreads) fwd_kernel(const FwdParams 
   using Unmasked = std::false_type;
   using Masked = std::true_type;
 
-  // far-low loop
-  for (int n0 = run_begin[0]; n0 < run_end[0]; n0 += kBlockN) {
-    tile(FarLo{}, Unmasked{}, n0, n0 + kBlockN < run_end[0] ? n0 + kBlockN : after[0]);
+  {  // far-low loop
+    int a, z;
+    run(0, a, z);
+    const int next_run = after(0);
+    for (int n0 = a; n0 < z; n0 += kBlockN) {
+      tile(FarLo{}, Unmasked{}, n0, n0 + kBlockN < z ? n0 + kBlockN : next_run);
+    }
   }
-  // band loop
-  for (int n0 = run_begin[1]; n0 < run_end[1]; n0 += kBlockN) {
-    tile(Bnd{}, Unmasked{}, n0, n0 + kBlockN < run_end[1] ? n0 + kBlockN : after[1]);
+  {  // band loop
+    int a, z;
+    run(1, a, z);
+    const int next_run = after(1);
+    for (int n0 = a; n0 < z; n0 += kBlockN) {
+      tile(Bnd{}, Unmasked{}, n0, n0 + kBlockN < z ? n0 + kBlockN : next_run);
+    }
   }
-  // far-high loop
-  for (int n0 = run_begin[2]; n0 < run_end[2]; n0 += kBlockN) {
-    tile(FarHi{}, Unmasked{}, n0, n0 + kBlockN < run_end[2] ? n0 + kBlockN : after[2]);
+  {  // far-high loop
+    int a, z;
+    run(2, a, z);
+    const int next_run = after(2);
+    for (int n0 = a; n0 < z; n0 += kBlockN) {
+      tile(FarHi{}, Unmasked{}, n0, n0 + kBlockN < z ? n0 + kBlockN : next_run);
+    }
   }
-  // masked loop: the tiles left of the unmasked run, then those right of it
-  {
-    const int n_left = (run_end[3] - run_begin[3] + kBlockN - 1) / kBlockN;
-    const int n_all = n_left + (run_end[4] - run_begin[4] + kBlockN - 1) / kBlockN;
+  {  // masked loop: the tiles left of the unmasked run, then those right of it
+    int a3, z3, a4, z4;
+    run(3, a3, z3);
+    run(4, a4, z4);
+    const int n_left = (z3 - a3 + kBlockN - 1) / kBlockN;
+    const int n_all = n_left + (z4 - a4 + kBlockN - 1) / kBlockN;
     for (int t = 0; t < n_all; ++t) {
-      const int n0 = t < n_left ? run_begin[3] + t * kBlockN : run_begin[4] + (t - n_left) * kBlockN;
-      const int next = t + 1 == n_all ? -1
-                       : t + 1 < n_left ? n0 + kBlockN
-                       : t + 1 == n_left ? run_begin[4] : n0 + kBlockN;
+      const int n0 = t < n_left ? a3 + t * kBlockN : a4 + (t - n_left) * kBlockN;
+      const int next = t + 1 == n_all ? -1 : t + 1 == n_left ? a4 : n0 + kBlockN;
       tile(Bnd{}, Masked{}, n0, next);
     }
   }
@@ -392,7 +443,7 @@ __global__ void __launch_bounds__(Traits::kNThreads) fwd_kernel(const FwdParams 
   float* lse = (split_out ? p.lse_accum + split * p.split_stride_lse : p.lse) +
                seq.q_offset(p.lse_s, b, h);
   CUTE_UNROLL
-  for (int mi = 0; mi < kRows; ++mi) {
+  for (int mi = 0; mi < Traits::kRows; ++mi) {
     const float l = quad_sum(row_sum[mi]);
     const float inv = l == 0.f ? 0.f : 1.f / l;
     CUTE_UNROLL
@@ -409,7 +460,7 @@ __global__ void __launch_bounds__(Traits::kNThreads) fwd_kernel(const FwdParams 
     Tensor orc = make_tensor(tOid.data(), acc_rowcol(tOid.layout()));
     float* oacc = p.out_accum + split * p.split_stride_o + seq.q_offset(p.o_s, b, h);
     CUTE_UNROLL
-    for (int mi = 0; mi < kRows; ++mi) {
+    for (int mi = 0; mi < Traits::kRows; ++mi) {
       const int i = m0 + get<0>(orc(mi, 0));
       if (i < Tq) {
         CUTE_UNROLL
