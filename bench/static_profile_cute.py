@@ -57,13 +57,18 @@ _spec.loader.exec_module(sp)
 
 UNITS_GLOB = os.path.join(REPO, "csrc", "cuda", "fwd_*.cu")
 BWD_UNITS_GLOB = os.path.join(REPO, "csrc", "cuda", "bwd_*.cu")
-_DEFINE = re.compile(r"^HDAF_CUTE_DEFINE_(FWD|BWD)\((\w+), ([\w:]+), (\d+), (\d+), (\d+), (\d+)\)",
-                     re.M)
+_DEFINE = re.compile(
+    r"^HDAF_(?:CUTE_)?DEFINE_(FWD|BWD)\((\w+), ([\w:]+), (\d+), (\d+), (\d+), (\d+)\)", re.M)
 #: The backward's kernels with a hot loop: (name in the mangled symbol, static_profile MAC kind).
 BWD_KERNELS = (("dq_kernel", "dq"), ("dkdv_kernel", "dkdv"))
 DTYPES = {"__nv_bfloat16": "bf16", "__half": "fp16"}
-#: The issue's sm_90 bf16 forward targets for far tiles (D=64, D=128), per 1,024 MACs per warp.
+#: The forward's key-tile loops, in source (and address) order: the unmasked far-low, band and
+#: far-high runs, then the masked tiles.
+FWD_LOOPS = ("far_lo", "band", "far_hi", "masked")
+#: The sm_90 bf16 forward targets for far tiles (D=64, D=128), per 1,024 MACs per warp; the band
+#: loop's target is BAND_FACTOR times the far loops' figure.
 FAR_TARGETS = {64: 2.0, 128: 1.7}
+BAND_FACTOR = 2.5
 
 
 def unit_config(path: str) -> dict:
@@ -142,11 +147,13 @@ def path_spans(instrs: Sequence, labels: Dict[str, int],
                 longest=dict(non_matrix=best[0][2], matrix=best[0][3]))
 
 
-def profile_unit_sass(text: str, cfg: dict, kind: str = "fwd") -> List[dict]:
+def profile_unit_sass(text: str, cfg: dict, kind: str = "fwd",
+                      loop_kinds: Optional[Sequence[str]] = None) -> List[dict]:
     """The hot loops of one kernel's SASS with the whole-body and per-path figures; kind is
-    static_profile's MAC formula (fwd, dq, dkdv)."""
+    static_profile's MAC formula (fwd, dq, dkdv); loop_kinds names the loops when as many are
+    found (else loop0, loop1, ...)."""
     config = dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"])
-    rows = sp.profile_sass(text, kind, config, cfg["D"], cfg["D"])
+    rows = sp.profile_sass(text, kind, config, cfg["D"], cfg["D"], loop_kinds=loop_kinds)
     instrs, labels = sp.parse_sass(text)
     kmacs_per_warp = None
     for row in rows:
@@ -200,11 +207,16 @@ def compile_unit(path: str, arch: int, cutlass: str, dump_sass: Optional[str]) -
         os.makedirs(dump_sass, exist_ok=True)
         with open(os.path.join(dump_sass, f"{cfg['unit']}.sm_{arch}.sass"), "w") as f:
             f.write(text)
-    if cfg.get("direction") != "bwd":
-        row["ptxas"] = sp.parse_ptxas_log(log)
-        row["loops"] = profile_unit_sass(text, cfg)
-        return row
     functions, usage = split_functions(text), parse_ptxas_entries(log)
+    if cfg.get("direction") != "bwd":
+        # the unit also holds the split-key combine kernel (no MMA, no hot loop)
+        names = [n for n in functions if "fwd_kernel" in n]
+        if len(names) != 1:
+            row["error"] = f"{len(names)} functions named fwd_kernel"
+            return row
+        row["ptxas"] = usage.get(names[0])
+        row["loops"] = profile_unit_sass(functions[names[0]], cfg, "fwd", FWD_LOOPS)
+        return row
     row["kernels"] = []
     for kernel, kind in BWD_KERNELS:
         names = [n for n in functions if kernel in n]
@@ -240,37 +252,69 @@ def _fmt(x) -> str:
     return "–" if x is None else f"{x:.2f}"
 
 
+def fwd_verdicts(row: dict, arch: int) -> Dict[str, Tuple[Optional[float], str]]:
+    """Per loop label of one forward unit: (target, verdict) from the whole-body figure (each
+    loop runs one tile kind, so its whole body is what a tile of that kind issues, the next
+    tile's prefetch included). Far loops: FAR_TARGETS (sm_90 bf16 only); band: BAND_FACTOR times
+    the larger far figure; a hot loop must not spill and must issue only HMMA.16816."""
+    out: Dict[str, Tuple[Optional[float], str]] = {}
+    far_target = FAR_TARGETS.get(row["D"]) if (arch == 90 and row["dtype"] == "bf16") else None
+    loops = {lp["label"]: lp for lp in row.get("loops") or []}
+    far = [loops[k]["non_matrix_per_kmac"] for k in ("far_lo", "far_hi") if k in loops]
+    for label, lp in loops.items():
+        target = None
+        if far_target is not None:
+            if label in ("far_lo", "far_hi"):
+                target = far_target
+            elif label == "band" and far:
+                target = round(BAND_FACTOR * max(far), 2)
+        x = lp["non_matrix_per_kmac"]
+        issues = []
+        if lp.get("spill_ld") or lp.get("spill_st"):
+            issues.append(f"{lp['spill_ld']} LDL / {lp['spill_st']} STL in the loop")
+        if target is None:
+            verdict = "; ".join(issues) or "–"
+        elif x <= target and not issues:
+            verdict = "met"
+        else:
+            verdict = "missed" + (f" by {x - target:.2f}" if x > target else "") + \
+                ("" if not issues else ": " + "; ".join(issues))
+        out[label] = (target, verdict)
+    return out
+
+
 def render_markdown(doc: dict) -> str:
     arch = doc["arch"]
     lines = [f"# CuTe forward, static profile, sm_{arch}", "",
              f"`{doc['command']}` ({doc['date_utc']}, commit {doc['git_commit'][:10]}"
              f"{', csrc/cuda modified' if doc.get('sources_modified') else ''}; "
              f"{doc['versions']['nvcc']}, CUTLASS {doc['versions']['cutlass']}). "
-             "Hot loop (the key-tile loop), per iteration per warp; non-matrix instructions per "
-             "1,024 MACs per warp for the whole loop body (every tile kind's path) and for the "
-             "shortest and longest paths through it. Nothing is timed.", "",
-             "| unit | tile (M×N, warps) | regs | spill (B) | body instr. | HMMA | whole body "
-             "| shortest path | longest path | far target | verdict |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "The forward kernel's key-tile loops, one per tile kind (unmasked far-low, band, "
+             "far-high, then the masked tiles), per iteration (one key tile) per warp; "
+             "non-matrix instructions per 1,024 MACs per warp for the whole loop body and for "
+             "the shortest and longest paths through it (the body's one forward branch skips "
+             "the next tile's prefetch at the last tile). Registers and spills are the kernel's "
+             "(ptxas -v), LDL/STL the loop's. Nothing is timed.", "",
+             "| unit | tile (M×N, warps) | regs | spill (B) | loop | body instr. | HMMA "
+             "| LDL/STL | whole body | shortest path | longest path | target | verdict |",
+             "|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in doc["rows"]:
         tile = f"{r['BLOCK_M']}×{r['BLOCK_N']}, {r['num_warps']} w"
         if r.get("error"):
-            lines.append(f"| {r['unit']} | {tile} | compile error | | | | | | | | |")
+            lines.append(f"| {r['unit']} | {tile} | compile error | | | | | | | | | | |")
             continue
         p = r.get("ptxas") or {}
         spill = p.get("spill_stores", 0) + p.get("spill_loads", 0) if p else None
+        verdicts = fwd_verdicts(r, arch)
         for lp in r.get("loops") or []:
             paths = lp.get("paths") or {}
             short = (paths.get("shortest") or {}).get("non_matrix_per_kmac")
             long_ = (paths.get("longest") or {}).get("non_matrix_per_kmac")
-            target = FAR_TARGETS.get(r["D"]) if (arch == 90 and r["dtype"] == "bf16") else None
-            verdict = "–"
-            if target is not None and short is not None:
-                verdict = (f"missed: even the shortest path is {short:.2f}" if short > target
-                           else "not decided by these bounds" if (long_ or 0) > target else "met")
+            target, verdict = verdicts.get(lp["label"], (None, "–"))
             lines.append(
                 f"| {r['unit']} | {tile} | {p.get('registers', '–')} | "
-                f"{'–' if spill is None else spill} | {lp['instructions']} | {lp['matrix']} | "
+                f"{'–' if spill is None else spill} | {lp['label']} | {lp['instructions']} | "
+                f"{lp['matrix']} | {lp.get('spill_ld', 0)}/{lp.get('spill_st', 0)} | "
                 f"{_fmt(lp['non_matrix_per_kmac'])} | {_fmt(short)} | {_fmt(long_)} | "
                 f"{'–' if target is None else f'≤ {target}'} | {verdict} |")
     return "\n".join(lines) + "\n"

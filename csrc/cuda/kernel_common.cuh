@@ -72,6 +72,18 @@ __device__ __forceinline__ auto to_element(Frag const& f) {
   return out;
 }
 
+// 2^x by the hardware approximation (MUFU.EX2, flush-to-zero): exp2f without fast-math adds a
+// range test and two scalings per call. The emulation uses exp2f.
+__device__ __forceinline__ float exp2_approx(float x) {
+#if defined(__CUDA_ARCH__)
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+#else
+  return exp2f(x);
+#endif
+}
+
 __device__ __forceinline__ float quad_max(float x) {
   x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
   return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
@@ -92,6 +104,29 @@ __device__ __forceinline__ void gemm_a_in_regs(Mma const& mma, Acc& acc, FragA c
   CUTE_UNROLL
   for (int k = 0; k < size<2>(tCrA); ++k) {
     if (k + 1 < size<2>(tCrA)) copy(copy_b, tCsB(_, _, k + 1), tCrB_view(_, _, k + 1));
+    cute::gemm(mma, tCrA(_, _, k), tCrB(_, _, k), acc);
+  }
+}
+
+// acc += A B^T with both operands read from smem by ldmatrix one k-slice ahead of the MMAs that
+// consume them (tCrA, tCrB: full-size fragments of which only two k-slices are live).
+template <class Mma, class Acc, class FragA, class SmemA, class CopyA, class ThrCopyA, class FragB,
+          class SmemB, class CopyB, class ThrCopyB>
+__device__ __forceinline__ void gemm_smem_ab(Mma const& mma, Acc& acc, FragA& tCrA,
+                                             SmemA const& tCsA, CopyA const& copy_a,
+                                             ThrCopyA const& thr_copy_a, FragB& tCrB,
+                                             SmemB const& tCsB, CopyB const& copy_b,
+                                             ThrCopyB const& thr_copy_b) {
+  Tensor tCrA_view = thr_copy_a.retile_D(tCrA);
+  Tensor tCrB_view = thr_copy_b.retile_D(tCrB);
+  copy(copy_a, tCsA(_, _, 0), tCrA_view(_, _, 0));
+  copy(copy_b, tCsB(_, _, 0), tCrB_view(_, _, 0));
+  CUTE_UNROLL
+  for (int k = 0; k < size<2>(tCrA); ++k) {
+    if (k + 1 < size<2>(tCrA)) {
+      copy(copy_a, tCsA(_, _, k + 1), tCrA_view(_, _, k + 1));
+      copy(copy_b, tCsB(_, _, k + 1), tCrB_view(_, _, k + 1));
+    }
     cute::gemm(mma, tCrA(_, _, k), tCrB(_, _, k), acc);
   }
 }

@@ -37,6 +37,28 @@ HDAF_HD bool tile_needs_mask(int m0, int n0, int T, int lo, int hi, int BM, int 
   return has_pad || n0 - (m0 + BM - 1) < lo || n0 + BN - 1 - m0 > hi || n0 + BN > T;
 }
 
+// The key tiles of key_tiles(m0, T, ...) = t that need no mask (tile_needs_mask false): one
+// contiguous run [first, last), first <= last, both in [t.begin, t.end]; the masked tiles are
+// [t.begin, first) and [last, t.end). Empty (first == last == t.end) under a key padding mask.
+// m0 may be any position (a query block at the end of longer keys starts anywhere).
+struct TileRun {
+  int first, last;
+};
+
+HDAF_HD TileRun unmasked_tiles(KeyTiles t, int m0, int T, int lo, int hi, int BM, int BN,
+                               bool has_pad) {
+  TileRun r;
+  if (has_pad) {
+    r.first = r.last = t.end;
+    return r;
+  }
+  // unmasked: n0 >= m0 + BM - 1 + lo, n0 <= m0 + hi - BN + 1, n0 <= T - BN
+  r.first = imin((imax(m0 + BM - 1 + lo, t.begin) + BN - 1) / BN * BN, t.end);
+  const int lim = imin(m0 + hi - BN + 1, T - BN);
+  r.last = lim < r.first ? r.first : imin(lim / BN * BN + BN, t.end);
+  return r;
+}
+
 // Block-aligned query tiles (starts multiples of BM) that may see the keys [n0, n0 + BN):
 // [begin, end), `end` one past the last query that sees one of them.
 struct QueryTiles {
