@@ -49,7 +49,7 @@ struct FwdParams {
   int D, R, L, U, window_left, window_right;
   float scale;
   // Split-key decoding: with num_splits > 1 the key tiles of each query block are dealt to
-  // num_splits CTAs; split s writes its unnormalised partial result to out_accum + s *
+  // num_splits CTAs; split s writes its partial result (normalised by its own sum) to out_accum + s *
   // split_stride_o (float32, strides o_s) and lse_accum + s * split_stride_lse (strides lse_s),
   // and a combine kernel writes out and lse. num_splits == 1: out and lse directly.
   int num_splits;
