@@ -81,6 +81,18 @@ __device__ __forceinline__ float quad_sum(float x) {
   return x + __shfl_xor_sync(0xffffffffu, x, 1);
 }
 
+// 2^x by the SFU (ex2.approx.ftz: 2 ulp, denormal results flushed), without the range fix-ups
+// exp2f adds; the host emulation takes exp2f.
+__device__ __forceinline__ float exp2_approx(float x) {
+#if defined(__CUDA_ARCH__)
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+#else
+  return exp2f(x);
+#endif
+}
+
 // acc += A B^T with A already in registers (tCrA: (MMA, MMA_M, MMA_K)) and B read from smem by
 // ldmatrix one k-slice ahead of the MMAs that consume it.
 template <class Mma, class Acc, class FragA, class FragB, class SmemB, class CopyB, class ThrCopyB>
