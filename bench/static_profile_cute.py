@@ -57,7 +57,7 @@ _spec.loader.exec_module(sp)
 
 UNITS_GLOB = os.path.join(REPO, "csrc", "cuda", "fwd_*.cu")
 BWD_UNITS_GLOB = os.path.join(REPO, "csrc", "cuda", "bwd_*.cu")
-_DEFINE = re.compile(r"^HDAF_CUTE_DEFINE_(FWD|BWD)\((\w+), ([\w:]+), (\d+), (\d+), (\d+), (\d+)\)",
+_DEFINE = re.compile(r"^HDAF_(?:CUTE_)?DEFINE_(FWD|BWD)\((\w+), ([\w:]+), (\d+), (\d+), (\d+), (\d+)\)",
                      re.M)
 #: The backward's kernels with a hot loop: (name in the mangled symbol, static_profile MAC kind).
 BWD_KERNELS = (("dq_kernel", "dq"), ("dkdv_kernel", "dkdv"))

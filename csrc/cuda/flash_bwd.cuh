@@ -60,6 +60,8 @@ namespace cute_bwd {
 
 using namespace cute;
 using namespace kcommon;
+using cute_tiles::imax;
+using cute_tiles::imin;
 
 constexpr float kLog2e = 1.4426950408889634f;
 
@@ -176,18 +178,17 @@ __device__ __forceinline__ void store_tile(Acc& acc, float mul, typename Traits:
   }
 }
 
-// What the tiles of one (sequence, query head) read besides the tiles themselves.
+// What the tiles of one (sequence, query head) read besides the tiles themselves. Offsets inside
+// one sequence's rows of P and dP are 32-bit (the launcher checks Tk * row stride < 2^31).
 template <typename Element>
 struct SeqArgs {
   const Element* P;  // the sequence's row 0 in P, this head's P head
-  int64_t P_row;     // P's row stride
+  int P_row;         // P's row stride
   const bool* pad;   // the sequence's key padding mask [Tk], or nullptr
   int Tq, Tk, off, R, L, U, lo, hi;
   float c;  // scale * log2(e)
 
-  __device__ __forceinline__ float p_at(int row, int r) const {
-    return float(P[int64_t(row) * P_row + r]);
-  }
+  __device__ __forceinline__ float p_at(int row, int r) const { return float(P[row * P_row + r]); }
   // Key j is padding or past the end.
   __device__ __forceinline__ bool key_out(int j) const {
     return j >= Tk || (pad != nullptr && pad[j]);
@@ -196,16 +197,14 @@ struct SeqArgs {
   __device__ __forceinline__ float key_term(int j, int e) const {
     return key_out(j) ? -INFINITY : c * p_at(j, e);
   }
-  // (q.k + P[j, r] - P[t_i, r]) * c for the pair (query i, key j); bias 0 for a pair past either
-  // end (p = 0 there by the row's lse2 or by the mask).
-  __device__ __forceinline__ float band_logit(float s, int i, int j) const {
-    const int r = min(max(j - (off + i), -L), U) + L;
-    const float bias = (i < Tq && j < Tk) ? p_at(j, r) - p_at(off + i, r) : 0.f;
-    return (s + bias) * c;
-  }
-  __device__ __forceinline__ bool hidden(int i, int j) const {
-    const int d = j - (off + i);
-    return key_out(j) || d < lo || d > hi;
+  // P's row offset of key position t, clamped into the sequence (a row past the end has p = 0
+  // through its lse2 or the mask; its bias only has to be a readable value).
+  __device__ __forceinline__ int row_base(int t) const { return imin(t, Tk - 1) * P_row; }
+  // The bias P[j, r(d)] - P[t_i, r(d)] of a pair at offset d = j - t_i from the row bases of j
+  // and t_i.
+  __device__ __forceinline__ float bias(int kbase, int qbase, int d) const {
+    const int r = min(max(d, -L), U) + L;
+    return float(P[kbase + r]) - float(P[qbase + r]);
   }
 };
 
@@ -215,7 +214,7 @@ __device__ __forceinline__ SeqArgs<Element> seq_args(const BwdParams& p, const S
   const Band band = make_band(seq.Tk, p.window_left, p.window_right);
   SeqArgs<Element> a;
   a.P = static_cast<const Element*>(p.P) + seq.k_offset(p.P_s, b, p_head(p, h));
-  a.P_row = p.P_s.row;
+  a.P_row = int(p.P_s.row);
   a.pad = p.mask != nullptr ? p.mask + int64_t(b) * p.Tk : nullptr;
   a.Tq = seq.Tq;
   a.Tk = seq.Tk;
@@ -235,42 +234,18 @@ __device__ __forceinline__ float lse2_of(const float* lse, int64_t row_stride, i
   return l == -INFINITY ? INFINITY : l * kLog2e;
 }
 
-// One tile's share of the bucket sums of dS for the rows this thread holds. kKeyRows: rows are
-// keys j and columns queries i (dK/dV pass), else rows are queries and columns keys (dQ pass),
-// both as sequence indices. Far tiles add whole rows to an edge sum; other tiles sort each pair:
-// edge buckets into the sums, a middle bucket (one pair per row and bucket) stored at once as
-// mul * dS at row j (keys) or t_i (queries) of dp.
-template <int kKind, bool kKeyRows, class S, class RC, int kRows, typename Element>
-__device__ __forceinline__ void bucket_sums(S const& ds, RC const& rc, int row0, int col0,
-                                            SeqArgs<Element> const& a, float (&edge_lo)[kRows],
-                                            float (&edge_hi)[kRows], float* dp, int64_t dp_row,
+// A pair's share of the bucket sums of dS (tiles other than far ones): an offset d = j - t_i
+// <= -L adds to the row's bucket-0 sum, d >= U to its bucket-(R-1) sum (with R = 1 every pair
+// lands in one of the two, and the row's store adds them), and a middle bucket (one pair per
+// row and bucket) is stored at once, as mul * dS, at dp[row_base + d] (row_base: the row's
+// offset plus L) when `valid`.
+__device__ __forceinline__ void pair_bucket(float v, int d, int L, int U, float& edge_lo,
+                                            float& edge_hi, float* dp, int row_base, bool valid,
                                             float mul) {
-  constexpr int kCols = decltype(size<1>(ds))::value;
-  CUTE_UNROLL
-  for (int mi = 0; mi < kRows; ++mi) {
-    const int row = row0 + get<0>(rc(mi, 0));
-    if constexpr (kKind != kBand) {
-      float sum = 0.f;
-      CUTE_UNROLL
-      for (int ni = 0; ni < kCols; ++ni) sum += ds(mi, ni);
-      (kKind == kFarLo ? edge_lo : edge_hi)[mi] += sum;
-    } else {
-      CUTE_UNROLL
-      for (int ni = 0; ni < kCols; ++ni) {
-        const int col = col0 + get<1>(rc(0, ni));
-        const int i = kKeyRows ? col : row;
-        const int j = kKeyRows ? row : col;
-        const int r = min(max(j - (a.off + i), -a.L), a.U) + a.L;
-        if (r == 0) {
-          edge_lo[mi] += ds(mi, ni);
-        } else if (r == a.R - 1) {
-          edge_hi[mi] += ds(mi, ni);
-        } else if (i < a.Tq && j < a.Tk) {
-          dp[int64_t(kKeyRows ? j : a.off + i) * dp_row + r] = mul * ds(mi, ni);
-        }
-      }
-    }
-  }
+  const bool lo = d <= -L, hi = !lo && d >= U;
+  edge_lo += lo ? v : 0.f;
+  edge_hi += hi ? v : 0.f;
+  if (!lo && !hi && valid) dp[row_base + d] = mul * v;
 }
 
 // The edge buckets of each row, quad-reduced, one lane per row storing dp[row + row_shift, 0] and
@@ -279,15 +254,15 @@ __device__ __forceinline__ void bucket_sums(S const& ds, RC const& rc, int row0,
 template <class RC, int kRows>
 __device__ __forceinline__ void store_edge_sums(RC const& rc, int row0, int n_rows, int row_shift,
                                                 int R, int tid, float (&edge_lo)[kRows],
-                                                float (&edge_hi)[kRows], float* dp,
-                                                int64_t dp_row, float mul) {
+                                                float (&edge_hi)[kRows], float* dp, int dp_row,
+                                                float mul) {
   CUTE_UNROLL
   for (int mi = 0; mi < kRows; ++mi) {
     const float lo = quad_sum(edge_lo[mi]);
     const float hi = quad_sum(edge_hi[mi]);
     const int row = row0 + get<0>(rc(mi, 0));
     if (tid % 4 == 0 && row < n_rows) {
-      float* d = dp + int64_t(row + row_shift) * dp_row;
+      float* d = dp + (row + row_shift) * dp_row;
       if (R > 1) {
         d[0] = mul * lo;
         d[R - 1] = mul * hi;
@@ -446,8 +421,11 @@ __global__ void __launch_bounds__(Traits::kNThreads) dq_kernel(const BwdParams p
   const float* lse = p.lse + seq.q_offset(p.lse_s, b, h);
   const float* Dvec = p.Dsum + seq.q_offset(p.lse_s, b, h);
   float* dp_rows = p.dP_rows + seq.k_offset(p.dP_s, b, h);
-  // Per row: lse2, D, the far-tile query terms lse2 + c P[t_i, e], the edge sums.
+  const int dp_row = int(p.dP_s.row);
+  // Per row: lse2, D, the far-tile query terms lse2 + c P[t_i, e], the edge sums, the key
+  // position t_i and the row offsets of P (clamped) and of dP_rows (plus L).
   float lse2[kRows], drow[kRows], qterm_lo[kRows], qterm_hi[kRows], edge_lo[kRows], edge_hi[kRows];
+  int qpos[kRows], qbase[kRows], dpbase[kRows];
   CUTE_UNROLL
   for (int mi = 0; mi < kRows; ++mi) {
     const int i = m0 + get<0>(rc(mi, 0));
@@ -456,6 +434,9 @@ __global__ void __launch_bounds__(Traits::kNThreads) dq_kernel(const BwdParams p
     qterm_lo[mi] = i < a.Tq ? lse2[mi] + a.c * a.p_at(a.off + i, 0) : INFINITY;
     qterm_hi[mi] = i < a.Tq ? lse2[mi] + a.c * a.p_at(a.off + i, a.R - 1) : INFINITY;
     edge_lo[mi] = edge_hi[mi] = 0.f;
+    qpos[mi] = a.off + i;
+    qbase[mi] = a.row_base(a.off + i);
+    dpbase[mi] = (a.off + i) * dp_row + a.L;
   }
 
   {
@@ -495,29 +476,35 @@ __global__ void __launch_bounds__(Traits::kNThreads) dq_kernel(const BwdParams p
     Tensor s = make_tensor(acc_s.data(), acc_rowcol(acc_s.layout()));
     Tensor dp = make_tensor(acc_dp.data(), acc_rowcol(acc_dp.layout()));
     const float2* kterm = s_kterm + stage * kBlockN;
-    // p = exp2(logit2 - lse2); dS = p (dPv - D), into acc_dp.
+    // p = exp2(logit2 - lse2); dS = p (dPv - D) into acc_dp, and its bucket sums.
     CUTE_UNROLL
     for (int ni = 0; ni < kCols; ++ni) {
       const int cj = get<1>(rc(0, ni));
-      float kt_e = 0.f;
-      if constexpr (kKind == kFarLo && !kMask) kt_e = kterm[cj].x;
-      if constexpr (kKind == kFarHi && !kMask) kt_e = kterm[cj].y;
-      CUTE_UNROLL
-      for (int mi = 0; mi < kRows; ++mi) {
-        float x;
-        if constexpr (kMask || kKind == kBand) {
-          const int i = m0 + get<0>(rc(mi, 0)), j = n0 + cj;
-          x = a.band_logit(s(mi, ni), i, j) - lse2[mi];
-          if (kMask && a.hidden(i, j)) x = -INFINITY;
-        } else {
-          x = fmaf(s(mi, ni), a.c, kt_e) - (kKind == kFarLo ? qterm_lo : qterm_hi)[mi];
+      const int j = n0 + cj;
+      if constexpr (kMask || kKind == kBand) {
+        const int kbase = a.row_base(j);
+        const bool key_in = !kMask || !a.key_out(j);
+        CUTE_UNROLL
+        for (int mi = 0; mi < kRows; ++mi) {
+          const int d = j - qpos[mi];
+          float x = (s(mi, ni) + a.bias(kbase, qbase[mi], d)) * a.c - lse2[mi];
+          if (kMask && (!key_in || d < a.lo || d > a.hi)) x = -INFINITY;
+          const float v = exp2_approx(x) * (dp(mi, ni) - drow[mi]);
+          dp(mi, ni) = v;
+          pair_bucket(v, d, a.L, a.U, edge_lo[mi], edge_hi[mi], dp_rows, dpbase[mi],
+                      key_in && qpos[mi] < a.Tk, neg_scale);
         }
-        const float pr = exp2_approx(x);
-        dp(mi, ni) = pr * (dp(mi, ni) - drow[mi]);
+      } else {
+        const float kt_e = kKind == kFarLo ? kterm[cj].x : kterm[cj].y;
+        CUTE_UNROLL
+        for (int mi = 0; mi < kRows; ++mi) {
+          const float x = fmaf(s(mi, ni), a.c, kt_e) - (kKind == kFarLo ? qterm_lo : qterm_hi)[mi];
+          const float v = exp2_approx(x) * (dp(mi, ni) - drow[mi]);
+          dp(mi, ni) = v;
+          (kKind == kFarLo ? edge_lo : edge_hi)[mi] += v;
+        }
       }
     }
-    bucket_sums<kMask ? int(kBand) : kKind, false>(dp, rc, m0, n0, a, edge_lo, edge_hi, dp_rows,
-                                                    p.dP_s.row, neg_scale);
 
     Tensor dsr = to_element<Element>(acc_dp);
     Tensor tQrdS = make_tensor(dsr.data(), acc_as_a(dsr.layout()));
@@ -552,7 +539,7 @@ __global__ void __launch_bounds__(Traits::kNThreads) dq_kernel(const BwdParams p
     }
   }
 
-  store_edge_sums(rc, m0, a.Tq, a.off, a.R, tid, edge_lo, edge_hi, dp_rows, p.dP_s.row, neg_scale);
+  store_edge_sums(rc, m0, a.Tq, a.off, a.R, tid, edge_lo, edge_hi, dp_rows, dp_row, neg_scale);
   sm80::cp_async_wait<0>();
   __syncthreads();  // every warp is past its last read of sQ
   store_tile<Traits, typename Traits::SmemLayoutM>(acc_dq, p.scale, smem, gdQ, a.Tq - m0, tid);
@@ -609,13 +596,28 @@ __global__ void __launch_bounds__(Traits::kNThreads) dkdv_kernel(const BwdParams
   auto gthr = gmem_copy.get_thread_slice(tid);
   Tensor tMid = gthr.partition_S(make_identity_tensor(Shape<Int<kBlockM>, Int<kHeadDim>>{}));
   Tensor tNid = gthr.partition_S(make_identity_tensor(Shape<Int<kBlockN>, Int<kHeadDim>>{}));
-  // Query tile m0 of head h into stage s: Q, dO by cp.async, the query vectors by plain loads.
-  auto load_q = [&](int h, int m0, int s) {
-    Tensor gQ = local_tile(rows_view<const Element, kHeadDim>(p.q, seq.q_offset(p.q_s, b, h),
-                                                               p.q_s.row, seq.Tq),
+  // Query head h's rows of the sequence: Q, dO, lse, D and its P head.
+  struct HeadRows {
+    const Element* q;
+    const Element* dout;
+    const float* lse;
+    const float* dsum;
+    const Element* P;
+  };
+  auto head_rows = [&](int h) {
+    HeadRows r;
+    r.q = static_cast<const Element*>(p.q) + seq.q_offset(p.q_s, b, h);
+    r.dout = static_cast<const Element*>(p.dout) + seq.q_offset(p.o_s, b, h);
+    r.lse = p.lse + seq.q_offset(p.lse_s, b, h);
+    r.dsum = p.Dsum + seq.q_offset(p.lse_s, b, h);
+    r.P = static_cast<const Element*>(p.P) + seq.k_offset(p.P_s, b, p_head(p, h));
+    return r;
+  };
+  // Query tile m0 of a head into stage s: Q, dO by cp.async, the query vectors by plain loads.
+  auto load_q = [&](const HeadRows& hr, int m0, int s) {
+    Tensor gQ = local_tile(rows_view<const Element, kHeadDim>(hr.q, 0, p.q_s.row, seq.Tq),
                            Shape<Int<kBlockM>, Int<kHeadDim>>{}, make_coord(m0 / kBlockM, 0));
-    Tensor gdO = local_tile(rows_view<const Element, kHeadDim>(p.dout, seq.q_offset(p.o_s, b, h),
-                                                                p.o_s.row, seq.Tq),
+    Tensor gdO = local_tile(rows_view<const Element, kHeadDim>(hr.dout, 0, p.o_s.row, seq.Tq),
                             Shape<Int<kBlockM>, Int<kHeadDim>>{}, make_coord(m0 / kBlockM, 0));
     Tensor tQsQ = gthr.partition_D(
         make_tensor(make_smem_ptr(stage_tile(s, 0)), typename Traits::SmemLayoutM{}));
@@ -623,16 +625,13 @@ __global__ void __launch_bounds__(Traits::kNThreads) dkdv_kernel(const BwdParams
         make_tensor(make_smem_ptr(stage_tile(s, 1)), typename Traits::SmemLayoutM{}));
     copy_rows(gmem_copy, gthr.partition_S(gQ), tQsQ, tMid, a.Tq - m0);
     copy_rows(gmem_copy, gthr.partition_S(gdO), tdOsdO, tMid, a.Tq - m0);
-    const float* lse = p.lse + seq.q_offset(p.lse_s, b, h);
-    const float* Dvec = p.Dsum + seq.q_offset(p.lse_s, b, h);
-    const Element* P = static_cast<const Element*>(p.P) + seq.k_offset(p.P_s, b, p_head(p, h));
     float4* v = s_vec + s * kBlockM;
     for (int c = tid; c < kBlockM; c += Traits::kNThreads) {
       const int i = m0 + c;
       if (i < a.Tq) {
-        const float l2 = lse2_of(lse, p.lse_s.row, i, a.Tq);
-        const Element* prow = P + int64_t(a.off + i) * a.P_row;
-        v[c] = make_float4(Dvec[int64_t(i) * p.lse_s.row], l2, l2 + a.c * float(prow[0]),
+        const float l2 = lse2_of(hr.lse, p.lse_s.row, i, a.Tq);
+        const Element* prow = hr.P + (a.off + i) * a.P_row;
+        v[c] = make_float4(hr.dsum[int64_t(i) * p.lse_s.row], l2, l2 + a.c * float(prow[0]),
                            l2 + a.c * float(prow[a.R - 1]));
       } else {
         v[c] = make_float4(0.f, INFINITY, INFINITY, INFINITY);
@@ -692,7 +691,8 @@ __global__ void __launch_bounds__(Traits::kNThreads) dkdv_kernel(const BwdParams
     copy_rows(gmem_copy, tVgV, tVsV, tNid, a.Tk - n0);
   }
   const int first = sch.first();
-  if (first >= 0) load_q(h_begin, first, 0);
+  HeadRows cur = head_rows(h_begin);
+  if (first >= 0) load_q(cur, first, 0);
   sm80::cp_async_fence();
   clear(acc_dk);
   clear(acc_dv);
@@ -700,8 +700,20 @@ __global__ void __launch_bounds__(Traits::kNThreads) dkdv_kernel(const BwdParams
   int stage = 0;
   int h = h_begin;
   float* dp_keys = nullptr;
-  // Per key row: the far-tile key terms c P[j, e] (-inf at padding / past Tk), the edge sums.
+  const int dp_row = int(p.dP_s.row);
+  // Per key row: the far-tile key terms c P[j, e] (-inf at padding / past Tk), the edge sums,
+  // whether the key takes part (not padding, not past the end), the row offsets of P (clamped)
+  // and of dP_keys (plus L).
   float kterm_lo[kRows], kterm_hi[kRows], edge_lo[kRows], edge_hi[kRows];
+  bool key_in[kRows];
+  int kbase[kRows], dpbase[kRows];
+  CUTE_UNROLL
+  for (int mi = 0; mi < kRows; ++mi) {
+    const int j = n0 + get<0>(rc(mi, 0));
+    key_in[mi] = !a.key_out(j);
+    kbase[mi] = a.row_base(j);
+    dpbase[mi] = j * dp_row + a.L;
+  }
   // One query tile m0 of head h (kKind, kMask as in the dQ pass); `next`: the tile of head h to
   // load under it, or -1 for the next head's first.
   auto tile = [&](auto kind_c, auto mask_c, int m0, int next) HDAF_BWD_INLINE {
@@ -710,9 +722,9 @@ __global__ void __launch_bounds__(Traits::kNThreads) dkdv_kernel(const BwdParams
     sm80::cp_async_wait<0>();
     __syncthreads();  // tile m0 is in smem, and no warp still reads the other stage
     if (next >= 0) {
-      load_q(h, next, stage ^ 1);
+      load_q(cur, next, stage ^ 1);
     } else if (h + 1 < h_end) {
-      load_q(h + 1, first, stage ^ 1);
+      load_q(head_rows(h + 1), first, stage ^ 1);
     }
     sm80::cp_async_fence();
 
@@ -733,30 +745,38 @@ __global__ void __launch_bounds__(Traits::kNThreads) dkdv_kernel(const BwdParams
 
     Tensor s = make_tensor(acc_s.data(), acc_rowcol(acc_s.layout()));
     Tensor dp = make_tensor(acc_dp.data(), acc_rowcol(acc_dp.layout()));
-    // p^T = exp2(logit2 - lse2_i) into acc_s, dS^T = p^T (dPv^T - D_i) into acc_dp.
+    // p^T = exp2(logit2 - lse2_i) into acc_s, dS^T = p^T (dPv^T - D_i) into acc_dp, and the
+    // bucket sums of dS.
     CUTE_UNROLL
     for (int ni = 0; ni < kCols; ++ni) {
       const int ci = get<1>(rc(0, ni));
       const float4 w = vec[ci];  // D, lse2, far-low and far-high query terms
+      const int t = a.off + m0 + ci;  // the query's key position
+      const int qbase = a.row_base(t);
       CUTE_UNROLL
       for (int mi = 0; mi < kRows; ++mi) {
         float x;
+        const int d = n0 + get<0>(rc(mi, 0)) - t;
         if constexpr (kMask || kKind == kBand) {
-          const int i = m0 + ci, j = n0 + get<0>(rc(mi, 0));
-          x = a.band_logit(s(mi, ni), i, j) - w.y;
-          if (kMask && a.hidden(i, j)) x = -INFINITY;
+          x = (s(mi, ni) + a.bias(kbase[mi], qbase, d)) * a.c - w.y;
+          if (kMask && (!key_in[mi] || d < a.lo || d > a.hi)) x = -INFINITY;
         } else if constexpr (kKind == kFarLo) {
           x = fmaf(s(mi, ni), a.c, kterm_lo[mi]) - w.z;
         } else {
           x = fmaf(s(mi, ni), a.c, kterm_hi[mi]) - w.w;
         }
         const float pr = exp2_approx(x);
+        const float v = pr * (dp(mi, ni) - w.x);
         s(mi, ni) = pr;
-        dp(mi, ni) = pr * (dp(mi, ni) - w.x);
+        dp(mi, ni) = v;
+        if constexpr (kMask || kKind == kBand) {
+          pair_bucket(v, d, a.L, a.U, edge_lo[mi], edge_hi[mi], dp_keys, dpbase[mi],
+                      key_in[mi] && t < a.Tk, p.scale);
+        } else {
+          (kKind == kFarLo ? edge_lo : edge_hi)[mi] += v;
+        }
       }
     }
-    bucket_sums<kMask ? int(kBand) : kKind, true>(dp, rc, n0, m0, a, edge_lo, edge_hi, dp_keys,
-                                                   p.dP_s.row, p.scale);
 
     // dV += p^T dO, dK += dS^T Q: the B operands dO^T, Q^T through ldmatrix.trans.
     Tensor pr = to_element<Element>(acc_s);
@@ -771,13 +791,14 @@ __global__ void __launch_bounds__(Traits::kNThreads) dkdv_kernel(const BwdParams
   using Masked = std::true_type;
   using Unmasked = std::false_type;
   for (; h < h_end; ++h) {
-    a.P = static_cast<const Element*>(p.P) + seq.k_offset(p.P_s, b, p_head(p, h));
+    if (h > h_begin) cur = head_rows(h);
+    a.P = cur.P;
     dp_keys = p.dP_keys + seq.k_offset(p.dP_s, b, h);
     CUTE_UNROLL
     for (int mi = 0; mi < kRows; ++mi) {
       const int j = n0 + get<0>(rc(mi, 0));
-      kterm_lo[mi] = a.key_term(j, 0);
-      kterm_hi[mi] = a.key_term(j, a.R - 1);
+      kterm_lo[mi] = key_in[mi] ? a.c * a.p_at(j, 0) : -INFINITY;
+      kterm_hi[mi] = key_in[mi] ? a.c * a.p_at(j, a.R - 1) : -INFINITY;
       edge_lo[mi] = edge_hi[mi] = 0.f;
     }
     {
@@ -807,7 +828,7 @@ __global__ void __launch_bounds__(Traits::kNThreads) dkdv_kernel(const BwdParams
         tile(Int<kFarLo>{}, Unmasked{}, m0 + k * kBlockM, k + 1 < n ? m0 + (k + 1) * kBlockM : -1);
       }
     }
-    store_edge_sums(rc, n0, a.Tk, 0, a.R, tid, edge_lo, edge_hi, dp_keys, p.dP_s.row, p.scale);
+    store_edge_sums(rc, n0, a.Tk, 0, a.R, tid, edge_lo, edge_hi, dp_keys, dp_row, p.scale);
   }
 
   sm80::cp_async_wait<0>();
@@ -837,6 +858,10 @@ cudaError_t launch(const BwdParams& p, cudaStream_t stream) {
   constexpr int64_t kMaxGrid = (int64_t(1) << 31) - 1;
   if (dot_grid > kMaxGrid || dq_grid > kMaxGrid || dkdv_grid > kMaxGrid) {
     return cudaErrorInvalidConfiguration;
+  }
+  // The kernels index a sequence's rows of P and of the dP halves with 32-bit offsets.
+  if (int64_t(p.Tk) * p.P_s.row >= kMaxGrid || int64_t(p.Tk) * p.dP_s.row >= kMaxGrid) {
+    return cudaErrorInvalidValue;
   }
   cudaError_t err = allow_smem(dq, Traits::kSmemDq);
   if (err == cudaSuccess) err = allow_smem(dkdv, Traits::kSmemDkDv);
