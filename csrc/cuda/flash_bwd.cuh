@@ -117,16 +117,22 @@ struct BwdTraits {
 
   static constexpr int kTileM = kBlockM * kHeadDim;  // elements of a Q / dO tile
   static constexpr int kTileN = kBlockN * kHeadDim;  // elements of a K / V tile
-  // dQ: Q, dO; two stages of K, V and of the far-tile key terms (float2 per key).
-  static constexpr int kSmemDq =
-      (2 * kTileM + 4 * kTileN) * int(sizeof(Element)) + 2 * 2 * kBlockN * int(sizeof(float));
-  // dK/dV: K, V; two stages of Q, dO and of the query vectors (float4 per query).
-  static constexpr int kSmemDkDv =
-      (2 * kTileN + 4 * kTileM) * int(sizeof(Element)) + 2 * 4 * kBlockM * int(sizeof(float));
+  // Row strides (floats) of the band tiles' bias in smem, [query][key] (dQ) and [key][query]
+  // (dK/dV): padded by 4 so that a quad's 8-byte reads of one row hit different banks.
+  static constexpr int kBiasLd = kBlockN + 4;
+  static constexpr int kBiasLdT = kBlockM + 4;
+  // dQ: Q, dO; two stages of K, V, of the far-tile key terms (float2 per key) and of the bias.
+  static constexpr int kSmemDq = (2 * kTileM + 4 * kTileN) * int(sizeof(Element)) +
+                                 2 * (2 * kBlockN + kBlockM * kBiasLd) * int(sizeof(float));
+  // dK/dV: K, V; two stages of Q, dO, of the query vectors (float4 per query) and of the bias.
+  static constexpr int kSmemDkDv = (2 * kTileN + 4 * kTileM) * int(sizeof(Element)) +
+                                   2 * (4 * kBlockM + kBlockN * kBiasLdT) * int(sizeof(float));
   static constexpr int kSmemBytes = kSmemDq > kSmemDkDv ? kSmemDq : kSmemDkDv;
 };
 
-// acc += A B^T with both operands read from smem by ldmatrix, one k-slice ahead of the MMAs.
+// acc += A B^T with both operands read from smem by ldmatrix, each k-slice right before the MMAs
+// that consume it: one slice of fragments live at a time (the backward's accumulators leave no
+// registers for a second), its latency hidden by the other warps.
 template <class Mma, class Acc, class FragA, class FragB, class SmemA, class SmemB, class CopyA,
           class ThrA, class CopyB, class ThrB>
 __device__ __forceinline__ void gemm_smem(Mma const& mma, Acc& acc, FragA& tCrA, FragB& tCrB,
@@ -134,14 +140,24 @@ __device__ __forceinline__ void gemm_smem(Mma const& mma, Acc& acc, FragA& tCrA,
                                           ThrA const& thr_a, CopyB const& copy_b, ThrB const& thr_b) {
   Tensor tCrA_view = thr_a.retile_D(tCrA);
   Tensor tCrB_view = thr_b.retile_D(tCrB);
-  copy(copy_a, tCsA(_, _, 0), tCrA_view(_, _, 0));
-  copy(copy_b, tCsB(_, _, 0), tCrB_view(_, _, 0));
   CUTE_UNROLL
   for (int k = 0; k < size<2>(tCrA); ++k) {
-    if (k + 1 < size<2>(tCrA)) {
-      copy(copy_a, tCsA(_, _, k + 1), tCrA_view(_, _, k + 1));
-      copy(copy_b, tCsB(_, _, k + 1), tCrB_view(_, _, k + 1));
-    }
+    copy(copy_a, tCsA(_, _, k), tCrA_view(_, _, k));
+    copy(copy_b, tCsB(_, _, k), tCrB_view(_, _, k));
+    cute::gemm(mma, tCrA(_, _, k), tCrB(_, _, k), acc);
+  }
+}
+
+// acc += A B^T with A in registers and B read from smem by ldmatrix, each k-slice right before
+// its MMAs (as gemm_smem).
+template <class Mma, class Acc, class FragA, class FragB, class SmemB, class CopyB, class ThrB>
+__device__ __forceinline__ void gemm_rs(Mma const& mma, Acc& acc, FragA const& tCrA, FragB& tCrB,
+                                        SmemB const& tCsB, CopyB const& copy_b,
+                                        ThrB const& thr_b) {
+  Tensor tCrB_view = thr_b.retile_D(tCrB);
+  CUTE_UNROLL
+  for (int k = 0; k < size<2>(tCrA); ++k) {
+    copy(copy_b, tCsB(_, _, k), tCrB_view(_, _, k));
     cute::gemm(mma, tCrA(_, _, k), tCrB(_, _, k), acc);
   }
 }
@@ -197,16 +213,21 @@ struct SeqArgs {
   __device__ __forceinline__ float key_term(int j, int e) const {
     return key_out(j) ? -INFINITY : c * p_at(j, e);
   }
-  // P's row offset of key position t, clamped into the sequence (a row past the end has p = 0
-  // through its lse2 or the mask; its bias only has to be a readable value).
-  __device__ __forceinline__ int row_base(int t) const { return imin(t, Tk - 1) * P_row; }
-  // The bias P[j, r(d)] - P[t_i, r(d)] of a pair at offset d = j - t_i from the row bases of j
-  // and t_i.
-  __device__ __forceinline__ float bias(int kbase, int qbase, int d) const {
-    const int r = min(max(d, -L), U) + L;
-    return float(P[kbase + r]) - float(P[qbase + r]);
+  // P's row at key position t, clamped into the sequence (a row past the end has p = 0 through
+  // its lse2 or the mask; its bias only has to be a readable value).
+  __device__ __forceinline__ const Element* row(int t) const {
+    return P + imin(t, Tk - 1) * P_row;
   }
+  // r(d) = clamp(d, -L, U) + L, the bucket of offset d = j - t_i.
+  __device__ __forceinline__ unsigned bucket(int d) const { return unsigned(min(max(d, -L), U) + L); }
 };
+
+// The bias P[j, r] - P[t_i, r] of a pair from the rows of P at j and t_i.
+template <typename Element>
+__device__ __forceinline__ float pair_bias(const Element* key_row, const Element* query_row,
+                                           unsigned r) {
+  return float(key_row[r]) - float(query_row[r]);
+}
 
 template <typename Element>
 __device__ __forceinline__ SeqArgs<Element> seq_args(const BwdParams& p, const SeqInfo& seq, int b,
@@ -234,18 +255,16 @@ __device__ __forceinline__ float lse2_of(const float* lse, int64_t row_stride, i
   return l == -INFINITY ? INFINITY : l * kLog2e;
 }
 
-// A pair's share of the bucket sums of dS (tiles other than far ones): an offset d = j - t_i
-// <= -L adds to the row's bucket-0 sum, d >= U to its bucket-(R-1) sum (with R = 1 every pair
-// lands in one of the two, and the row's store adds them), and a middle bucket (one pair per
-// row and bucket) is stored at once, as mul * dS, at dp[row_base + d] (row_base: the row's
-// offset plus L) when `valid`.
-__device__ __forceinline__ void pair_bucket(float v, int d, int L, int U, float& edge_lo,
-                                            float& edge_hi, float* dp, int row_base, bool valid,
-                                            float mul) {
-  const bool lo = d <= -L, hi = !lo && d >= U;
+// A pair's share of the bucket sums of dS (tiles other than far ones): bucket r = 0 adds to the
+// row's bucket-0 sum, r = R-1 to its bucket-(R-1) sum (with R = 1 every pair lands in the first,
+// and the row's store adds both), and a middle bucket (one pair per row and bucket) is stored at
+// once, as mul * dS, at dp_row[r] when `valid`.
+__device__ __forceinline__ void pair_bucket(float v, unsigned r, unsigned R, float& edge_lo,
+                                            float& edge_hi, float* dp_row, bool valid, float mul) {
+  const bool lo = r == 0, hi = !lo && r == R - 1;
   edge_lo += lo ? v : 0.f;
   edge_hi += hi ? v : 0.f;
-  if (!lo && !hi && valid) dp[row_base + d] = mul * v;
+  if (!lo && !hi && valid) dp_row[r] = mul * v;
 }
 
 // The edge buckets of each row, quad-reduced, one lane per row storing dp[row + row_shift, 0] and
@@ -366,6 +385,9 @@ __global__ void __launch_bounds__(Traits::kNThreads) dq_kernel(const BwdParams p
   };
   // [stage][kBlockN]: the far-tile key terms {c P[j, 0], c P[j, R-1]}, -inf at padding / past Tk.
   float2* s_kterm = reinterpret_cast<float2*>(kv_base + 4 * Traits::kTileN);
+  // [stage][kBlockM][kBiasLd]: a band or masked tile's c * (P[j, r] - P[t_i, r]), -inf where
+  // the pair is hidden (masked tiles).
+  float* s_bias = reinterpret_cast<float*>(s_kterm + 2 * kBlockN);
 
   typename Traits::GmemCopy gmem_copy;
   auto gthr = gmem_copy.get_thread_slice(tid);
@@ -422,10 +444,8 @@ __global__ void __launch_bounds__(Traits::kNThreads) dq_kernel(const BwdParams p
   const float* Dvec = p.Dsum + seq.q_offset(p.lse_s, b, h);
   float* dp_rows = p.dP_rows + seq.k_offset(p.dP_s, b, h);
   const int dp_row = int(p.dP_s.row);
-  // Per row: lse2, D, the far-tile query terms lse2 + c P[t_i, e], the edge sums, the key
-  // position t_i and the row offsets of P (clamped) and of dP_rows (plus L).
+  // Per row: lse2, D, the far-tile query terms lse2 + c P[t_i, e], the edge sums.
   float lse2[kRows], drow[kRows], qterm_lo[kRows], qterm_hi[kRows], edge_lo[kRows], edge_hi[kRows];
-  int qpos[kRows], qbase[kRows], dpbase[kRows];
   CUTE_UNROLL
   for (int mi = 0; mi < kRows; ++mi) {
     const int i = m0 + get<0>(rc(mi, 0));
@@ -434,9 +454,6 @@ __global__ void __launch_bounds__(Traits::kNThreads) dq_kernel(const BwdParams p
     qterm_lo[mi] = i < a.Tq ? lse2[mi] + a.c * a.p_at(a.off + i, 0) : INFINITY;
     qterm_hi[mi] = i < a.Tq ? lse2[mi] + a.c * a.p_at(a.off + i, a.R - 1) : INFINITY;
     edge_lo[mi] = edge_hi[mi] = 0.f;
-    qpos[mi] = a.off + i;
-    qbase[mi] = a.row_base(a.off + i);
-    dpbase[mi] = (a.off + i) * dp_row + a.L;
   }
 
   {
@@ -459,6 +476,23 @@ __global__ void __launch_bounds__(Traits::kNThreads) dq_kernel(const BwdParams p
   auto tile = [&](auto kind_c, auto mask_c, int n0, int next) HDAF_BWD_INLINE {
     constexpr int kKind = decltype(kind_c)::value;
     constexpr bool kMask = decltype(mask_c)::value;
+    constexpr int kLd = Traits::kBiasLd;
+    float* bias = s_bias + stage * kBlockM * kLd;
+    if constexpr (kMask || kKind == kBand) {
+      // The tile's bias, gathered by the whole CTA before the barrier (the stage's buffer was
+      // last read two tiles ago, before the previous barrier). Not unrolled: unrolled, its loads
+      // would all be hoisted and the registers spill.
+      static_assert(kBlockM * kBlockN % Traits::kNThreads == 0);
+#pragma unroll 1
+      for (int k = 0; k < kBlockM * kBlockN / Traits::kNThreads; ++k) {
+        const int e = tid + k * Traits::kNThreads;
+        const int ii = e / kBlockN, jj = e % kBlockN;
+        const int t = pos0 + ii, j = n0 + jj, d = j - t;
+        float v = a.c * pair_bias(a.row(j), a.row(t), a.bucket(d));
+        if (kMask && (a.key_out(j) || d < a.lo || d > a.hi)) v = -INFINITY;
+        bias[ii * kLd + jj] = v;
+      }
+    }
     sm80::cp_async_wait<0>();
     __syncthreads();  // tile n0 is in smem, and no warp still reads the other stage
     if (next >= 0) load_kv(next, stage ^ 1);
@@ -476,23 +510,34 @@ __global__ void __launch_bounds__(Traits::kNThreads) dq_kernel(const BwdParams p
     Tensor s = make_tensor(acc_s.data(), acc_rowcol(acc_s.layout()));
     Tensor dp = make_tensor(acc_dp.data(), acc_rowcol(acc_dp.layout()));
     const float2* kterm = s_kterm + stage * kBlockN;
+    // Band and masked tiles: each row's key position t_i and its row of dP_rows, recomputed per
+    // tile (kept across the walk they would crowd the far tiles' registers).
+    int qpos[kRows];
+    float* dprow[kRows];
+    if constexpr (kMask || kKind == kBand) {
+      CUTE_UNROLL
+      for (int mi = 0; mi < kRows; ++mi) {
+        qpos[mi] = pos0 + get<0>(rc(mi, 0));
+        dprow[mi] = dp_rows + qpos[mi] * dp_row;
+      }
+    }
     // p = exp2(logit2 - lse2); dS = p (dPv - D) into acc_dp, and its bucket sums.
     CUTE_UNROLL
     for (int ni = 0; ni < kCols; ++ni) {
       const int cj = get<1>(rc(0, ni));
       const int j = n0 + cj;
       if constexpr (kMask || kKind == kBand) {
-        const int kbase = a.row_base(j);
         const bool key_in = !kMask || !a.key_out(j);
         CUTE_UNROLL
         for (int mi = 0; mi < kRows; ++mi) {
           const int d = j - qpos[mi];
-          float x = (s(mi, ni) + a.bias(kbase, qbase[mi], d)) * a.c - lse2[mi];
-          if (kMask && (!key_in || d < a.lo || d > a.hi)) x = -INFINITY;
+          const unsigned r = a.bucket(d);
+          const float x =
+              fmaf(s(mi, ni), a.c, bias[get<0>(rc(mi, 0)) * kLd + cj]) - lse2[mi];
           const float v = exp2_approx(x) * (dp(mi, ni) - drow[mi]);
           dp(mi, ni) = v;
-          pair_bucket(v, d, a.L, a.U, edge_lo[mi], edge_hi[mi], dp_rows, dpbase[mi],
-                      key_in && qpos[mi] < a.Tk, neg_scale);
+          pair_bucket(v, r, a.R, edge_lo[mi], edge_hi[mi], dprow[mi], key_in && qpos[mi] < a.Tk,
+                      neg_scale);
         }
       } else {
         const float kt_e = kKind == kFarLo ? kterm[cj].x : kterm[cj].y;
@@ -508,7 +553,7 @@ __global__ void __launch_bounds__(Traits::kNThreads) dq_kernel(const BwdParams p
 
     Tensor dsr = to_element<Element>(acc_dp);
     Tensor tQrdS = make_tensor(dsr.data(), acc_as_a(dsr.layout()));
-    gemm_a_in_regs(mma, acc_dq, tQrdS, tQrKt, thr_bt.partition_S(sKt_at(stage)), copy_bt, thr_bt);
+    gemm_rs(mma, acc_dq, tQrdS, tQrKt, thr_bt.partition_S(sKt_at(stage)), copy_bt, thr_bt);
     stage ^= 1;
   };
 
@@ -516,25 +561,25 @@ __global__ void __launch_bounds__(Traits::kNThreads) dq_kernel(const BwdParams p
   using Unmasked = std::false_type;
   {
     const int n = sch.masked_count(), after = sch.first_after(0);
-    for (int k = 0; k < n; ++k) {
+    for (int k = 0; k < n; ++k) {  // hot loop: masked
       tile(Int<kBand>{}, Masked{}, sch.masked_tile(k), k + 1 < n ? sch.masked_tile(k + 1) : after);
     }
   }
   {
     const int n = sch.count[3], n0 = sch.start[3], after = sch.first_after(1);
-    for (int k = 0; k < n; ++k) {
+    for (int k = 0; k < n; ++k) {  // hot loop: far-low
       tile(Int<kFarLo>{}, Unmasked{}, n0 + k * kBlockN, k + 1 < n ? n0 + (k + 1) * kBlockN : after);
     }
   }
   {
     const int n = sch.count[4], n0 = sch.start[4], after = sch.first_after(2);
-    for (int k = 0; k < n; ++k) {
+    for (int k = 0; k < n; ++k) {  // hot loop: band
       tile(Int<kBand>{}, Unmasked{}, n0 + k * kBlockN, k + 1 < n ? n0 + (k + 1) * kBlockN : after);
     }
   }
   {
     const int n = sch.count[5], n0 = sch.start[5];
-    for (int k = 0; k < n; ++k) {
+    for (int k = 0; k < n; ++k) {  // hot loop: far-high
       tile(Int<kFarHi>{}, Unmasked{}, n0 + k * kBlockN, k + 1 < n ? n0 + (k + 1) * kBlockN : -1);
     }
   }
@@ -591,33 +636,22 @@ __global__ void __launch_bounds__(Traits::kNThreads) dkdv_kernel(const BwdParams
   auto stage_tile = [&](int s, int which) { return qdo_base + (2 * s + which) * Traits::kTileM; };
   // [stage][kBlockM]: {D, lse2, lse2 + c P[t_i, 0], lse2 + c P[t_i, R-1]} per query column.
   float4* s_vec = reinterpret_cast<float4*>(qdo_base + 4 * Traits::kTileM);
+  // [stage][kBlockN][kBiasLdT]: a band or masked tile's c * (P[j, r] - P[t_i, r]), -inf where
+  // the pair is hidden (masked tiles).
+  float* s_bias = reinterpret_cast<float*>(s_vec + 2 * kBlockM);
 
   typename Traits::GmemCopy gmem_copy;
   auto gthr = gmem_copy.get_thread_slice(tid);
   Tensor tMid = gthr.partition_S(make_identity_tensor(Shape<Int<kBlockM>, Int<kHeadDim>>{}));
   Tensor tNid = gthr.partition_S(make_identity_tensor(Shape<Int<kBlockN>, Int<kHeadDim>>{}));
-  // Query head h's rows of the sequence: Q, dO, lse, D and its P head.
-  struct HeadRows {
-    const Element* q;
-    const Element* dout;
-    const float* lse;
-    const float* dsum;
-    const Element* P;
-  };
-  auto head_rows = [&](int h) {
-    HeadRows r;
-    r.q = static_cast<const Element*>(p.q) + seq.q_offset(p.q_s, b, h);
-    r.dout = static_cast<const Element*>(p.dout) + seq.q_offset(p.o_s, b, h);
-    r.lse = p.lse + seq.q_offset(p.lse_s, b, h);
-    r.dsum = p.Dsum + seq.q_offset(p.lse_s, b, h);
-    r.P = static_cast<const Element*>(p.P) + seq.k_offset(p.P_s, b, p_head(p, h));
-    return r;
-  };
-  // Query tile m0 of a head into stage s: Q, dO by cp.async, the query vectors by plain loads.
-  auto load_q = [&](const HeadRows& hr, int m0, int s) {
-    Tensor gQ = local_tile(rows_view<const Element, kHeadDim>(hr.q, 0, p.q_s.row, seq.Tq),
+  // Query tile m0 of head h into stage s: Q, dO by cp.async, the query vectors by plain loads.
+  // (The head's row pointers are recomputed here, not kept in registers across the walk.)
+  auto load_q = [&](int h, int m0, int s) {
+    Tensor gQ = local_tile(rows_view<const Element, kHeadDim>(p.q, seq.q_offset(p.q_s, b, h),
+                                                               p.q_s.row, seq.Tq),
                            Shape<Int<kBlockM>, Int<kHeadDim>>{}, make_coord(m0 / kBlockM, 0));
-    Tensor gdO = local_tile(rows_view<const Element, kHeadDim>(hr.dout, 0, p.o_s.row, seq.Tq),
+    Tensor gdO = local_tile(rows_view<const Element, kHeadDim>(p.dout, seq.q_offset(p.o_s, b, h),
+                                                                p.o_s.row, seq.Tq),
                             Shape<Int<kBlockM>, Int<kHeadDim>>{}, make_coord(m0 / kBlockM, 0));
     Tensor tQsQ = gthr.partition_D(
         make_tensor(make_smem_ptr(stage_tile(s, 0)), typename Traits::SmemLayoutM{}));
@@ -626,13 +660,15 @@ __global__ void __launch_bounds__(Traits::kNThreads) dkdv_kernel(const BwdParams
     copy_rows(gmem_copy, gthr.partition_S(gQ), tQsQ, tMid, a.Tq - m0);
     copy_rows(gmem_copy, gthr.partition_S(gdO), tdOsdO, tMid, a.Tq - m0);
     float4* v = s_vec + s * kBlockM;
+    const int64_t lse_off = seq.q_offset(p.lse_s, b, h);
+    const Element* P = static_cast<const Element*>(p.P) + seq.k_offset(p.P_s, b, p_head(p, h));
     for (int c = tid; c < kBlockM; c += Traits::kNThreads) {
       const int i = m0 + c;
       if (i < a.Tq) {
-        const float l2 = lse2_of(hr.lse, p.lse_s.row, i, a.Tq);
-        const Element* prow = hr.P + (a.off + i) * a.P_row;
-        v[c] = make_float4(hr.dsum[int64_t(i) * p.lse_s.row], l2, l2 + a.c * float(prow[0]),
-                           l2 + a.c * float(prow[a.R - 1]));
+        const float l2 = lse2_of(p.lse + lse_off, p.lse_s.row, i, a.Tq);
+        const Element* prow = P + (a.off + i) * a.P_row;
+        v[c] = make_float4(p.Dsum[lse_off + int64_t(i) * p.lse_s.row], l2,
+                           l2 + a.c * float(prow[0]), l2 + a.c * float(prow[a.R - 1]));
       } else {
         v[c] = make_float4(0.f, INFINITY, INFINITY, INFINITY);
       }
@@ -691,41 +727,39 @@ __global__ void __launch_bounds__(Traits::kNThreads) dkdv_kernel(const BwdParams
     copy_rows(gmem_copy, tVgV, tVsV, tNid, a.Tk - n0);
   }
   const int first = sch.first();
-  HeadRows cur = head_rows(h_begin);
-  if (first >= 0) load_q(cur, first, 0);
+  if (first >= 0) load_q(h_begin, first, 0);
   sm80::cp_async_fence();
   clear(acc_dk);
   clear(acc_dv);
 
   int stage = 0;
   int h = h_begin;
-  float* dp_keys = nullptr;
   const int dp_row = int(p.dP_s.row);
-  // Per key row: the far-tile key terms c P[j, e] (-inf at padding / past Tk), the edge sums,
-  // whether the key takes part (not padding, not past the end), the row offsets of P (clamped)
-  // and of dP_keys (plus L).
+  // Per key row: the far-tile key terms c P[j, e] (-inf at padding / past Tk), the edge sums.
   float kterm_lo[kRows], kterm_hi[kRows], edge_lo[kRows], edge_hi[kRows];
-  bool key_in[kRows];
-  int kbase[kRows], dpbase[kRows];
-  CUTE_UNROLL
-  for (int mi = 0; mi < kRows; ++mi) {
-    const int j = n0 + get<0>(rc(mi, 0));
-    key_in[mi] = !a.key_out(j);
-    kbase[mi] = a.row_base(j);
-    dpbase[mi] = j * dp_row + a.L;
-  }
+  float* dp_keys = nullptr;
   // One query tile m0 of head h (kKind, kMask as in the dQ pass); `next`: the tile of head h to
   // load under it, or -1 for the next head's first.
   auto tile = [&](auto kind_c, auto mask_c, int m0, int next) HDAF_BWD_INLINE {
     constexpr int kKind = decltype(kind_c)::value;
     constexpr bool kMask = decltype(mask_c)::value;
+    constexpr int kLd = Traits::kBiasLdT;
+    float* bias = s_bias + stage * kBlockN * kLd;
+    if constexpr (kMask || kKind == kBand) {
+      // The tile's bias, gathered by the whole CTA before the barrier (as in the dQ pass).
+#pragma unroll 1
+      for (int k = 0; k < kBlockM * kBlockN / Traits::kNThreads; ++k) {
+        const int e = tid + k * Traits::kNThreads;
+        const int jj = e / kBlockM, ii = e % kBlockM;
+        const int t = a.off + m0 + ii, j = n0 + jj, d = j - t;
+        float v = a.c * pair_bias(a.row(j), a.row(t), a.bucket(d));
+        if (kMask && (a.key_out(j) || d < a.lo || d > a.hi)) v = -INFINITY;
+        bias[jj * kLd + ii] = v;
+      }
+    }
     sm80::cp_async_wait<0>();
     __syncthreads();  // tile m0 is in smem, and no warp still reads the other stage
-    if (next >= 0) {
-      load_q(cur, next, stage ^ 1);
-    } else if (h + 1 < h_end) {
-      load_q(head_rows(h + 1), first, stage ^ 1);
-    }
+    if (next >= 0 || h + 1 < h_end) load_q(next >= 0 ? h : h + 1, next >= 0 ? next : first, stage ^ 1);
     sm80::cp_async_fence();
 
     Tensor sQ = make_tensor(make_smem_ptr(stage_tile(stage, 0)), typename Traits::SmemLayoutM{});
@@ -734,6 +768,19 @@ __global__ void __launch_bounds__(Traits::kNThreads) dkdv_kernel(const BwdParams
     Tensor sdOt =
         make_tensor(make_smem_ptr(stage_tile(stage, 1)), typename Traits::SmemLayoutMt{});
     const float4* vec = s_vec + stage * kBlockM;
+    // Band and masked tiles: whether each key row takes part (not padding, not past the end)
+    // and its row of dP_keys, recomputed per tile (kept across the walk they would crowd the
+    // far tiles' registers).
+    bool key_in[kRows];
+    float* dprow[kRows];
+    if constexpr (kMask || kKind == kBand) {
+      CUTE_UNROLL
+      for (int mi = 0; mi < kRows; ++mi) {
+        const int j = n0 + get<0>(rc(mi, 0));
+        key_in[mi] = !a.key_out(j);
+        dprow[mi] = dp_keys + j * dp_row;
+      }
+    }
 
     Tensor acc_s = partition_fragment_C(mma, Shape<Int<kBlockN>, Int<kBlockM>>{});
     Tensor acc_dp = partition_fragment_C(mma, Shape<Int<kBlockN>, Int<kBlockM>>{});
@@ -752,14 +799,12 @@ __global__ void __launch_bounds__(Traits::kNThreads) dkdv_kernel(const BwdParams
       const int ci = get<1>(rc(0, ni));
       const float4 w = vec[ci];  // D, lse2, far-low and far-high query terms
       const int t = a.off + m0 + ci;  // the query's key position
-      const int qbase = a.row_base(t);
       CUTE_UNROLL
       for (int mi = 0; mi < kRows; ++mi) {
         float x;
         const int d = n0 + get<0>(rc(mi, 0)) - t;
         if constexpr (kMask || kKind == kBand) {
-          x = (s(mi, ni) + a.bias(kbase[mi], qbase, d)) * a.c - w.y;
-          if (kMask && (!key_in[mi] || d < a.lo || d > a.hi)) x = -INFINITY;
+          x = fmaf(s(mi, ni), a.c, bias[get<0>(rc(mi, 0)) * kLd + ci]) - w.y;
         } else if constexpr (kKind == kFarLo) {
           x = fmaf(s(mi, ni), a.c, kterm_lo[mi]) - w.z;
         } else {
@@ -770,7 +815,7 @@ __global__ void __launch_bounds__(Traits::kNThreads) dkdv_kernel(const BwdParams
         s(mi, ni) = pr;
         dp(mi, ni) = v;
         if constexpr (kMask || kKind == kBand) {
-          pair_bucket(v, d, a.L, a.U, edge_lo[mi], edge_hi[mi], dp_keys, dpbase[mi],
+          pair_bucket(v, a.bucket(d), a.R, edge_lo[mi], edge_hi[mi], dprow[mi],
                       key_in[mi] && t < a.Tk, p.scale);
         } else {
           (kKind == kFarLo ? edge_lo : edge_hi)[mi] += v;
@@ -781,50 +826,49 @@ __global__ void __launch_bounds__(Traits::kNThreads) dkdv_kernel(const BwdParams
     // dV += p^T dO, dK += dS^T Q: the B operands dO^T, Q^T through ldmatrix.trans.
     Tensor pr = to_element<Element>(acc_s);
     Tensor tDrP = make_tensor(pr.data(), acc_as_a(pr.layout()));
-    gemm_a_in_regs(mma, acc_dv, tDrP, tDrdOt, thr_bt.partition_S(sdOt), copy_bt, thr_bt);
+    gemm_rs(mma, acc_dv, tDrP, tDrdOt, thr_bt.partition_S(sdOt), copy_bt, thr_bt);
     Tensor dsr = to_element<Element>(acc_dp);
     Tensor tDrdS = make_tensor(dsr.data(), acc_as_a(dsr.layout()));
-    gemm_a_in_regs(mma, acc_dk, tDrdS, tDrQt, thr_bt.partition_S(sQt), copy_bt, thr_bt);
+    gemm_rs(mma, acc_dk, tDrdS, tDrQt, thr_bt.partition_S(sQt), copy_bt, thr_bt);
     stage ^= 1;
   };
 
   using Masked = std::true_type;
   using Unmasked = std::false_type;
   for (; h < h_end; ++h) {
-    if (h > h_begin) cur = head_rows(h);
-    a.P = cur.P;
+    a.P = static_cast<const Element*>(p.P) + seq.k_offset(p.P_s, b, p_head(p, h));
     dp_keys = p.dP_keys + seq.k_offset(p.dP_s, b, h);
     CUTE_UNROLL
     for (int mi = 0; mi < kRows; ++mi) {
       const int j = n0 + get<0>(rc(mi, 0));
-      kterm_lo[mi] = key_in[mi] ? a.c * a.p_at(j, 0) : -INFINITY;
-      kterm_hi[mi] = key_in[mi] ? a.c * a.p_at(j, a.R - 1) : -INFINITY;
+      kterm_lo[mi] = a.key_out(j) ? -INFINITY : a.c * a.p_at(j, 0);
+      kterm_hi[mi] = a.key_out(j) ? -INFINITY : a.c * a.p_at(j, a.R - 1);
       edge_lo[mi] = edge_hi[mi] = 0.f;
     }
     {
       const int n = sch.masked_count(), after = sch.first_after(0);
-      for (int k = 0; k < n; ++k) {
+      for (int k = 0; k < n; ++k) {  // hot loop: masked
         tile(Int<kBand>{}, Masked{}, sch.masked_tile(k),
              k + 1 < n ? sch.masked_tile(k + 1) : after);
       }
     }
     {  // far-high (small query indices), band, far-low
       const int n = sch.count[3], m0 = sch.start[3], after = sch.first_after(1);
-      for (int k = 0; k < n; ++k) {
+      for (int k = 0; k < n; ++k) {  // hot loop: far-high
         tile(Int<kFarHi>{}, Unmasked{}, m0 + k * kBlockM,
              k + 1 < n ? m0 + (k + 1) * kBlockM : after);
       }
     }
     {
       const int n = sch.count[4], m0 = sch.start[4], after = sch.first_after(2);
-      for (int k = 0; k < n; ++k) {
+      for (int k = 0; k < n; ++k) {  // hot loop: band
         tile(Int<kBand>{}, Unmasked{}, m0 + k * kBlockM,
              k + 1 < n ? m0 + (k + 1) * kBlockM : after);
       }
     }
     {
       const int n = sch.count[5], m0 = sch.start[5];
-      for (int k = 0; k < n; ++k) {
+      for (int k = 0; k < n; ++k) {  // hot loop: far-low
         tile(Int<kFarLo>{}, Unmasked{}, m0 + k * kBlockM, k + 1 < n ? m0 + (k + 1) * kBlockM : -1);
       }
     }
