@@ -482,15 +482,22 @@ __global__ void __launch_bounds__(Traits::kNThreads) dq_kernel(const BwdParams p
       // The tile's bias, gathered by the whole CTA before the barrier (the stage's buffer was
       // last read two tiles ago, before the previous barrier). Not unrolled: unrolled, its loads
       // would all be hoisted and the registers spill.
-      static_assert(kBlockM * kBlockN % Traits::kNThreads == 0);
+      // A thread keeps one key column and steps down the query rows.
+      constexpr int kStep = Traits::kNThreads / kBlockN;
+      static_assert(Traits::kNThreads % kBlockN == 0 && kBlockM % kStep == 0);
+      const int j = n0 + tid % kBlockN;
+      const Element* krow = a.row(j);
+      const bool key_out = kMask && a.key_out(j);
+      float* out = bias + (tid / kBlockN) * kLd + tid % kBlockN;
+      int t = pos0 + tid / kBlockN;
 #pragma unroll 1
-      for (int k = 0; k < kBlockM * kBlockN / Traits::kNThreads; ++k) {
-        const int e = tid + k * Traits::kNThreads;
-        const int ii = e / kBlockN, jj = e % kBlockN;
-        const int t = pos0 + ii, j = n0 + jj, d = j - t;
-        float v = a.c * pair_bias(a.row(j), a.row(t), a.bucket(d));
-        if (kMask && (a.key_out(j) || d < a.lo || d > a.hi)) v = -INFINITY;
-        bias[ii * kLd + jj] = v;
+      for (int k = 0; k < kBlockM / kStep; ++k) {  // bias gather
+        const int d = j - t;
+        float v = a.c * pair_bias(krow, a.row(t), a.bucket(d));
+        if (kMask && (key_out || d < a.lo || d > a.hi)) v = -INFINITY;
+        *out = v;
+        t += kStep;
+        out += kStep * kLd;
       }
     }
     sm80::cp_async_wait<0>();
@@ -747,14 +754,21 @@ __global__ void __launch_bounds__(Traits::kNThreads) dkdv_kernel(const BwdParams
     float* bias = s_bias + stage * kBlockN * kLd;
     if constexpr (kMask || kKind == kBand) {
       // The tile's bias, gathered by the whole CTA before the barrier (as in the dQ pass).
+      // A thread keeps one query column and steps down the key rows.
+      constexpr int kStep = Traits::kNThreads / kBlockM;
+      static_assert(Traits::kNThreads % kBlockM == 0 && kBlockN % kStep == 0);
+      const int t = a.off + m0 + tid % kBlockM;
+      const Element* qrow = a.row(t);
+      float* out = bias + (tid / kBlockM) * kLd + tid % kBlockM;
+      int j = n0 + tid / kBlockM;
 #pragma unroll 1
-      for (int k = 0; k < kBlockM * kBlockN / Traits::kNThreads; ++k) {
-        const int e = tid + k * Traits::kNThreads;
-        const int jj = e / kBlockM, ii = e % kBlockM;
-        const int t = a.off + m0 + ii, j = n0 + jj, d = j - t;
-        float v = a.c * pair_bias(a.row(j), a.row(t), a.bucket(d));
+      for (int k = 0; k < kBlockN / kStep; ++k) {  // bias gather
+        const int d = j - t;
+        float v = a.c * pair_bias(a.row(j), qrow, a.bucket(d));
         if (kMask && (a.key_out(j) || d < a.lo || d > a.hi)) v = -INFINITY;
-        bias[jj * kLd + ii] = v;
+        *out = v;
+        j += kStep;
+        out += kStep * kLd;
       }
     }
     sm80::cp_async_wait<0>();
