@@ -284,6 +284,7 @@ GQA = [  # (case, H, Hkv, Tq, Tk, D, dtype)
     ("causal", 2, 2, 1, 300, 128, torch.bfloat16),
     ("wide_R_causal", 2, 1, 37, 300, 64, torch.bfloat16),
     ("padding", 2, 1, 20, 70, 128, torch.bfloat16),
+    ("per_head_P", 2, 1, 100, 300, 64, torch.float16),  # unmasked far-low runs at Tq < Tk
 ]
 
 
