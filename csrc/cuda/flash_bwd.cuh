@@ -124,9 +124,11 @@ struct BwdTraits {
   // dQ: Q, dO; two stages of K, V, of the far-tile key terms (float2 per key) and of the bias.
   static constexpr int kSmemDq = (2 * kTileM + 4 * kTileN) * int(sizeof(Element)) +
                                  2 * (2 * kBlockN + kBlockM * kBiasLd) * int(sizeof(float));
-  // dK/dV: K, V; two stages of Q, dO, of the query vectors (float4 per query) and of the bias.
-  static constexpr int kSmemDkDv = (2 * kTileN + 4 * kTileM) * int(sizeof(Element)) +
-                                   2 * (4 * kBlockM + kBlockN * kBiasLdT) * int(sizeof(float));
+  // dK/dV: K, V; two stages of Q, dO, of the query vectors (float4 per query) and of the bias;
+  // the far-tile key terms of the current head (float2 per key).
+  static constexpr int kSmemDkDv =
+      (2 * kTileN + 4 * kTileM) * int(sizeof(Element)) +
+      (2 * (4 * kBlockM + kBlockN * kBiasLdT) + 2 * kBlockN) * int(sizeof(float));
   static constexpr int kSmemBytes = kSmemDq > kSmemDkDv ? kSmemDq : kSmemDkDv;
 };
 
@@ -646,6 +648,9 @@ __global__ void __launch_bounds__(Traits::kNThreads) dkdv_kernel(const BwdParams
   // [stage][kBlockN][kBiasLdT]: a band or masked tile's c * (P[j, r] - P[t_i, r]), -inf where
   // the pair is hidden (masked tiles).
   float* s_bias = reinterpret_cast<float*>(s_vec + 2 * kBlockM);
+  // [kBlockN]: the current head's far-tile key terms {c P[j, 0], c P[j, R-1]}, -inf at padding
+  // and past the end (in registers they would crowd the tiles' accumulators).
+  float2* s_kterm = reinterpret_cast<float2*>(s_bias + 2 * kBlockN * Traits::kBiasLdT);
 
   typename Traits::GmemCopy gmem_copy;
   auto gthr = gmem_copy.get_thread_slice(tid);
@@ -743,7 +748,7 @@ __global__ void __launch_bounds__(Traits::kNThreads) dkdv_kernel(const BwdParams
   int h = h_begin;
   const int dp_row = int(p.dP_s.row);
   // Per key row: the far-tile key terms c P[j, e] (-inf at padding / past Tk), the edge sums.
-  float kterm_lo[kRows], kterm_hi[kRows], edge_lo[kRows], edge_hi[kRows];
+  float edge_lo[kRows], edge_hi[kRows];
   float* dp_keys = nullptr;
   // One query tile m0 of head h (kKind, kMask as in the dQ pass); `next`: the tile of head h to
   // load under it, or -1 for the next head's first.
@@ -820,9 +825,9 @@ __global__ void __launch_bounds__(Traits::kNThreads) dkdv_kernel(const BwdParams
         if constexpr (kMask || kKind == kBand) {
           x = fmaf(s(mi, ni), a.c, bias[get<0>(rc(mi, 0)) * kLd + ci]) - w.y;
         } else if constexpr (kKind == kFarLo) {
-          x = fmaf(s(mi, ni), a.c, kterm_lo[mi]) - w.z;
+          x = fmaf(s(mi, ni), a.c, s_kterm[get<0>(rc(mi, 0))].x) - w.z;
         } else {
-          x = fmaf(s(mi, ni), a.c, kterm_hi[mi]) - w.w;
+          x = fmaf(s(mi, ni), a.c, s_kterm[get<0>(rc(mi, 0))].y) - w.w;
         }
         const float pr = exp2_approx(x);
         const float v = pr * (dp(mi, ni) - w.x);
@@ -852,13 +857,17 @@ __global__ void __launch_bounds__(Traits::kNThreads) dkdv_kernel(const BwdParams
   for (; h < h_end; ++h) {
     a.P = static_cast<const Element*>(p.P) + seq.k_offset(p.P_s, b, p_head(p, h));
     dp_keys = p.dP_keys + seq.k_offset(p.dP_s, b, h);
+    __syncwarp();  // the warp is done with the previous head's key terms
     CUTE_UNROLL
     for (int mi = 0; mi < kRows; ++mi) {
       const int j = n0 + get<0>(rc(mi, 0));
-      kterm_lo[mi] = a.key_out(j) ? -INFINITY : a.c * a.p_at(j, 0);
-      kterm_hi[mi] = a.key_out(j) ? -INFINITY : a.c * a.p_at(j, a.R - 1);
+      // Each quad writes its own key rows (its 4 lanes the same values), read only by this warp.
+      s_kterm[get<0>(rc(mi, 0))] = a.key_out(j) ? make_float2(-INFINITY, -INFINITY)
+                                                : make_float2(a.c * a.p_at(j, 0),
+                                                              a.c * a.p_at(j, a.R - 1));
       edge_lo[mi] = edge_hi[mi] = 0.f;
     }
+    __syncwarp();
     {
       const int n = sch.masked_count(), after = sch.first_after(0);
       for (int k = 0; k < n; ++k) {  // hot loop: masked
