@@ -29,7 +29,12 @@
 //           in R-1) needs no gather: its logit is scale*log2(e)*(q.k + P[j,e]) - (lse2_i +
 //           scale*log2(e)*P[t_i,e]), one FFMA with the key term (-inf at padding keys and past
 //           the end, so far tiles need no mask for either) and one FADD with the query term
-//           (+inf for a row that sees no key). Band and masked tiles gather P per pair.
+//           (+inf for a row that sees no key). Band and masked tiles gather their bias
+//           c (P[j, r] - P[t_i, r]) per pair into shared memory first (the whole CTA, -inf at
+//           hidden pairs), then read it where far tiles read their key terms.
+//   host    mask rows contiguous ([B, Tk]); dout with out's strides; rows 16-byte aligned
+//           (cp.async); a sequence's rows of P and of the dP halves addressable with 32-bit
+//           offsets (the launcher checks Tk * row stride < 2^31).
 //   dP      dP_keys[j, r(i,j)] += scale dS_ij (dK/dV pass) and dP_rows[t_i, r(i,j)] -= scale dS_ij
 //           (dQ pass), float32, per query head. A row's edge buckets 0 and R-1 are sums (far
 //           tiles: whole rows of dS; other tiles: the clipped pairs) kept in registers,
