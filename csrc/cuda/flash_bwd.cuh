@@ -801,7 +801,7 @@ __global__ void __launch_bounds__(Traits::kNThreads) dkdv_kernel(const BwdParams
       CUTE_UNROLL
       for (int mi = 0; mi < kRows; ++mi) {
         const int j = n0 + get<0>(rc(mi, 0));
-        key_in[mi] = !a.key_out(j);
+        key_in[mi] = !kMask || !a.key_out(j);  // unmasked band tiles: every key takes part
         dprow[mi] = dp_keys + j * dp_row;
       }
     }
