@@ -19,9 +19,15 @@ Nothing is timed.
 
 The backward units ``bwd_*.cu`` (``--direction bwd``) hold three kernels each; the dQ and
 the dK/dV kernel are profiled separately, each from its own section of the cubin and its own
-``ptxas -v`` entry: the hot loop is the dQ kernel's key-tile loop (MACs ``BM·BN·3D``: S, dP, dQ)
-and the dK/dV kernel's query-tile loop (``BM·BN·4D``: S, dP, dV, dK), with the same whole-body
-and path figures.
+``ptxas -v`` entry. Each walks its tiles in four loops, each compiled for one tile kind
+(csrc/cuda/flash_bwd.cuh marks them ``// hot loop: <kind>``): masked, far-low, band, far-high;
+a loop is named by the source line of its back edge (``nvdisasm -gi``). MACs per iteration:
+``BM·BN·3D`` in the dQ kernel (S, dP, dQ), ``BM·BN·4D`` in the dK/dV kernel (S, dP, dV, dK).
+The band and masked loops gather their tile's bias in an inner loop of ``BM·BN / threads``
+iterations per thread, not unrolled: their path figures count its body that many times. The
+shortest path of a loop skips the load of the next tile (a branch the last tile of a walk does
+not take); the longest takes it. Targets (sm_90 bf16, shortest path): far loops as
+FAR_TARGETS_BWD, band loops at most 2.5 times the kernel's far figure.
 
     python bench/static_profile_cute.py                # sm_90, the four forward units
     python bench/static_profile_cute.py --arch 90 80
@@ -68,7 +74,14 @@ FWD_LOOPS = ("far_lo", "band", "far_hi", "masked")
 #: The sm_90 bf16 forward targets for far tiles (D=64, D=128), per 1,024 MACs per warp; the band
 #: loop's target is BAND_FACTOR times the far loops' figure.
 FAR_TARGETS = {64: 2.0, 128: 1.7}
+#: The backward's sm_90 bf16 targets for its far loops (shortest path), per 1,024 MACs per warp;
+#: a band loop's target is BAND_FACTOR times its kernel's (larger) far figure.
+FAR_TARGETS_BWD = {"dq_kernel": {64: 1.8, 128: 1.5}, "dkdv_kernel": {64: 1.6, 128: 1.3}}
 BAND_FACTOR = 2.5
+BWD_SOURCE = os.path.join(REPO, "csrc", "cuda", "flash_bwd.cuh")
+_HOT_MARK = re.compile(r"// hot loop: ([\w-]+)")
+_GATHER_MARK = "// bias gather"
+_LINE = re.compile(r'"([^"]+)", line (\d+)')
 
 
 def unit_config(path: str) -> dict:
@@ -167,6 +180,63 @@ def profile_unit_sass(text: str, cfg: dict, kind: str = "fwd",
     return rows
 
 
+def hot_loop_lines(source: str = BWD_SOURCE) -> Dict[int, str]:
+    """Source line -> tile kind of the loops marked ``// hot loop: <kind>``, and "gather" for the
+    band and masked tiles' bias gather (``// bias gather``)."""
+    with open(source) as f:
+        out = {}
+        for n, line in enumerate(f, 1):
+            m = _HOT_MARK.search(line)
+            if m:
+                out[n] = m.group(1)
+            elif _GATHER_MARK in line:
+                out[n] = "gather"
+        return out
+
+
+def label_bwd_loops(text: str, rows: List[dict], marks: Dict[int, str], trips: int) -> None:
+    """Names each hot loop of a backward kernel by the source line of its back edge (the last
+    line record before it), and scales its path figures by the bias gather it holds (an inner
+    loop whose back edge is on a ``// bias gather`` line): its body counts ``trips`` times, not
+    once."""
+    instrs, labels = sp.parse_sass(text)
+    # Per instruction, the marked flash_bwd.cuh lines among the line records in force (the
+    # inlined function's line, then each "inlined at" line out to the kernel's; a record holds
+    # until the next one).
+    mark_at: Dict[int, List[str]] = {}
+    chain: List[str] = []
+    fresh = True
+    for line in text.splitlines():
+        if line.lstrip().startswith("//##"):
+            if fresh:
+                chain, fresh = [], False
+            chain += [marks[int(n)] for f, n in _LINE.findall(line)
+                      if f.endswith("flash_bwd.cuh") and int(n) in marks]
+            continue
+        m = sp._INSTR.match(line)
+        if m:
+            mark_at[int(m.group(1), 16)] = chain
+            fresh = True
+    for row in rows:
+        first, last = int(row["first"], 16), int(row["last"], 16)
+        hot = [k for k in mark_at.get(last, []) if k != "gather"]
+        row["label"] = hot[0] if hot else row["label"]
+        inner = [(labels[i.target], i.addr) for i in instrs
+                 if i.base == "BRA" and i.target in labels
+                 and first < labels[i.target] <= i.addr < last
+                 and "gather" in mark_at.get(i.addr, [])]
+        body = sum(1 for i in instrs for a, b in inner if a <= i.addr <= b
+                   and sp.classify(i.opcode) not in sp.MATRIX)
+        row["inner_loop"] = dict(non_matrix=body, iterations=trips) if inner else None
+        paths = row.get("paths")
+        if inner and paths:
+            kmacs = row["macs"] / row["num_warps_"] / 1024
+            for s in paths.values():
+                s["non_matrix"] += (trips - 1) * body
+                s["non_matrix_per_kmac"] = round(s["non_matrix"] / kmacs, 3)
+        row.pop("num_warps_", None)
+
+
 def _cutlass_include() -> str:
     cands = [os.environ["CUTLASS_INCLUDE_DIR"]] if os.environ.get("CUTLASS_INCLUDE_DIR") else []
     spec = importlib.util.find_spec("cutlass_library")
@@ -223,8 +293,13 @@ def compile_unit(path: str, arch: int, cutlass: str, dump_sass: Optional[str]) -
         if len(names) != 1:
             row["kernels"].append(dict(kernel=kernel, error=f"{len(names)} functions named so"))
             continue
+        loops = profile_unit_sass(functions[names[0]], cfg, kind)
+        for lp in loops:
+            lp["num_warps_"] = cfg["num_warps"]
+        label_bwd_loops(functions[names[0]], loops, hot_loop_lines(),
+                        cfg["BLOCK_M"] * cfg["BLOCK_N"] // (32 * cfg["num_warps"]))
         row["kernels"].append(dict(kernel=kernel, kind=kind, ptxas=usage.get(names[0]),
-                                   loops=profile_unit_sass(functions[names[0]], cfg, kind)))
+                                   loops=loops))
     return row
 
 
@@ -320,38 +395,66 @@ def render_markdown(doc: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _bwd_targets(arch: int, r: dict, k: dict) -> Dict[str, Optional[float]]:
+    """Target per loop label of one kernel (sm_90 bf16 only): far loops FAR_TARGETS_BWD, the
+    band loop BAND_FACTOR times the kernel's larger far figure."""
+    if arch != 90 or r["dtype"] != "bf16":
+        return {}
+    far = FAR_TARGETS_BWD.get(k["kernel"], {}).get(r["D"])
+    got = [((lp.get("paths") or {}).get("shortest") or {}).get("non_matrix_per_kmac")
+           for lp in k.get("loops") or [] if lp["label"] in ("far-low", "far-high")]
+    got = [g for g in got if g is not None]
+    out = {"far-low": far, "far-high": far}
+    if got:
+        out["band"] = round(BAND_FACTOR * max(got), 2)
+    return out
+
+
 def render_markdown_bwd(doc: dict) -> str:
     arch = doc["arch"]
-    lines = [f"# CuTe backward, static profile, sm_{arch}", "",
+    lines = [f"# CUDA backward, static profile, sm_{arch}", "",
              f"`{doc['command']}` ({doc['date_utc']}, commit {doc['git_commit'][:10]}"
              f"{', csrc/cuda modified' if doc.get('sources_modified') else ''}; "
              f"{doc['versions']['nvcc']}, CUTLASS {doc['versions']['cutlass']}). "
-             "Hot loops: the dQ kernel's key-tile loop (S, dP, dQ per tile) and the dK/dV "
-             "kernel's query-tile loop (S, dP, dV, dK), per iteration per warp; non-matrix "
-             "instructions per 1,024 MACs per warp for the whole loop body (every tile kind's "
-             "path) and for the shortest and longest paths through it. Nothing is timed.", "",
-             "| unit | kernel | tile (M×N, warps) | regs | spill (B) | body instr. | HMMA "
-             "| whole body | shortest path | longest path |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "Hot loops, one per tile kind (csrc/cuda/flash_bwd.cuh, `// hot loop:`): the dQ "
+             "kernel's key-tile loops (S, dP, dQ per tile) and the dK/dV kernel's query-tile "
+             "loops (S, dP, dV, dK), per iteration per warp; non-matrix instructions per 1,024 "
+             "MACs per warp for the whole loop body and for the shortest path (no load of the "
+             "next tile) and the longest (with it). Band and masked loops include their bias "
+             "gather, an inner loop counted as many times as it runs. Targets: sm_90 bf16, "
+             "shortest path; far loops as the issue sets them, band loops 2.5 times the "
+             "kernel's far figure. Nothing is timed.", "",
+             "| unit | kernel | loop | tile (M×N, warps) | regs | spill (B) | LDL/STL in loop "
+             "| body instr. | HMMA | whole body | shortest path | longest path | target "
+             "| verdict |",
+             "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in doc["rows"]:
         tile = f"{r['BLOCK_M']}×{r['BLOCK_N']}, {r['num_warps']} w"
         if r.get("error"):
-            lines.append(f"| {r['unit']} | | {tile} | compile error | | | | | | |")
+            lines.append(f"| {r['unit']} | | | {tile} | compile error | | | | | | | | | |")
             continue
         for k in r.get("kernels") or []:
             if k.get("error"):
-                lines.append(f"| {r['unit']} | {k['kernel']} | {tile} | {k['error']} | | | | | | |")
+                lines.append(f"| {r['unit']} | {k['kernel']} | | {tile} | {k['error']} "
+                             "| | | | | | | | | |")
                 continue
             p = k.get("ptxas") or {}
             spill = p.get("spill_stores", 0) + p.get("spill_loads", 0) if p else None
+            targets = _bwd_targets(arch, r, k)
             for lp in k.get("loops") or []:
                 paths = lp.get("paths") or {}
                 short = (paths.get("shortest") or {}).get("non_matrix_per_kmac")
                 long_ = (paths.get("longest") or {}).get("non_matrix_per_kmac")
+                target = targets.get(lp["label"])
+                verdict = "–"
+                if target is not None and short is not None:
+                    verdict = "met" if short <= target else f"missed by {short - target:.2f}"
                 lines.append(
-                    f"| {r['unit']} | {k['kernel']} | {tile} | {p.get('registers', '–')} | "
-                    f"{'–' if spill is None else spill} | {lp['instructions']} | {lp['matrix']} | "
-                    f"{_fmt(lp['non_matrix_per_kmac'])} | {_fmt(short)} | {_fmt(long_)} |")
+                    f"| {r['unit']} | {k['kernel']} | {lp['label']} | {tile} | "
+                    f"{p.get('registers', '–')} | {'–' if spill is None else spill} | "
+                    f"{lp['spill_ld']}/{lp['spill_st']} | {lp['instructions']} | {lp['matrix']} | "
+                    f"{_fmt(lp['non_matrix_per_kmac'])} | {_fmt(short)} | {_fmt(long_)} | "
+                    f"{'–' if target is None else f'≤ {target}'} | {verdict} |")
     return "\n".join(lines) + "\n"
 
 

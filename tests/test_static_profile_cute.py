@@ -128,10 +128,12 @@ def test_backward_unit_configurations():
 
 @pytest.mark.parametrize("arch", (90, 80))
 def test_committed_backward_profile(arch):
-    """Every backward unit profiled without errors; per kernel one hot loop holding exactly the
-    mma.sync of one tile per warp (dQ: S, dP, dQ; dK/dV: S, dP, dV, dK; the counts the CPU
-    emulation test requires too); shortest path <= longest <= whole body; the markdown is the
-    JSON's rendering. Spills are reported, not required to be zero."""
+    """Every backward unit profiled without errors; per kernel four hot loops, one per tile kind
+    (masked, far-low, band, far-high), each holding exactly the mma.sync of one tile per warp
+    (dQ: S, dP, dQ; dK/dV: S, dP, dV, dK; the counts the CPU emulation test requires too); the
+    band and masked loops, and only they, hold the bias gather; shortest path <= longest <= whole
+    body (the gather counted as often as it runs); the markdown is the JSON's rendering. Spills
+    are reported, not required to be zero."""
     base = os.path.join(REPO, "bench", "results", f"static_cute_bwd_sm{arch}")
     with open(base + ".json") as f:
         doc = json.load(f)
@@ -146,12 +148,16 @@ def test_committed_backward_profile(arch):
         assert sorted(k["kernel"] for k in r["kernels"]) == sorted(want), r["unit"]
         for k in r["kernels"]:
             assert not k.get("error") and k["ptxas"]["registers"] <= 255, (r["unit"], k)
-            assert len(k["loops"]) == 1, (r["unit"], k["kernel"])
-            lp = k["loops"][0]
-            assert lp["mma_sync"] == lp["matrix"] == want[k["kernel"]], (r["unit"], k["kernel"])
-            p = lp["paths"]
-            assert p["shortest"]["matrix"] == p["longest"]["matrix"] == lp["matrix"]
-            assert p["shortest"]["non_matrix"] <= p["longest"]["non_matrix"] <= \
-                lp["instructions"] - lp["matrix"]
+            assert sorted(lp["label"] for lp in k["loops"]) == [
+                "band", "far-high", "far-low", "masked"], (r["unit"], k["kernel"])
+            for lp in k["loops"]:
+                assert lp["mma_sync"] == lp["matrix"] == want[k["kernel"]], (r["unit"], lp)
+                gather = lp["inner_loop"]
+                assert (gather is not None) == (lp["label"] in ("band", "masked")), lp["label"]
+                extra = (gather["iterations"] - 1) * gather["non_matrix"] if gather else 0
+                p = lp["paths"]
+                assert p["shortest"]["matrix"] == p["longest"]["matrix"] == lp["matrix"]
+                assert p["shortest"]["non_matrix"] <= p["longest"]["non_matrix"] <= \
+                    lp["instructions"] - lp["matrix"] + extra
     with open(base + ".md") as f:
         assert f.read() == spc.render_markdown_bwd(doc)

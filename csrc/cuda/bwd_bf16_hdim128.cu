@@ -3,4 +3,4 @@
 // Not timed on a GPU.
 #include "flash_bwd.cuh"
 
-HDAF_CUTE_DEFINE_BWD(__nv_bfloat16, cutlass::bfloat16_t, 128, 64, 64, 4)
+HDAF_DEFINE_BWD(__nv_bfloat16, cutlass::bfloat16_t, 128, 64, 64, 4)

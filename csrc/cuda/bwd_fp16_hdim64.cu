@@ -3,4 +3,4 @@
 // Not timed on a GPU.
 #include "flash_bwd.cuh"
 
-HDAF_CUTE_DEFINE_BWD(__half, cutlass::half_t, 64, 64, 64, 4)
+HDAF_DEFINE_BWD(__half, cutlass::half_t, 64, 64, 64, 4)
