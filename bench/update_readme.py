@@ -120,6 +120,76 @@ def static_block() -> str:
     return text + f"\n\nEvery configuration: [`{full}`]({full})."
 
 
+CUDA_STATIC = ("bench/results/static_cute_sm90.json", "bench/results/static_cute_bwd_sm90.json")
+#: Far-tile targets (sm_90, bf16, non-matrix instructions per 1,024 MACs per warp) per kernel and
+#: head dim; a band loop's target is 2.5 times its kernel's far figure.
+CUDA_FAR_TARGETS = {"forward": {64: 2.0, 128: 1.7}, "dK/dV": {64: 1.6, 128: 1.3},
+                    "dQ": {64: 1.8, 128: 1.5}}
+
+
+def _cuda_static_rows():
+    """(kernel, D, tile, regs, spill bytes, far, band, LDL+STL in the loops, HMMA only) per bf16
+    unit and kernel; far / band: the per-iteration figure (the loop body with the next tile's
+    loads, i.e. the longest path) of the worse far loop and of the band loop."""
+    rows = []
+    for path in CUDA_STATIC:
+        with open(os.path.join(REPO, path), encoding="utf-8") as f:
+            doc = json.load(f)
+        for unit in doc["rows"]:
+            if unit["dtype"] != "bf16":
+                continue
+            kernels = unit.get("kernels") or [{"kernel": "fwd_kernel", "ptxas": unit["ptxas"],
+                                               "loops": unit["loops"]}]
+            for k in kernels:
+                name = {"fwd_kernel": "forward", "dq_kernel": "dQ", "dkdv_kernel": "dK/dV"}[
+                    k["kernel"]]
+                alias = {"far-low": "far_lo", "far-high": "far_hi"}
+                loops = {alias.get(lp["label"], lp["label"]): lp for lp in k["loops"]}
+                per_iter = lambda lp: lp["paths"]["longest"]["non_matrix_per_kmac"]  # noqa: E731
+                far = max(per_iter(loops[x]) for x in ("far_lo", "far_hi"))
+                band = per_iter(loops["band"])
+                spill = k["ptxas"]["spill_stores"] + k["ptxas"]["spill_loads"]
+                local = sum(lp["spill_ld"] + lp["spill_st"] for lp in k["loops"])
+                hmma = all(lp["wgmma"] == 0 and lp["mma_sync"] == lp["matrix"] for lp in k["loops"])
+                tile = f"{unit['BLOCK_M']}×{unit['BLOCK_N']}, {unit['num_warps']} w"
+                rows.append((name, unit["D"], tile, k["ptxas"]["registers"], spill, far, band,
+                             local, hmma, doc))
+    order = {"forward": 0, "dK/dV": 1, "dQ": 2}
+    return sorted(rows, key=lambda r: (order[r[0]], r[1]))
+
+
+def static_cuda_block() -> str:
+    missing = [p for p in CUDA_STATIC if not os.path.exists(os.path.join(REPO, p))]
+    if missing:
+        return ("The static profile of the CUDA kernels has not been generated: `python "
+                "bench/static_profile_cute.py --arch 90` (and `--direction bwd`) writes "
+                + ", ".join(f"`{p}`" for p in missing) + ".")
+    rows = _cuda_static_rows()
+    docs = {id(r[-1]): r[-1] for r in rows}.values()
+    src = "; ".join(f"`{d['command']}` — {d['date_utc']}, commit `{d['git_commit'][:10]}`"
+                    for d in docs)
+    versions = next(iter(docs))["versions"]
+    out = [f"{src}; {versions.get('nvcc', '')}, CUTLASS {versions.get('cutlass', '4.2.0')}.", "",
+           "| kernel | D | tile | regs | spill (B) | far tiles | far target | band tiles | band "
+           "target | spill in a hot loop |",
+           "|---|---:|---|---:|---:|---:|---|---:|---|---|"]
+    for name, D, tile, regs, spill, far, band, local, hmma, _ in rows:
+        ft = CUDA_FAR_TARGETS[name][D]
+        bt = 2.5 * far
+        verdict = lambda x, t: f"≤ {t:.2f}: " + ("met" if x <= t else f"missed ({x:.2f})")  # noqa: E731
+        out.append(f"| {name} | {D} | {tile} | {regs} | {spill} | {far:.2f} | {verdict(far, ft)} "
+                   f"| {band:.2f} | {verdict(band, bt)} | "
+                   f"{'none' if local == 0 else f'{local} LDL/STL'} |")
+    hmma_all = all(r[8] for r in rows)
+    out += ["", "Per iteration of each hot loop (one tile, the next tile's loads included), per "
+            "warp: non-matrix instructions per 1,024 MACs, sm_90, bf16 (float16 is the same "
+            "within 0.05). Every MMA is " + ("`HMMA.16816`" if hmma_all else "**not** all "
+            "`HMMA.16816`") + ". Every loop: [`bench/results/static_cute_sm90.md`]"
+            "(bench/results/static_cute_sm90.md), [`static_cute_bwd_sm90.md`]"
+            "(bench/results/static_cute_bwd_sm90.md)."]
+    return "\n".join(out)
+
+
 def gqa_varlen_block() -> str:
     if not os.path.exists(os.path.join(REPO, GQA_VARLEN_JSON)):
         return ("Not measured: `python -m pytest bench/bench_gqa_varlen.py --benchmark-only "
@@ -266,6 +336,7 @@ def change_grid_block() -> str:
 
 GENERATORS: Dict[str, Callable[[], str]] = {
     "cpu": cpu_block, "gpu": gpu_block, "static_sm90": static_block,
+    "static_cuda_sm90": static_cuda_block,
     "gqa_varlen": gqa_varlen_block, "context_parallel": context_parallel_block,
     "main_job": main_job_block, "claims": claims_block}
 STUDY_GENERATORS: Dict[str, Callable[[], str]] = {
