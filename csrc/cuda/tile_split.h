@@ -1,7 +1,8 @@
 // Which key tiles one query block of the CuTe forward / dQ pass visits, which query tiles one key
 // block of the dK/dV pass visits, and what each of them is.
 // Torch-free and __host__ __device__: the kernels (flash_fwd.cuh, flash_bwd.cuh) call it, and
-// tests/test_cuda_cute.py compiles it on the CPU and checks it against every (query, key) pair.
+// tests/test_cuda_fwd_emulation.py and test_cuda_bwd_emulation.py compile it on the CPU and check
+// it against every (query, key) pair.
 #pragma once
 
 #include "hdaf/delta_common.h"

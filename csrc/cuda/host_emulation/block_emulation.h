@@ -1,5 +1,5 @@
 // CUDA thread blocks on the CPU, for the host emulations of this folder (test-time extensions
-// built by tests/test_cuda.py and tests/test_cuda_cute.py; never part of hdaf._C).
+// built by tests/test_cuda_fwd_emulation.py and test_cuda_bwd_emulation.py; never in hdaf._C).
 //
 // One std::thread per CUDA thread of a block; the blocks of a grid run one after another on the
 // same pool. A std::barrier per block serves __syncthreads / __syncthreads_or and one per warp
