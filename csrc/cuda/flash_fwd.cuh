@@ -20,10 +20,12 @@
 //          far-high (bucket R-1) (tile_split.h). Tiles that cross a window / causal edge or the
 //          end of the keys, and every tile under a key padding mask, are masked; the others
 //          form one contiguous run. Each kind has its own loop, compiled for it:
-//            far-low, far-high  logit2 = c q.k + c P[j, e] - c P[t_i, e] (c = scale log2 e):
-//                               the key column c P[j, e] comes from smem (loaded with the K
-//                               tile), the query term is folded into the row's running maximum;
-//                               one FFMA per element, no mask.
+//            far-low, far-high  logit2 = c (q.k + P[j, e]) - c P[t_i, e] (c = scale log2 e):
+//                               the MMAs of S start from the key column P[j, e] (smem, loaded
+//                               with the K tile), the row maximum is taken of the unscaled S,
+//                               and exp2's argument is one FFMA per element (c, and the query
+//                               term folded into the row's base); no mask. Needs c >= 0: for
+//                               c < 0 or NaN the band loop runs these tiles.
 //            band               gathers P[j, r] - P[t_i, r] per pair (L1/L2), no mask.
 //            masked             gathers like band (serves every kind) and compares positions.
 //          The tiles still run in one pipeline: each body prefetches the tile the next loop
@@ -174,14 +176,14 @@ __global__ void __launch_bounds__(Traits::kNThreads) fwd_kernel(const FwdParams 
   Tensor sV = make_tensor(sK.data() + size(sK), typename Traits::SmemLayoutKV{});
   Tensor sVt = make_tensor(sV.data(), typename Traits::SmemLayoutVt{});
   Tensor sVtNoSwizzle = make_tensor(sV.data().get(), typename Traits::SmemLayoutVtNoSwizzle{});
-  // Far-tile key columns of the current key tile: c P[n0 + col, 0], then c P[n0 + col, R-1].
+  // Far-tile key columns of the current key tile: P[n0 + col, 0], then P[n0 + col, R-1].
   float* s_kcol = reinterpret_cast<float*>(smem_raw + (size(sQ) + 2 * size(sK)) * sizeof(Element));
   static_assert(2 * kBlockN <= Traits::kNThreads, "one far-tile key column entry per thread");
   auto load_kcol = [&](int n0) {
     if (tid < 2 * kBlockN) {
       const int j = n0 + tid % kBlockN;
       const float x = j < Tk ? float(Pb[int64_t(j) * Ps + (tid < kBlockN ? 0 : R - 1)]) : 0.f;
-      s_kcol[tid] = c * x;
+      s_kcol[tid] = x;
     }
   };
 
@@ -226,6 +228,9 @@ __global__ void __launch_bounds__(Traits::kNThreads) fwd_kernel(const FwdParams 
       cute_tiles::key_tiles(pos0, Tk, L, U, lo, hi, rows_m, kBlockN);
   const cute_tiles::TileRun fast = cute_tiles::unmasked_tiles(tiles, pos0, Tk, lo, hi, rows_m,
                                                               kBlockN, pad != nullptr);
+  // The far loops take the row maximum of the unscaled accumulator (below), which needs c >= 0;
+  // otherwise (or c NaN) the band loop, exact for any tile, runs the far tiles too.
+  const bool far_ok = c >= 0.f;
   int s_begin = tiles.begin, s_end = tiles.end;
   if (p.num_splits > 1) {
     const int n_tiles = (tiles.end - tiles.begin + kBlockN - 1) / kBlockN;
@@ -238,9 +243,12 @@ __global__ void __launch_bounds__(Traits::kNThreads) fwd_kernel(const FwdParams 
   auto run = [&](int k, int& ra, int& rz) {
     int a, z;
     switch (k) {
-      case 0: a = fast.first; z = min(tiles.band, fast.last); break;
-      case 1: a = max(tiles.band, fast.first); z = min(tiles.far_hi, fast.last); break;
-      case 2: a = max(tiles.far_hi, fast.first); z = fast.last; break;
+      case 0: a = fast.first; z = far_ok ? min(tiles.band, fast.last) : fast.first; break;
+      case 1:
+        a = far_ok ? max(tiles.band, fast.first) : fast.first;
+        z = far_ok ? min(tiles.far_hi, fast.last) : fast.last;
+        break;
+      case 2: a = far_ok ? max(tiles.far_hi, fast.first) : fast.last; z = fast.last; break;
       case 3: a = tiles.begin; z = fast.first; break;
       default: a = fast.last; z = tiles.end; break;
     }
@@ -310,30 +318,36 @@ __global__ void __launch_bounds__(Traits::kNThreads) fwd_kernel(const FwdParams 
           s(mi, ni) = float(pj[r]) - float(prows[mi][r]);
         }
       }
-    } else {
+    } else if constexpr (!kFar) {
       clear(acc_s);
     }
     sm80::cp_async_wait<0>();
     __syncthreads();  // Q, K(n0), kcol(n0) are in smem, and no warp still reads the previous V
     copy_rows(gmem_copy, tVgV(_, _, _, n0 / kBlockN), tVsV, tKVid, Tk - n0);
     sm80::cp_async_fence();
-    gemm_smem_ab(mma, acc_s, tSrQ, tSsQ, smem_copy_Q, sthr_Q, tSrK, tSsK, smem_copy_K, sthr_K);
-
-    // Logits, log2 domain, less the row constant qconst (far tiles: c P[t_i, e]).
-    float qconst[Traits::kRows];
     if constexpr (kFar) {
+      // Far tiles: the MMAs of S start from the key column P[j, e], so that
+      // s = q.k + P[j, e] and the log2 logit less c P[t_i, e] is c s.
       const float* kcol = s_kcol + (kKind == kFarLo ? 0 : kBlockN);
-      CUTE_UNROLL
-      for (int mi = 0; mi < Traits::kRows; ++mi) qconst[mi] = kKind == kFarLo ? qc_lo[mi] : qc_hi[mi];
       CUTE_UNROLL
       for (int ni = 0; ni < Traits::kCols; ni += 2) {
         const float2 kc = *reinterpret_cast<const float2*>(kcol + get<1>(rc(0, ni)));
         CUTE_UNROLL
         for (int mi = 0; mi < Traits::kRows; ++mi) {
-          s(mi, ni) = fmaf(s(mi, ni), c, kc.x);
-          s(mi, ni + 1) = fmaf(s(mi, ni + 1), c, kc.y);
+          s(mi, ni) = kc.x;
+          s(mi, ni + 1) = kc.y;
         }
       }
+    }
+    gemm_smem_ab(mma, acc_s, tSrQ, tSsQ, smem_copy_Q, sthr_Q, tSrK, tSsK, smem_copy_K, sthr_K);
+
+    // Logits, log2 domain, less the row constant qconst: c s - qconst (far tiles, qconst =
+    // c P[t_i, e]; s stays unscaled until exp2), or s itself, scaled and biased here (qconst 0).
+    float qconst[Traits::kRows];
+    constexpr bool kScaleLate = kFar;
+    if constexpr (kFar) {
+      CUTE_UNROLL
+      for (int mi = 0; mi < Traits::kRows; ++mi) qconst[mi] = kKind == kFarLo ? qc_lo[mi] : qc_hi[mi];
     } else {
       const Element* prows[Traits::kRows];
       CUTE_UNROLL
@@ -366,15 +380,17 @@ __global__ void __launch_bounds__(Traits::kNThreads) fwd_kernel(const FwdParams 
     }
     sm80::cp_async_fence();
 
-    // Online softmax. The true log2 logit is s - qconst: the row's maximum is kept in the true
-    // domain and exp2 takes s - (max + qconst). A row with nothing visible yet keeps max -inf
-    // and sum 0 (base 0 keeps exp2 free of -inf - -inf).
+    // Online softmax. The true log2 logit is sc s - qconst (sc = c for far tiles, whose s is
+    // unscaled, else 1; max(c s) = c max(s) as c >= 0 there): the row's maximum is kept in the
+    // true domain and exp2 takes sc s - (max + qconst), one FFMA. A row with nothing visible
+    // yet keeps max -inf and sum 0 (base 0 keeps exp2 free of -inf - -inf).
+    const float sc = kScaleLate ? c : 1.f;
     CUTE_UNROLL
     for (int mi = 0; mi < Traits::kRows; ++mi) {
       float mx = -INFINITY;
       CUTE_UNROLL
       for (int ni = 0; ni < Traits::kCols; ++ni) mx = fmaxf(mx, s(mi, ni));
-      const float m_new = fmaxf(row_max[mi], quad_max(mx) - qconst[mi]);
+      const float m_new = fmaxf(row_max[mi], (kScaleLate ? sc * quad_max(mx) : quad_max(mx)) - qconst[mi]);
       const float base = m_new == -INFINITY ? 0.f : m_new;
       const float alpha = exp2_approx(row_max[mi] - base);
       row_max[mi] = m_new;
@@ -382,7 +398,7 @@ __global__ void __launch_bounds__(Traits::kNThreads) fwd_kernel(const FwdParams 
       float sum = 0.f;
       CUTE_UNROLL
       for (int ni = 0; ni < Traits::kCols; ++ni) {
-        s(mi, ni) = exp2_approx(s(mi, ni) - base_s);
+        s(mi, ni) = exp2_approx(kScaleLate ? fmaf(s(mi, ni), sc, -base_s) : s(mi, ni) - base_s);
         sum += s(mi, ni);
       }
       row_sum[mi] = row_sum[mi] * alpha + sum;  // this thread's columns; quad-reduced at the end
