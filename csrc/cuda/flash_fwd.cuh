@@ -117,10 +117,11 @@ struct FwdTraits {
   static constexpr int kRows = 2 * (kBlockM / (16 * kNWarps));
   static constexpr int kCols = 2 * (kBlockN / 8);
 
-  // Q, K, V tiles, then the key tile's far-tile columns P[j, 0] and P[j, R-1] in float32.
+  // Q, K, V tiles, then the key tile's far-tile columns P[j, 0] and P[j, R-1] in float32, each
+  // column pair (j, j+1) stored twice, as (j, j+1, j, j+1): the initial S of one m16n8 tile.
   static constexpr int kSmemBytes =
       int(size(SmemLayoutQ{}) + 2 * size(SmemLayoutKV{})) * int(sizeof(Element)) +
-      2 * kBlockN * int(sizeof(float));
+      4 * kBlockN * int(sizeof(float));
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -176,14 +177,19 @@ __global__ void __launch_bounds__(Traits::kNThreads) fwd_kernel(const FwdParams 
   Tensor sV = make_tensor(sK.data() + size(sK), typename Traits::SmemLayoutKV{});
   Tensor sVt = make_tensor(sV.data(), typename Traits::SmemLayoutVt{});
   Tensor sVtNoSwizzle = make_tensor(sV.data().get(), typename Traits::SmemLayoutVtNoSwizzle{});
-  // Far-tile key columns of the current key tile: P[n0 + col, 0], then P[n0 + col, R-1].
+  // Far-tile key columns of the current key tile: P[n0 + col, 0], then P[n0 + col, R-1] (at
+  // 2 kBlockN floats), each in the pair layout of kSmemBytes. Thread tid < 2 kBlockN loads one
+  // entry: column tid % kBlockN of column tid / kBlockN of P, from kc_src + n0 Ps.
   float* s_kcol = reinterpret_cast<float*>(smem_raw + (size(sQ) + 2 * size(sK)) * sizeof(Element));
   static_assert(2 * kBlockN <= Traits::kNThreads, "one far-tile key column entry per thread");
   auto load_kcol = [&](int n0) {
     if (tid < 2 * kBlockN) {
-      const int j = n0 + tid % kBlockN;
+      const int kc_col = tid % kBlockN;
+      const int j = n0 + kc_col;
       const float x = j < Tk ? float(Pb[int64_t(j) * Ps + (tid < kBlockN ? 0 : R - 1)]) : 0.f;
-      s_kcol[tid] = x;
+      float* kc_dst = s_kcol + (tid / kBlockN) * 2 * kBlockN + kc_col / 2 * 4 + kc_col % 2;
+      kc_dst[0] = x;
+      kc_dst[2] = x;
     }
   };
 
@@ -328,14 +334,17 @@ __global__ void __launch_bounds__(Traits::kNThreads) fwd_kernel(const FwdParams 
     if constexpr (kFar) {
       // Far tiles: the MMAs of S start from the key column P[j, e], so that
       // s = q.k + P[j, e] and the log2 logit less c P[t_i, e] is c s.
-      const float* kcol = s_kcol + (kKind == kFarLo ? 0 : kBlockN);
+      // One 16-byte load per m16n8 tile: its registers (row r: cols j, j+1; row r+8: same).
+      const float* kcol = s_kcol + (kKind == kFarLo ? 0 : 2 * kBlockN);
       CUTE_UNROLL
-      for (int ni = 0; ni < Traits::kCols; ni += 2) {
-        const float2 kc = *reinterpret_cast<const float2*>(kcol + get<1>(rc(0, ni)));
+      for (int n = 0; n < size<2>(acc_s); ++n) {
+        const float4 kc = *reinterpret_cast<const float4*>(kcol + 2 * get<1>(rc(0, 2 * n)));
         CUTE_UNROLL
-        for (int mi = 0; mi < Traits::kRows; ++mi) {
-          s(mi, ni) = kc.x;
-          s(mi, ni + 1) = kc.y;
+        for (int m = 0; m < size<1>(acc_s); ++m) {
+          acc_s(0, m, n) = kc.x;
+          acc_s(1, m, n) = kc.y;
+          acc_s(2, m, n) = kc.z;
+          acc_s(3, m, n) = kc.w;
         }
       }
     }
