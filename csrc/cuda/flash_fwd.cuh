@@ -24,10 +24,12 @@
 //                               the MMAs of S start from the key column P[j, e] (smem, loaded
 //                               with the K tile), the row maximum is taken of the unscaled S,
 //                               and exp2's argument is one FFMA per element (c, and the query
-//                               term folded into the row's base); no mask. Needs c >= 0: for
-//                               c < 0 or NaN the band loop runs these tiles.
-//            band               gathers P[j, r] - P[t_i, r] per pair (L1/L2), no mask.
-//            masked             gathers like band (serves every kind) and compares positions.
+//                               term folded into the row's base); no mask.
+//            band               gathers P[j, r] - P[t_i, r] per pair (L1/L2) as the initial S;
+//                               row maximum and exp2 as in the far loops; no mask.
+//            masked             gathers like band (serves every kind), scales S and compares
+//                               positions (-inf). The unmasked loops need c >= 0 (max(c s) =
+//                               c max(s)): for c < 0 or NaN every tile runs in this loop.
 //          The tiles still run in one pipeline: each body prefetches the tile the next loop
 //          needs.
 //   softmax online, in registers, log2 domain, exp2.
@@ -110,9 +112,10 @@ struct FwdTraits {
 
   // Band and masked tiles: the MMAs of S start from the gathered bias (its loads are issued
   // before them and their registers are free again when S is), or the bias is added to S after
-  // them. First at D = 128: gathering after the MMAs took ~60 more registers there and ptxas
-  // spilled; after at D = 64, where first spilled in the masked loop (sm_90, CUDA 13.0).
-  static constexpr bool kBiasFirst = kHeadDim >= 128;
+  // them. First at both head dims (sm_90, CUDA 13.0): after took ~60 more registers at D = 128
+  // and ptxas spilled; at D = 64 after put spill loads in the far-low and band loops, first
+  // puts them in the masked loop only, and the band loop is 33 instructions shorter.
+  static constexpr bool kBiasFirst = true;
   // Registers of S per thread: rows (2 per m16 tile of the warp) and columns (2 per n8 tile).
   static constexpr int kRows = 2 * (kBlockM / (16 * kNWarps));
   static constexpr int kCols = 2 * (kBlockN / 8);
@@ -202,6 +205,16 @@ __global__ void __launch_bounds__(Traits::kNThreads) fwd_kernel(const FwdParams 
   Tensor tKsK = gthr.partition_D(sK);
   Tensor tVgV = gthr.partition_S(gV);
   Tensor tVsV = gthr.partition_D(sV);
+  // This thread's K and V sources in the key tile starting at n0: its sources in key tile 0,
+  // n0 rows further (one 64-bit multiply-add per tile, no division of n0 by kBlockN).
+  Tensor tKgK0 = tKgK(_, _, _, 0);
+  Tensor tVgV0 = tVgV(_, _, _, 0);
+  auto k_src = [&](int n0) {
+    return make_tensor(tKgK0.data() + int64_t(n0) * p.k_s.row, tKgK0.layout());
+  };
+  auto v_src = [&](int n0) {
+    return make_tensor(tVgV0.data() + int64_t(n0) * p.v_s.row, tVgV0.layout());
+  };
   Tensor tQid = gthr.partition_S(make_identity_tensor(Shape<Int<kBlockM>, Int<kHeadDim>>{}));
   Tensor tKVid = gthr.partition_S(make_identity_tensor(Shape<Int<kBlockN>, Int<kHeadDim>>{}));
 
@@ -232,11 +245,12 @@ __global__ void __launch_bounds__(Traits::kNThreads) fwd_kernel(const FwdParams 
   const int rows_m = min(kBlockM, Tq - m0);
   const cute_tiles::KeyTiles tiles =
       cute_tiles::key_tiles(pos0, Tk, L, U, lo, hi, rows_m, kBlockN);
-  const cute_tiles::TileRun fast = cute_tiles::unmasked_tiles(tiles, pos0, Tk, lo, hi, rows_m,
+  cute_tiles::TileRun fast = cute_tiles::unmasked_tiles(tiles, pos0, Tk, lo, hi, rows_m,
                                                               kBlockN, pad != nullptr);
-  // The far loops take the row maximum of the unscaled accumulator (below), which needs c >= 0;
-  // otherwise (or c NaN) the band loop, exact for any tile, runs the far tiles too.
+  // The unmasked loops take the row maximum of the unscaled S (below), which needs c >= 0;
+  // otherwise (or c NaN) the masked loop, exact for any tile, runs every tile.
   const bool far_ok = c >= 0.f;
+  if (!far_ok) fast.first = fast.last = tiles.begin;
   int s_begin = tiles.begin, s_end = tiles.end;
   if (p.num_splits > 1) {
     const int n_tiles = (tiles.end - tiles.begin + kBlockN - 1) / kBlockN;
@@ -249,12 +263,9 @@ __global__ void __launch_bounds__(Traits::kNThreads) fwd_kernel(const FwdParams 
   auto run = [&](int k, int& ra, int& rz) {
     int a, z;
     switch (k) {
-      case 0: a = fast.first; z = far_ok ? min(tiles.band, fast.last) : fast.first; break;
-      case 1:
-        a = far_ok ? max(tiles.band, fast.first) : fast.first;
-        z = far_ok ? min(tiles.far_hi, fast.last) : fast.last;
-        break;
-      case 2: a = far_ok ? max(tiles.far_hi, fast.first) : fast.last; z = fast.last; break;
+      case 0: a = fast.first; z = min(tiles.band, fast.last); break;
+      case 1: a = max(tiles.band, fast.first); z = min(tiles.far_hi, fast.last); break;
+      case 2: a = max(tiles.far_hi, fast.first); z = fast.last; break;
       case 3: a = tiles.begin; z = fast.first; break;
       default: a = fast.last; z = tiles.end; break;
     }
@@ -293,7 +304,7 @@ __global__ void __launch_bounds__(Traits::kNThreads) fwd_kernel(const FwdParams 
   // Prologue: Q and the first K tile in flight together; then Q into registers for good.
   copy_rows(gmem_copy, tQgQ, tQsQ, tQid, Tq - m0);
   if (first_tile >= 0) {
-    copy_rows(gmem_copy, tKgK(_, _, _, first_tile / kBlockN), tKsK, tKVid, Tk - first_tile);
+    copy_rows(gmem_copy, k_src(first_tile), tKsK, tKVid, Tk - first_tile);
     load_kcol(first_tile);
   }
   sm80::cp_async_fence();
@@ -329,7 +340,11 @@ __global__ void __launch_bounds__(Traits::kNThreads) fwd_kernel(const FwdParams 
     }
     sm80::cp_async_wait<0>();
     __syncthreads();  // Q, K(n0), kcol(n0) are in smem, and no warp still reads the previous V
-    copy_rows(gmem_copy, tVgV(_, _, _, n0 / kBlockN), tVsV, tKVid, Tk - n0);
+    if constexpr (kMasked) {
+      copy_rows(gmem_copy, v_src(n0), tVsV, tKVid, Tk - n0);
+    } else {
+      copy(gmem_copy, v_src(n0), tVsV);  // an unmasked tile ends at or before Tk
+    }
     sm80::cp_async_fence();
     if constexpr (kFar) {
       // Far tiles: the MMAs of S start from the key column P[j, e], so that
@@ -350,10 +365,11 @@ __global__ void __launch_bounds__(Traits::kNThreads) fwd_kernel(const FwdParams 
     }
     gemm_smem_ab(mma, acc_s, tSrQ, tSsQ, smem_copy_Q, sthr_Q, tSrK, tSsK, smem_copy_K, sthr_K);
 
-    // Logits, log2 domain, less the row constant qconst: c s - qconst (far tiles, qconst =
-    // c P[t_i, e]; s stays unscaled until exp2), or s itself, scaled and biased here (qconst 0).
+    // Logits, log2 domain, less the row constant qconst: c s - qconst in the unmasked loops (s
+    // unscaled until exp2; qconst = c P[t_i, e] for far tiles, 0 for band tiles), or s itself,
+    // biased, scaled and masked here (masked tiles, qconst 0).
     float qconst[Traits::kRows];
-    constexpr bool kScaleLate = kFar;
+    constexpr bool kScaleLate = !kMasked;
     if constexpr (kFar) {
       CUTE_UNROLL
       for (int mi = 0; mi < Traits::kRows; ++mi) qconst[mi] = kKind == kFarLo ? qc_lo[mi] : qc_hi[mi];
@@ -374,7 +390,11 @@ __global__ void __launch_bounds__(Traits::kNThreads) fwd_kernel(const FwdParams 
             const int r = min(max(d, -L), U) + L;
             x += float(pj[r]) - float(prows[mi][r]);
           }
-          s(mi, ni) = (kMasked && (hidden || d < lo || d > hi)) ? -INFINITY : x * c;
+          if constexpr (kScaleLate) {
+            s(mi, ni) = x;
+          } else {
+            s(mi, ni) = (hidden || d < lo || d > hi) ? -INFINITY : x * c;
+          }
         }
       }
       CUTE_UNROLL
@@ -384,12 +404,12 @@ __global__ void __launch_bounds__(Traits::kNThreads) fwd_kernel(const FwdParams 
     sm80::cp_async_wait<0>();
     __syncthreads();  // V(n0) is in smem, and no warp still reads K(n0) or kcol(n0)
     if (next >= 0) {
-      copy_rows(gmem_copy, tKgK(_, _, _, next / kBlockN), tKsK, tKVid, Tk - next);
+      copy_rows(gmem_copy, k_src(next), tKsK, tKVid, Tk - next);
       load_kcol(next);
     }
     sm80::cp_async_fence();
 
-    // Online softmax. The true log2 logit is sc s - qconst (sc = c for far tiles, whose s is
+    // Online softmax. The true log2 logit is sc s - qconst (sc = c for unmasked tiles, whose s is
     // unscaled, else 1; max(c s) = c max(s) as c >= 0 there): the row's maximum is kept in the
     // true domain and exp2 takes sc s - (max + qconst), one FFMA. A row with nothing visible
     // yet keeps max -inf and sum 0 (base 0 keeps exp2 free of -inf - -inf).
