@@ -205,16 +205,11 @@ __global__ void __launch_bounds__(Traits::kNThreads) fwd_kernel(const FwdParams 
   Tensor tKsK = gthr.partition_D(sK);
   Tensor tVgV = gthr.partition_S(gV);
   Tensor tVsV = gthr.partition_D(sV);
-  // This thread's K and V sources in the key tile starting at n0: its sources in key tile 0,
-  // n0 rows further (one 64-bit multiply-add per tile, no division of n0 by kBlockN).
-  Tensor tKgK0 = tKgK(_, _, _, 0);
-  Tensor tVgV0 = tVgV(_, _, _, 0);
-  auto k_src = [&](int n0) {
-    return make_tensor(tKgK0.data() + int64_t(n0) * p.k_s.row, tKgK0.layout());
-  };
-  auto v_src = [&](int n0) {
-    return make_tensor(tVgV0.data() + int64_t(n0) * p.v_s.row, tVgV0.layout());
-  };
+  // This thread's K and V sources in the key tile starting at n0. (Tile 0's sources advanced
+  // by n0 row strides took fewer instructions but put spill loads in the far loops at D = 128
+  // on sm_80.)
+  auto k_src = [&](int n0) { return tKgK(_, _, _, n0 / kBlockN); };
+  auto v_src = [&](int n0) { return tVgV(_, _, _, n0 / kBlockN); };
   Tensor tQid = gthr.partition_S(make_identity_tensor(Shape<Int<kBlockM>, Int<kHeadDim>>{}));
   Tensor tKVid = gthr.partition_S(make_identity_tensor(Shape<Int<kBlockN>, Int<kHeadDim>>{}));
 
