@@ -327,6 +327,33 @@ def test_split_key_decoding(emu, Tq, Tk, case, num_splits, dtype, D):
         (lse[fin] - lse1[fin]).abs().max().item() <= EMU_LSE_TOL
 
 
+# (case, scale factor, dtype, D): T=300, unmasked far-low, band and far-high tiles at scale > 0
+NONPOSITIVE_SCALE = [
+    ("per_head_P", -1.0, torch.bfloat16, 64),
+    ("plain", -1.0, torch.float16, 128),
+    ("per_head_P", 0.0, torch.bfloat16, 128),
+]
+
+
+@pytest.mark.parametrize("case,factor,dtype,D", NONPOSITIVE_SCALE,
+                         ids=[f"{c}-x{f:g}-D{D}" for c, f, _, D in NONPOSITIVE_SCALE])
+def test_nonpositive_scale(emu, case, factor, dtype, D):
+    """scale = factor / sqrt(D): the unmasked loops take the row maximum of the unscaled S,
+    which needs scale >= 0, so a negative scale runs every tile in the masked loop; scale 0
+    weights every visible key alike. The queries are scaled up so that the logits of a row span
+    more than exp2's range: a maximum taken the wrong way round overflows. out and lse against
+    the float64 references, and the same operation counts as at scale > 0 (the same tiles)."""
+    q, k, v, P, mask, L, U, Wl, Wr = _case_inputs(case, dtype, 300, 300, D)
+    q = q * 32
+    scale = factor * D ** -0.5
+    out, lse, counters = emu.forward(q, k, v, P, mask, None, None, 300, 300, L, U, Wl, Wr, scale,
+                                     1, False)
+    _check(f"{case} scale={scale:g} D={D} {dtype}", case, out, lse, q, k, v, P, mask, scale)
+    BM, BN, W = _shipped_tiles()[(dtype, D)]
+    assert counters.tolist() == _expected_counters([(300, 300)] * q.shape[0], q.shape[1], D, L, U,
+                                                   Wl, Wr, BM, BN, W)
+
+
 # ---------------------------------------------------------------------------------------------
 # Packed batches
 # ---------------------------------------------------------------------------------------------

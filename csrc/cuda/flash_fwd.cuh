@@ -20,12 +20,16 @@
 //          far-high (bucket R-1) (tile_split.h). Tiles that cross a window / causal edge or the
 //          end of the keys, and every tile under a key padding mask, are masked; the others
 //          form one contiguous run. Each kind has its own loop, compiled for it:
-//            far-low, far-high  logit2 = c q.k + c P[j, e] - c P[t_i, e] (c = scale log2 e):
-//                               the key column c P[j, e] comes from smem (loaded with the K
-//                               tile), the query term is folded into the row's running maximum;
-//                               one FFMA per element, no mask.
-//            band               gathers P[j, r] - P[t_i, r] per pair (L1/L2), no mask.
-//            masked             gathers like band (serves every kind) and compares positions.
+//            far-low, far-high  logit2 = c (q.k + P[j, e]) - c P[t_i, e] (c = scale log2 e):
+//                               the MMAs of S start from the key column P[j, e] (smem, loaded
+//                               with the K tile), the row maximum is taken of the unscaled S,
+//                               and exp2's argument is one FFMA per element (c, and the query
+//                               term folded into the row's base); no mask.
+//            band               gathers P[j, r] - P[t_i, r] per pair (L1/L2) as the initial S;
+//                               row maximum and exp2 as in the far loops; no mask.
+//            masked             gathers like band (serves every kind), scales S and compares
+//                               positions (-inf). The unmasked loops need c >= 0 (max(c s) =
+//                               c max(s)): for c < 0 or NaN every tile runs in this loop.
 //          The tiles still run in one pipeline: each body prefetches the tile the next loop
 //          needs.
 //   softmax online, in registers, log2 domain, exp2.
@@ -108,17 +112,19 @@ struct FwdTraits {
 
   // Band and masked tiles: the MMAs of S start from the gathered bias (its loads are issued
   // before them and their registers are free again when S is), or the bias is added to S after
-  // them. First at D = 128: gathering after the MMAs took ~60 more registers there and ptxas
-  // spilled; after at D = 64, where first spilled in the masked loop (sm_90, CUDA 13.0).
-  static constexpr bool kBiasFirst = kHeadDim >= 128;
+  // them. First at both head dims (sm_90, CUDA 13.0): after took ~60 more registers at D = 128
+  // and ptxas spilled; at D = 64 after put spill loads in the far-low and band loops, first
+  // puts them in the masked loop only, and the band loop is 33 instructions shorter.
+  static constexpr bool kBiasFirst = true;
   // Registers of S per thread: rows (2 per m16 tile of the warp) and columns (2 per n8 tile).
   static constexpr int kRows = 2 * (kBlockM / (16 * kNWarps));
   static constexpr int kCols = 2 * (kBlockN / 8);
 
-  // Q, K, V tiles, then the key tile's far-tile columns P[j, 0] and P[j, R-1] in float32.
+  // Q, K, V tiles, then the key tile's far-tile columns P[j, 0] and P[j, R-1] in float32, each
+  // column pair (j, j+1) stored twice, as (j, j+1, j, j+1): the initial S of one m16n8 tile.
   static constexpr int kSmemBytes =
       int(size(SmemLayoutQ{}) + 2 * size(SmemLayoutKV{})) * int(sizeof(Element)) +
-      2 * kBlockN * int(sizeof(float));
+      4 * kBlockN * int(sizeof(float));
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -174,14 +180,19 @@ __global__ void __launch_bounds__(Traits::kNThreads) fwd_kernel(const FwdParams 
   Tensor sV = make_tensor(sK.data() + size(sK), typename Traits::SmemLayoutKV{});
   Tensor sVt = make_tensor(sV.data(), typename Traits::SmemLayoutVt{});
   Tensor sVtNoSwizzle = make_tensor(sV.data().get(), typename Traits::SmemLayoutVtNoSwizzle{});
-  // Far-tile key columns of the current key tile: c P[n0 + col, 0], then c P[n0 + col, R-1].
+  // Far-tile key columns of the current key tile: P[n0 + col, 0], then P[n0 + col, R-1] (at
+  // 2 kBlockN floats), each in the pair layout of kSmemBytes. Thread tid < 2 kBlockN loads one
+  // entry: column tid % kBlockN of column tid / kBlockN of P, from kc_src + n0 Ps.
   float* s_kcol = reinterpret_cast<float*>(smem_raw + (size(sQ) + 2 * size(sK)) * sizeof(Element));
   static_assert(2 * kBlockN <= Traits::kNThreads, "one far-tile key column entry per thread");
   auto load_kcol = [&](int n0) {
     if (tid < 2 * kBlockN) {
-      const int j = n0 + tid % kBlockN;
+      const int kc_col = tid % kBlockN;
+      const int j = n0 + kc_col;
       const float x = j < Tk ? float(Pb[int64_t(j) * Ps + (tid < kBlockN ? 0 : R - 1)]) : 0.f;
-      s_kcol[tid] = c * x;
+      float* kc_dst = s_kcol + (tid / kBlockN) * 2 * kBlockN + kc_col / 2 * 4 + kc_col % 2;
+      kc_dst[0] = x;
+      kc_dst[2] = x;
     }
   };
 
@@ -194,6 +205,11 @@ __global__ void __launch_bounds__(Traits::kNThreads) fwd_kernel(const FwdParams 
   Tensor tKsK = gthr.partition_D(sK);
   Tensor tVgV = gthr.partition_S(gV);
   Tensor tVsV = gthr.partition_D(sV);
+  // This thread's K and V sources in the key tile starting at n0. (Tile 0's sources advanced
+  // by n0 row strides took fewer instructions but put spill loads in the far loops at D = 128
+  // on sm_80.)
+  auto k_src = [&](int n0) { return tKgK(_, _, _, n0 / kBlockN); };
+  auto v_src = [&](int n0) { return tVgV(_, _, _, n0 / kBlockN); };
   Tensor tQid = gthr.partition_S(make_identity_tensor(Shape<Int<kBlockM>, Int<kHeadDim>>{}));
   Tensor tKVid = gthr.partition_S(make_identity_tensor(Shape<Int<kBlockN>, Int<kHeadDim>>{}));
 
@@ -224,8 +240,12 @@ __global__ void __launch_bounds__(Traits::kNThreads) fwd_kernel(const FwdParams 
   const int rows_m = min(kBlockM, Tq - m0);
   const cute_tiles::KeyTiles tiles =
       cute_tiles::key_tiles(pos0, Tk, L, U, lo, hi, rows_m, kBlockN);
-  const cute_tiles::TileRun fast = cute_tiles::unmasked_tiles(tiles, pos0, Tk, lo, hi, rows_m,
+  cute_tiles::TileRun fast = cute_tiles::unmasked_tiles(tiles, pos0, Tk, lo, hi, rows_m,
                                                               kBlockN, pad != nullptr);
+  // The unmasked loops take the row maximum of the unscaled S (below), which needs c >= 0;
+  // otherwise (or c NaN) the masked loop, exact for any tile, runs every tile.
+  const bool far_ok = c >= 0.f;
+  if (!far_ok) fast.first = fast.last = tiles.begin;
   int s_begin = tiles.begin, s_end = tiles.end;
   if (p.num_splits > 1) {
     const int n_tiles = (tiles.end - tiles.begin + kBlockN - 1) / kBlockN;
@@ -279,7 +299,7 @@ __global__ void __launch_bounds__(Traits::kNThreads) fwd_kernel(const FwdParams 
   // Prologue: Q and the first K tile in flight together; then Q into registers for good.
   copy_rows(gmem_copy, tQgQ, tQsQ, tQid, Tq - m0);
   if (first_tile >= 0) {
-    copy_rows(gmem_copy, tKgK(_, _, _, first_tile / kBlockN), tKsK, tKVid, Tk - first_tile);
+    copy_rows(gmem_copy, k_src(first_tile), tKsK, tKVid, Tk - first_tile);
     load_kcol(first_tile);
   }
   sm80::cp_async_fence();
@@ -310,30 +330,44 @@ __global__ void __launch_bounds__(Traits::kNThreads) fwd_kernel(const FwdParams 
           s(mi, ni) = float(pj[r]) - float(prows[mi][r]);
         }
       }
-    } else {
+    } else if constexpr (!kFar) {
       clear(acc_s);
     }
     sm80::cp_async_wait<0>();
     __syncthreads();  // Q, K(n0), kcol(n0) are in smem, and no warp still reads the previous V
-    copy_rows(gmem_copy, tVgV(_, _, _, n0 / kBlockN), tVsV, tKVid, Tk - n0);
+    if constexpr (kMasked) {
+      copy_rows(gmem_copy, v_src(n0), tVsV, tKVid, Tk - n0);
+    } else {
+      copy(gmem_copy, v_src(n0), tVsV);  // an unmasked tile ends at or before Tk
+    }
     sm80::cp_async_fence();
-    gemm_smem_ab(mma, acc_s, tSrQ, tSsQ, smem_copy_Q, sthr_Q, tSrK, tSsK, smem_copy_K, sthr_K);
-
-    // Logits, log2 domain, less the row constant qconst (far tiles: c P[t_i, e]).
-    float qconst[Traits::kRows];
     if constexpr (kFar) {
-      const float* kcol = s_kcol + (kKind == kFarLo ? 0 : kBlockN);
+      // Far tiles: the MMAs of S start from the key column P[j, e], so that
+      // s = q.k + P[j, e] and the log2 logit less c P[t_i, e] is c s.
+      // One 16-byte load per m16n8 tile: its registers (row r: cols j, j+1; row r+8: same).
+      const float* kcol = s_kcol + (kKind == kFarLo ? 0 : 2 * kBlockN);
       CUTE_UNROLL
-      for (int mi = 0; mi < Traits::kRows; ++mi) qconst[mi] = kKind == kFarLo ? qc_lo[mi] : qc_hi[mi];
-      CUTE_UNROLL
-      for (int ni = 0; ni < Traits::kCols; ni += 2) {
-        const float2 kc = *reinterpret_cast<const float2*>(kcol + get<1>(rc(0, ni)));
+      for (int n = 0; n < size<2>(acc_s); ++n) {
+        const float4 kc = *reinterpret_cast<const float4*>(kcol + 2 * get<1>(rc(0, 2 * n)));
         CUTE_UNROLL
-        for (int mi = 0; mi < Traits::kRows; ++mi) {
-          s(mi, ni) = fmaf(s(mi, ni), c, kc.x);
-          s(mi, ni + 1) = fmaf(s(mi, ni + 1), c, kc.y);
+        for (int m = 0; m < size<1>(acc_s); ++m) {
+          acc_s(0, m, n) = kc.x;
+          acc_s(1, m, n) = kc.y;
+          acc_s(2, m, n) = kc.z;
+          acc_s(3, m, n) = kc.w;
         }
       }
+    }
+    gemm_smem_ab(mma, acc_s, tSrQ, tSsQ, smem_copy_Q, sthr_Q, tSrK, tSsK, smem_copy_K, sthr_K);
+
+    // Logits, log2 domain, less the row constant qconst: c s - qconst in the unmasked loops (s
+    // unscaled until exp2; qconst = c P[t_i, e] for far tiles, 0 for band tiles), or s itself,
+    // biased, scaled and masked here (masked tiles, qconst 0).
+    float qconst[Traits::kRows];
+    constexpr bool kScaleLate = !kMasked;
+    if constexpr (kFar) {
+      CUTE_UNROLL
+      for (int mi = 0; mi < Traits::kRows; ++mi) qconst[mi] = kKind == kFarLo ? qc_lo[mi] : qc_hi[mi];
     } else {
       const Element* prows[Traits::kRows];
       CUTE_UNROLL
@@ -351,7 +385,11 @@ __global__ void __launch_bounds__(Traits::kNThreads) fwd_kernel(const FwdParams 
             const int r = min(max(d, -L), U) + L;
             x += float(pj[r]) - float(prows[mi][r]);
           }
-          s(mi, ni) = (kMasked && (hidden || d < lo || d > hi)) ? -INFINITY : x * c;
+          if constexpr (kScaleLate) {
+            s(mi, ni) = x;
+          } else {
+            s(mi, ni) = (hidden || d < lo || d > hi) ? -INFINITY : x * c;
+          }
         }
       }
       CUTE_UNROLL
@@ -361,20 +399,22 @@ __global__ void __launch_bounds__(Traits::kNThreads) fwd_kernel(const FwdParams 
     sm80::cp_async_wait<0>();
     __syncthreads();  // V(n0) is in smem, and no warp still reads K(n0) or kcol(n0)
     if (next >= 0) {
-      copy_rows(gmem_copy, tKgK(_, _, _, next / kBlockN), tKsK, tKVid, Tk - next);
+      copy_rows(gmem_copy, k_src(next), tKsK, tKVid, Tk - next);
       load_kcol(next);
     }
     sm80::cp_async_fence();
 
-    // Online softmax. The true log2 logit is s - qconst: the row's maximum is kept in the true
-    // domain and exp2 takes s - (max + qconst). A row with nothing visible yet keeps max -inf
-    // and sum 0 (base 0 keeps exp2 free of -inf - -inf).
+    // Online softmax. The true log2 logit is sc s - qconst (sc = c for unmasked tiles, whose s is
+    // unscaled, else 1; max(c s) = c max(s) as c >= 0 there): the row's maximum is kept in the
+    // true domain and exp2 takes sc s - (max + qconst), one FFMA. A row with nothing visible
+    // yet keeps max -inf and sum 0 (base 0 keeps exp2 free of -inf - -inf).
+    const float sc = kScaleLate ? c : 1.f;
     CUTE_UNROLL
     for (int mi = 0; mi < Traits::kRows; ++mi) {
       float mx = -INFINITY;
       CUTE_UNROLL
       for (int ni = 0; ni < Traits::kCols; ++ni) mx = fmaxf(mx, s(mi, ni));
-      const float m_new = fmaxf(row_max[mi], quad_max(mx) - qconst[mi]);
+      const float m_new = fmaxf(row_max[mi], (kScaleLate ? sc * quad_max(mx) : quad_max(mx)) - qconst[mi]);
       const float base = m_new == -INFINITY ? 0.f : m_new;
       const float alpha = exp2_approx(row_max[mi] - base);
       row_max[mi] = m_new;
@@ -382,7 +422,7 @@ __global__ void __launch_bounds__(Traits::kNThreads) fwd_kernel(const FwdParams 
       float sum = 0.f;
       CUTE_UNROLL
       for (int ni = 0; ni < Traits::kCols; ++ni) {
-        s(mi, ni) = exp2_approx(s(mi, ni) - base_s);
+        s(mi, ni) = exp2_approx(kScaleLate ? fmaf(s(mi, ni), sc, -base_s) : s(mi, ni) - base_s);
         sum += s(mi, ni);
       }
       row_sum[mi] = row_sum[mi] * alpha + sum;  // this thread's columns; quad-reduced at the end
