@@ -426,12 +426,25 @@ __global__ void __launch_bounds__(Traits::kNThreads) dq_kernel(const BwdParams p
   const auto k_src = tKgK(_, _, _, 0).layout();
   const auto v_src = tVgV(_, _, _, 0).layout();
   const int64_t k_step = int64_t(kBlockN) * p.k_s.row, v_step = int64_t(kBlockN) * p.v_s.row;
-  auto load_kv_full = [&](auto kg, auto vg, int n0, int s) {
+  // Its key terms from pg, this thread's element of P (key n0 + tid % kBlockN, bucket 0 or R-1
+  // as load_kterm): every key is inside the sequence, so only the padding mask can hide one.
+  const int kt_key = tid % kBlockN;
+  const int kt_col = tid / kBlockN == 0 ? 0 : a.R - 1;
+  const int kt_step = kBlockN * a.P_row;
+  // The sources then step to the next tile's.
+  auto load_kv_full = [&](auto& kg, auto& vg, const Element*& pg, int n0, int s) {
     Tensor tKsK = gthr.partition_D(sK_at(s));
     Tensor tVsV = gthr.partition_D(sV_at(s));
     copy(gmem_copy, make_tensor(kg, k_src), tKsK);
     copy(gmem_copy, make_tensor(vg, v_src), tVsV);
-    load_kterm(n0, s);
+    if (Traits::kNThreads == 2 * kBlockN || tid < 2 * kBlockN) {
+      const bool out = a.pad != nullptr && a.pad[n0 + kt_key];
+      reinterpret_cast<float*>(s_kterm + s * kBlockN)[2 * kt_key + tid / kBlockN] =
+          out ? -INFINITY : a.c * float(*pg);
+    }
+    kg = kg + k_step;
+    vg = vg + v_step;
+    pg += kt_step;
   };
 
   typename Traits::TiledMma mma;
@@ -613,10 +626,11 @@ __global__ void __launch_bounds__(Traits::kNThreads) dq_kernel(const BwdParams p
     const int n = sch.count[3], n0 = sch.start[3], after = sch.first_after(1);
     auto kg = tKgK(_, _, _, 0).data() + (n0 / kBlockN + 1) * k_step;
     auto vg = tVgV(_, _, _, 0).data() + (n0 / kBlockN + 1) * v_step;
-    for (int k = 0; k + 1 < n; ++k, kg = kg + k_step, vg = vg + v_step) {  // hot loop: far-low
+    const Element* pg = a.P + (n0 + kBlockN + kt_key) * a.P_row + kt_col;
+    for (int k = 0; k + 1 < n; ++k) {  // hot loop: far-low
       const int next = n0 + (k + 1) * kBlockN;
       tile(Int<kFarLo>{}, Unmasked{}, next - kBlockN,
-           [&](int s) { load_kv_full(kg, vg, next, s); });
+           [&](int s) { load_kv_full(kg, vg, pg, next, s); });
     }
     if (n > 0) last_tile(Int<kFarLo>{}, n0 + (n - 1) * kBlockN, after);
   }
@@ -624,10 +638,11 @@ __global__ void __launch_bounds__(Traits::kNThreads) dq_kernel(const BwdParams p
     const int n = sch.count[4], n0 = sch.start[4], after = sch.first_after(2);
     auto kg = tKgK(_, _, _, 0).data() + (n0 / kBlockN + 1) * k_step;
     auto vg = tVgV(_, _, _, 0).data() + (n0 / kBlockN + 1) * v_step;
-    for (int k = 0; k + 1 < n; ++k, kg = kg + k_step, vg = vg + v_step) {  // hot loop: band
+    const Element* pg = a.P + (n0 + kBlockN + kt_key) * a.P_row + kt_col;
+    for (int k = 0; k + 1 < n; ++k) {  // hot loop: band
       const int next = n0 + (k + 1) * kBlockN;
       tile(Int<kBand>{}, Unmasked{}, next - kBlockN,
-           [&](int s) { load_kv_full(kg, vg, next, s); });
+           [&](int s) { load_kv_full(kg, vg, pg, next, s); });
     }
     if (n > 0) last_tile(Int<kBand>{}, n0 + (n - 1) * kBlockN, after);
   }
@@ -635,10 +650,11 @@ __global__ void __launch_bounds__(Traits::kNThreads) dq_kernel(const BwdParams p
     const int n = sch.count[5], n0 = sch.start[5];
     auto kg = tKgK(_, _, _, 0).data() + (n0 / kBlockN + 1) * k_step;
     auto vg = tVgV(_, _, _, 0).data() + (n0 / kBlockN + 1) * v_step;
-    for (int k = 0; k + 1 < n; ++k, kg = kg + k_step, vg = vg + v_step) {  // hot loop: far-high
+    const Element* pg = a.P + (n0 + kBlockN + kt_key) * a.P_row + kt_col;
+    for (int k = 0; k + 1 < n; ++k) {  // hot loop: far-high
       const int next = n0 + (k + 1) * kBlockN;
       tile(Int<kFarHi>{}, Unmasked{}, next - kBlockN,
-           [&](int s) { load_kv_full(kg, vg, next, s); });
+           [&](int s) { load_kv_full(kg, vg, pg, next, s); });
     }
     if (n > 0) last_tile(Int<kFarHi>{}, n0 + (n - 1) * kBlockN, -1);
   }
