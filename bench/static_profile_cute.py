@@ -25,9 +25,11 @@ a loop is named by the source line of its back edge (``nvdisasm -gi``). MACs per
 ``BM·BN·3D`` in the dQ kernel (S, dP, dQ), ``BM·BN·4D`` in the dK/dV kernel (S, dP, dV, dK).
 The band and masked loops gather their tile's bias in an inner loop of ``BM·BN / threads``
 iterations per thread, not unrolled: their path figures count its body that many times. The
-shortest path of a loop skips the load of the next tile (a branch the last tile of a walk does
-not take); the longest takes it. Targets (sm_90 bf16, shortest path): far loops as
-FAR_TARGETS_BWD, band loops at most 2.5 times the kernel's far figure.
+shortest path of a loop skips every forward branch it can (the load of the next tile, where the
+loop holds one); the longest takes them. Every iteration but the last of a walk loads the next
+tile, so the verdicts are on the longest path, the figure an iteration issues (targets, sm_90
+bf16: far loops as FAR_TARGETS_BWD, band loops at most 2.5 times the kernel's larger far
+figure); the shortest path is reported beside it.
 
     python bench/static_profile_cute.py                # sm_90, the four forward units
     python bench/static_profile_cute.py --arch 90 80
@@ -395,13 +397,20 @@ def render_markdown(doc: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def bwd_issued(lp: dict) -> Optional[float]:
+    """The figure one iteration of a backward hot loop issues, per 1,024 MACs per warp: its
+    longest path (the load of the next tile taken, as every iteration but a walk's last takes
+    it; the bias gather counted as often as it runs)."""
+    return ((lp.get("paths") or {}).get("longest") or {}).get("non_matrix_per_kmac")
+
+
 def _bwd_targets(arch: int, r: dict, k: dict) -> Dict[str, Optional[float]]:
     """Target per loop label of one kernel (sm_90 bf16 only): far loops FAR_TARGETS_BWD, the
-    band loop BAND_FACTOR times the kernel's larger far figure."""
+    band loop BAND_FACTOR times the kernel's larger far figure (bwd_issued)."""
     if arch != 90 or r["dtype"] != "bf16":
         return {}
     far = FAR_TARGETS_BWD.get(k["kernel"], {}).get(r["D"])
-    got = [((lp.get("paths") or {}).get("shortest") or {}).get("non_matrix_per_kmac")
+    got = [bwd_issued(lp)
            for lp in k.get("loops") or [] if lp["label"] in ("far-low", "far-high")]
     got = [g for g in got if g is not None]
     out = {"far-low": far, "far-high": far}
@@ -419,11 +428,13 @@ def render_markdown_bwd(doc: dict) -> str:
              "Hot loops, one per tile kind (csrc/cuda/flash_bwd.cuh, `// hot loop:`): the dQ "
              "kernel's key-tile loops (S, dP, dQ per tile) and the dK/dV kernel's query-tile "
              "loops (S, dP, dV, dK), per iteration per warp; non-matrix instructions per 1,024 "
-             "MACs per warp for the whole loop body and for the shortest path (no load of the "
-             "next tile) and the longest (with it). Band and masked loops include their bias "
-             "gather, an inner loop counted as many times as it runs. Targets: sm_90 bf16, "
-             "shortest path; far loops as the issue sets them, band loops 2.5 times the "
-             "kernel's far figure. Nothing is timed.", "",
+             "MACs per warp for the whole loop body and for the shortest and longest paths "
+             "through it (the shortest skipping every forward branch it can, the load of the "
+             "next tile included where the loop branches around it). Band and masked loops "
+             "include their bias gather, an inner loop counted as many times as it runs. "
+             "Verdicts are on the longest path, what an iteration issues (every iteration but a "
+             "walk's last loads the next tile); targets: sm_90 bf16, far loops as the issue sets "
+             "them, band loops 2.5 times the kernel's larger far figure. Nothing is timed.", "",
              "| unit | kernel | loop | tile (M×N, warps) | regs | spill (B) | LDL/STL in loop "
              "| body instr. | HMMA | whole body | shortest path | longest path | target "
              "| verdict |",
@@ -447,8 +458,8 @@ def render_markdown_bwd(doc: dict) -> str:
                 long_ = (paths.get("longest") or {}).get("non_matrix_per_kmac")
                 target = targets.get(lp["label"])
                 verdict = "–"
-                if target is not None and short is not None:
-                    verdict = "met" if short <= target else f"missed by {short - target:.2f}"
+                if target is not None and long_ is not None:
+                    verdict = "met" if long_ <= target else f"missed by {long_ - target:.2f}"
                 lines.append(
                     f"| {r['unit']} | {k['kernel']} | {lp['label']} | {tile} | "
                     f"{p.get('registers', '–')} | {'–' if spill is None else spill} | "

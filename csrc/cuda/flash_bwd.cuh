@@ -402,16 +402,49 @@ __global__ void __launch_bounds__(Traits::kNThreads) dq_kernel(const BwdParams p
   Tensor tNid = gthr.partition_S(make_identity_tensor(Shape<Int<kBlockN>, Int<kHeadDim>>{}));
   Tensor tKgK = gthr.partition_S(gK);  // (CPY, CPY_N, CPY_K, key blocks)
   Tensor tVgV = gthr.partition_S(gV);
-  // Key tile n0 into stage s: K, V by cp.async, the key terms by plain loads.
+  // The far-tile key terms of key tile n0 into stage s: one element per thread, thread tid
+  // writing term tid / kBlockN (0: bucket 0, 1: bucket R-1) of key tid % kBlockN.
+  static_assert(Traits::kNThreads >= 2 * kBlockN, "one key term per thread");
+  auto load_kterm = [&](int n0, int s) {
+    if (tid < 2 * kBlockN) {
+      const int c = tid % kBlockN, e = tid / kBlockN;
+      reinterpret_cast<float*>(s_kterm + s * kBlockN)[2 * c + e] =
+          a.key_term(n0 + c, e == 0 ? 0 : a.R - 1);
+    }
+  };
+  // Key tile n0 into stage s: K, V by cp.async (rows past the end zero-filled), the key terms.
   auto load_kv = [&](int n0, int s) {
     Tensor tKsK = gthr.partition_D(sK_at(s));
     Tensor tVsV = gthr.partition_D(sV_at(s));
     copy_rows(gmem_copy, tKgK(_, _, _, n0 / kBlockN), tKsK, tNid, a.Tk - n0);
     copy_rows(gmem_copy, tVgV(_, _, _, n0 / kBlockN), tVsV, tNid, a.Tk - n0);
-    float2* kt = s_kterm + s * kBlockN;
-    for (int c = tid; c < kBlockN; c += Traits::kNThreads) {
-      kt[c] = make_float2(a.key_term(n0 + c, 0), a.key_term(n0 + c, a.R - 1));
+    load_kterm(n0, s);
+  };
+  // A key tile whose rows all lie in the sequence (the unmasked runs' tiles): K, V unpredicated
+  // from this thread's sources kg, vg (a tile's sources are kBlockN rows after the previous
+  // tile's: the runs advance them by k_step, v_step).
+  const auto k_src = tKgK(_, _, _, 0).layout();
+  const auto v_src = tVgV(_, _, _, 0).layout();
+  const int64_t k_step = int64_t(kBlockN) * p.k_s.row, v_step = int64_t(kBlockN) * p.v_s.row;
+  // Its key terms from pg, this thread's element of P (key n0 + tid % kBlockN, bucket 0 or R-1
+  // as load_kterm): every key is inside the sequence, so only the padding mask can hide one.
+  const int kt_key = tid % kBlockN;
+  const int kt_col = tid / kBlockN == 0 ? 0 : a.R - 1;
+  const int kt_step = kBlockN * a.P_row;
+  // The sources then step to the next tile's.
+  auto load_kv_full = [&](auto& kg, auto& vg, const Element*& pg, int n0, int s) {
+    Tensor tKsK = gthr.partition_D(sK_at(s));
+    Tensor tVsV = gthr.partition_D(sV_at(s));
+    copy(gmem_copy, make_tensor(kg, k_src), tKsK);
+    copy(gmem_copy, make_tensor(vg, v_src), tVsV);
+    if (Traits::kNThreads == 2 * kBlockN || tid < 2 * kBlockN) {
+      const bool out = a.pad != nullptr && a.pad[n0 + kt_key];
+      reinterpret_cast<float*>(s_kterm + s * kBlockN)[2 * kt_key + tid / kBlockN] =
+          out ? -INFINITY : a.c * float(*pg);
     }
+    kg = kg + k_step;
+    vg = vg + v_step;
+    pg += kt_step;
   };
 
   typename Traits::TiledMma mma;
@@ -478,9 +511,9 @@ __global__ void __launch_bounds__(Traits::kNThreads) dq_kernel(const BwdParams p
 
   int stage = 0;
   const float neg_scale = -p.scale;
-  // One key tile n0 of kind kKind (kMask: any kind, gathering and comparing positions); `next`:
-  // the tile to load under it, or -1.
-  auto tile = [&](auto kind_c, auto mask_c, int n0, int next) HDAF_BWD_INLINE {
+  // One key tile n0 of kind kKind (kMask: any kind, gathering and comparing positions);
+  // load_next(s) loads the next tile into stage s, under this one.
+  auto tile = [&](auto kind_c, auto mask_c, int n0, auto&& load_next) HDAF_BWD_INLINE {
     constexpr int kKind = decltype(kind_c)::value;
     constexpr bool kMask = decltype(mask_c)::value;
     constexpr int kLd = Traits::kBiasLd;
@@ -509,7 +542,7 @@ __global__ void __launch_bounds__(Traits::kNThreads) dq_kernel(const BwdParams p
     }
     sm80::cp_async_wait<0>();
     __syncthreads();  // tile n0 is in smem, and no warp still reads the other stage
-    if (next >= 0) load_kv(next, stage ^ 1);
+    load_next(stage ^ 1);
     sm80::cp_async_fence();
 
     Tensor acc_s = partition_fragment_C(mma, Shape<Int<kBlockM>, Int<kBlockN>>{});
@@ -576,26 +609,54 @@ __global__ void __launch_bounds__(Traits::kNThreads) dq_kernel(const BwdParams p
   {
     const int n = sch.masked_count(), after = sch.first_after(0);
     for (int k = 0; k < n; ++k) {  // hot loop: masked
-      tile(Int<kBand>{}, Masked{}, sch.masked_tile(k), k + 1 < n ? sch.masked_tile(k + 1) : after);
+      const int next = k + 1 < n ? sch.masked_tile(k + 1) : after;
+      tile(Int<kBand>{}, Masked{}, sch.masked_tile(k), [&](int s) {
+        if (next >= 0) load_kv(next, s);
+      });
     }
   }
+  // The unmasked runs: their tiles are whole (u.last <= Tk rounded down), so every tile but a
+  // run's last loads the next through load_kv_full; the last loads the next run's first tile.
+  auto last_tile = [&](auto kind_c, int n0, int after) HDAF_BWD_INLINE {
+    tile(kind_c, Unmasked{}, n0, [&](int s) {
+      if (after >= 0) load_kv(after, s);
+    });
+  };
   {
     const int n = sch.count[3], n0 = sch.start[3], after = sch.first_after(1);
-    for (int k = 0; k < n; ++k) {  // hot loop: far-low
-      tile(Int<kFarLo>{}, Unmasked{}, n0 + k * kBlockN, k + 1 < n ? n0 + (k + 1) * kBlockN : after);
+    auto kg = tKgK(_, _, _, 0).data() + (n0 / kBlockN + 1) * k_step;
+    auto vg = tVgV(_, _, _, 0).data() + (n0 / kBlockN + 1) * v_step;
+    const Element* pg = a.P + (n0 + kBlockN + kt_key) * a.P_row + kt_col;
+    for (int k = 0; k + 1 < n; ++k) {  // hot loop: far-low
+      const int next = n0 + (k + 1) * kBlockN;
+      tile(Int<kFarLo>{}, Unmasked{}, next - kBlockN,
+           [&](int s) { load_kv_full(kg, vg, pg, next, s); });
     }
+    if (n > 0) last_tile(Int<kFarLo>{}, n0 + (n - 1) * kBlockN, after);
   }
   {
     const int n = sch.count[4], n0 = sch.start[4], after = sch.first_after(2);
-    for (int k = 0; k < n; ++k) {  // hot loop: band
-      tile(Int<kBand>{}, Unmasked{}, n0 + k * kBlockN, k + 1 < n ? n0 + (k + 1) * kBlockN : after);
+    auto kg = tKgK(_, _, _, 0).data() + (n0 / kBlockN + 1) * k_step;
+    auto vg = tVgV(_, _, _, 0).data() + (n0 / kBlockN + 1) * v_step;
+    const Element* pg = a.P + (n0 + kBlockN + kt_key) * a.P_row + kt_col;
+    for (int k = 0; k + 1 < n; ++k) {  // hot loop: band
+      const int next = n0 + (k + 1) * kBlockN;
+      tile(Int<kBand>{}, Unmasked{}, next - kBlockN,
+           [&](int s) { load_kv_full(kg, vg, pg, next, s); });
     }
+    if (n > 0) last_tile(Int<kBand>{}, n0 + (n - 1) * kBlockN, after);
   }
   {
     const int n = sch.count[5], n0 = sch.start[5];
-    for (int k = 0; k < n; ++k) {  // hot loop: far-high
-      tile(Int<kFarHi>{}, Unmasked{}, n0 + k * kBlockN, k + 1 < n ? n0 + (k + 1) * kBlockN : -1);
+    auto kg = tKgK(_, _, _, 0).data() + (n0 / kBlockN + 1) * k_step;
+    auto vg = tVgV(_, _, _, 0).data() + (n0 / kBlockN + 1) * v_step;
+    const Element* pg = a.P + (n0 + kBlockN + kt_key) * a.P_row + kt_col;
+    for (int k = 0; k + 1 < n; ++k) {  // hot loop: far-high
+      const int next = n0 + (k + 1) * kBlockN;
+      tile(Int<kFarHi>{}, Unmasked{}, next - kBlockN,
+           [&](int s) { load_kv_full(kg, vg, pg, next, s); });
     }
+    if (n > 0) last_tile(Int<kFarHi>{}, n0 + (n - 1) * kBlockN, -1);
   }
 
   store_edge_sums(rc, m0, a.Tq, a.off, a.R, tid, edge_lo, edge_hi, dp_rows, dp_row, neg_scale);
