@@ -75,50 +75,24 @@ constexpr float kLog2e = 1.4426950408889634f;
 #define HDAF_BWD_INLINE __attribute__((always_inline))
 
 template <typename Element_, int kHeadDim_, int kBlockM_, int kBlockN_, int kNWarps_>
-struct BwdTraits {
-  using Element = Element_;  // cutlass::half_t or cutlass::bfloat16_t
+struct BwdTraits : TileTraits<Element_, kHeadDim_, kNWarps_> {
+  using Base = TileTraits<Element_, kHeadDim_, kNWarps_>;
+  using Element = Element_;
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr int kBlockM = kBlockM_;  // query rows of a tile
   static constexpr int kBlockN = kBlockN_;  // key rows of a tile
   static constexpr int kNWarps = kNWarps_;
   static constexpr int kNThreads = 32 * kNWarps;
-  static_assert(kHeadDim % 64 == 0, "the smem swizzle atom is 64 elements wide");
   static_assert(kBlockM % (16 * kNWarps) == 0, "dQ: each warp owns whole 16-row MMA tiles");
   static_assert(kBlockN % (16 * kNWarps) == 0, "dK/dV: each warp owns whole 16-row MMA tiles");
 
-  using MmaAtom = std::conditional_t<std::is_same_v<Element, cutlass::half_t>,
-                                     MMA_Atom<sm80::SM80_16x8x16_F32F16F16F32_TN>,
-                                     MMA_Atom<sm80::SM80_16x8x16_F32BF16BF16F32_TN>>;
-  using TiledMma = TiledMMA<MmaAtom, Layout<Shape<Int<kNWarps>, _1, _1>>,
-                            Tile<Int<16 * kNWarps>, _16, _16>>;
-
-  using SmemLayoutAtom =
-      decltype(composition(Swizzle<3, 3, 3>{}, Layout<Shape<_8, _64>, Stride<_64, _1>>{}));
-  using SmemLayoutM =  // Q, dO tiles
-      decltype(tile_to_shape(SmemLayoutAtom{}, Shape<Int<kBlockM>, Int<kHeadDim>>{}));
-  using SmemLayoutN =  // K, V tiles
-      decltype(tile_to_shape(SmemLayoutAtom{}, Shape<Int<kBlockN>, Int<kHeadDim>>{}));
+  using SmemLayoutM = typename Base::template SmemLayoutRows<kBlockM>;  // Q, dO tiles
+  using SmemLayoutN = typename Base::template SmemLayoutRows<kBlockN>;  // K, V tiles
   // Transposed views (head dim, rows): the B operands of dV += p^T dO, dK += dS^T Q, dQ += dS K.
-  using SmemLayoutMt = decltype(composition(
-      SmemLayoutM{}, make_layout(Shape<Int<kHeadDim>, Int<kBlockM>>{}, GenRowMajor{})));
-  using SmemLayoutMtNoSwizzle = decltype(get_nonswizzle_portion(SmemLayoutMt{}));
-  using SmemLayoutNt = decltype(composition(
-      SmemLayoutN{}, make_layout(Shape<Int<kHeadDim>, Int<kBlockN>>{}, GenRowMajor{})));
-  using SmemLayoutNtNoSwizzle = decltype(get_nonswizzle_portion(SmemLayoutNt{}));
-
-  using SmemCopyAtom = Copy_Atom<sm80::SM75_U32x4_LDSM_N, Element>;
-  using SmemCopyAtomT = Copy_Atom<sm80::SM75_U16x8_LDSM_T, Element>;
-  using SmemCopyAtomO = Copy_Atom<AutoVectorizingCopyWithAssumedAlignment<128>, Element>;
-
-  static constexpr int kElemsPer16B = 16 / int(sizeof(Element));
-  static constexpr int kThreadsPerRow = 64 / kElemsPer16B;
-  using GmemThreads = Layout<Shape<Int<kNThreads / kThreadsPerRow>, Int<kThreadsPerRow>>,
-                             Stride<Int<kThreadsPerRow>, _1>>;
-  using GmemCopy = decltype(make_tiled_copy(
-      Copy_Atom<sm80::SM80_CP_ASYNC_CACHEGLOBAL<cute::uint128_t>, Element>{}, GmemThreads{},
-      Layout<Shape<_1, Int<kElemsPer16B>>>{}));
-  using GmemCopyO = decltype(make_tiled_copy(Copy_Atom<UniversalCopy<cute::uint128_t>, Element>{},
-                                             GmemThreads{}, Layout<Shape<_1, Int<kElemsPer16B>>>{}));
+  using SmemLayoutMt = typename Base::template SmemLayoutRowsT<kBlockM>;
+  using SmemLayoutMtNoSwizzle = typename Base::template SmemLayoutRowsTNoSwizzle<kBlockM>;
+  using SmemLayoutNt = typename Base::template SmemLayoutRowsT<kBlockN>;
+  using SmemLayoutNtNoSwizzle = typename Base::template SmemLayoutRowsTNoSwizzle<kBlockN>;
 
   static constexpr int kTileM = kBlockM * kHeadDim;  // elements of a Q / dO tile
   static constexpr int kTileN = kBlockN * kHeadDim;  // elements of a K / V tile

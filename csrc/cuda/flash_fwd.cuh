@@ -64,51 +64,23 @@ using namespace cute;
 using namespace kcommon;
 
 template <typename Element_, int kHeadDim_, int kBlockM_, int kBlockN_, int kNWarps_>
-struct FwdTraits {
-  using Element = Element_;  // cutlass::half_t or cutlass::bfloat16_t
+struct FwdTraits : TileTraits<Element_, kHeadDim_, kNWarps_> {
+  using Base = TileTraits<Element_, kHeadDim_, kNWarps_>;
+  using Element = Element_;
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr int kBlockM = kBlockM_;
   static constexpr int kBlockN = kBlockN_;
   static constexpr int kNWarps = kNWarps_;
   static constexpr int kNThreads = 32 * kNWarps;
-  static_assert(kHeadDim % 64 == 0, "the smem swizzle atom is 64 elements wide");
   static_assert(kBlockM % (16 * kNWarps) == 0, "each warp owns whole 16-row MMA tiles");
   static_assert(kBlockN % 16 == 0, "key tiles are whole k16 steps of P V");
 
-  using MmaAtom = std::conditional_t<std::is_same_v<Element, cutlass::half_t>,
-                                     MMA_Atom<sm80::SM80_16x8x16_F32F16F16F32_TN>,
-                                     MMA_Atom<sm80::SM80_16x8x16_F32BF16BF16F32_TN>>;
-  // Warps along M only; an N extent of 16 lets one ldmatrix.x4 feed two n8 MMAs.
-  using TiledMma = TiledMMA<MmaAtom, Layout<Shape<Int<kNWarps>, _1, _1>>,
-                            Tile<Int<16 * kNWarps>, _16, _16>>;
-
-  // Row-major tiles in 64-element (128-byte) column chunks, XOR-swizzled so that one ldmatrix
-  // (8 rows of 16 bytes) hits 8 different bank groups.
-  using SmemLayoutAtom =
-      decltype(composition(Swizzle<3, 3, 3>{}, Layout<Shape<_8, _64>, Stride<_64, _1>>{}));
-  using SmemLayoutQ =
-      decltype(tile_to_shape(SmemLayoutAtom{}, Shape<Int<kBlockM>, Int<kHeadDim>>{}));
-  using SmemLayoutKV =
-      decltype(tile_to_shape(SmemLayoutAtom{}, Shape<Int<kBlockN>, Int<kHeadDim>>{}));
+  using SmemLayoutQ = typename Base::template SmemLayoutRows<kBlockM>;
+  using SmemLayoutKV = typename Base::template SmemLayoutRows<kBlockN>;
   // V seen as (head dim, key): the B operand of O += P V.
-  using SmemLayoutVt = decltype(composition(
-      SmemLayoutKV{}, make_layout(Shape<Int<kHeadDim>, Int<kBlockN>>{}, GenRowMajor{})));
-  using SmemLayoutVtNoSwizzle = decltype(get_nonswizzle_portion(SmemLayoutVt{}));
-
-  using SmemCopyAtom = Copy_Atom<sm80::SM75_U32x4_LDSM_N, Element>;   // Q, K: ldmatrix
-  using SmemCopyAtomT = Copy_Atom<sm80::SM75_U16x8_LDSM_T, Element>;  // V: ldmatrix.trans
-  using SmemCopyAtomO = Copy_Atom<AutoVectorizingCopyWithAssumedAlignment<128>, Element>;
-
-  // gmem <-> smem: 16 bytes per thread and copy, a 64-element row chunk per kThreadsPerRow threads.
-  static constexpr int kElemsPer16B = 16 / int(sizeof(Element));
-  static constexpr int kThreadsPerRow = 64 / kElemsPer16B;
-  using GmemThreads = Layout<Shape<Int<kNThreads / kThreadsPerRow>, Int<kThreadsPerRow>>,
-                             Stride<Int<kThreadsPerRow>, _1>>;
-  using GmemCopyQKV = decltype(make_tiled_copy(
-      Copy_Atom<sm80::SM80_CP_ASYNC_CACHEGLOBAL<cute::uint128_t>, Element>{}, GmemThreads{},
-      Layout<Shape<_1, Int<kElemsPer16B>>>{}));
-  using GmemCopyO = decltype(make_tiled_copy(Copy_Atom<UniversalCopy<cute::uint128_t>, Element>{},
-                                             GmemThreads{}, Layout<Shape<_1, Int<kElemsPer16B>>>{}));
+  using SmemLayoutVt = typename Base::template SmemLayoutRowsT<kBlockN>;
+  using SmemLayoutVtNoSwizzle = typename Base::template SmemLayoutRowsTNoSwizzle<kBlockN>;
+  using GmemCopyQKV = typename Base::GmemCopy;  // Q, K, V by cp.async
 
   // Band and masked tiles: the MMAs of S start from the gathered bias (its loads are issued
   // before them and their registers are free again when S is), or the bias is added to S after

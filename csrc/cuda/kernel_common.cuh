@@ -45,6 +45,53 @@ enum TileKind { kFarLo = 0, kBand = 1, kFarHi = 2 };
 // Register-layout helpers
 // ---------------------------------------------------------------------------------------------
 
+// What the forward and backward kernels' traits share for an Element type, head dim and warp
+// count: the MMA (SM80 mma.sync m16n8k16, fp32 accumulators, warps stacked along M; an N extent
+// of 16 lets one ldmatrix.x4 feed two n8 MMAs); row-major (rows, kHeadDim) shared-memory tiles in
+// 64-element (128-byte) column chunks, XOR-swizzled so that one ldmatrix (8 rows of 16 bytes)
+// hits 8 different bank groups, and their (head dim, rows) views, the B operands of products with
+// a transposed tile; the ldmatrix (plain, .trans) and store atoms; gmem <-> smem tiled copies of
+// 16 bytes per thread and copy, a 64-element row chunk per kThreadsPerRow threads.
+template <typename Element_, int kHeadDim_, int kNWarps_>
+struct TileTraits {
+  using Element = Element_;  // cutlass::half_t or cutlass::bfloat16_t
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr int kNWarps = kNWarps_;
+  static constexpr int kNThreads = 32 * kNWarps;
+  static_assert(kHeadDim % 64 == 0, "the smem swizzle atom is 64 elements wide");
+
+  using MmaAtom = std::conditional_t<std::is_same_v<Element, cutlass::half_t>,
+                                     MMA_Atom<sm80::SM80_16x8x16_F32F16F16F32_TN>,
+                                     MMA_Atom<sm80::SM80_16x8x16_F32BF16BF16F32_TN>>;
+  using TiledMma = TiledMMA<MmaAtom, Layout<Shape<Int<kNWarps>, _1, _1>>,
+                            Tile<Int<16 * kNWarps>, _16, _16>>;
+
+  using SmemLayoutAtom =
+      decltype(composition(Swizzle<3, 3, 3>{}, Layout<Shape<_8, _64>, Stride<_64, _1>>{}));
+  template <int kRows>
+  using SmemLayoutRows =
+      decltype(tile_to_shape(SmemLayoutAtom{}, Shape<Int<kRows>, Int<kHeadDim>>{}));
+  template <int kRows>
+  using SmemLayoutRowsT = decltype(composition(
+      SmemLayoutRows<kRows>{}, make_layout(Shape<Int<kHeadDim>, Int<kRows>>{}, GenRowMajor{})));
+  template <int kRows>
+  using SmemLayoutRowsTNoSwizzle = decltype(get_nonswizzle_portion(SmemLayoutRowsT<kRows>{}));
+
+  using SmemCopyAtom = Copy_Atom<sm80::SM75_U32x4_LDSM_N, Element>;   // ldmatrix
+  using SmemCopyAtomT = Copy_Atom<sm80::SM75_U16x8_LDSM_T, Element>;  // ldmatrix.trans
+  using SmemCopyAtomO = Copy_Atom<AutoVectorizingCopyWithAssumedAlignment<128>, Element>;
+
+  static constexpr int kElemsPer16B = 16 / int(sizeof(Element));
+  static constexpr int kThreadsPerRow = 64 / kElemsPer16B;
+  using GmemThreads = Layout<Shape<Int<kNThreads / kThreadsPerRow>, Int<kThreadsPerRow>>,
+                             Stride<Int<kThreadsPerRow>, _1>>;
+  using GmemCopy = decltype(make_tiled_copy(
+      Copy_Atom<sm80::SM80_CP_ASYNC_CACHEGLOBAL<cute::uint128_t>, Element>{}, GmemThreads{},
+      Layout<Shape<_1, Int<kElemsPer16B>>>{}));
+  using GmemCopyO = decltype(make_tiled_copy(Copy_Atom<UniversalCopy<cute::uint128_t>, Element>{},
+                                             GmemThreads{}, Layout<Shape<_1, Int<kElemsPer16B>>>{}));
+};
+
 // An m16n8 accumulator ((2 cols, 2 rows), MMA_M, MMA_N) seen as (row, col) = ((2,MMA_M), (2,MMA_N)).
 template <class Layout>
 CUTE_HOST_DEVICE constexpr auto acc_rowcol(Layout l) {
