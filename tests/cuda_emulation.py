@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import shutil
 import subprocess
 
@@ -191,3 +192,18 @@ def _check_grads(where, ref, base, got, dtype):
         bound = 2.0 * base_err + FLOOR[dtype] * max(1.0, r.abs().max().item())
         assert err <= bound, (f"{where}: {name} max error {err:.3e} vs float64 gather exceeds "
                               f"2 x gather-in-{dtype}'s {base_err:.3e} + floor")
+
+
+def shipped_tiles(units, direction):
+    """(dtype, head dim) -> (query rows, key rows, warps) of each instantiation unit in ``units``
+    (their ``HDAF_DEFINE_FWD`` / ``HDAF_DEFINE_BWD`` line, ``direction`` "FWD" or "BWD"), which
+    the emulation compiles as they are."""
+    dtypes = {"__nv_bfloat16": torch.bfloat16, "__half": torch.float16}
+    tiles = {}
+    for path in units:
+        with open(path) as f:
+            m = re.search(rf"^HDAF_DEFINE_{direction}\((\w+), [\w:]+, "
+                          r"(\d+), (\d+), (\d+), (\d+)\)", f.read(), re.M)
+        assert m, f"{path}: no HDAF_DEFINE_{direction} line"
+        tiles[(dtypes[m[1]], int(m[2]))] = tuple(int(x) for x in m.groups()[2:])
+    return tiles

@@ -15,8 +15,8 @@ import subprocess
 import pytest
 import torch
 
-from cuda_emulation import (BWD_CASES, CASES, CONFIGS, GRAD_NAMES, REPO, _build_emulation,
-                            _check_grads, _grads_of_gather, _window)
+from cuda_emulation import (BWD_CASES, CASES, CONFIGS, GRAD_NAMES, REPO, shipped_tiles,
+                            _build_emulation, _check_grads, _grads_of_gather, _window)
 
 
 TILES_PROGRAM = r"""
@@ -146,19 +146,6 @@ def emu(tmp_path_factory):
     return _build_emulation("hdaf_cuda_bwd_emulation", BWD_EMULATION_SRC, tmp_path_factory)
 
 
-def _shipped_bwd_tiles():
-    """(dtype, head dim) -> (query rows, key rows, warps) of each backward instantiation unit."""
-    dtypes = {"__nv_bfloat16": torch.bfloat16, "__half": torch.float16}
-    tiles = {}
-    for path in BWD_UNITS:
-        with open(path) as f:
-            m = re.search(r"^HDAF_DEFINE_BWD\((\w+), [\w:]+, (\d+), (\d+), (\d+), (\d+)\)",
-                          f.read(), re.M)
-        assert m, f"{path}: no HDAF_DEFINE_BWD line"
-        tiles[(dtypes[m[1]], int(m[2]))] = tuple(int(x) for x in m.groups()[2:])
-    return tiles
-
-
 def _expected_counters(seqs, H, Hkv, D, lo, hi, BM, BN, W):
     """[mma.sync, ldmatrix, ldmatrix.trans, cp.async bytes] the tiling implies for sequences of
     (Tq, Tk). dQ, per (query block, head): Q, dO once; per visited key tile K, V, S = Q K^T and
@@ -271,7 +258,7 @@ def test_padded_matches_gather(emu, T, case, D, dtype):
     _check_grads(where, ref, base, got, dtype)
     if case == "masked_rows":  # causal, keys 0..4 padding: rows 0..4 see no key
         assert (got[0][:, :, :min(5, T)] == 0).all(), f"{where}: dq of rows that see no key"
-    BM, BN, W = _shipped_bwd_tiles()[(dtype, D)]
+    BM, BN, W = shipped_tiles(BWD_UNITS, "BWD")[(dtype, D)]
     want = _expected_counters([(T, T)] * B, H, H, D, lo, hi, BM, BN, W)
     assert counters.tolist() == want, (f"{where}: [mma, ldmatrix, ldmatrix.trans, cp.async bytes] "
                                        f"= {counters.tolist()}, the tiling implies {want}")
@@ -299,7 +286,7 @@ def test_grouped_heads_and_short_query_blocks_match_gather(emu, case, H, Hkv, Tq
                                                         Tq=Tq, Tk=Tk)
     where = f"{case} H={H} Hkv={Hkv} Tq={Tq} Tk={Tk} D={D}"
     _check_grads(where, ref, base, got, dtype)
-    BM, BN, W = _shipped_bwd_tiles()[(dtype, D)]
+    BM, BN, W = shipped_tiles(BWD_UNITS, "BWD")[(dtype, D)]
     assert counters.tolist() == _expected_counters([(Tq, Tk)] * B, H, Hkv, D, lo, hi, BM, BN, W)
 
 
@@ -352,7 +339,7 @@ def test_packed_batch_matches_per_sequence_references(emu, case, H, Hkv, sq, sk,
         _check_grads(where, refs[b][0][1:], bases[b][1:], got, dtype)
     Wl_, Wr_ = _window(window, causal)
     lo_hi = [_window_band(Tk, Wl_, Wr_) for Tk in sk]
-    BM, BN, W = _shipped_bwd_tiles()[(dtype, D)]
+    BM, BN, W = shipped_tiles(BWD_UNITS, "BWD")[(dtype, D)]
     want = [sum(x) for x in zip(*(_expected_counters([s], H, Hkv, D, *lh, BM, BN, W)
                                   for s, lh in zip(zip(sq, sk), lo_hi)))]
     assert counters.tolist() == want
@@ -400,7 +387,7 @@ def test_every_shipped_configuration_is_covered():
     with open(BWD_EMULATION_SRC) as f:
         included = re.findall(r'^#include "\.\./(bwd_\w+\.cu)"', f.read(), re.M)
     assert sorted(included) == sorted(os.path.basename(u) for u in BWD_UNITS)
-    assert set(_shipped_bwd_tiles()) == set(CONFIGS)
+    assert set(shipped_tiles(BWD_UNITS, "BWD")) == set(CONFIGS)
     for T in (63, 300):
         assert {(dtype, D) for t, _, D, dtype in PADDED if t == T} == set(CONFIGS)
     assert {case for t, case, _, _ in PADDED if t == 63} == set(BWD_CASES)

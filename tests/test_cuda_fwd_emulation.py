@@ -15,7 +15,7 @@ import subprocess
 import pytest
 import torch
 
-from cuda_emulation import (CASES, CONFIGS, FLOOR, REPO, _build_emulation, _gather,
+from cuda_emulation import (CASES, CONFIGS, FLOOR, REPO, shipped_tiles, _build_emulation, _gather,
                             _key_tile_span, _window)
 
 
@@ -113,20 +113,6 @@ UNITS = sorted(glob.glob(os.path.join(REPO, "csrc", "cuda", "fwd_*.cu")))
 
 
 EMU_LSE_TOL = 1e-4
-
-
-def _shipped_tiles():
-    """(dtype, head dim) -> (query rows, key rows, warps) of each instantiation unit, which the
-    emulation compiles as they are."""
-    dtypes = {"__nv_bfloat16": torch.bfloat16, "__half": torch.float16}
-    tiles = {}
-    for path in UNITS:
-        with open(path) as f:
-            m = re.search(r"^HDAF_DEFINE_FWD\((\w+), [\w:]+, (\d+), (\d+), (\d+), (\d+)\)",
-                          f.read(), re.M)
-        assert m, f"{path}: no HDAF_DEFINE_FWD line"
-        tiles[(dtypes[m[1]], int(m[2]))] = tuple(int(x) for x in m.groups()[2:])
-    return tiles
 
 
 @pytest.fixture(scope="module")
@@ -249,7 +235,7 @@ def _run_padded(emu, q, k, v, P, mask, L, U, Wl, Wr, num_splits=1, at_issue=Fals
 def _check_padded(emu, where, case, dtype, D, q, k, v, P, mask, L, U, Wl, Wr, num_splits=1):
     out, lse, counters, scale = _run_padded(emu, q, k, v, P, mask, L, U, Wl, Wr, num_splits)
     _check(where, case, out, lse, q, k, v, P, mask, scale)
-    BM, BN, W = _shipped_tiles()[(dtype, D)]
+    BM, BN, W = shipped_tiles(UNITS, "FWD")[(dtype, D)]
     want = _expected_counters([(q.shape[2], k.shape[2])] * q.shape[0], q.shape[1], D, L, U, Wl, Wr,
                               BM, BN, W, num_splits)
     assert counters.tolist() == want, (f"{where}: [mma, ldmatrix, ldmatrix.trans, cp.async bytes] "
@@ -349,7 +335,7 @@ def test_nonpositive_scale(emu, case, factor, dtype, D):
     out, lse, counters = emu.forward(q, k, v, P, mask, None, None, 300, 300, L, U, Wl, Wr, scale,
                                      1, False)
     _check(f"{case} scale={scale:g} D={D} {dtype}", case, out, lse, q, k, v, P, mask, scale)
-    BM, BN, W = _shipped_tiles()[(dtype, D)]
+    BM, BN, W = shipped_tiles(UNITS, "FWD")[(dtype, D)]
     assert counters.tolist() == _expected_counters([(300, 300)] * q.shape[0], q.shape[1], D, L, U,
                                                    Wl, Wr, BM, BN, W)
 
@@ -395,7 +381,7 @@ def test_packed_matches_per_sequence_calls(emu, seqlens, case, H, Hkv, num_split
         pad4 = lambda t: t[None].transpose(1, 2)  # noqa: E731  [rows, heads, D] -> [1, heads, rows, D]
         _check(f"packed {case} sequence {b} ({a}, {n})", case, pad4(out[qs]), lse[None, :, qs],
                pad4(q[qs]), pad4(k[ks]), pad4(v[ks]), pad4(P[ks]), None, scale)
-    BM, BN, W = _shipped_tiles()[(dtype, D)]
+    BM, BN, W = shipped_tiles(UNITS, "FWD")[(dtype, D)]
     want = _expected_counters(seqlens, H, D, L, U, Wl, Wr, BM, BN, W, num_splits)
     assert counters.tolist() == want, f"packed {case}: counters {counters.tolist()} vs {want}"
 
@@ -459,5 +445,5 @@ def test_covers_every_shipped_configuration():
     with open(EMULATION_SRC) as f:
         included = re.findall(r'^#include "\.\./(fwd_\w+\.cu)"', f.read(), re.M)
     assert sorted(included) == sorted(os.path.basename(u) for u in UNITS)
-    assert set(_shipped_tiles()) == set(CONFIGS)
+    assert set(shipped_tiles(UNITS, "FWD")) == set(CONFIGS)
     assert {(dtype, D) for T, _, dtype, D in PADDED if T == 300} == set(CONFIGS)
